@@ -1,0 +1,3 @@
+from flux_edge.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,169 @@
+"""The `flux-edge` command line.
+
+Exit codes: 0 ok; 1 runtime failure; 2 usage error; 78 (EX_CONFIG) the configuration is invalid,
+which the systemd unit lists in RestartPreventExitStatus so a bad file is not restarted in a loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from flux_edge import __version__
+from flux_edge.errors import ConfigError, FluxError
+
+EX_OK = 0
+EX_FAIL = 1
+EX_USAGE = 2
+EX_CONFIG = 78
+
+
+def _err(msg: str) -> None:
+    print(f"flux-edge: error: {msg}", file=sys.stderr)
+
+
+def _print_problems(problems: list[object], stream: TextIO) -> None:
+    for p in problems:
+        print(str(p), file=stream)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from flux_edge.config import check_config
+
+    config, problems = check_config(Path(args.path))
+    _print_problems(list(problems), sys.stderr)
+    errors = [p for p in problems if p.severity == "error"]
+    if errors or config is None:
+        print(
+            f"{args.path}: {len(errors)} error(s), {len(problems) - len(errors)} warning(s)",
+            file=sys.stderr,
+        )
+        return EX_CONFIG
+    print(f"{args.path}: ok ({len(config.sources)} source(s), {len(config.plugins)} plugin(s), "
+          f"{len(config.rules)} rule(s), {len(config.actions)} action(s))")
+    return EX_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from flux_edge.config import check_config
+    from flux_edge.logs import setup_logging
+    from flux_edge.runtime.daemon import run_pipeline
+
+    setup_logging(args.log)
+    config, problems = check_config(Path(args.config))
+    _print_problems(list(problems), sys.stderr)
+    if config is None or any(p.severity == "error" for p in problems):
+        return EX_CONFIG
+    asyncio.run(run_pipeline(config))
+    return EX_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from flux_edge.demo import run_demo
+    from flux_edge.logs import setup_logging
+
+    setup_logging(args.log or "warn")
+    return run_demo(args.seconds, args.port, sys.stdout)
+
+
+def cmd_plugin_new(args: argparse.Namespace) -> int:
+    from flux_edge.plugins.tooling import new_plugin
+
+    path = new_plugin(args.name, args.lang, Path(args.dir))
+    print(f"created {path}; build it with: flux-edge plugin build {path}")
+    return EX_OK
+
+
+def cmd_plugin_build(args: argparse.Namespace) -> int:
+    from flux_edge.plugins.tooling import build_plugin
+
+    out = build_plugin(Path(args.dir), Path(args.out) if args.out else None)
+    print(out)
+    return EX_OK
+
+
+def cmd_plugin_run(args: argparse.Namespace) -> int:
+    from flux_edge.logs import setup_logging
+    from flux_edge.plugins.run import run_plugin_cli
+
+    setup_logging(args.log or "warn")
+    return run_plugin_cli(
+        Path(args.wasm),
+        Path(args.config) if args.config else None,
+        sys.stdin,
+        sys.stdout,
+        sys.stderr,
+        batch=args.batch,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flux-edge",
+        description="Edge gateway: read devices, normalize with Wasm plugins, evaluate rules, act.",
+    )
+    p.add_argument("--version", action="version", version=f"flux-edge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon from a TOML config")
+    run.add_argument("--config", "-c", required=True, help="path to flux-edge.toml")
+    run.add_argument("--log", help="log filter, e.g. 'info,plugin.modbus_decode=trace' "
+                     "(default: $FLUX_EDGE_LOG or info)")
+    run.set_defaults(func=cmd_run)
+
+    chk = sub.add_parser("check-config", help="validate a config; exit 0 if valid, 78 if not")
+    chk.add_argument("path")
+    chk.set_defaults(func=cmd_check_config)
+
+    demo = sub.add_parser("demo", help="run the pipeline against a simulated boiler")
+    demo.add_argument("--seconds", type=float, default=None, help="stop after N seconds")
+    demo.add_argument("--port", type=int, default=15020, help="simulator port (default 15020)")
+    demo.add_argument("--log", help="log filter (default: warn)")
+    demo.set_defaults(func=cmd_demo)
+
+    plugin = sub.add_parser("plugin", help="create, build and try Wasm plugins")
+    psub = plugin.add_subparsers(dest="plugin_command", required=True, metavar="SUBCOMMAND")
+    new = psub.add_parser("new", help="scaffold a plugin folder")
+    new.add_argument("name")
+    new.add_argument("--lang", choices=["rust", "c"], default="rust")
+    new.add_argument("--dir", default=".", help="parent directory (default: .)")
+    new.set_defaults(func=cmd_plugin_new)
+    build = psub.add_parser("build", help="build a plugin folder to .wasm")
+    build.add_argument("dir")
+    build.add_argument("--out", "-o", help="output .wasm path (default: DIR/NAME.wasm)")
+    build.set_defaults(func=cmd_plugin_build)
+    prun = psub.add_parser(
+        "run", help="feed JSON Lines from stdin through a plugin, one JSON line out per result"
+    )
+    prun.add_argument("wasm")
+    prun.add_argument("--config", help="plugin config (JSON or TOML object)")
+    prun.add_argument("--batch", type=int, default=64, help="messages per plugin call")
+    prun.add_argument("--log", help="log filter (default: warn)")
+    prun.set_defaults(func=cmd_plugin_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc: int = args.func(args)
+        return rc
+    except ConfigError as exc:
+        _print_problems(list(exc.problems), sys.stderr)
+        return EX_CONFIG
+    except FluxError as exc:
+        _err(str(exc))
+        return EX_FAIL
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EX_FAIL
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

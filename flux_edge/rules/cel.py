@@ -1,0 +1,431 @@
+"""CEL conditions: the ONLY module that imports cel-expr-python.
+
+``compile_condition(rule, expr, variables) -> Condition`` type-checks a rule's ``when`` expression
+against the variables the rule may use and returns a compiled, reusable ``Condition``.
+
+How it is compiled (facts measured on cel-expr-python 0.1.3):
+
+* **Checking** happens in an environment that declares the variables plus extra overloads of the
+  comparison operators (``<``, ``<=``, ``>``, ``>=``, ``==``, ``!=``) and ``in`` for mixed
+  double/int/uint operands, so ``temperature > 80`` (a double compared with an int literal) passes
+  the checker, while ``temperature > "80"`` is still rejected at load time.
+* **Evaluation** happens in a plain environment with the same variables: the checked expression is
+  serialized and deserialized there, and CEL's own runtime compares mixed numbers (heterogeneous
+  numeric comparison and equality). Evaluating in the checking environment fails (its overloads
+  clash with the runtime's built-ins). Arithmetic is not widened: ``temperature + 1`` stays a type
+  error, and the message says to write ``1.0``.
+* **Hostile input** is refused before CEL sees it: longer than ``MAX_EXPRESSION_CHARS`` or brackets
+  nested deeper than ``MAX_NESTING``. CEL's own limits (parser recursion 32, 100k code points,
+  comprehension iteration budget) still apply and surface as ``RuleError``, never as a crash.
+
+Errors are ``RuleError(rule, message, column)``: one clean line (``found no matching overload for
+'_>_' applied to '(double, string)'``), ``column`` the 1-based character offset of the caret within
+the expression (for a one-line expression: its column), 0 when unknown.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any, Final
+
+from cel_expr_python import cel
+
+from flux_edge.errors import RuleError
+
+__all__ = [
+    "MAX_EXPRESSION_CHARS",
+    "MAX_NESTING",
+    "VARIABLE_TYPES",
+    "Condition",
+    "compile_condition",
+]
+
+MAX_EXPRESSION_CHARS: Final = 4096
+MAX_NESTING: Final = 24  # brackets; CEL's parser gives up at 32 levels of recursion
+
+VARIABLE_TYPES: Final = ("bool", "int", "double", "string")
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_IDENT_FULL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# "ERROR: <input>:LINE:COL: message" (the caret snippet follows on the next lines)
+_CEL_ERROR = re.compile(r"ERROR: <input>:(-?\d+):(-?\d+): ([^\n]*)")
+_STATUS = re.compile(r"^[A-Z_]+: ")
+_STATUS_TAIL = re.compile(r" \[[A-Z_]+\]$")
+
+
+# --- environments --------------------------------------------------------------------------------
+
+
+def _cel_type(name: str) -> Any:
+    T = cel.Type
+    return {"bool": T.BOOL, "int": T.INT, "double": T.DOUBLE, "string": T.STRING}[name]
+
+
+def _numeric_comparisons() -> Any:
+    """Checker-only overloads so mixed double/int/uint operands type-check.
+
+    The ids follow cel-spec's naming for heterogeneous comparisons (``greater_double_int64``).
+    They are only declarations: evaluation runs in a plain environment whose runtime already
+    implements these comparisons.
+    """
+    T = cel.Type
+    nums = ((T.DOUBLE, "double"), (T.INT, "int64"), (T.UINT, "uint64"))
+    ops = {
+        "_<_": "less",
+        "_<=_": "less_equals",
+        "_>_": "greater",
+        "_>=_": "greater_equals",
+        "_==_": "equals",
+        "_!=_": "not_equals",
+    }
+    decls = []
+    for op, stem in ops.items():
+        overloads = [
+            cel.Overload(f"{stem}_{an}_{bn}", T.BOOL, [a, b])
+            for a, an in nums
+            for b, bn in nums
+            if an != bn
+        ]
+        decls.append(cel.FunctionDecl(op, overloads))
+    decls.append(
+        cel.FunctionDecl(
+            "@in",
+            [
+                cel.Overload(f"in_list_{an}_{bn}", T.BOOL, [a, T.List(b)])
+                for a, an in nums
+                for b, bn in nums
+                if an != bn
+            ],
+        )
+    )
+    return cel.CelExtension("flux_numeric_comparisons", decls)
+
+
+@functools.lru_cache(maxsize=128)
+def _environments(variables: frozenset[tuple[str, str]]) -> tuple[Any, Any]:
+    """(checker, runtime) environments for one set of (name, type) declarations.
+
+    Rules of the same device share a variable set, so a config needs only a handful of these.
+    """
+    decls = {name: _cel_type(type_) for name, type_ in variables}
+    checker = cel.NewEnv(variables=decls, extensions=[_numeric_comparisons()])
+    runtime = cel.NewEnv(variables=decls)
+    return checker, runtime
+
+
+# --- the compiled condition ---------------------------------------------------------------------
+
+
+class Condition:
+    """A compiled, type-checked boolean expression. Cheap to evaluate (a few µs)."""
+
+    __slots__ = ("_doubles", "_program", "expression", "rule", "types", "variables")
+
+    def __init__(
+        self,
+        rule: str,
+        expression: str,
+        program: Any,
+        variables: frozenset[str],
+        types: Mapping[str, str],
+    ) -> None:
+        self.rule = rule
+        self.expression = expression
+        self._program = program
+        #: the declared variables the expression references (comprehension variables excluded)
+        self.variables = variables
+        #: the declared type of every variable in ``variables``
+        self.types: Mapping[str, str] = {n: types[n] for n in variables}
+        self._doubles = tuple(n for n in variables if types[n] == "double")
+
+    def __repr__(self) -> str:
+        return f"Condition(rule={self.rule!r}, expression={self.expression!r})"
+
+    def evaluate(self, values: Mapping[str, bool | int | float | str]) -> bool:
+        """Evaluate against ``values`` (at least every name in ``variables``).
+
+        An int (or bool) given for a double variable is converted. Raises ``RuleError`` when the
+        evaluation fails (division by zero, a missing or ill-typed value, ...): the caller decides
+        what that means.
+        """
+        data = values
+        converted: dict[str, bool | int | float | str] | None = None
+        for name in self._doubles:
+            v = values.get(name)
+            if type(v) is int or type(v) is bool:
+                if converted is None:
+                    data = converted = dict(values)
+                converted[name] = float(v)
+        try:
+            result = self._program.eval(data=data).value()
+        except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+            raise RuleError(self.rule, f"evaluation failed: {_clean_status(str(exc))}") from exc
+        if result is True:
+            return True
+        if result is False:
+            return False
+        # CEL returns evaluation errors as an error value whose .value() is the message.
+        raise RuleError(self.rule, f"evaluation failed: {_clean_status(str(result))}")
+
+
+# --- compiling ----------------------------------------------------------------------------------
+
+
+def compile_condition(rule: str, expr: str, variables: Mapping[str, str]) -> Condition:
+    """Type-check ``expr`` against ``variables`` (name -> "bool" | "int" | "double" | "string").
+
+    Raises ``RuleError`` (with the 1-based column when known) if the expression is too long or
+    too deeply nested, does not parse, uses an undeclared name, mixes incompatible types, or is
+    not a bool expression.
+    """
+    for name, type_ in variables.items():
+        if not _IDENT_FULL.match(name):
+            raise RuleError(rule, f"variable name {name!r} is not a CEL identifier")
+        if type_ not in VARIABLE_TYPES:
+            raise RuleError(
+                rule,
+                f"variable {name!r} has unknown type {type_!r}; use one of "
+                + ", ".join(VARIABLE_TYPES),
+            )
+    if len(expr) > MAX_EXPRESSION_CHARS:
+        raise RuleError(
+            rule,
+            f"condition is {len(expr)} characters long; the limit is {MAX_EXPRESSION_CHARS}",
+        )
+    if not expr.strip():
+        raise RuleError(rule, "condition is empty")
+    try:
+        expr.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RuleError(rule, "condition is not valid Unicode text", exc.start + 1) from None
+    code = _blank_strings(expr)
+    depth, where = _max_nesting(code)
+    if depth > MAX_NESTING:
+        raise RuleError(
+            rule,
+            f"condition nests brackets {depth} levels deep; the limit is {MAX_NESTING}",
+            where,
+        )
+
+    checker, runtime = _environments(frozenset(variables.items()))
+    try:
+        checked = checker.compile(expr)
+        result_type = checked.return_type().name()
+        serialized = checked.serialize()
+        program = runtime.deserialize(serialized)
+    except RuntimeError as exc:
+        message, column = _clean_compile_error(str(exc), expr)
+        raise RuleError(rule, message, column) from None
+    if result_type != "BOOL":
+        raise RuleError(rule, f"condition must be a bool expression, got {_type_name(result_type)}")
+    try:
+        used = _referenced_variables(serialized, variables.keys())
+    except ValueError:
+        # Unreadable checked AST (a changed serialization?): fall back to the source text.
+        used = frozenset(m.group() for m in _IDENT.finditer(code)) & variables.keys()
+    return Condition(rule, expr, program, used, variables)
+
+
+def _type_name(cel_name: str) -> str:
+    return cel_name.lower()
+
+
+def _clean_status(text: str) -> str:
+    """'INVALID_ARGUMENT: divide by zero [INVALID_ARGUMENT]' -> 'divide by zero'."""
+    text = _STATUS_TAIL.sub("", text.strip())
+    return _STATUS.sub("", text, count=1)
+
+
+def _clean_compile_error(text: str, expr: str) -> tuple[str, int]:
+    """One clean line and the 1-based column from a CEL compile error."""
+    if "recursion" in text:
+        return (
+            "condition is too deeply nested or has too long a chain of operators "
+            "(CEL's parser stops at 32 levels)",
+            0,
+        )
+    m = _CEL_ERROR.search(text)
+    if m is None:
+        return _clean_status(text).replace("\n", " "), 0
+    line, col, message = int(m.group(1)), int(m.group(2)), m.group(3).strip()
+    message = _STATUS_TAIL.sub("", message).replace(" (in container '')", "")
+    if "applied to '(double, int)'" in message or "applied to '(int, double)'" in message:
+        message += " (write a double literal such as 80.0, or convert with double(...))"
+    more = len(_CEL_ERROR.findall(text)) - 1
+    if more > 0:
+        message += f" (and {more} more error{'s' if more > 1 else ''})"
+    return message, _offset(expr, line, col)
+
+
+def _offset(expr: str, line: int, col: int) -> int:
+    """CEL's (line, column), both 1-based in code points, -> 1-based offset in ``expr``."""
+    if line < 1 or col < 1:
+        return 0
+    start = 0
+    for _ in range(line - 1):
+        nl = expr.find("\n", start)
+        if nl < 0:
+            return 0
+        start = nl + 1
+    return start + col
+
+
+# --- source scanning (before CEL sees the text) --------------------------------------------------
+
+
+def _blank_strings(expr: str) -> str:
+    """``expr`` with the contents of string and bytes literals replaced by spaces.
+
+    Same length, so offsets still match. Handles '...', "...", triple quotes, escapes, and raw
+    (r"...") literals. An unterminated literal blanks the rest of the text.
+    """
+    out = list(expr)
+    i, n = 0, len(expr)
+    while i < n:
+        c = expr[i]
+        if c not in "\"'":
+            i += 1
+            continue
+        # prefix letters (r, b, rb, br in any case) directly before the quote
+        j = i
+        while j > 0 and i - j < 2 and expr[j - 1] in "rRbB":
+            j -= 1
+        raw = j < i and (j == 0 or not (expr[j - 1].isalnum() or expr[j - 1] == "_"))
+        raw = raw and "r" in expr[j:i].lower()
+        quote = expr[i : i + 3] if expr[i : i + 3] in ('"""', "'''") else c
+        k = i + len(quote)
+        while k < n:
+            if not raw and expr[k] == "\\":
+                k += 2
+                continue
+            if expr.startswith(quote, k):
+                break
+            k += 1
+        end = min(k, n)
+        for p in range(i + len(quote), end):
+            out[p] = " "
+        i = end + len(quote)
+    return "".join(out)
+
+
+def _max_nesting(code: str) -> tuple[int, int]:
+    """(deepest bracket nesting, 1-based offset of the bracket where it was reached)."""
+    depth = best = where = 0
+    for i, c in enumerate(code):
+        if c in "([{":
+            depth += 1
+            if depth > best:
+                best, where = depth, i + 1
+        elif c in ")]}":
+            depth -= 1
+    return best, where
+
+
+# --- reading the checked AST ---------------------------------------------------------------------
+#
+# ``Expression.serialize()`` returns a google.protobuf.Any holding a cel.expr.CheckedExpr. Reading
+# its ``expr`` tree tells which declared variables are really referenced; the reference map alone
+# does not, because it also lists comprehension variables (``[1, 2].exists(x, x > 1)``), which may
+# shadow a declared name. Field numbers are from cel/expr/checked.proto and syntax.proto.
+
+_ANY_VALUE = 2
+_CHECKED_EXPR = 4
+_EXPR_IDENT, _EXPR_STRUCT, _EXPR_COMPREHENSION = 4, 8, 9
+# Expr field -> the fields of that message holding sub-expressions:
+# select (operand = 1), call (target = 1, args = 3), list (elements = 1)
+_CHILDREN: dict[int, tuple[int, ...]] = {5: (1,), 6: (1, 3), 7: (1,)}
+
+
+def _fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, value) pairs of one protobuf message; value is an int or bytes."""
+    i, n = 0, len(buf)
+    while i < n:
+        key, i = _varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+            yield field, value
+        elif wire == 2:
+            size, i = _varint(buf, i)
+            if i + size > n:
+                raise ValueError("truncated field")
+            yield field, buf[i : i + size]
+            i += size
+        elif wire == 1:
+            i += 8
+        elif wire == 5:
+            i += 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+    if i != n:
+        raise ValueError("truncated message")
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if i >= len(buf) or shift > 63:
+            raise ValueError("bad varint")
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, i
+        shift += 7
+
+
+def _sub(buf: bytes, field: int) -> bytes:
+    for f, v in _fields(buf):
+        if f == field and isinstance(v, bytes):
+            return v
+    raise ValueError(f"field {field} missing")
+
+
+def _referenced_variables(serialized: bytes, declared: Any) -> frozenset[str]:
+    """Declared names the checked expression reads, not counting comprehension variables."""
+    expr = _sub(_sub(serialized, _ANY_VALUE), _CHECKED_EXPR)
+    found: set[str] = set()
+    stack: list[tuple[bytes, frozenset[str]]] = [(expr, frozenset())]
+    while stack:
+        node, bound = stack.pop()
+        for field, value in _fields(node):
+            if not isinstance(value, bytes):
+                continue
+            if field == _EXPR_IDENT:
+                name = _sub(value, 1).decode()
+                if name not in bound and name in declared:
+                    found.add(name)
+            elif field in _CHILDREN:  # select, call, list: sub-expressions at known fields
+                children = _CHILDREN[field]
+                stack.extend(
+                    (v, bound) for f, v in _fields(value) if f in children and isinstance(v, bytes)
+                )
+            elif field == _EXPR_STRUCT:  # entries = 2: map_key = 3, value = 4
+                for f, entry in _fields(value):
+                    if f == 2 and isinstance(entry, bytes):
+                        stack.extend(
+                            (v, bound)
+                            for g, v in _fields(entry)
+                            if g in (3, 4) and isinstance(v, bytes)
+                        )
+            elif field == _EXPR_COMPREHENSION:
+                stack.extend(_comprehension(value, bound))
+    return frozenset(found)
+
+
+def _comprehension(buf: bytes, bound: frozenset[str]) -> Iterator[tuple[bytes, frozenset[str]]]:
+    # iter_var = 1, iter_range = 2, accu_var = 3, accu_init = 4, loop_condition = 5,
+    # loop_step = 6, result = 7, iter_var2 = 8
+    parts = [(f, v) for f, v in _fields(buf) if isinstance(v, bytes)]
+    names = {f: v.decode() for f, v in parts if f in (1, 3, 8)}
+    in_loop = bound | set(names.values())
+    in_result = bound | ({names[3]} if 3 in names else set())
+    for f, v in parts:
+        if f in (2, 4):
+            yield v, bound
+        elif f in (5, 6):
+            yield v, in_loop
+        elif f == 7:
+            yield v, in_result

@@ -1,0 +1,255 @@
+//! modbus_decode: turns blocks of Modbus register words (kind 1) into named, scaled
+//! measurements, using the register map of the source (`source.registers` in the init config,
+//! or a top-level `registers` list). See README.md.
+
+use flux_plugin_sdk::prelude::*;
+use flux_plugin_sdk::serde_json::{Map, Value as Json};
+use flux_plugin_sdk::{FN_COIL, FN_DISCRETE, FN_HOLDING, FN_INPUT, KIND_REGISTERS};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Type {
+    Bool,
+    Int16,
+    Uint16,
+    Int32,
+    Uint32,
+    Float32,
+}
+
+const TYPES: &str = "bool|int16|uint16|int32|uint32|float32";
+
+impl Type {
+    fn parse(s: &str) -> Option<Type> {
+        Some(match s {
+            "bool" => Type::Bool,
+            "int16" => Type::Int16,
+            "uint16" => Type::Uint16,
+            "int32" => Type::Int32,
+            "uint32" => Type::Uint32,
+            "float32" => Type::Float32,
+            _ => return None,
+        })
+    }
+}
+
+fn function_name(code: u8) -> Option<&'static str> {
+    Some(match code {
+        FN_COIL => "coil",
+        FN_DISCRETE => "discrete",
+        FN_HOLDING => "holding",
+        FN_INPUT => "input",
+        _ => return None,
+    })
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Register {
+    name: String,
+    function: u8,
+    address: u16,
+    ty: Type,
+    /// byte_order = "little": swap the two bytes of every word.
+    swap_bytes: bool,
+    /// word_order = "little": the word at the higher address is the most significant.
+    low_word_first: bool,
+    scale: f64,
+    offset: f64,
+    unit: String,
+}
+
+impl Register {
+    /// Coils and discrete inputs are bools whatever `type` says (one word, 0 or 1, per bit).
+    fn is_bool(&self) -> bool {
+        self.ty == Type::Bool || self.function == FN_COIL || self.function == FN_DISCRETE
+    }
+
+    fn width(&self) -> u32 {
+        match self.ty {
+            _ if self.is_bool() => 1,
+            Type::Int32 | Type::Uint32 | Type::Float32 => 2,
+            _ => 1,
+        }
+    }
+}
+
+pub struct Decoder {
+    registers: Vec<Register>,
+}
+
+fn get_str<'a>(obj: &'a Map<String, Json>, key: &str, default: &'a str) -> Result<&'a str, String> {
+    match obj.get(key) {
+        None | Some(Json::Null) => Ok(default),
+        Some(Json::String(s)) => Ok(s),
+        Some(other) => Err(format!("{} must be a string, got {}", key, other)),
+    }
+}
+
+fn get_f64(obj: &Map<String, Json>, key: &str, default: f64) -> Result<f64, String> {
+    match obj.get(key) {
+        None | Some(Json::Null) => Ok(default),
+        Some(Json::Number(n)) => n
+            .as_f64()
+            .filter(|v| v.is_finite())
+            .ok_or_else(|| format!("{} must be a finite number, got {}", key, n)),
+        Some(other) => Err(format!("{} must be a number, got {}", key, other)),
+    }
+}
+
+fn get_order(obj: &Map<String, Json>, key: &str) -> Result<bool, String> {
+    match get_str(obj, key, "big")? {
+        "big" => Ok(false),
+        "little" => Ok(true),
+        other => Err(format!("{} must be \"big\" or \"little\", got {:?}", key, other)),
+    }
+}
+
+fn parse_register(obj: &Map<String, Json>) -> Result<Register, String> {
+    let name = get_str(obj, "name", "")?;
+    if name.is_empty() {
+        return Err("name is missing".to_string());
+    }
+    let address = match obj.get("address") {
+        Some(Json::Number(n)) => match n.as_u64() {
+            Some(a) if a <= 65535 => a as u16,
+            _ => return Err(format!("address must be an integer 0..65535, got {}", n)),
+        },
+        None => return Err("address is missing".to_string()),
+        Some(other) => return Err(format!("address must be an integer 0..65535, got {}", other)),
+    };
+    let function = match obj.get("function") {
+        None | Some(Json::Null) => FN_HOLDING,
+        Some(Json::String(s)) => match s.as_str() {
+            "coil" => FN_COIL,
+            "discrete" => FN_DISCRETE,
+            "holding" => FN_HOLDING,
+            "input" => FN_INPUT,
+            _ => return Err(format!("function must be coil|discrete|holding|input, got {:?}", s)),
+        },
+        Some(Json::Number(n)) => match n.as_u64() {
+            Some(c @ 1..=4) => c as u8,
+            _ => return Err(format!("function code must be 1..4, got {}", n)),
+        },
+        Some(other) => return Err(format!("function must be coil|discrete|holding|input, got {}", other)),
+    };
+    let ty_name = get_str(obj, "type", "uint16")?;
+    let ty = Type::parse(ty_name).ok_or_else(|| format!("type must be one of {}, got {:?}", TYPES, ty_name))?;
+    let reg = Register {
+        name: name.to_string(),
+        function,
+        address,
+        ty,
+        swap_bytes: get_order(obj, "byte_order")?,
+        low_word_first: get_order(obj, "word_order")?,
+        scale: get_f64(obj, "scale", 1.0)?,
+        offset: get_f64(obj, "offset", 0.0)?,
+        unit: get_str(obj, "unit", "")?.to_string(),
+    };
+    if u32::from(reg.address) + reg.width() > 65536 {
+        return Err(format!("a {} at address {} runs past register 65535", ty_name, address));
+    }
+    Ok(reg)
+}
+
+fn init(cfg: &Json) -> Result<Decoder, String> {
+    let top = cfg.get("registers");
+    let from_source = cfg.get("source").and_then(|s| s.get("registers"));
+    let (list, key) = match (top, from_source) {
+        (Some(list), Some(_)) => {
+            warn!("both registers and source.registers are set: using the top-level registers");
+            (list, "registers")
+        }
+        (Some(list), None) => (list, "registers"),
+        (None, Some(list)) => (list, "source.registers"),
+        (None, None) => {
+            return Err("no register map: expected source.registers (the Modbus source's map) \
+                        or a top-level registers list in the plugin config"
+                .to_string())
+        }
+    };
+    let items = list.as_array().ok_or_else(|| format!("{} must be a list of register tables", key))?;
+    if items.is_empty() {
+        return Err(format!("{} is empty: nothing to decode", key));
+    }
+    let mut registers = Vec::with_capacity(items.len());
+    let mut problems = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let result = match item.as_object() {
+            Some(obj) => parse_register(obj),
+            None => Err(format!("must be a table, got {}", item)),
+        };
+        match result {
+            Ok(r) => registers.push(r),
+            Err(e) => {
+                let name = item.get("name").and_then(Json::as_str).unwrap_or("?");
+                problems.push(format!("{}[{}] ({:?}): {}", key, i, name, e));
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(format!("invalid register map: {}", problems.join("; ")));
+    }
+    debug!("decoding {} registers from {}", registers.len(), key);
+    Ok(Decoder { registers })
+}
+
+fn process(d: &mut Decoder, m: &Message, out: &mut Output) -> Result<(), String> {
+    if m.kind != KIND_REGISTERS {
+        return Err(format!(
+            "expected register words (kind 1), got kind {} ({}): put modbus_decode only on Modbus sources",
+            m.kind,
+            m.kind_name()
+        ));
+    }
+    let fname = function_name(m.function).ok_or_else(|| format!("unknown Modbus function code {}", m.function))?;
+    if m.payload.len() % 2 != 0 {
+        return Err(format!("register payload has an odd length ({} bytes)", m.payload.len()));
+    }
+    let start = u32::from(m.address);
+    let end = start + m.register_count() as u32; // exclusive
+    let mut matched = 0usize;
+    for r in d.registers.iter().filter(|r| r.function == m.function) {
+        let first = u32::from(r.address);
+        if first < start || first + r.width() > end {
+            continue;
+        }
+        matched += 1;
+        let i = (first - start) as usize;
+        let word = |k: usize| {
+            let w = m.register(i + k).unwrap_or(0);
+            if r.swap_bytes {
+                w.swap_bytes()
+            } else {
+                w
+            }
+        };
+        if r.is_bool() {
+            out.measurement(&r.name, word(0) != 0, &r.unit);
+            continue;
+        }
+        let raw = match r.ty {
+            Type::Int16 => f64::from(word(0) as i16),
+            Type::Uint16 => f64::from(word(0)),
+            _ => {
+                let (hi, lo) = if r.low_word_first { (word(1), word(0)) } else { (word(0), word(1)) };
+                let bits = (u32::from(hi) << 16) | u32::from(lo);
+                match r.ty {
+                    Type::Int32 => f64::from(bits as i32),
+                    Type::Uint32 => f64::from(bits),
+                    _ => f64::from(f32::from_bits(bits)),
+                }
+            }
+        };
+        out.measurement(&r.name, raw * r.scale + r.offset, &r.unit);
+    }
+    if matched == 0 {
+        let span = match end - start {
+            0 => format!("registers at {} (empty block)", start),
+            1 => format!("register {}", start),
+            n => format!("registers {}-{} ({} words)", start, end - 1, n),
+        };
+        return Err(format!("no register of the map lies within {} {}", fname, span));
+    }
+    Ok(())
+}
+
+flux_plugin! { state: Decoder, init_json: init, process: process }

@@ -9,10 +9,11 @@ How it is compiled (facts measured on cel-expr-python 0.1.3):
   comparison operators (``<``, ``<=``, ``>``, ``>=``, ``==``, ``!=``) and ``in`` for mixed
   double/int/uint operands, so ``temperature > 80`` (a double compared with an int literal) passes
   the checker, while ``temperature > "80"`` is still rejected at load time.
-* **Evaluation** happens in a plain environment with the same variables: the checked expression is
-  serialized and deserialized there, and CEL's own runtime compares mixed numbers (heterogeneous
-  numeric comparison and equality). Evaluating in the checking environment fails (its overloads
-  clash with the runtime's built-ins). Arithmetic is not widened: ``temperature + 1`` stays a type
+* **Evaluation** happens in one plain environment: the checked expression is serialized and
+  deserialized there, and CEL's own runtime compares mixed numbers (heterogeneous numeric
+  comparison and equality). Evaluating in the checking environment fails (its overloads clash
+  with the runtime's built-ins). The runtime does not check values against the declared types,
+  so ``Condition.evaluate`` does. Arithmetic is not widened: ``temperature + 1`` stays a type
   error, and the message says to write ``1.0``.
 * **Hostile input** is refused before CEL sees it: longer than ``MAX_EXPRESSION_CHARS`` or brackets
   nested deeper than ``MAX_NESTING``. CEL's own limits (parser recursion 32, 100k code points,
@@ -104,24 +105,34 @@ def _numeric_comparisons() -> Any:
 
 
 @functools.lru_cache(maxsize=128)
-def _environments(variables: frozenset[tuple[str, str]]) -> tuple[Any, Any]:
-    """(checker, runtime) environments for one set of (name, type) declarations.
+def _checker(variables: frozenset[tuple[str, str]]) -> Any:
+    """The checking environment for one set of (name, type) declarations.
 
     Rules of the same device share a variable set, so a config needs only a handful of these.
     """
     decls = {name: _cel_type(type_) for name, type_ in variables}
-    checker = cel.NewEnv(variables=decls, extensions=[_numeric_comparisons()])
-    runtime = cel.NewEnv(variables=decls)
-    return checker, runtime
+    return cel.NewEnv(variables=decls, extensions=[_numeric_comparisons()])
+
+
+@functools.lru_cache(maxsize=1)
+def _runtime() -> Any:
+    """The one evaluation environment. It needs no declarations: a checked expression carries its
+    own types, and ``Condition.evaluate`` checks the values' types itself (CEL's runtime does not
+    after deserialization: it would compare a string with a number as simply not equal)."""
+    return cel.NewEnv()
 
 
 # --- the compiled condition ---------------------------------------------------------------------
 
 
+_PY_TYPES: Final = {"bool": bool, "int": int, "double": float, "string": str}
+_MISSING: Final = object()
+
+
 class Condition:
     """A compiled, type-checked boolean expression. Cheap to evaluate (a few µs)."""
 
-    __slots__ = ("_doubles", "_program", "expression", "rule", "types", "variables")
+    __slots__ = ("_checks", "_program", "expression", "rule", "types", "variables")
 
     def __init__(
         self,
@@ -137,8 +148,8 @@ class Condition:
         #: the declared variables the expression references (comprehension variables excluded)
         self.variables = variables
         #: the declared type of every variable in ``variables``
-        self.types: Mapping[str, str] = {n: types[n] for n in variables}
-        self._doubles = tuple(n for n in variables if types[n] == "double")
+        self.types: Mapping[str, str] = {n: types[n] for n in sorted(variables)}
+        self._checks = tuple((n, _PY_TYPES[t]) for n, t in self.types.items())
 
     def __repr__(self) -> str:
         return f"Condition(rule={self.rule!r}, expression={self.expression!r})"
@@ -146,18 +157,29 @@ class Condition:
     def evaluate(self, values: Mapping[str, bool | int | float | str]) -> bool:
         """Evaluate against ``values`` (at least every name in ``variables``).
 
-        An int (or bool) given for a double variable is converted. Raises ``RuleError`` when the
-        evaluation fails (division by zero, a missing or ill-typed value, ...): the caller decides
-        what that means.
+        An int (or bool) given for a double variable is converted. Raises ``RuleError`` when a
+        value is missing or of the wrong type, or the evaluation fails (division by zero, ...):
+        the caller decides what that means.
         """
         data = values
         converted: dict[str, bool | int | float | str] | None = None
-        for name in self._doubles:
-            v = values.get(name)
-            if type(v) is int or type(v) is bool:
+        for name, want in self._checks:
+            v = values.get(name, _MISSING)
+            got = type(v)
+            if got is want:
+                continue
+            if want is float and (got is int or got is bool):
                 if converted is None:
                     data = converted = dict(values)
-                converted[name] = float(v)
+                converted[name] = float(v)  # type: ignore[arg-type]
+            elif v is _MISSING:
+                raise RuleError(self.rule, f"evaluation failed: no value for {name!r}")
+            else:
+                raise RuleError(
+                    self.rule,
+                    f"evaluation failed: {name!r} is {got.__name__} {v!r:.40}, "
+                    f"expected {self.types[name]}",
+                )
         try:
             result = self._program.eval(data=data).value()
         except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
@@ -201,7 +223,7 @@ def compile_condition(rule: str, expr: str, variables: Mapping[str, str]) -> Con
     except UnicodeEncodeError as exc:
         raise RuleError(rule, "condition is not valid Unicode text", exc.start + 1) from None
     code = _blank_strings(expr)
-    depth, where = _max_nesting(code)
+    depth, where = _max_nesting(code, MAX_NESTING)
     if depth > MAX_NESTING:
         raise RuleError(
             rule,
@@ -209,12 +231,11 @@ def compile_condition(rule: str, expr: str, variables: Mapping[str, str]) -> Con
             where,
         )
 
-    checker, runtime = _environments(frozenset(variables.items()))
     try:
-        checked = checker.compile(expr)
+        checked = _checker(frozenset(variables.items())).compile(expr)
         result_type = checked.return_type().name()
         serialized = checked.serialize()
-        program = runtime.deserialize(serialized)
+        program = _runtime().deserialize(serialized)
     except RuntimeError as exc:
         message, column = _clean_compile_error(str(exc), expr)
         raise RuleError(rule, message, column) from None
@@ -310,14 +331,16 @@ def _blank_strings(expr: str) -> str:
     return "".join(out)
 
 
-def _max_nesting(code: str) -> tuple[int, int]:
-    """(deepest bracket nesting, 1-based offset of the bracket where it was reached)."""
+def _max_nesting(code: str, limit: int) -> tuple[int, int]:
+    """(deepest bracket nesting, 1-based offset of the first bracket beyond ``limit``, or 0)."""
     depth = best = where = 0
     for i, c in enumerate(code):
         if c in "([{":
             depth += 1
             if depth > best:
-                best, where = depth, i + 1
+                best = depth
+                if depth == limit + 1:
+                    where = i + 1
         elif c in ")]}":
             depth -= 1
     return best, where

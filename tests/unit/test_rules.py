@@ -1,0 +1,376 @@
+"""flux_edge.rules.engine: variables per rule, config checks, and the engine's semantics."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from flux_edge.config import Config, ModbusTcpSource, RegisterConfig, RuleConfig
+from flux_edge.errors import RuleError
+from flux_edge.model import Measurement, Quality, Value
+from flux_edge.rules import RuleEngine, check_rules, rule_variables
+
+
+def source(device: str = "", *registers: RegisterConfig) -> ModbusTcpSource:
+    return ModbusTcpSource(host="127.0.0.1", device=device, registers=registers)
+
+
+def reg(name: str, address: int = 0, **kw: Any) -> RegisterConfig:
+    return RegisterConfig(name=name, address=address, **kw)
+
+
+BOILER = source(
+    "",  # device defaults to the source name: "boiler"
+    reg("temperature", 0, type="int16", scale=0.1),
+    reg("pressure", 1, type="float32"),
+    reg("pump", 10, function="coil"),
+    reg("alarm", 11, function="discrete"),
+    reg("flag", 12, type="bool"),
+)
+TANK = source("tank1", reg("level", 0), reg("temperature", 1, function="input"))
+
+
+def config(rules: dict[str, RuleConfig], **sources: ModbusTcpSource) -> Config:
+    return Config(sources=sources or {"boiler": BOILER, "tank": TANK}, rules=rules)
+
+
+def rule(when: str, *actions: str, **kw: Any) -> RuleConfig:
+    return RuleConfig(when=when, actions=actions or ("act",), **kw)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+def meas(name: str, value: Value, device: str = "boiler", quality: Quality = "good") -> Measurement:
+    return Measurement(device=device, name=name, value=value, ts=1.0, quality=quality)
+
+
+def fired(engine: RuleEngine, *ms: Measurement) -> list[list[tuple[str, str]]]:
+    """For each measurement in turn, the (rule, action) pairs it produced."""
+    return [[(c.rule, c.action) for c in engine.on_measurement(m)] for m in ms]
+
+
+# --- rule_variables -----------------------------------------------------------------------------
+
+
+def test_rule_variables_for_one_device() -> None:
+    cfg = config({"r": rule("temperature > 80", device="boiler")})
+    assert rule_variables(cfg, "r") == {
+        "temperature": "double",
+        "pressure": "double",
+        "pump": "bool",
+        "alarm": "bool",
+        "flag": "bool",
+        "device": "string",
+        "name": "string",
+    }
+
+
+def test_rule_variables_for_any_device_and_inputs() -> None:
+    cfg = config({"r": rule("true", device="", inputs={"setpoint": "double", "label": "string"})})
+    got = rule_variables(cfg, "r")
+    assert got["level"] == "double"  # from tank1
+    assert got["pump"] == "bool"  # from boiler
+    assert got["setpoint"] == "double"
+    assert got["label"] == "string"
+    cfg = config({"r": rule("true", device="tank1")})
+    assert "pump" not in rule_variables(cfg, "r")
+
+
+def test_conflicting_types_across_devices() -> None:
+    cfg = config(
+        {"r": rule("x", device="")},
+        a=source("", reg("x", 0)),
+        b=source("", reg("x", 0, function="coil")),
+    )
+    with pytest.raises(RuleError) as info:
+        rule_variables(cfg, "r")
+    assert info.value.rule == "r"
+    assert "'x' is double (register of source 'a') but bool (register of source 'b')" in str(
+        info.value
+    )
+    # restricted to one device the conflict is gone
+    cfg = config({"r": rule("x", device="b")}, a=source("", reg("x", 0)), b=source("", reg("x", 0)))
+    assert rule_variables(cfg, "r")["x"] == "double"
+
+
+def test_register_named_like_a_builtin_conflicts() -> None:
+    cfg = config({"r": rule("name > 1.0")}, a=source("", reg("name", 0)))
+    with pytest.raises(RuleError, match="'name' is double"):
+        rule_variables(cfg, "r")
+
+
+def test_input_conflicting_with_register() -> None:
+    cfg = config({"r": rule("pump", device="boiler", inputs={"pump": "int"})})
+    with pytest.raises(RuleError, match=r"'pump' is bool .* but int"):
+        rule_variables(cfg, "r")
+
+
+def test_unknown_rule() -> None:
+    with pytest.raises(RuleError, match="no such rule"):
+        rule_variables(config({}), "nope")
+
+
+# --- check_rules --------------------------------------------------------------------------------
+
+
+def test_check_rules_collects_every_error() -> None:
+    cfg = config(
+        {
+            "ok": rule("temperature > 80"),
+            "type": rule('temperature > "80"'),
+            "unknown": rule("pump && presure > 2.0", device="boiler"),
+            "not_bool": rule("level + 1.0", device="tank1"),
+            "constant": rule('device == "boiler"'),
+        }
+    )
+    errors = check_rules(cfg)
+    by_rule = {e.rule: e for e in errors}
+    assert set(by_rule) == {"type", "unknown", "not_bool", "constant"}
+    assert by_rule["type"].column == 13
+    assert "undeclared reference to 'presure'" in str(by_rule["unknown"])
+    assert by_rule["unknown"].column == 9
+    assert "must be a bool expression, got double" in str(by_rule["not_bool"])
+    assert "references no measurement" in str(by_rule["constant"])
+
+
+def test_check_rules_clean_config() -> None:
+    assert check_rules(config({"r": rule("temperature > 80 && !pump", device="boiler")})) == []
+
+
+def test_engine_raises_the_first_error() -> None:
+    with pytest.raises(RuleError) as info:
+        RuleEngine(config({"good": rule("pump"), "bad": rule("pump > 1")}))
+    assert info.value.rule == "bad"
+
+
+# --- engine: firing semantics -------------------------------------------------------------------
+
+
+def test_edge_fires_once_on_rising_edge() -> None:
+    clock = Clock()
+    engine = RuleEngine(
+        config({"hot": rule("temperature > 80", "fan_on", "alarm_on", device="boiler")}),
+        clock=clock,
+    )
+    m = meas("temperature", 81.0)
+    commands = engine.on_measurement(m)
+    assert [(c.rule, c.action) for c in commands] == [("hot", "fan_on"), ("hot", "alarm_on")]
+    assert all(c.ts == 1001.0 and c.cause is m for c in commands)
+    assert fired(
+        engine,
+        meas("temperature", 82.0),  # true -> true: nothing
+        meas("temperature", 80.0),  # -> false
+        meas("temperature", 79.0),
+        meas("temperature", 90),  # false -> true, an int value for a double variable
+        meas("temperature", 91.0),
+    ) == [[], [], [], [("hot", "fan_on"), ("hot", "alarm_on")], []]
+    stats = engine.stats["hot"]
+    assert (stats.evaluations, stats.firings, stats.errors) == (6, 2, 0)
+    assert stats.last_fired_ts == 1002.0  # the clock is read once per firing
+
+
+def test_level_fires_each_time_true() -> None:
+    engine = RuleEngine(config({"hot": rule("temperature > 80", mode="level")}), clock=Clock())
+    assert fired(
+        engine,
+        meas("temperature", 81.0),
+        meas("temperature", 82.0),
+        meas("temperature", 70.0),
+        meas("temperature", 83.0),
+    ) == [[("hot", "act")], [("hot", "act")], [], [("hot", "act")]]
+    assert engine.stats["hot"].firings == 3
+
+
+@pytest.mark.parametrize(
+    ("value", "fires"), [(79.9, False), (80.0, False), (80.1, True), (80, False), (81, True)]
+)
+def test_int_literal_threshold_against_double_values(value: float, fires: bool) -> None:
+    engine = RuleEngine(config({"hot": rule("temperature > 80")}))
+    assert bool(engine.on_measurement(meas("temperature", value))) is fires
+
+
+def test_bool_and_string_variables() -> None:
+    cfg = config(
+        {
+            "r": rule('pump && !alarm && name == "pump" && device == "boiler"', device="boiler"),
+            "s": rule('state == "fault"', device="boiler", inputs={"state": "string"}),
+        }
+    )
+    engine = RuleEngine(cfg)
+    assert fired(
+        engine,
+        meas("alarm", False),
+        meas("pump", True),
+        meas("state", "ok"),
+        meas("state", "fault"),
+    ) == [[], [("r", "act")], [], [("s", "act")]]
+
+
+def test_rules_without_device_run_per_device() -> None:
+    cfg = config({"hot": rule("temperature > 80")})
+    engine = RuleEngine(cfg)
+    out = fired(
+        engine,
+        meas("temperature", 85.0, "boiler"),
+        meas("temperature", 85.0, "tank1"),  # tank1's own edge: fires too
+        meas("temperature", 86.0, "tank1"),
+        meas("temperature", 70.0, "boiler"),
+        meas("temperature", 86.0, "tank1"),  # boiler going false does not touch tank1
+    )
+    assert out == [[("hot", "act")], [("hot", "act")], [], [], []]
+
+
+def test_values_are_not_shared_between_devices() -> None:
+    cfg = config({"r": rule("temperature > 80 && level > 1.0")})
+    engine = RuleEngine(cfg)
+    assert fired(
+        engine,
+        meas("level", 5.0, "tank1"),
+        meas("temperature", 90.0, "boiler"),  # boiler has no level
+        meas("temperature", 90.0, "tank1"),
+    ) == [[], [], [("r", "act")]]
+
+
+def test_commands_follow_config_order() -> None:
+    cfg = config(
+        {
+            "a": rule("temperature > 1.0", "a1"),
+            "b": rule("temperature > 2.0", "b1", device="boiler"),
+            "c": rule("temperature > 3.0", "c1"),
+        }
+    )
+    engine = RuleEngine(cfg)
+    assert fired(engine, meas("temperature", 5.0)) == [[("a", "a1"), ("b", "b1"), ("c", "c1")]]
+
+
+# --- engine: quality gating ---------------------------------------------------------------------
+
+
+def test_rule_waits_for_every_input() -> None:
+    engine = RuleEngine(config({"r": rule("temperature > 80 && !pump", device="boiler")}))
+    assert fired(engine, meas("temperature", 90.0)) == [[]]
+    assert engine.stats["r"].evaluations == 0
+    assert engine.stats["r"].skipped == 1
+    assert fired(engine, meas("pump", False)) == [[("r", "act")]]
+
+
+@pytest.mark.parametrize("quality", ["bad", "stale"])
+def test_non_good_input_makes_the_condition_unknown(quality: Quality) -> None:
+    engine = RuleEngine(
+        config(
+            {
+                "edge": rule("temperature > 80", "e"),
+                "level": rule("temperature > 80", "l", mode="level"),
+            }
+        )
+    )
+    assert fired(engine, meas("temperature", 90.0)) == [[("edge", "e"), ("level", "l")]]
+    # a bad value is not used, and the old good value is forgotten
+    assert fired(engine, meas("temperature", 95.0, quality=quality)) == [[]]
+    assert engine.stats["level"].skipped == 1
+    # unknown holds the edge state: coming back still true does not fire the edge rule again
+    assert fired(engine, meas("temperature", 91.0)) == [[("level", "l")]]
+    # a real false -> true still does
+    assert fired(engine, meas("temperature", 50.0), meas("temperature", 99.0)) == [
+        [],
+        [("edge", "e"), ("level", "l")],
+    ]
+
+
+def test_other_input_going_bad_blocks_evaluation() -> None:
+    engine = RuleEngine(config({"r": rule("temperature > 80 && !pump", mode="level")}))
+    assert fired(engine, meas("pump", False), meas("temperature", 90.0)) == [[], [("r", "act")]]
+    assert fired(engine, meas("pump", True, quality="bad"), meas("temperature", 91.0)) == [[], []]
+
+
+def test_bad_first_measurement_of_a_device() -> None:
+    engine = RuleEngine(config({"r": rule("temperature > 80")}))
+    assert fired(engine, meas("temperature", 90.0, "newdev", quality="bad")) == [[]]
+    assert engine.stats["r"].skipped == 1
+    assert engine.stats["r"].evaluations == 0
+
+
+# --- engine: index ------------------------------------------------------------------------------
+
+
+def test_index_only_evaluates_matching_rules() -> None:
+    cfg = config(
+        {
+            "boiler_hot": rule("temperature > 80", device="boiler"),
+            "tank_low": rule("level < 1.0", device="tank1"),
+            "any_hot": rule("temperature > 80"),
+        }
+    )
+    engine = RuleEngine(cfg)
+    engine.on_measurement(meas("temperature", 10.0, "tank1"))  # other device
+    engine.on_measurement(meas("pressure", 1.0, "boiler"))  # a name no rule reads
+    engine.on_measurement(meas("level", 5.0, "boiler"))  # tank_low watches tank1 only
+    engine.on_measurement(meas("unrelated", 5.0, "elsewhere"))
+    assert engine.stats["boiler_hot"].evaluations == 0
+    assert engine.stats["tank_low"].evaluations == 0
+    assert engine.stats["any_hot"].evaluations == 1  # the tank1 temperature
+    engine.on_measurement(meas("temperature", 10.0, "boiler"))
+    engine.on_measurement(meas("level", 5.0, "tank1"))
+    assert engine.stats["boiler_hot"].evaluations == 1
+    assert engine.stats["tank_low"].evaluations == 1
+    assert engine.stats["any_hot"].evaluations == 2
+
+
+def test_names_no_rule_reads_are_not_stored() -> None:
+    engine = RuleEngine(config({"r": rule("temperature > 80")}))
+    for i in range(1000):
+        engine.on_measurement(meas(f"junk{i}", 1.0, f"dev{i}"))
+    assert engine._values == {}
+
+
+def test_comprehension_variable_does_not_trigger() -> None:
+    # "level" is a register of tank1, but here it is only the macro's own variable
+    cfg = config({"r": rule("[1.0, 2.0].exists(level, level > temperature)", device="tank1")})
+    engine = RuleEngine(cfg)
+    engine.on_measurement(meas("level", 5.0, "tank1"))
+    assert engine.stats["r"].evaluations == 0
+    assert fired(engine, meas("temperature", 1.5, "tank1")) == [[("r", "act")]]
+
+
+# --- engine: evaluation errors ------------------------------------------------------------------
+
+
+def test_evaluation_errors_are_counted_and_logged_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cfg = config({"div": rule("100.0 / temperature > 2.0 && pump", mode="level")})
+    engine = RuleEngine(cfg)
+    caplog.set_level(logging.DEBUG, logger="flux_edge.rules")
+    engine.on_measurement(meas("pump", True))
+    out = fired(
+        engine,
+        meas("temperature", "hot"),  # ill-typed value from a plugin
+        meas("temperature", "hotter"),
+        meas("temperature", 10.0),
+        meas("temperature", True),  # bool for a double: 1.0
+        meas("temperature", "again"),
+    )
+    assert out == [[], [], [("div", "act")], [("div", "act")], []]
+    stats = engine.stats["div"]
+    assert (stats.evaluations, stats.errors, stats.firings) == (5, 3, 2)
+    assert "'temperature' is str 'again', expected double" in stats.last_error
+    warnings = [r for r in caplog.records if r.name == "flux_edge.rules"]
+    # one warning when the rule starts failing, quiet while it keeps failing, again after recovery
+    assert len(warnings) == 2
+    assert all(r.levelno == logging.WARNING and "rule 'div'" in r.getMessage() for r in warnings)
+
+
+def test_evaluation_error_holds_edge_state() -> None:
+    cfg = config({"r": rule("temperature > 80", device="boiler")})
+    engine = RuleEngine(cfg)
+    assert fired(engine, meas("temperature", 90.0)) == [[("r", "act")]]
+    assert fired(engine, meas("temperature", "x"), meas("temperature", 91.0)) == [[], []]

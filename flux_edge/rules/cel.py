@@ -365,13 +365,21 @@ def _fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
     """(field number, value) pairs of one protobuf message; value is an int or bytes."""
     i, n = 0, len(buf)
     while i < n:
-        key, i = _varint(buf, i)
+        key = buf[i]
+        if key < 0x80:  # every field number below 16 has a one-byte key
+            i += 1
+        else:
+            key, i = _varint(buf, i)
         field, wire = key >> 3, key & 7
         if wire == 0:
             value, i = _varint(buf, i)
             yield field, value
         elif wire == 2:
-            size, i = _varint(buf, i)
+            size = buf[i] if i < n else 0x80
+            if size < 0x80:
+                i += 1
+            else:
+                size, i = _varint(buf, i)
             if i + size > n:
                 raise ValueError("truncated field")
             yield field, buf[i : i + size]

@@ -44,6 +44,25 @@ BUILTIN_VARIABLES: dict[str, str] = {"device": "string", "name": "string"}
 _BOOL_FUNCTIONS = ("coil", "discrete")
 
 
+# A register as a rule sees it: (variable name, type, where it comes from).
+_Declared = tuple[str, str, str]
+
+
+def _registers_by_device(config: Config) -> dict[str, list[_Declared]]:
+    """device -> the variables its sources' registers declare, in config order."""
+    out: dict[str, list[_Declared]] = {}
+    for source_name, source in config.sources.items():
+        if not isinstance(source, ModbusTcpSource):
+            continue
+        declared = out.setdefault(source.device or source_name, [])
+        for reg in source.registers:
+            bool_ = reg.function in _BOOL_FUNCTIONS or reg.type == "bool"
+            declared.append(
+                (reg.name, "bool" if bool_ else "double", f"register of source {source_name!r}")
+            )
+    return out
+
+
 def rule_variables(config: Config, rule_name: str) -> dict[str, str]:
     """The variables rule ``rule_name`` may use, name -> "bool" | "int" | "double" | "string".
 
@@ -52,13 +71,24 @@ def rule_variables(config: Config, rule_name: str) -> dict[str, str]:
     make any number a double); the rule's ``inputs``; ``device`` and ``name``. Raises
     ``RuleError`` when one name would have two types.
     """
+    return _rule_variables(config, rule_name, _registers_by_device(config))
+
+
+def _rule_variables(
+    config: Config, rule_name: str, registers: dict[str, list[_Declared]]
+) -> dict[str, str]:
     rule = config.rules.get(rule_name)
     if rule is None:
         raise RuleError(rule_name, "no such rule in the configuration")
+    if rule.device:
+        declared = list(registers.get(rule.device, ()))
+    else:
+        declared = [d for regs in registers.values() for d in regs]
+    declared.extend((name, type_, "rule input") for name, type_ in rule.inputs.items())
+    declared.extend((name, type_, "built-in") for name, type_ in BUILTIN_VARIABLES.items())
     types: dict[str, str] = {}
     origins: dict[str, str] = {}
-
-    def declare(name: str, type_: str, origin: str) -> None:
+    for name, type_, origin in declared:
         known = types.get(name)
         if known is None:
             types[name] = type_
@@ -69,30 +99,15 @@ def rule_variables(config: Config, rule_name: str) -> dict[str, str]:
                 f"variable {name!r} is {known} ({origins[name]}) but {type_} ({origin}); "
                 "rename one of them or restrict the rule to one device",
             )
-
-    for source_name, source in config.sources.items():
-        if not isinstance(source, ModbusTcpSource):
-            continue
-        device = source.device or source_name
-        if rule.device and device != rule.device:
-            continue
-        for reg in source.registers:
-            bool_ = reg.function in _BOOL_FUNCTIONS or reg.type == "bool"
-            declare(
-                reg.name,
-                "bool" if bool_ else "double",
-                f"register of source {source_name!r}",
-            )
-    for name, type_ in rule.inputs.items():
-        declare(name, type_, "rule input")
-    for name, builtin_type in BUILTIN_VARIABLES.items():
-        declare(name, builtin_type, "built-in")
     return types
 
 
-def _compile_rule(config: Config, rule_name: str) -> Condition:
+def _compile_rule(
+    config: Config, rule_name: str, registers: dict[str, list[_Declared]]
+) -> Condition:
     rule = config.rules[rule_name]
-    condition = compile_condition(rule_name, rule.when, rule_variables(config, rule_name))
+    variables = _rule_variables(config, rule_name, registers)
+    condition = compile_condition(rule_name, rule.when, variables)
     if not condition.variables - BUILTIN_VARIABLES.keys():
         raise RuleError(
             rule_name,
@@ -104,10 +119,11 @@ def _compile_rule(config: Config, rule_name: str) -> Condition:
 
 def check_rules(config: Config) -> list[RuleError]:
     """Compile every rule of ``config``; return all the errors (empty when every rule is fine)."""
+    registers = _registers_by_device(config)
     errors: list[RuleError] = []
     for rule_name in config.rules:
         try:
-            _compile_rule(config, rule_name)
+            _compile_rule(config, rule_name, registers)
         except RuleError as exc:
             errors.append(exc)
     return errors
@@ -164,9 +180,10 @@ class RuleEngine:
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
+        registers = _registers_by_device(config)
         rules: list[_Rule] = []
         for order, (rule_name, rule) in enumerate(config.rules.items()):
-            condition = _compile_rule(config, rule_name)  # raises the first RuleError
+            condition = _compile_rule(config, rule_name, registers)  # raises the first RuleError
             rules.append(_Rule(order, rule_name, condition, rule.actions, rule.mode == "edge"))
         self._rules = rules
         #: per rule name

@@ -344,3 +344,13 @@ def test_garbage_only_ever_raises_rule_error(expr: str) -> None:
         assert "\n" not in str(err) or "\n" in expr
         return
     assert cond.variables <= VARS.keys()
+    values: dict[str, bool | int | float | str] = {
+        "temperature": 0.0,
+        "count": 0,
+        "running": False,
+        "mode": "",
+    }
+    try:
+        assert cond.evaluate(values) in (True, False)
+    except RuleError as err:
+        assert err.rule == "r1"

@@ -196,10 +196,10 @@ def parse_duration(value: str | int | float) -> float:
     text = value
     if _PLAIN_NUMBER.fullmatch(text):
         raise ValueError(
-            f'"{text}" has no unit: write {text.lstrip("+")} (a number of seconds) or "{text}s"'
+            f'{_got(text)} has no unit: write {text.lstrip("+")} (a number of seconds) or "{text}s"'
         )
     if text.startswith("-"):
-        raise ValueError(f'a duration cannot be negative, got "{text}"')
+        raise ValueError(f"a duration cannot be negative, got {_got(text)}")
     if not _DURATION_RE.fullmatch(text):
         raise ValueError(f"{_got(text)} is not {DURATION_HELP}")
     total = Decimal(0)
@@ -209,11 +209,14 @@ def parse_duration(value: str | int | float) -> float:
         rank = _DURATION_RANK[unit]
         if rank <= last_rank:
             raise ValueError(
-                f'"{text}": units must go from largest to smallest, each once (like "1h30m")'
+                f'{_got(text)}: units must go from largest to smallest, each once (like "1h30m")'
             )
         last_rank = rank
         total += Decimal(number) * _DURATION_UNITS[unit]
-    return float(total)
+    seconds = float(total)
+    if not math.isfinite(seconds):
+        raise ValueError(f"{_got(text)} is too long a duration")
+    return seconds
 
 
 def parse_size(value: str | int | float) -> int:
@@ -231,9 +234,9 @@ def parse_size(value: str | int | float) -> int:
         return int(value)
     text = value
     if _PLAIN_NUMBER.fullmatch(text):
-        raise ValueError(f'"{text}" has no unit: write {text} (a number of bytes) or "{text}B"')
+        raise ValueError(f'{_got(text)} has no unit: write {text} (a number of bytes) or "{text}B"')
     if text.startswith("-"):
-        raise ValueError(f'a size cannot be negative, got "{text}"')
+        raise ValueError(f"a size cannot be negative, got {_got(text)}")
     match = _SIZE_RE.fullmatch(text)
     if not match:
         raise ValueError(f"{_got(text)} is not {SIZE_HELP}")
@@ -243,10 +246,10 @@ def parse_size(value: str | int | float) -> int:
         hint = folded.get(unit.lower()) or folded.get(unit.lower() + "b")
         units = ", ".join(_SIZE_UNITS)
         did = f'; did you mean "{number}{hint}"?' if hint else ""
-        raise ValueError(f'"{text}": unknown unit "{unit}" (units: {units}){did}')
+        raise ValueError(f'{_got(text)}: unknown unit "{unit}" (units: {units}){did}')
     total = Decimal(number) * _SIZE_UNITS[unit]
     if total != total.to_integral_value():
-        raise ValueError(f'"{text}" is not a whole number of bytes ({total})')
+        raise ValueError(f"{_got(text)} is not a whole number of bytes ({total})")
     return int(total)
 
 
@@ -901,7 +904,9 @@ class _Validator:
                 and rule.max is not None
                 and not (rule.min <= value <= rule.max)
             ):
-                message = f"must be between {_num(rule.min)} and {_num(rule.max)}, got {_got(value)}"
+                message = (
+                    f"must be between {_num(rule.min)} and {_num(rule.max)}, got {_got(value)}"
+                )
             elif rule.min is not None and value < rule.min:
                 message = f"must be at least {_num(rule.min)}, got {_got(value)}"
             elif rule.max is not None and value > rule.max:

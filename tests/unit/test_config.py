@@ -1,0 +1,856 @@
+"""flux_edge.config: the loader reports every problem, each at its file:line:column and key path."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import textwrap
+from decimal import Decimal
+from pathlib import Path
+
+import msgspec
+import pytest
+from conftest import bundled_wasm  # tests/conftest.py
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flux_edge.config as config_mod
+from flux_edge.config import (
+    Config,
+    ModbusTcpSource,
+    ModbusWriteAction,
+    bundled_plugin_dir,
+    check_config,
+    check_config_text,
+    load_config,
+    load_config_text,
+    parse_duration,
+    parse_size,
+    plugin_search_paths,
+    resolve_plugin_path,
+)
+from flux_edge.errors import ConfigError, Problem
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A minimal valid file; tests append to it or replace parts of it.
+BASE = """\
+[plugins.dec]
+
+[sources.boiler]
+type = "modbus_tcp"
+host = "127.0.0.1"
+chain = ["dec"]
+
+[[sources.boiler.registers]]
+name = "temperature"
+address = 0
+type = "int16"
+scale = 0.1
+
+[[sources.boiler.registers]]
+name = "burner"
+function = "coil"
+address = 0
+
+[rules.overheat]
+when = "temperature > 80"
+actions = ["burner_off"]
+
+[actions.burner_off]
+type = "modbus_write"
+source = "boiler"
+address = 0
+value = false
+"""
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A directory with plugins/<name>.wasm dummies for the plugins the tests declare."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    for name in ("dec", "modbus_decode", "json_normalize"):
+        (plugins / f"{name}.wasm").write_bytes(b"\0asm\1\0\0\0")
+    return tmp_path
+
+
+def check(site: Path, text: str) -> list[Problem]:
+    """Write ``text`` as site/flux.toml and check it; return every problem."""
+    path = site / "flux.toml"
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    _, problems = check_config(path)
+    return problems
+
+
+def errors(site: Path, text: str) -> list[Problem]:
+    return [p for p in check(site, text) if p.severity == "error"]
+
+
+def only(problems: list[Problem]) -> Problem:
+    assert len(problems) == 1, "\n".join(map(str, problems))
+    return problems[0]
+
+
+def by_path(problems: list[Problem], path: str) -> Problem:
+    found = [p for p in problems if p.path == path]
+    assert found, f"no problem at {path}: " + "\n".join(map(str, problems))
+    return found[0]
+
+
+# --- a valid file ---------------------------------------------------------------------------------
+
+
+def test_base_loads_into_frozen_structs(site: Path) -> None:
+    (site / "flux.toml").write_text(BASE, encoding="utf-8")
+    cfg = load_config(site / "flux.toml")
+    assert cfg.path == str((site / "flux.toml").resolve())
+    assert cfg.base_dir == site.resolve()
+    src = cfg.sources["boiler"]
+    assert isinstance(src, ModbusTcpSource)
+    assert src.chain == ("dec",)
+    assert [r.name for r in src.registers] == ["temperature", "burner"]
+    assert src.registers[1].type == "bool"  # a coil defaults to bool
+    assert src.interval == 1.0 and isinstance(src.interval, float)
+    assert isinstance(cfg.actions["burner_off"], ModbusWriteAction)
+    assert cfg.actions["burner_off"].value is False
+    assert cfg.rules["overheat"].actions == ("burner_off",)
+    with pytest.raises(AttributeError):
+        cfg.path = "x"  # type: ignore[misc]
+
+
+def test_durations_and_sizes_are_converted(site: Path) -> None:
+    text = BASE.replace(
+        "[plugins.dec]",
+        '[plugins.dec]\ntimeout = "20ms"\nmemory_limit = "8MiB"\nquarantine = "1h30m"',
+    ).replace('host = "127.0.0.1"', 'host = "127.0.0.1"\ninterval = 2\ntimeout = 0.25')
+    cfg = load_config_text(text, str(site / "flux.toml"))
+    assert cfg.plugins["dec"].timeout == pytest.approx(0.02)
+    assert cfg.plugins["dec"].memory_limit == 8 * 1024 * 1024
+    assert cfg.plugins["dec"].quarantine == 5400.0
+    assert cfg.sources["boiler"].interval == 2.0
+    assert cfg.sources["boiler"].timeout == 0.25
+
+
+def test_problem_prints_as_file_line_col_path_severity_message(site: Path) -> None:
+    p = only(errors(site, BASE.replace("address = 0\ntype", "address = 70000\ntype")))
+    file = str(site / "flux.toml")
+    assert str(p) == (
+        f"{file}:10:11: sources.boiler.registers[0].address: error: "
+        "must be between 0 and 65535, got 70000"
+    )
+
+
+# --- syntax -------------------------------------------------------------------------------------
+
+
+def test_syntax_error_has_line_and_column(site: Path) -> None:
+    p = only(check(site, '[daemon]\nlog_level = "info"\nqueue_size = \n'))
+    assert (p.line, p.column) == (3, 14)
+    assert p.message.startswith("invalid TOML")
+    assert "value" in p.message and "missing" in p.message
+
+
+def test_syntax_error_inside_array(site: Path) -> None:
+    p = only(check(site, "[daemon]\nplugin_dirs = [\n  'a',\n  'b',,\n]\n"))
+    assert (p.line, p.column) == (4, 7)
+    assert "','" in p.message
+
+
+def test_duplicate_key_points_at_the_second_definition(site: Path) -> None:
+    p = only(check(site, '[daemon]\nlog_level = "info"\nqueue_size = 5\nlog_level = "debug"\n'))
+    assert (p.line, p.column) == (4, 1)
+    assert "already exists" in p.message and "only once" in p.message
+
+
+def test_duplicate_table_points_at_the_second_header(site: Path) -> None:
+    p = only(check(site, '[daemon]\nname = "a"\n\n[plugins.x]\n\n[daemon]\nlog_level = "info"\n'))
+    assert (p.line, p.column) == (6, 2)
+
+
+def test_unreadable_and_non_utf8_files_are_problems_not_exceptions(tmp_path: Path) -> None:
+    cfg, problems = check_config(tmp_path / "missing.toml")
+    assert cfg is None and "cannot read" in only(problems).message
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes(b'[daemon]\nname = "caf\xe9"\n')
+    cfg, problems = check_config(bad)
+    p = only(problems)
+    assert cfg is None and (p.line, p.column) == (2, 12) and "UTF-8" in p.message
+    with pytest.raises(ConfigError):
+        load_config(bad)
+
+
+# --- schema -------------------------------------------------------------------------------------
+
+
+def test_unknown_top_level_key_suggests_the_closest(site: Path) -> None:
+    p = only(errors(site, BASE + '\n[source.x]\nhost = "a"\n'))
+    assert p.path == "source"
+    assert 'did you mean "sources"?' in p.message
+    assert "daemon, plugins, sources, rules, actions" in p.message
+    assert "path" not in p.message.split("allowed here:")[1]  # set by the loader only
+    assert (p.line, p.column) == (29, 2)
+
+
+def test_unknown_keys_at_several_depths(site: Path) -> None:
+    text = (
+        BASE.replace("[plugins.dec]", '[plugins.dec]\ntimout = "1s"')
+        .replace('name = "burner"', 'name = "burner"\nadress = 3')
+        .replace('host = "127.0.0.1"', 'host = "127.0.0.1"\nintervall = "1s"')
+        + "\n[daemon]\nqueue_sise = 10\n"
+    )
+    problems = errors(site, text)
+    assert len(problems) == 4, "\n".join(map(str, problems))
+    for path, suggestion, line in [
+        ("plugins.dec.timout", "timeout", 2),
+        ("sources.boiler.intervall", "interval", 7),
+        ("sources.boiler.registers[1].adress", "address", 18),
+        ("daemon.queue_sise", "queue_size", 33),
+    ]:
+        p = by_path(problems, path)
+        assert f'did you mean "{suggestion}"?' in p.message, p
+        assert (p.line, p.column) == (line, 1), p
+    assert (
+        "allowed here: name, address, function, type"
+        in by_path(problems, "sources.boiler.registers[1].adress").message
+    )
+
+
+def test_unknown_key_without_close_match_lists_allowed_keys(site: Path) -> None:
+    p = only(errors(site, BASE.replace("[plugins.dec]", "[plugins.dec]\nzzz = 1")))
+    assert "did you mean" not in p.message
+    assert "allowed here: module, file, timeout" in p.message
+
+
+def test_plugin_config_table_takes_any_keys(site: Path) -> None:
+    text = BASE.replace(
+        "[plugins.dec]",
+        '[plugins.dec]\nconfig = { anything = 1, nested = { list = [1, "a", true] } }',
+    )
+    cfg = load_config_text(text, str(site / "flux.toml"))
+    assert cfg.plugins["dec"].config == {"anything": 1, "nested": {"list": [1, "a", True]}}
+
+
+def test_plugin_config_must_be_json(site: Path) -> None:
+    text = BASE.replace("[plugins.dec]", "[plugins.dec]\nconfig.when = 2024-01-02\nconfig.x = nan")
+    problems = errors(site, text)
+    assert "quote it as a string" in by_path(problems, "plugins.dec.config.when").message
+    assert by_path(problems, "plugins.dec.config.x").line == 3
+
+
+def test_wrong_type_deep_in_a_list(site: Path) -> None:
+    text = BASE + textwrap.dedent("""
+        [[sources.boiler.registers]]
+        name = "setpoint"
+        address = 1
+        type = "int17"
+        """)
+    p = only(errors(site, text))
+    assert p.path == "sources.boiler.registers[2].type"
+    assert p.message.startswith(
+        'expected one of bool, int16, uint16, int32, uint32, float32, got "int17"'
+    )
+    assert 'did you mean "int16"?' in p.message
+    assert (p.line, p.column) == (32, 8)
+
+
+def test_wrong_scalar_types(site: Path) -> None:
+    text = (
+        BASE.replace('host = "127.0.0.1"', 'host = "127.0.0.1"\nport = "502"')
+        .replace("scale = 0.1", 'scale = "0.1"')
+        .replace('chain = ["dec"]', 'chain = "dec"')
+        .replace("value = false", "value = 1.5")
+    )
+    problems = errors(site, text)
+    assert by_path(problems, "sources.boiler.port").message == 'expected an integer, got "502"'
+    assert by_path(problems, "sources.boiler.registers[0].scale").message == (
+        'expected a number, got "0.1"'
+    )
+    assert by_path(problems, "sources.boiler.chain").message == (
+        'expected an array of strings, got "dec"'
+    )
+    assert by_path(problems, "actions.burner_off.value").message == (
+        "expected true or false or an integer, got 1.5"
+    )
+
+
+def test_missing_required_keys_point_at_their_table(site: Path) -> None:
+    text = (
+        BASE.replace('host = "127.0.0.1"\n', "")
+        .replace('name = "burner"\nfunction = "coil"\naddress = 0', 'name = "burner"')
+        .replace('type = "modbus_write"\n', "")
+    )
+    problems = errors(site, text)
+    assert len(problems) == 3, "\n".join(map(str, problems))
+    host = by_path(problems, "sources.boiler.host")
+    assert host.message == 'missing required key "host" (a string)'
+    assert (host.line, host.column) == (3, 10)
+    address = by_path(problems, "sources.boiler.registers[1].address")
+    assert (address.line, address.column) == (13, 18)  # the second [[...registers]] header
+    tag = by_path(problems, "actions.burner_off.type")
+    assert "modbus_write" in tag.message and tag.line == 20
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ('"50 ms"', "is not a duration"),
+        ('"5"', 'has no unit: write 5 (a number of seconds) or "5s"'),
+        ('"-1s"', "cannot be negative"),
+        ('"30m1h"', "largest to smallest"),
+        ("0", "must be greater than 0"),
+        ('"0s"', "must be greater than 0"),
+        ("-2.5", "cannot be negative"),
+        ("true", "expected a duration"),
+        ("inf", "finite"),
+        ('"1x"', "is not a duration"),
+    ],
+)
+def test_bad_durations(site: Path, value: str, fragment: str) -> None:
+    text = BASE.replace('host = "127.0.0.1"', f'host = "127.0.0.1"\ninterval = {value}')
+    p = only(errors(site, text))
+    assert p.path == "sources.boiler.interval"
+    assert fragment in p.message, p.message
+    assert (p.line, p.column) == (6, 12)
+
+
+def test_zero_quarantine_is_allowed_but_zero_timeout_is_not(site: Path) -> None:
+    text = BASE.replace("[plugins.dec]", '[plugins.dec]\nquarantine = "0s"\ntimeout = "0ms"')
+    p = only(errors(site, text))
+    assert p.path == "plugins.dec.timeout"
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ('"16mib"', 'did you mean "16MiB"?'),
+        ('"16 Mb"', 'did you mean "16MB"?'),
+        ('"0.1B"', "whole number of bytes"),
+        ('"16"', "has no unit"),
+        ("1024", "at least 65536"),
+        ('"8GiB"', "at most 4294967296"),
+        ('"lots"', "is not a size"),
+    ],
+)
+def test_bad_sizes(site: Path, value: str, fragment: str) -> None:
+    text = BASE.replace("[plugins.dec]", f"[plugins.dec]\nmemory_limit = {value}")
+    p = only(errors(site, text))
+    assert p.path == "plugins.dec.memory_limit"
+    assert fragment in p.message, p.message
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "path", "fragment"),
+    [
+        (
+            'host = "127.0.0.1"',
+            'host = "127.0.0.1"\nport = 0',
+            "sources.boiler.port",
+            "1 and 65535",
+        ),
+        ('host = "127.0.0.1"', 'host = "h"\nunit_id = 248', "sources.boiler.unit_id", "0 and 247"),
+        ('host = "127.0.0.1"', 'host = ""', "sources.boiler.host", "must not be empty"),
+        ('host = "127.0.0.1"', 'host = "a b"', "sources.boiler.host", "not a host name"),
+        ('name = "burner"', 'name = "2burner"', "sources.boiler.registers[1].name", "[A-Za-z_]"),
+        ('name = "burner"', 'name = "in"', "sources.boiler.registers[1].name", "reserved"),
+        ('name = "burner"', 'name = "bur-ner"', "sources.boiler.registers[1].name", "letter"),
+        ("address = 0\ntype", "address = -1\ntype", "sources.boiler.registers[0].address", "0 and"),
+        (
+            'type = "int16"',
+            'type = "float32"\nfunction = "coil"',
+            "sources.boiler.registers[0].type",
+            'must be "bool"',
+        ),
+        ("[plugins.dec]", "[daemon]\nqueue_size = 0\n[plugins.dec]", "daemon.queue_size", "1 and"),
+        (
+            "[plugins.dec]",
+            '[daemon]\nlog_level = "warn"\n[plugins.dec]',
+            "daemon.log_level",
+            'did you mean "warning"?',
+        ),
+        ("[plugins.dec]", '[daemon]\nname = "gw/1"\n[plugins.dec]', "daemon.name", "valid name"),
+        ("[plugins.dec]", '[plugins.dec]\nmodule = "x.wasm"', "plugins.dec.module", "without"),
+        ("[plugins.dec]", '[plugins.dec]\nmodule = "a/b"', "plugins.dec.module", '"file"'),
+        ('when = "temperature > 80"', 'when = ""', "rules.overheat.when", "must not be empty"),
+        (
+            'actions = ["burner_off"]',
+            'actions = ["burner_off"]\nmode = "once"',
+            "rules.overheat.mode",
+            "one of edge, level",
+        ),
+        (
+            'actions = ["burner_off"]',
+            'actions = ["burner_off"]\ninputs = { "a-b" = "int" }',
+            "rules.overheat.inputs.a-b",
+            "rule variable",
+        ),
+        ("value = false", "value = 1", "actions.burner_off.value", "a coil takes true or false"),
+        (
+            "value = false",
+            'value = 70000\nfunction = "holding"',
+            "actions.burner_off.value",
+            "0 to 65535",
+        ),
+    ],
+)
+def test_ranges_and_names(site: Path, old: str, new: str, path: str, fragment: str) -> None:
+    assert old in BASE
+    p = only(errors(site, BASE.replace(old, new)))
+    assert p.path == path
+    assert fragment in p.message, p.message
+
+
+def test_table_names_must_be_simple(site: Path) -> None:
+    p = only(errors(site, BASE + '\n[plugins."my plugin"]\n'))
+    assert p.path == 'plugins."my plugin"'
+    assert "valid name" in p.message and (p.line, p.column) == (29, 10)
+
+
+def test_register_names_unique_per_source(site: Path) -> None:
+    text = BASE.replace('name = "burner"', 'name = "temperature"')
+    p = only(errors(site, text))
+    assert p.path == "sources.boiler.registers[1].name"
+    assert "registers[0]" in p.message
+    assert (p.line, p.column) == (15, 8)
+
+
+def test_five_distinct_errors_give_five_problems(site: Path) -> None:
+    text = (
+        BASE.replace('host = "127.0.0.1"', 'host = "127.0.0.1"\nport = 0')  # 1 range
+        .replace('type = "int16"', 'type = "int17"')  # 2 literal
+        .replace('name = "burner"', 'name = "burner"\nadress = 1')  # 3 unknown key
+        .replace('actions = ["burner_off"]', 'actions = ["burner_of"]')  # 4 reference
+        + '\n[daemon]\nqueue_size = "many"\n'  # 5 type
+    )
+    problems = check(site, text)
+    assert len(problems) == 5, "\n".join(map(str, problems))
+    assert all(p.severity == "error" and p.line > 0 for p in problems)
+    assert [p.line for p in problems] == sorted(p.line for p in problems)
+    with pytest.raises(ConfigError) as info:
+        load_config(site / "flux.toml")
+    assert info.value.problems == problems
+    assert str(info.value).count("\n") == 4
+
+
+# --- line and column of every shape of TOML -----------------------------------------------------
+
+SHAPES = """\
+# comment line
+[daemon]
+log_level = "info"
+
+[plugins.dec]
+timeout = "1s"
+
+[sources.inl]
+type = "modbus_tcp"
+host = "h"
+chain = ["dec"]
+registers = [
+  { name = "a", address = 0 },
+  { name = "b", address = 1, function = "holding", type = "int99" },
+  {name="c",address=2,scale="x"},
+]
+
+[sources.aot]
+type = "modbus_tcp"
+host = "h"
+
+[[sources.aot.registers]]
+name = "a"
+address = 0
+
+[[sources.aot.registers]]
+name = "b"
+address = "one"
+
+[sources.aot.unexpected]
+
+sources.dot.type = "modbus_tcp"
+"""
+
+
+def test_positions_of_headers_array_tables_inline_tables_and_dotted_keys(site: Path) -> None:
+    # dotted keys at the top level must come before the first header, so put them there
+    text = "sources.dot.type = 'modbus_tcp'\nsources.dot.host = 'h'\nsources.dot.port = 0\n"
+    text += SHAPES.replace('sources.dot.type = "modbus_tcp"\n', "")
+    text += '\n[rules.r]\nwhen = "a > 1"\nactions = []\ndevice . "x" = 1\n'
+    problems = errors(site, text)
+    where = {p.path: (p.line, p.column) for p in problems}
+    assert where == {
+        "sources.dot.port": (3, 20),  # dotted key's value
+        "sources.inl.registers[1].type": (17, 59),  # inside an inline table in an array
+        "sources.inl.registers[2].scale": (18, 29),  # inline table without spaces
+        "sources.aot.registers[1].address": (31, 11),  # second [[...]] entry, not the first
+        "sources.aot.unexpected": (33, 14),  # table header (the last name)
+        "rules.r.device": (39, 1),  # a dotted key where a string was expected
+    }, "\n".join(map(str, problems))
+
+
+def test_position_of_a_dotted_key_inside_a_table(site: Path) -> None:
+    text = BASE.replace("[rules.overheat]", "[rules.overheat]\ninputs.x = 'weird'")
+    p = only(errors(site, text))
+    assert p.path == "rules.overheat.inputs.x"
+    assert (p.line, p.column) == (20, 12)
+
+
+def test_position_falls_back_to_the_enclosing_key() -> None:
+    positions = config_mod._scan("[daemon]\nname = 'x'\n\n  [ sources . a ]\nhost = 1\n")
+    assert positions.key(("daemon", "nope", 3)) == (1, 2)
+    assert positions.value(("sources", "a", "registers")) == (4, 15)
+    assert positions.value(("sources", "a", "host")) == (5, 8)
+    assert positions.key(("sources",)) == (4, 5)
+    assert positions.key(("elsewhere",)) == (0, 0)
+
+
+def test_address_of_a_32_bit_register_must_leave_room_for_two_words(site: Path) -> None:
+    text = BASE.replace('address = 0\ntype = "int16"', 'address = 65535\ntype = "uint32"')
+    p = only(errors(site, text))
+    assert p.path == "sources.boiler.registers[0].address" and "65534" in p.message
+    assert errors(site, text.replace("65535", "65534")) == []
+
+
+def test_quoted_keys_and_multiline_strings_do_not_confuse_positions(site: Path) -> None:
+    text = (
+        '[plugins."dec"]\nconfig.s = """\nline one\n"quoted" ] [ = {\n"""\n'
+        "config.t = '''\n'''\n"
+        + BASE.split("\n", 1)[1].replace("port", "x")
+        + "\n[daemon]\nbatch_max = 0\n"
+    )
+    p = only(errors(site, text))
+    assert p.path == "daemon.batch_max" and (p.line, p.column) == (36, 13)
+
+
+# --- references ---------------------------------------------------------------------------------
+
+
+def test_reference_errors(site: Path) -> None:
+    text = (
+        BASE.replace('chain = ["dec"]', 'chain = ["dec", "decode2"]')
+        .replace('actions = ["burner_off"]', 'actions = ["burner_off", "burner_of"]')
+        .replace('source = "boiler"', 'source = "boilr"')
+    )
+    problems = errors(site, text)
+    assert len(problems) == 3, "\n".join(map(str, problems))
+    chain = by_path(problems, "sources.boiler.chain[1]")
+    assert 'no plugin named "decode2"' in chain.message and "declared plugins: dec" in chain.message
+    assert (chain.line, chain.column) == (6, 17)
+    act = by_path(problems, "rules.overheat.actions[1]")
+    assert 'did you mean "burner_off"?' in act.message and (act.line, act.column) == (21, 26)
+    src = by_path(problems, "actions.burner_off.source")
+    assert 'did you mean "boiler"?' in src.message and (src.line, src.column) == (25, 10)
+
+
+def test_unknown_device_and_unused_plugin_are_warnings(site: Path) -> None:
+    text = BASE.replace(
+        "[rules.overheat]", '[rules.overheat]\ndevice = "boiler2"\ninputs.temperature = "double"'
+    ) + ("\n[plugins.modbus_decode]\n")
+    cfg, problems = check_config_text(text, str(site / "flux.toml"))
+    assert cfg is not None
+    assert {p.path for p in problems} == {"rules.overheat.device", "plugins.modbus_decode"}
+    assert all(p.severity == "warning" for p in problems)
+    assert 'did you mean "boiler"?' in by_path(problems, "rules.overheat.device").message
+    assert load_config_text(text, str(site / "flux.toml")) == cfg  # warnings do not fail a load
+
+
+def test_missing_wasm_names_every_place_searched(site: Path) -> None:
+    text = BASE.replace("[plugins.dec]", '[plugins.dec]\nmodule = "nowhere"')
+    text = '[daemon]\nplugin_dirs = ["plugins", "/opt/x"]\n' + text
+    p = only(errors(site, text))
+    assert p.path == "plugins.dec.module" and (p.line, p.column) == (4, 10)
+    assert "nowhere.wasm not found" in p.message
+    for place in (site / "plugins", Path("/opt/x"), bundled_plugin_dir()):
+        assert str(place) in p.message
+    assert "plugins/build-all.sh" in p.message and "flux-edge plugin build" in p.message
+
+
+def test_file_and_module_together_is_an_error(site: Path) -> None:
+    text = BASE.replace("[plugins.dec]", '[plugins.dec]\nmodule = "dec"\nfile = "plugins/dec.wasm"')
+    p = only(errors(site, text))
+    assert p.path == "plugins.dec.file" and "not both" in p.message
+
+
+def test_plugin_lookup_order(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundled = tmp_path / "bundled"
+    bundled.mkdir()
+    (bundled / "only_bundled.wasm").write_bytes(b"")
+    (bundled / "dec.wasm").write_bytes(b"")
+    (site / "extra").mkdir()
+    (site / "extra" / "dec.wasm").write_bytes(b"")
+    (site / "own.wasm").write_bytes(b"")
+    monkeypatch.setattr(config_mod, "bundled_plugin_dir", lambda: bundled)
+    text = (
+        '[daemon]\nplugin_dirs = ["extra", "plugins"]\n'
+        + BASE
+        + (
+            '\n[plugins.ob]\nmodule = "only_bundled"\n[plugins.own]\nfile = "own.wasm"\n'
+            '[plugins.renamed]\nmodule = "json_normalize"\n'
+        )
+    )
+    cfg = load_config_text(text, str(site / "flux.toml"))
+    assert resolve_plugin_path(cfg, "dec") == site.resolve() / "extra" / "dec.wasm"
+    assert resolve_plugin_path(cfg, "ob") == bundled / "only_bundled.wasm"
+    assert resolve_plugin_path(cfg, "own") == site.resolve() / "own.wasm"
+    assert resolve_plugin_path(cfg, "renamed") == site.resolve() / "plugins/json_normalize.wasm"
+    assert plugin_search_paths(cfg, "dec") == [
+        site.resolve() / "extra" / "dec.wasm",
+        site.resolve() / "plugins" / "dec.wasm",
+        bundled / "dec.wasm",
+    ]
+    (site / "extra" / "dec.wasm").unlink()
+    assert resolve_plugin_path(cfg, "dec") == site.resolve() / "plugins" / "dec.wasm"
+    with pytest.raises(ConfigError) as info:
+        resolve_plugin_path(cfg, "nope")
+    assert "declared: dec, ob, own, renamed" in str(info.value)
+    (site / "own.wasm").unlink()
+    with pytest.raises(ConfigError) as info:
+        resolve_plugin_path(cfg, "own")
+    assert f"file {site.resolve() / 'own.wasm'} does not exist" in str(info.value)
+
+
+def test_bundled_dir_is_inside_the_package() -> None:
+    assert bundled_plugin_dir() == ROOT / "flux_edge" / "plugins" / "bundled"
+
+
+def test_rule_condition_type_error_points_at_its_column(site: Path) -> None:
+    text = BASE.replace('when = "temperature > 80"', "when = 'temperature > \"80\"'")
+    p = only(errors(site, text))
+    assert p.path == "rules.overheat.when"
+    assert "overheat" in p.message
+    line = text.splitlines()[p.line - 1]
+    assert line.startswith("when = ")
+    assert line[p.column - 1] == ">"  # the operator CEL complains about
+
+
+def test_rule_conditions_are_not_checked_against_a_broken_source(site: Path) -> None:
+    # the source error alone is reported, not a knock-on "undeclared temperature"
+    text = BASE.replace('host = "127.0.0.1"', 'host = "127.0.0.1"\nport = -1')
+    p = only(errors(site, text))
+    assert p.path == "sources.boiler.port"
+
+
+# --- the shipped configs ------------------------------------------------------------------------
+
+
+def test_demo_config_is_shipped_identically_in_the_package() -> None:
+    shipped = ROOT / "flux_edge" / "demo" / "demo.toml"
+    assert shipped.read_bytes() == (ROOT / "config" / "demo.toml").read_bytes()
+
+
+@pytest.mark.parametrize("name", ["demo.toml", "example.toml"])
+def test_shipped_configs_load(site: Path, name: str) -> None:
+    """Structure and references, with dummy plugin files next to a copy of the config."""
+    shutil.copy(ROOT / "config" / name, site / name)
+    cfg, problems = check_config(site / name)
+    assert cfg is not None, "\n".join(map(str, problems))
+    assert all(p.severity == "warning" for p in problems)
+    if name == "example.toml":
+        assert [p.path for p in problems] == ["plugins.json_normalize"]  # declared, unused
+    else:
+        assert problems == []
+
+
+def test_demo_config_contents() -> None:
+    text = (ROOT / "config" / "demo.toml").read_text(encoding="utf-8")
+    cfg_path = str(ROOT / "config" / "demo.toml")
+    cfg = msgspec.convert({**_without_plugin_check(text, cfg_path), "path": cfg_path}, Config)
+    boiler = cfg.sources["boiler"]
+    assert (boiler.host, boiler.port, boiler.unit_id, boiler.interval) == (
+        "127.0.0.1",
+        15020,
+        1,
+        0.5,
+    )
+    assert boiler.chain == ("modbus_decode",)
+    regs = {r.name: (r.function, r.address, r.type, r.scale, r.unit) for r in boiler.registers}
+    assert regs == {
+        "temperature": ("holding", 0, "int16", 0.1, "°C"),
+        "burner": ("coil", 0, "bool", 1.0, ""),
+        "setpoint": ("holding", 1, "int16", 0.1, "°C"),
+    }
+    assert cfg.plugins["modbus_decode"].file == ""
+    assert (cfg.rules["overheat"].when, cfg.rules["overheat"].actions) == (
+        "temperature > 80",
+        ("burner_off",),
+    )
+    assert (cfg.rules["reheat"].when, cfg.rules["reheat"].actions) == (
+        "temperature < 60",
+        ("burner_on",),
+    )
+    for name, value in (("burner_off", False), ("burner_on", True)):
+        act = cfg.actions[name]
+        assert (act.source, act.function, act.address, act.value, act.verify) == (
+            "boiler",
+            "coil",
+            0,
+            value,
+            True,
+        )
+    assert cfg.daemon.state_dir == "/var/lib/flux-edge"
+
+
+def _without_plugin_check(text: str, path: str) -> dict[str, object]:
+    """The validated data of a config, whether or not its plugins are built yet."""
+    positions = config_mod._scan(text)
+    v = config_mod._Validator(path, positions)
+    data: dict[str, object] = v.check(config_mod.tomlkit.parse(text).unwrap(), Config, ())
+    assert v.problems == []
+    return data
+
+
+@pytest.mark.parametrize("name", ["demo.toml", "example.toml"])
+def test_shipped_configs_load_with_the_bundled_plugins(name: str) -> None:
+    bundled_wasm("modbus_decode")
+    bundled_wasm("json_normalize")
+    cfg, problems = check_config(ROOT / "config" / name)
+    assert cfg is not None, "\n".join(map(str, problems))
+    assert resolve_plugin_path(cfg, "modbus_decode") == bundled_plugin_dir() / "modbus_decode.wasm"
+
+
+# --- durations and sizes ------------------------------------------------------------------------
+
+_UNITS = [("d", 86400), ("h", 3600), ("m", 60), ("s", 1), ("ms", Decimal("0.001"))]
+_numbers = st.one_of(
+    st.integers(0, 10**6).map(str),
+    st.tuples(st.integers(0, 10**4), st.integers(0, 999)).map(lambda t: f"{t[0]}.{t[1]:03d}"),
+)
+
+
+@given(
+    st.lists(st.tuples(st.booleans(), _numbers), min_size=5, max_size=5).filter(
+        lambda parts: any(use for use, _ in parts)
+    )
+)
+def test_duration_strings_parse_to_seconds(parts: list[tuple[bool, str]]) -> None:
+    text = ""
+    expected = Decimal(0)
+    for (use, number), (unit, factor) in zip(parts, _UNITS, strict=True):
+        if use:
+            text += number + unit
+            expected += Decimal(number) * factor
+    assert parse_duration(text) == float(expected)
+
+
+@given(st.one_of(st.integers(0, 2**53), st.floats(0, 1e12)))
+def test_numbers_are_seconds(value: float) -> None:
+    assert parse_duration(value) == float(value)
+
+
+@given(st.integers(0, 10**7), st.sampled_from(sorted(config_mod._SIZE_UNITS)), st.booleans())
+def test_size_strings_parse_to_bytes(number: int, unit: str, space: bool) -> None:
+    text = f"{number}{' ' if space else ''}{unit}"
+    assert parse_size(text) == number * config_mod._SIZE_UNITS[unit]
+    assert parse_size(number) == number
+
+
+def test_fractional_sizes() -> None:
+    assert parse_size("1.5MiB") == 1572864
+    assert parse_size("0.5KB") == 500
+    assert parse_size(4096.0) == 4096
+    with pytest.raises(ValueError, match="whole number"):
+        parse_size(1.5)
+
+
+@given(st.text(max_size=12))
+def test_duration_and_size_parsers_raise_only_valueerror(text: str) -> None:
+    for parse in (parse_duration, parse_size):
+        try:
+            result = parse(text)
+        except ValueError:
+            continue
+        assert result >= 0 and math.isfinite(result)
+
+
+# --- nothing but ConfigError, whatever the input ------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("[]{}=.\"'#,\n abc0123_-:tfnr\\"), max_size=80))
+def test_garbage_text_raises_only_config_error(text: str) -> None:
+    try:
+        load_config_text(text)
+    except ConfigError as exc:
+        assert exc.problems
+        assert all(isinstance(p, Problem) and p.severity == "error" for p in exc.problems)
+
+
+_KEYS = st.sampled_from(
+    [
+        "daemon",
+        "plugins",
+        "sources",
+        "rules",
+        "actions",
+        "type",
+        "host",
+        "port",
+        "registers",
+        "name",
+        "address",
+        "chain",
+        "when",
+        "timeout",
+        "interval",
+        "memory_limit",
+        "value",
+        "x",
+        "modbus_tcp",
+        "config",
+        "inputs",
+        "function",
+        "scale",
+        "plugin_dirs",
+        "file",
+        "module",
+    ]
+)
+_SCALARS = st.one_of(
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=10),
+    st.sampled_from(["modbus_tcp", "modbus_write", "1s", "16MiB", "coil", "int16", "x > 1"]),
+    st.just("1979-05-27T07:32:00Z"),
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_KEYS, inner, max_size=4)),
+    max_leaves=12,
+)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return (
+            "nan"
+            if math.isnan(value)
+            else ("inf" if value > 0 else "-inf")
+            if math.isinf(value)
+            else repr(value)
+        )
+    if value == "1979-05-27T07:32:00Z":
+        return "1979-05-27T07:32:00Z"
+    if isinstance(value, int | str):
+        return msgspec.json.encode(value).decode()
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    assert isinstance(value, dict)
+    return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_KEYS, st.dictionaries(_KEYS, _VALUES, max_size=4), max_size=5))
+def test_random_documents_raise_only_config_error(doc: dict[str, dict[str, object]]) -> None:
+    text = ""
+    for table, body in doc.items():
+        text += f"[{table}]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in body.items())
+    try:
+        cfg = load_config_text(text)
+    except ConfigError as exc:
+        assert exc.problems
+        for p in exc.problems:
+            assert p.line > 0 or p.path == "" or "not found" in p.message, p
+    else:
+        assert isinstance(cfg, Config)

@@ -29,7 +29,7 @@ import logging
 import math
 import re
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from decimal import Decimal, InvalidOperation
@@ -1107,10 +1107,11 @@ def _action_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -
     if out.get("function", "coil") == "coil":
         if not isinstance(value, bool):
             v.report((*path, "value"), f"a coil takes true or false, got {_got(value)}")
-    elif isinstance(value, bool) or not 0 <= value <= 65535:
+    elif isinstance(value, bool) or not -32768 <= value <= 65535:
         v.report(
             (*path, "value"),
-            f"a holding register takes an integer from 0 to 65535, got {_got(value)}",
+            "a holding register takes an integer from -32768 to 65535 (negative values are "
+            f"written as 16-bit two's complement), got {_got(value)}",
         )
 
 
@@ -1416,8 +1417,3 @@ def load_config(path: str | Path) -> Config:
 def load_config_text(text: str, path: str = "<string>") -> Config:
     """Load configuration text (``path`` as in ``check_config_text``). Raises ``ConfigError``."""
     return _finish(*check_config_text(text, path))
-
-
-def iter_problems(error: ConfigError) -> Iterator[Problem]:
-    """The problems of a ``ConfigError``, in order (a convenience for callers)."""
-    yield from error.problems

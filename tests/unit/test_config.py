@@ -389,7 +389,7 @@ def test_bad_sizes(site: Path, value: str, fragment: str) -> None:
             "value = false",
             'value = 70000\nfunction = "holding"',
             "actions.burner_off.value",
-            "0 to 65535",
+            "-32768 to 65535",
         ),
     ],
 )
@@ -854,3 +854,10 @@ def test_random_documents_raise_only_config_error(doc: dict[str, dict[str, objec
             assert p.line > 0 or p.path == "" or "not found" in p.message, p
     else:
         assert isinstance(cfg, Config)
+
+
+def test_holding_register_write_takes_int16_and_uint16(site: Path) -> None:
+    for value, ok in ((-32768, True), (65535, True), (-32769, False), (True, False)):
+        text = BASE.replace("value = false", f'value = {str(value).lower()}\nfunction = "holding"')
+        problems = errors(site, text)
+        assert (problems == []) is ok, (value, problems)

@@ -1,0 +1,273 @@
+"""ABI v1 wire format: encode_batch against a parser written from docs/plugin-abi.md, and
+decode_output on generated and broken guest output."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flux_edge.errors import PluginABIError
+from flux_edge.model import ErrorRecord, Measurement, Reading
+from flux_edge.plugins.abi import MAX_LINE, BatchEncodeError, decode_output, encode_batch
+
+# --- a reference parser, written from the spec only -----------------------------------------------
+
+
+def parse_batch(data: bytes) -> list[dict[str, Any]]:
+    """Parse an input batch exactly as docs/plugin-abi.md describes it (a guest's view)."""
+    (count,) = struct.unpack_from("<I", data, 0)
+    pos = 4
+    out = []
+    for _ in range(count):
+        (size,) = struct.unpack_from("<I", data, pos)
+        body = pos + 4
+        kind, function, address, ts = struct.unpack_from("<BBHd", data, body)
+        p = body + 12
+        (dl,) = struct.unpack_from("<H", data, p)
+        device = data[p + 2 : p + 2 + dl].decode()
+        p += 2 + dl
+        (tl,) = struct.unpack_from("<H", data, p)
+        topic = data[p + 2 : p + 2 + tl].decode()
+        p += 2 + tl
+        (pl,) = struct.unpack_from("<I", data, p)
+        payload = data[p + 4 : p + 4 + pl]
+        p += 4 + pl
+        assert p == body + size, "size must cover exactly the rest of the message"
+        out.append(
+            {
+                "kind": kind,
+                "function": function,
+                "address": address,
+                "ts": ts,
+                "device": device,
+                "topic": topic,
+                "payload": payload,
+            }
+        )
+        pos = body + size  # a guest skips by size
+    assert pos == len(data), "no trailing bytes"
+    return out
+
+
+texts = st.text(max_size=40)
+finite = st.floats(allow_nan=False, allow_infinity=False)
+values = st.one_of(st.booleans(), st.integers(-(2**63), 2**63 - 1), finite, texts)
+
+readings = st.one_of(
+    st.builds(
+        Reading,
+        source=texts,
+        device=texts,
+        ts=finite,
+        kind=st.just(1),
+        registers=st.lists(st.integers(0, 0xFFFF), max_size=130).map(tuple),
+        function=st.integers(0, 255),
+        address=st.integers(0, 0xFFFF),
+        topic=texts,
+    ),
+    st.builds(
+        Reading,
+        source=texts,
+        device=texts,
+        ts=finite,
+        kind=st.just(0),
+        payload=st.binary(max_size=300),
+        topic=texts,
+    ),
+)
+measurements = st.builds(
+    Measurement,
+    device=texts,
+    name=texts,
+    value=values,
+    ts=finite,
+    unit=texts,
+    quality=st.sampled_from(["good", "stale", "bad"]),
+    source=texts,
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.one_of(readings, measurements), max_size=20))
+def test_encode_batch_round_trips_through_a_spec_parser(msgs: list[Reading | Measurement]) -> None:
+    parsed = parse_batch(encode_batch(msgs))
+    assert len(parsed) == len(msgs)
+    for m, p in zip(msgs, parsed, strict=True):
+        assert p["device"] == m.device
+        assert p["ts"] == m.ts or (math.isnan(p["ts"]) and math.isnan(m.ts))
+        if isinstance(m, Measurement):
+            assert (p["kind"], p["function"], p["address"], p["topic"]) == (2, 0, 0, "")
+            obj = json.loads(p["payload"])
+            assert list(obj) == ["name", "value", "unit", "quality", "ts", "device"]
+            assert obj == {
+                "name": m.name,
+                "value": m.value,
+                "unit": m.unit,
+                "quality": m.quality,
+                "ts": m.ts,
+                "device": m.device,
+            }
+        else:
+            assert p["kind"] == m.kind and p["topic"] == m.topic
+            assert p["function"] == m.function and p["address"] == m.address
+            if m.kind == 1:
+                n = len(p["payload"]) // 2
+                assert struct.unpack(f"<{n}H", p["payload"]) == m.registers
+            else:
+                assert p["payload"] == m.payload
+
+
+def test_encode_batch_layout_by_hand() -> None:
+    data = encode_batch(
+        [
+            Reading(
+                source="s",
+                device="b",
+                ts=1.5,
+                kind=1,
+                registers=(1, 0x0203),
+                function=3,
+                address=40001 - 40000,
+            )
+        ]
+    )
+    assert data == (
+        b"\x01\x00\x00\x00"  # count
+        + struct.pack("<I", 12 + 2 + 1 + 2 + 0 + 4 + 4)  # size
+        + b"\x01\x03\x01\x00"
+        + struct.pack("<d", 1.5)  # kind function address ts
+        + b"\x01\x00b"
+        + b"\x00\x00"
+        + b"\x04\x00\x00\x00"  # device, topic, payload_len
+        + b"\x01\x00\x03\x02"  # registers little-endian
+    )
+    assert encode_batch([]) == b"\x00\x00\x00\x00"
+
+
+@pytest.mark.parametrize(
+    ("msg", "why"),
+    [
+        (Reading(source="s", device="d", ts=0, kind=1, registers=(1, 70000)), "70000"),
+        (Reading(source="s", device="d", ts=0, kind=1, registers=(-1,)), "-1"),
+        (Reading(source="s", device="x" * 70000, ts=0, kind=0), "65535 bytes"),
+        (Reading(source="s", device="d", ts=0, kind=0, topic="t" * 70000), "65535 bytes"),
+        (Reading(source="s", device="d", ts=0, kind=0, function=300), "0..255"),
+        (Reading(source="s", device="d", ts=0, kind=1, address=70000), "70000"),
+    ],
+)
+def test_encode_batch_names_the_bad_message(msg: Reading, why: str) -> None:
+    good = Reading(source="s", device="d", ts=0)
+    with pytest.raises(BatchEncodeError) as ei:
+        encode_batch([good, msg])
+    assert ei.value.index == 1
+    assert why in str(ei.value)
+
+
+# --- decode_output -------------------------------------------------------------------------------
+
+INPUT = [
+    Reading(source="src-a", device="boiler", ts=100.0, kind=1, registers=(1,)),
+    Measurement(source="src-b", device="pump", name="x", value=1, ts=200.0),
+    Reading(source="src-c", device="tank", ts=300.0),
+]
+
+lines = st.one_of(
+    st.fixed_dictionaries(
+        {"i": st.integers(0, len(INPUT) - 1), "name": texts, "value": values},
+        optional={
+            "unit": texts,
+            "quality": st.sampled_from(["good", "stale", "bad"]),
+            "device": texts,
+            "ts": finite,
+            "extra": st.integers(),
+        },
+    ),
+    st.fixed_dictionaries(
+        {"i": st.integers(0, len(INPUT) - 1), "error": texts},
+        optional={"device": texts},
+    ),
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(lines, max_size=30), st.booleans())
+def test_decode_output_matches_the_lines(objs: list[dict[str, Any]], ascii_only: bool) -> None:
+    data = "".join(json.dumps(o, ensure_ascii=ascii_only) + "\n" for o in objs).encode()
+    indices: list[int] = []
+    got = decode_output(data, INPUT, "p", indices=indices)
+    assert indices == [o["i"] for o in objs]
+    assert len(got) == len(objs)
+    for o, r in zip(objs, got, strict=True):
+        m = INPUT[o["i"]]
+        assert r.source == m.source
+        assert r.device == o.get("device", m.device)
+        if "error" in o:
+            assert r == ErrorRecord(
+                stage="plugin",
+                source=m.source,
+                device=r.device,
+                ts=m.ts,
+                error=o["error"],
+                plugin="p",
+            )
+        else:
+            assert isinstance(r, Measurement)
+            assert (r.name, r.unit, r.quality) == (
+                o["name"],
+                o.get("unit", ""),
+                o.get("quality", "good"),
+            )
+            assert r.ts == o.get("ts", m.ts)
+            assert r.value == o["value"] and type(r.value) is type(o["value"])
+
+
+def test_decode_output_defaults_and_empty() -> None:
+    assert decode_output(b"", INPUT, "p") == []
+    (r,) = decode_output(b'{"i": 2, "name": "level", "value": 3}', INPUT, "p")  # no final \n
+    assert r == Measurement(device="tank", name="level", value=3, ts=300.0, source="src-c")
+    out = decode_output(b'\n{"i":0,"name":"a","value":true}\r\n\n', INPUT, "p")
+    assert [m.value for m in out if isinstance(m, Measurement)] == [True]
+
+
+@pytest.mark.parametrize(
+    ("data", "expect"),
+    [
+        (b'{"i":0,"name":"a","value":1}\nnot json\n', "line 2"),
+        (b'{"i":0,"name":"a","value":1}\n{"i":3,"name":"a","value":1}\n', '"i": 3 is outside'),
+        (b'{"i":-1,"name":"a","value":1}\n', "outside the batch"),
+        (b'{"i":0,"value":1}\n', "no name"),
+        (b'{"i":0,"name":"a"}\n', "no value"),
+        (b'{"i":0,"name":"a","value":null}\n', "no value"),
+        (b'{"name":"a","value":1}\n', "`i`"),
+        (b'{"i":"0","name":"a","value":1}\n', "line 1"),
+        (b'{"i":0,"name":"a","value":[1]}\n', "`value`"),
+        (b'{"i":0,"name":"a","value":1,"quality":"great"}\n', "`quality`"),
+        (b"[1, 2]\n", "line 1"),
+        (b'{"i":0,"name":"\xff\xfe","value":1}\n', "line 1"),
+        (b'{"i":0,"name":"a","value":123456789012345678901234567890}\n', "64 bits"),
+        (
+            b'{"i":0,"name":"a","value":1}\n{"i":0,"name":"' + b"x" * MAX_LINE + b'","value":1}\n',
+            "line 2 is",
+        ),
+    ],
+)
+def test_decode_output_rejects_malformed_output(data: bytes, expect: str) -> None:
+    with pytest.raises(PluginABIError) as ei:
+        decode_output(data, INPUT, "modbus_decode")
+    assert ei.value.plugin == "modbus_decode"
+    assert expect in str(ei.value)
+
+
+def test_a_line_of_exactly_64_kib_is_accepted() -> None:
+    head = b'{"i":0,"name":"'
+    tail = b'","value":1}'
+    line = head + b"x" * (MAX_LINE - len(head) - len(tail)) + tail
+    assert len(line) == MAX_LINE
+    (m,) = decode_output(line + b"\n", INPUT, "p")
+    assert isinstance(m, Measurement) and len(m.name) == MAX_LINE - len(head) - len(tail)

@@ -1011,7 +1011,10 @@ class _Validator:
             kpath = (*path, key)
             if tag_field is not None and key == tag_field:
                 if element != tag:
-                    self.report(kpath, f"expected one of {tag}, got {_got(element)}")
+                    hint = _suggest(element, [str(tag)]) if isinstance(element, str) else ""
+                    self.report(
+                        kpath, f"expected one of {tag}, got {_got(element)}; {hint}".rstrip("; ")
+                    )
                 continue
             field = fields.get(key)
             if field is None:

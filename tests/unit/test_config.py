@@ -861,3 +861,12 @@ def test_holding_register_write_takes_int16_and_uint16(site: Path) -> None:
         text = BASE.replace("value = false", f'value = {str(value).lower()}\nfunction = "holding"')
         problems = errors(site, text)
         assert (problems == []) is ok, (value, problems)
+
+
+def test_crlf_line_endings_and_bom(site: Path) -> None:
+    text = BASE.replace('type = "int16"', 'type = "int17"')
+    path = site / "flux.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    _, problems = check_config(path)
+    p = only(problems)
+    assert (p.line, p.column) == (11, 8)

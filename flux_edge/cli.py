@@ -7,6 +7,7 @@ which the systemd unit lists in RestartPreventExitStatus so a bad file is not re
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -53,11 +54,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flux_edge.logs import setup_logging
     from flux_edge.runtime.daemon import run_pipeline
 
-    setup_logging(args.log)
     config, problems = check_config(Path(args.config))
     _print_problems(list(problems), sys.stderr)
     if config is None or any(p.severity == "error" for p in problems):
         return EX_CONFIG
+    # precedence: --log, then $FLUX_EDGE_LOG, then daemon.log_level from the file
+    setup_logging(args.log or os.environ.get("FLUX_EDGE_LOG") or config.daemon.log_level)
     asyncio.run(run_pipeline(config))
     return EX_OK
 

@@ -25,6 +25,7 @@ _LEVELS = {
     "warn": logging.WARNING,
     "warning": logging.WARNING,
     "error": logging.ERROR,
+    "critical": logging.CRITICAL,
     "off": logging.CRITICAL + 10,
 }
 # sd-daemon(3) priorities

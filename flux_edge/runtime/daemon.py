@@ -39,7 +39,7 @@ async def run_pipeline(
     """Run until ``stop`` is set or SIGTERM/SIGINT arrives; then drain and stop."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    installed: list[int] = []
+    installed: list[signal.Signals] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
             loop.add_signal_handler(sig, stop.set)

@@ -939,8 +939,9 @@ class Plugin:
         msg = str(fault)
         self._failures += 1
         self._last_failure = msg
-        trial = self._quarantined_until is not None
-        if trial or self._failures >= self.limits.max_failures:
+        # _failures is reset only by a successful call, so a failed trial after a quarantine
+        # quarantines again at once.
+        if self._failures >= self.limits.max_failures:
             self._quarantined_until = self._host.clock() + self.limits.quarantine_s
             stats.quarantines += 1
             self._logger.error(

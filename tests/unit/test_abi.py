@@ -190,7 +190,7 @@ lines = st.one_of(
     ),
     st.fixed_dictionaries(
         {"i": st.integers(0, len(INPUT) - 1), "error": texts},
-        optional={"device": texts},
+        optional={"device": texts, "ts": finite},
     ),
 )
 
@@ -212,7 +212,7 @@ def test_decode_output_matches_the_lines(objs: list[dict[str, Any]], ascii_only:
                 stage="plugin",
                 source=m.source,
                 device=r.device,
-                ts=m.ts,
+                ts=o.get("ts", m.ts),
                 error=o["error"],
                 plugin="p",
             )

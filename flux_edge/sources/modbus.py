@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextvars
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -157,39 +155,61 @@ def plan_reads(registers: Sequence[RegisterConfig], max_gap: int) -> list[ReadBl
     return blocks
 
 
-# --- pymodbus logging ---------------------------------------------------------------------------
+# --- pymodbus glue ------------------------------------------------------------------------------
 
-# pymodbus swallows the OSError of a failed connect and only logs it (then returns False). A
-# filter on its logger keeps the reason for the caller (per task: a ContextVar) and drops the
-# record, so a dead device does not log a warning on every retry: the poller logs state changes.
-_pymodbus_failure: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "flux_edge_pymodbus_failure", default=""
-)
+# pymodbus swallows the OSError of a failed connect or listen: it logs it (and only the first of
+# identical consecutive messages) and returns False. Two small pieces of glue:
+# - ``_remember_oserror`` wraps the protocol's connection factory to keep the OSError, so the
+#   caller can say "connection refused" rather than "failed";
+# - a filter on pymodbus' logger drops those records, so a dead device does not log a warning on
+#   every retry (the poller logs each change of state once).
 _SWALLOWED_PREFIXES = ("Failed to connect", "Failed to start server")
 
 
 class _PymodbusLogFilter(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self._dropped_last = False
+
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
-        for prefix in _SWALLOWED_PREFIXES:
-            if msg.startswith(prefix):
-                _pymodbus_failure.set(msg[len(prefix) :].strip())
-                return False
-        return True
+        if msg == "Repeating....":  # pymodbus' note that the previous message repeats
+            return not self._dropped_last
+        self._dropped_last = msg.startswith(_SWALLOWED_PREFIXES)
+        return not self._dropped_last
 
 
 logging.getLogger("pymodbus.logging").addFilter(_PymodbusLogFilter())
 
-_ERRNO = re.compile(r"\[Errno (-?\d+)\]\s*(.*)")
+
+def _remember_oserror(protocol: object) -> list[OSError]:
+    """Collect the OSErrors the protocol's connect/listen factory raises (pymodbus 3.16 keeps
+    the factory in ``call_create``; without it we only lose the detail)."""
+    seen: list[OSError] = []
+    create: Callable[[], Awaitable[object]] | None = getattr(protocol, "call_create", None)
+    if create is None:
+        return seen
+    factory = create
+
+    async def create_and_remember() -> object:
+        try:
+            return await factory()
+        except OSError as exc:
+            seen.append(exc)
+            raise
+
+    setattr(protocol, "call_create", create_and_remember)  # noqa: B010 - not a typed attribute
+    return seen
 
 
-def _os_reason(text: str) -> str:
-    """'[Errno 111] Connect call failed (...)' -> 'connection refused'."""
-    m = _ERRNO.match(text)
-    if not m:
-        return text
-    num = int(m.group(1))
-    return os.strerror(num).lower() if num > 0 else m.group(2)
+def _os_reason(errors: list[OSError]) -> str:
+    """The last OSError as a short reason: 'connection refused', 'name or service not known'."""
+    if not errors:
+        return ""
+    exc = errors[-1]
+    if exc.errno and exc.errno > 0:
+        return os.strerror(exc.errno).lower()
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 # --- client -------------------------------------------------------------------------------------
@@ -238,6 +258,15 @@ class ModbusTcpClient:
         self.port = port
         self.timeout = timeout
         self._client: AsyncModbusTcpClient | None = None
+        # The task waiting for a response, so a connection closed by the device fails the
+        # request at once (pymodbus would leave it waiting for the timeout).
+        self._waiting: asyncio.Task[object] | None = None
+        self._lost = False
+
+    def _on_connection(self, connected: bool) -> None:
+        if not connected and self._waiting is not None and not self._waiting.done():
+            self._lost = True
+            self._waiting.cancel()
 
     def _where(self, unit_id: int | None = None) -> str:
         unit = f" unit {unit_id}" if unit_id is not None else ""
@@ -266,8 +295,9 @@ class ModbusTcpClient:
             retries=0,
             reconnect_delay=0,  # 0 = pymodbus never reconnects behind our back
             reconnect_delay_max=0,
+            trace_connect=self._on_connection,
         )
-        _pymodbus_failure.set("")
+        errors = _remember_oserror(client.ctx)
         try:
             async with asyncio.timeout(self.timeout):
                 ok = await client.connect()
@@ -283,7 +313,7 @@ class ModbusTcpClient:
             raise
         if not ok:
             client.close()
-            reason = _os_reason(_pymodbus_failure.get()) or "connection failed"
+            reason = _os_reason(errors) or "connection failed"
             raise SourceError(
                 self.source,
                 f"cannot connect to {self._where()}: {reason} "
@@ -300,6 +330,8 @@ class ModbusTcpClient:
         await self.connect()
         client = self._client
         assert client is not None
+        task = asyncio.current_task()
+        self._waiting, self._lost = task, False
         try:
             async with asyncio.timeout(self.timeout):
                 response = await request(client)
@@ -315,7 +347,14 @@ class ModbusTcpClient:
         except asyncio.CancelledError:
             # A late answer would be taken for the next request's: start afresh.
             self._drop()
+            if self._lost and task is not None and task.uncancel() == 0:
+                raise SourceError(
+                    self.source,
+                    f"{self._where(unit_id)}: the device closed the connection during {what}",
+                ) from None
             raise
+        finally:
+            self._waiting = None
         if response.isError():
             code = int(getattr(response, "exception_code", 0))
             name, hint = _EXCEPTION_CODES.get(code, ("UNKNOWN", "unknown exception code"))
@@ -425,6 +464,7 @@ class ModbusTcpPoller:
         wall: Callable[[], float] = time.time,
         backoff_min: float = 1.0,
         backoff_max: float = 30.0,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         if cfg.interval <= 0:
             raise ValueError(f"source {name!r}: interval must be > 0, got {cfg.interval}")
@@ -436,6 +476,7 @@ class ModbusTcpPoller:
         self._emit = emit
         self._clock = clock
         self._wall = wall
+        self._sleep = sleep  # tests pair it with ``clock`` to run the schedule on virtual time
         self._backoff_min = backoff_min
         self._backoff_max = max(backoff_max, backoff_min)
         self._client = ModbusTcpClient(name, cfg.host, cfg.port, timeout=cfg.timeout)
@@ -550,7 +591,7 @@ class ModbusTcpPoller:
                     self.health.missed_polls += j - (k + 1)
                 k = j
                 delay = start + k * interval - self._clock()
-                await asyncio.sleep(max(delay, 0.0))
+                await self._sleep(max(delay, 0.0))
         finally:
             await self.close()
 
@@ -834,7 +875,9 @@ class SimulatedModbusServer:
             )
 
         def bits() -> list[SimData]:
-            return [SimData(0, count=self.size, values=False, datatype=DataType.BITS)]
+            # One list of values, count=1: pymodbus multiplies a bit block by count twice while
+            # checking it (count=4096 with a scalar value builds a 16M-entry list).
+            return [SimData(0, count=1, values=[False] * self.size, datatype=DataType.BITS)]
 
         def words() -> list[SimData]:
             return [SimData(0, count=self.size, values=0, datatype=DataType.REGISTERS)]
@@ -857,11 +900,11 @@ class SimulatedModbusServer:
             trace_pdu=self._trace_pdu,
             trace_connect=self._trace_connect,
         )
-        _pymodbus_failure.set("")
+        errors = _remember_oserror(server)
         try:
             await server.serve_forever(background=True)
         except RuntimeError as exc:
-            reason = _os_reason(_pymodbus_failure.get()) or str(exc)
+            reason = _os_reason(errors) or str(exc)
             raise SourceError(
                 f"simulator {self.host}:{self.port}", f"cannot listen: {reason}"
             ) from exc

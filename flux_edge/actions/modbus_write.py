@@ -1,0 +1,119 @@
+"""The ``modbus_write`` action: write one coil or holding register, then read it back.
+
+The write goes over the source poller's connection (``ModbusTcpPoller.write``), serialised with
+its polls. With ``verify`` (the default) the action succeeds only when the device reads back the
+value written: a device that accepts a write but keeps its old value is a failure, never a
+success. The whole action, read-back included, is bounded by the action's ``timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from flux_edge.config import ModbusWriteAction
+from flux_edge.errors import ActionError, ActionVerifyError, SourceError
+from flux_edge.model import Command, Outcome, Value
+from flux_edge.sources.modbus import ModbusTcpPoller
+
+
+class ModbusWriteExecutor:
+    """Carries out one configured ``modbus_write`` action. ``execute`` never raises (except
+    CancelledError): every failure is an ``Outcome`` with ``ok=False`` and the reason."""
+
+    def __init__(
+        self,
+        name: str,
+        cfg: ModbusWriteAction,
+        poller: ModbusTcpPoller,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.poller = poller
+        self._wall = wall
+        self._log = logging.getLogger(f"flux_edge.action.{name}")
+        if cfg.function == "coil":
+            self._value: bool | int = bool(cfg.value)
+        else:
+            self._value = int(cfg.value)
+
+    def _target(self) -> str:
+        kind = "coil" if self.cfg.function == "coil" else "holding register"
+        return (
+            f"{kind} {self.cfg.address} of source {self.cfg.source!r} "
+            f"(unit {self.poller.cfg.unit_id})"
+        )
+
+    def _expected(self) -> bool | int:
+        """What a correct device reads back: a coil as bool, a register as its 16-bit word."""
+        if isinstance(self._value, bool):
+            return self._value
+        return self._value & 0xFFFF
+
+    def _shown(self, read: bool | int) -> bool | int:
+        """The read-back value as the user wrote it in the config (signed if they used a
+        negative number)."""
+        if isinstance(read, bool) or isinstance(self._value, bool):
+            return read
+        if self._value < 0 and read >= 0x8000:
+            return read - 0x10000
+        return read
+
+    async def _write(self) -> bool | int:
+        cfg = self.cfg
+        try:
+            async with asyncio.timeout(cfg.timeout):
+                return await self.poller.write(cfg.function, cfg.address, self._value, cfg.verify)
+        except TimeoutError as exc:
+            raise ActionError(
+                self.name,
+                f"writing {self._value!r} to {self._target()} took longer than "
+                f"{cfg.timeout:g} s (timeout)",
+            ) from exc
+        except SourceError as exc:
+            raise ActionError(
+                self.name, f"writing {self._value!r} to {self._target()} failed: {exc}"
+            ) from exc
+
+    async def execute(self, cmd: Command) -> Outcome:
+        started = time.perf_counter()
+        verified: Value | None = None
+        error = ""
+        try:
+            read = await self._write()
+            if self.cfg.verify:
+                verified = self._shown(read)
+                if read != self._expected():
+                    raise ActionVerifyError(
+                        self.name,
+                        f"read-back mismatch: wrote {self._value!r}, read {verified!r} "
+                        f"({self._target()} accepted the write but did not take the value)",
+                    )
+        except ActionError as exc:
+            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - an action never takes the pipeline down
+            self._log.error("unexpected failure", exc_info=exc)
+            error = f"action {self.name!r}: unexpected error: {exc!r}"
+        latency = time.perf_counter() - started
+        ok = not error
+        if ok:
+            self._log.debug(
+                "wrote %r to %s%s in %.1f ms",
+                self._value,
+                self._target(),
+                f", read back {verified!r}" if self.cfg.verify else "",
+                latency * 1000,
+            )
+        else:
+            self._log.debug("failed in %.1f ms: %s", latency * 1000, error)
+        return Outcome(
+            command=cmd,
+            ok=ok,
+            ts=self._wall(),
+            latency_s=latency,
+            verified=verified,
+            error=error,
+        )

@@ -55,6 +55,8 @@ TRACE = 5
 LOG_LEVELS = {"trace": TRACE, "debug": 10, "info": 20, "warn": 30, "error": 40}
 LOG_CAP = 4096  # bytes of one guest log message
 TRUNCATED = "…[truncated]"
+LOG_RATE = 20  # guest log messages per second per plugin, on average
+LOG_BURST = 200  # ... and in a burst; the rest is counted and reported as suppressed
 INIT_TIMEOUT_MIN = 1.0  # seconds: flux_init and instantiation get max(timeout, this)
 
 _WASI_MODULE = "wasi_snapshot_preview1"
@@ -130,12 +132,35 @@ class _LogSink:
     until the linker is freed, so a reference back would keep every plugin alive).
     """
 
-    __slots__ = ("abi_error", "last_error", "logger")
+    __slots__ = ("abi_error", "last_error", "logger", "suppressed", "tokens", "tokens_at")
 
     def __init__(self, logger: logging.Logger) -> None:
         self.logger = logger
         self.abi_error: str | None = None  # set by a callback that traps the call
         self.last_error: str | None = None  # last message logged at error level
+        # token bucket: a plugin logging in a loop must not flood the journal (SD card wear)
+        self.tokens = float(LOG_BURST)
+        self.tokens_at = time.monotonic()
+        self.suppressed = 0
+
+    def _allow(self) -> bool:
+        now = time.monotonic()
+        tokens = min(float(LOG_BURST), self.tokens + (now - self.tokens_at) * LOG_RATE)
+        self.tokens_at = now
+        if tokens < 1.0:
+            self.tokens = tokens
+            self.suppressed += 1
+            return False
+        self.tokens = tokens - 1.0
+        if self.suppressed:
+            self.logger.warning(
+                "%d log message(s) of this plugin suppressed (limit: %d/s, bursts of %d)",
+                self.suppressed,
+                LOG_RATE,
+                LOG_BURST,
+            )
+            self.suppressed = 0
+        return True
 
     def callback(self, level_name: str) -> Callable[[wasmtime.Caller, int, int], None]:
         level = LOG_LEVELS[level_name]
@@ -155,6 +180,9 @@ class _LogSink:
                 raise _LogAbort
             if not (is_error or logger.isEnabledFor(level)):
                 return
+            allowed = self._allow()
+            if not (allowed or is_error):
+                return
             assert isinstance(mem, wasmtime.Memory)
             take = min(n, LOG_CAP)
             base = ctypes.addressof(mem.data_ptr(caller).contents)
@@ -162,7 +190,8 @@ class _LogSink:
             text = _cut_utf8(raw, take < n)
             if is_error:
                 self.last_error = text
-            logger.log(level, "%s", text)
+            if allowed:
+                logger.log(level, "%s", text)
 
         return log_import
 
@@ -171,7 +200,7 @@ class _LogSink:
 
         def write(data: bytes) -> int:
             text = _cut_utf8(data[:LOG_CAP], len(data) > LOG_CAP).rstrip("\n")
-            if text:
+            if text and self.logger.isEnabledFor(level) and self._allow():
                 if level >= logging.ERROR:
                     self.last_error = text
                 self.logger.log(level, "%s", text)

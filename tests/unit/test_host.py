@@ -18,14 +18,34 @@ import pytest
 from flux_edge.config import PluginConfig
 from flux_edge.errors import PluginLoadError
 from flux_edge.model import ErrorRecord, Measurement, Reading
-from flux_edge.plugins.host import LOG_CAP, TRUNCATED, Plugin, PluginHost, PluginLimits
+from flux_edge.plugins.host import (
+    LOG_BURST,
+    LOG_CAP,
+    TRUNCATED,
+    Plugin,
+    PluginHost,
+    PluginLimits,
+)
 from flux_edge.plugins.run import run_plugin_cli
 
 WAT = Path(__file__).resolve().parent.parent / "fixtures" / "wat"
 ECHO = WAT / "echo.wat"
 
 # echo.wat misbehaviours, chosen by the first message's address
-LOOP, GROW, OUT_PTR, OUT_LEN, LOG_BIG, LOG_UTF8, LOG_OOB, FAIL, TRAP, NOT_JSON, BAD_I = range(1, 12)
+(
+    LOOP,
+    GROW,
+    OUT_PTR,
+    OUT_LEN,
+    LOG_BIG,
+    LOG_UTF8,
+    LOG_OOB,
+    FAIL,
+    TRAP,
+    NOT_JSON,
+    BAD_I,
+    LOG_FLOOD,
+) = range(1, 13)
 
 
 def reading(
@@ -226,6 +246,22 @@ def test_log_levels_map_to_python_levels(
     caplog.set_level(logging.WARNING, logger="flux_edge.plugin.echo")
     load_echo(host)  # both below the threshold
     assert not [r for r in caplog.records if r.name == "flux_edge.plugin.echo"]
+
+
+def test_log_flood_is_rate_limited(host: PluginHost, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="flux_edge.plugin.echo")
+    plugin = load_echo(host)  # flux_init logs once at info
+    assert values(plugin.process([reading(address=LOG_FLOOD, value=1)])) == [1]
+    ticks = [r for r in caplog.records if r.getMessage() == "tick"]
+    assert LOG_BURST - 10 <= len(ticks) <= LOG_BURST - 1
+    time.sleep(0.1)  # the bucket refills (20/s): the next message reports what was dropped
+    caplog.clear()
+    plugin.process([reading(address=LOG_UTF8)])
+    (note, _) = [r.getMessage() for r in caplog.records]
+    dropped = 500 - len(ticks)
+    assert note == (
+        f"{dropped} log message(s) of this plugin suppressed (limit: 20/s, bursts of 200)"
+    )
 
 
 # --- load-time checks ----------------------------------------------------------------------------

@@ -96,11 +96,12 @@ async def _demo(seconds: float | None, port: int, out: TextIO) -> int:
     from flux_edge.demo.boiler import BoilerSimulator
 
     state_dir = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "flux-edge-demo"
+    sim = BoilerSimulator(host="127.0.0.1", port=port)
+    await sim.start()
+    port = sim.port  # the real one when asked for port 0
     config = demo_config(port, state_dir)
     printer = DemoPrinter(config, out)
     observers = Observers(measurements=[printer.measurements], outcomes=[printer.outcome])
-    sim = BoilerSimulator(host="127.0.0.1", port=port)
-    await sim.start()
     out.write(
         f"flux-edge demo: simulated boiler on 127.0.0.1:{port}; rules keep it between 60 and 80 °C"
         f"{f' for {seconds:g} s' if seconds else ' (Ctrl-C to stop)'}\n"

@@ -102,6 +102,12 @@ REGISTERS: list[dict[str, Any]] = [
     },
 ]
 SOURCE = {"name": "boiler", "type": "modbus_tcp", "device": "boiler", "registers": REGISTERS}
+JSON_FIELDS = [
+    {"path": "temperature", "unit": "°C"},
+    {"path": "humidity", "unit": "%"},
+    {"path": "battery", "unit": "V"},
+    {"path": "ok"},
+]
 
 
 def registers_input(n: int) -> list[Reading | Measurement]:
@@ -228,12 +234,11 @@ def main(argv: list[str] | None = None) -> int:
             raw_call_cost(host)
         for name, path, kind in targets:
             config: dict[str, Any] = json.loads(args.config.read_text()) if args.config else {}
-            config.setdefault(
-                "source",
-                SOURCE
-                if kind == "registers"
-                else {"name": "mqtt", "type": "mqtt", "device": "sensor-7"},
-            )
+            if kind == "registers":
+                config.setdefault("source", SOURCE)
+            else:
+                config.setdefault("source", {"name": "mqtt", "type": "mqtt", "device": "sensor-7"})
+                config.setdefault("fields", JSON_FIELDS)  # json_normalize's field map
             plugin = host.load(name, path, PluginLimits(timeout_s=1.0), config)
             make = registers_input if kind == "registers" else json_input
             print(f"{name} ({path.name}, {kind} input)")

@@ -226,57 +226,69 @@ def decode_output(
     n = len(messages)
     out: list[Measurement | ErrorRecord] = []
     append = out.append
-    for k, ln in enumerate(lines):
+    last: int | None = None  # consecutive lines are mostly about one message: look it up once
+    device = source = ""
+    ts = 0.0
+    lo, hi = _INT64
+    for ln in lines:
         i = ln.i
-        if not 0 <= i < n:
-            raise PluginABIError(
-                plugin,
-                f'output line {_line_no(data, k)}: "i": {i} is outside the batch (0..{n - 1})',
+        if i != last:
+            if not 0 <= i < n:
+                k = _index_of(lines, ln)
+                raise PluginABIError(
+                    plugin,
+                    f'output line {_line_no(data, k)}: "i": {i} is outside the batch (0..{n - 1})',
+                )
+            m = messages[i]
+            device, ts, source, last = m.device, m.ts, m.source, i
+        if ln.error is None:
+            name = ln.name
+            value = ln.value
+            if name is None or value is None or (type(value) is int and not lo <= value <= hi):
+                raise PluginABIError(plugin, _describe_bad_line(data, _index_of(lines, ln), ln))
+            append(
+                Measurement(
+                    device=device if ln.device is None else ln.device,
+                    name=name,
+                    value=value,
+                    ts=ts if ln.ts is None else ln.ts,
+                    unit=ln.unit,
+                    quality=ln.quality,
+                    source=source,
+                )
             )
-        m = messages[i]
-        if ln.error is not None:
+        else:
             append(
                 ErrorRecord(
                     stage="plugin",
-                    source=m.source,
-                    device=m.device if ln.device is None else ln.device,
-                    ts=m.ts if ln.ts is None else ln.ts,
+                    source=source,
+                    device=device if ln.device is None else ln.device,
+                    ts=ts if ln.ts is None else ln.ts,
                     error=ln.error,
                     plugin=plugin,
                 )
             )
-        else:
-            name = ln.name
-            value = ln.value
-            if name is None or value is None:
-                raise PluginABIError(
-                    plugin,
-                    f"output line {_line_no(data, k)}: "
-                    f'{"no name" if name is None else "no value"} (a line needs "name" and '
-                    f'"value", or "error"): {_snippet(data, k)}',
-                )
-            if type(value) is int and not _INT64[0] <= value <= _INT64[1]:
-                raise PluginABIError(
-                    plugin,
-                    f"output line {_line_no(data, k)}: value {value} does not fit in 64 bits",
-                )
-            append(
-                Measurement(
-                    device=m.device if ln.device is None else ln.device,
-                    name=name,
-                    value=value,
-                    ts=m.ts if ln.ts is None else ln.ts,
-                    unit=ln.unit,
-                    quality=ln.quality,
-                    source=m.source,
-                )
-            )
-        if indices is not None:
-            indices.append(i)
+    if indices is not None:
+        indices.extend([ln.i for ln in lines])
     return out
 
 
 # --- error path helpers (never on the hot path) ------------------------------------------------
+
+
+def _index_of(lines: list[OutputLine], ln: OutputLine) -> int:
+    for k, x in enumerate(lines):
+        if x is ln:
+            return k
+    return 0
+
+
+def _describe_bad_line(data: bytes, k: int, ln: OutputLine) -> str:
+    where = f"output line {_line_no(data, k)}"
+    if ln.name is None or ln.value is None:
+        what = "no name" if ln.name is None else "no value"
+        return f'{where}: {what} (a line needs "name" and "value", or "error"): {_snippet(data, k)}'
+    return f"{where}: value {ln.value} does not fit in 64 bits"
 
 
 def _check_line_lengths(data: bytes, plugin: str) -> None:

@@ -375,6 +375,18 @@ def test_close(host: PluginHost) -> None:
         load_echo(host)
 
 
+def test_ticker_parks_when_idle(host: PluginHost) -> None:
+    plugin = load_echo(host)
+    plugin.process([reading()])
+    deadline = time.monotonic() + 2.0
+    while host._wake.is_set() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert not host._wake.is_set()  # no wake-ups while no guest runs
+    t0 = time.perf_counter()  # and a time-out still fires after the idle period
+    plugin.process([reading(address=LOOP)])
+    assert time.perf_counter() - t0 < 0.05 + 0.05
+
+
 def test_instances_are_independent(host: PluginHost) -> None:
     a = load_echo(host)
     b = load_echo(host)

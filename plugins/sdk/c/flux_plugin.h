@@ -25,10 +25,10 @@
  *     U+FFFD. A non-finite value or ts, or a line over 64 KiB, becomes an error line.
  *   - numbers: doubles are written with 15 significant digits (trailing zeros dropped, always a
  *     '.' or an exponent so they stay floats in JSON: 21.0, 0.1, 1e+21 as "1.0e21"): a decimal
- *     of up to 15 significant digits prints back as itself, and the relative error is at most
- *     about 5e-15 (half a unit in the 15th digit; tested < 1e-14 over the whole double range,
- *     subnormals included). Not the shortest round-trip form (that needs up to 17 digits):
- *     0.1 + 0.2 prints as 0.3.
+ *     of up to 15 significant digits prints back as itself (any normal double; the scaling does
+ *     at most three roundings), and the relative error is at most about 5e-15, half a unit in
+ *     the 15th digit (tested < 1e-14 over the whole double range, subnormals included). Not
+ *     the shortest round-trip form (that needs up to 17 digits): 0.1 + 0.2 prints as 0.3.
  *   - flux_text: bounded string building (names, log messages) with the same formatters.
  *   - config: flux_cfg_number / _bool / _string / _has look up a dotted key path
  *     ("scale", "source.name") in the JSON config. No full JSON DOM.
@@ -290,11 +290,23 @@ static const double flux__pow10[23] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6, 
                                        1e8,  1e9,  1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
                                        1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
 
-/* v * 10^k with as few roundings as possible (exact powers up to 1e22). */
+/* 10^(16j), correctly rounded by the compiler (exact up to 1e16). */
+static const double flux__pow10_16[20] = {1e0,   1e16,  1e32,  1e48,  1e64,  1e80,  1e96,
+                                          1e112, 1e128, 1e144, 1e160, 1e176, 1e192, 1e208,
+                                          1e224, 1e240, 1e256, 1e272, 1e288, 1e304};
+
+/* v * 10^k with at most three roundings for |k| <= 319 (an exact 10^(k mod 16), then the
+ * correctly rounded 10^(16j)); one more per 16 beyond that, which only the smallest doubles
+ * need. */
 static double flux__scale10(double v, int k) {
-    while (k > 22) { v *= 1e22; k -= 22; }
-    while (k < -22) { v /= 1e22; k += 22; }
-    return k >= 0 ? v * flux__pow10[k] : v / flux__pow10[-k];
+    int neg = k < 0;
+    unsigned a = neg ? (unsigned)-k : (unsigned)k;
+    while (a > 319) {
+        v = neg ? v / 1e16 : v * 1e16;
+        a -= 16;
+    }
+    if (neg) return v / flux__pow10[a % 16] / flux__pow10_16[a / 16];
+    return v * flux__pow10[a % 16] * flux__pow10_16[a / 16];
 }
 
 #define FLUX__DIGITS 15
@@ -304,9 +316,6 @@ uint32_t flux_format_f64(char *buf, double v) {
     if (v != v || v - v != 0) { buf[0] = 0; return 0; } /* NaN or inf */
     if (v < 0 || (v == 0 && 1 / v < 0)) { buf[len++] = '-'; v = -v; }
     if (v == 0) { buf[len++] = '0'; buf[len++] = '.'; buf[len++] = '0'; buf[len] = 0; return len; }
-    /* Subnormals: lift into the normal range first, so scaling keeps its precision. */
-    int bias = 0;
-    if (v < 1e-290) { v *= 1e30; bias = -30; }
     /* decimal exponent estimate, then a 17-digit integer n = v * 10^(16-e) in [1e16, 1e17) */
     int e = 0;
     double s = v;
@@ -321,7 +330,6 @@ uint32_t flux_format_f64(char *buf, double v) {
     /* round to FLUX__DIGITS significant digits */
     uint64_t q = (n + 50) / 100;
     if (q >= 1000000000000000ull) { q /= 10; e += 1; }
-    e += bias;
     /* 15 digits of DBL_MAX round up past it; readers would see inf: round down there. */
     if (e == 308 && q > 179769313486231ull) q = 179769313486231ull;
     char d[FLUX__DIGITS];

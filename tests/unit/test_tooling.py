@@ -280,3 +280,33 @@ def test_missing_compiler_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("FLUX_EDGE_CLANG", str(tmp_path / "no-such-clang"))
     with pytest.raises(PluginError, match="no-such-clang not found"):
         build_plugin(folder)
+
+
+def test_rust_panic_becomes_a_trap(tmp_path: Path, shared_target: None) -> None:
+    """panic = "abort": a panic ends the call with a trap, never with garbage output."""
+    _need("cargo")
+    if not HAVE_HOST:
+        pytest.skip("needs flux_edge.plugins.host")
+    folder = new_plugin("panicky", "rust", tmp_path)
+    lib = folder / "src" / "lib.rs"
+    lib.write_text(
+        lib.read_text().replace(
+            "    for (i, word) in msg.registers().enumerate() {",
+            '    assert!(msg.device != "bomb", "boom");\n'
+            "    for (i, word) in msg.registers().enumerate() {",
+        )
+    )
+    wasm = build_plugin(folder)
+    msgs = [
+        Reading(source="s", device=d, ts=1.0, kind=1, registers=(1,), function=3, address=0)
+        for d in ("ok", "bomb")
+    ]
+    with PluginHost(None) as host:
+        plugin = host.load("panicky", wasm, PluginLimits(timeout_s=5.0), {})
+        failed = plugin.process(msgs)
+        assert len(failed) == 2 and all(isinstance(r, ErrorRecord) for r in failed)
+        assert all("trap" in r.error.lower() for r in failed if isinstance(r, ErrorRecord))
+        # the instance was replaced: the next batch works
+        (ok,) = plugin.process(msgs[:1])
+        assert isinstance(ok, Measurement) and ok.name == "r0"
+        plugin.close()

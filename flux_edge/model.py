@@ -1,6 +1,7 @@
 """The types that cross stage boundaries, and nothing else.
 
-    devices -> sources -> Reading -> plugins -> Measurement -> rules -> Command -> actions -> Outcome
+    devices -> sources -> Reading -> plugins -> Measurement -> rules -> Command -> actions
+    -> Outcome
 
 All are frozen msgspec Structs: cheap to create, encoded to JSON without copies, and immutable so a
 stage can never change what another stage holds. ``gc=False`` where every field is a scalar.

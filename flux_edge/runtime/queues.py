@@ -65,8 +65,7 @@ class BoundedQueue(Generic[T]):
         self._items.append(item)
         self.put_total += 1
         n = len(self._items)
-        if n > self.high_watermark:
-            self.high_watermark = n
+        self.high_watermark = max(self.high_watermark, n)
         if n >= self.capacity:
             self._not_full.clear()
         self._not_empty.set()

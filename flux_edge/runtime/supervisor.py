@@ -57,7 +57,7 @@ class Supervisor:
                     return
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # noqa: BLE001 - the supervisor's whole job
+                except Exception as exc:
                     info = self._tasks.get(name)
                     if info is not None:
                         info.restarts += 1

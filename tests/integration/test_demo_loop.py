@@ -1,4 +1,5 @@
-"""The demo loop for real: pymodbus boiler -> poller -> modbus_decode.wasm -> CEL rules -> coil write."""
+"""The demo loop for real: pymodbus boiler -> poller -> modbus_decode.wasm -> CEL rules -> coil
+write."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ def flux(*args: str, stdin: str = "", timeout: float = 120) -> subprocess.Comple
     return subprocess.run(
         [sys.executable, "-m", "flux_edge", *args],
         input=stdin,
+        check=False,
         capture_output=True,
         text=True,
         timeout=timeout,

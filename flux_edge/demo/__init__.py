@@ -49,11 +49,17 @@ def _fmt_value(m: Measurement) -> str:
 
 
 class DemoPrinter:
-    """One readable line per reading and one per action, naming the rule."""
+    """One readable line per poll of the boiler and one per action, naming the rule.
+
+    A poll reads the coil and the registers in two requests (two readings); the printer joins
+    what arrives within 100 ms into one line per device.
+    """
 
     def __init__(self, config: Config, out: TextIO) -> None:
         self._out = out
         self._config = config
+        self._pending: dict[str, dict[str, Measurement]] = {}
+        self._flush_handle: asyncio.TimerHandle | None = None
         self.fired: collections.Counter[str] = collections.Counter()
         self.ok = 0
         self.failed = 0
@@ -62,14 +68,29 @@ class DemoPrinter:
     def _clock(ts: float) -> str:
         return time.strftime("%H:%M:%S", time.localtime(ts)) + f".{int(ts * 10) % 10}"
 
-    def measurements(self, source: str, ms: list[Measurement]) -> None:
-        if not ms:
-            return
-        parts = "  ".join(f"{m.name} {_fmt_value(m)}" for m in ms)
-        self._out.write(f"{self._clock(ms[0].ts)}  {ms[0].device:<8} {parts}\n")
+    def flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        for device, by_name in self._pending.items():
+            ms = list(by_name.values())
+            parts = "  ".join(f"{m.name} {_fmt_value(m)}" for m in ms)
+            self._out.write(f"{self._clock(ms[0].ts)}  {device:<8} {parts}\n")
+        self._pending.clear()
         self._out.flush()
 
+    def measurements(self, source: str, ms: list[Measurement]) -> None:
+        for m in ms:
+            pending = self._pending.setdefault(m.device, {})
+            if m.name in pending:  # a new poll began: print the previous one
+                self.flush()
+                pending = self._pending.setdefault(m.device, {})
+            pending[m.name] = m
+        if self._pending and self._flush_handle is None:
+            self._flush_handle = asyncio.get_running_loop().call_later(0.1, self.flush)
+
     def outcome(self, o: Outcome) -> None:
+        self.flush()
         cmd = o.command
         rule = self._config.rules.get(cmd.rule)
         cause = ""
@@ -113,6 +134,7 @@ async def _demo(seconds: float | None, port: int, out: TextIO) -> int:
         await run_pipeline(config, observers=observers, stop=stop)
     finally:
         await sim.stop()
+        printer.flush()
     fired = ", ".join(f"{r} x{n}" for r, n in sorted(printer.fired.items())) or "none"
     out.write(f"demo finished: rules fired: {fired}; actions ok {printer.ok}, "
               f"failed {printer.failed}\n")

@@ -100,6 +100,7 @@ def cmd_plugin_run(args: argparse.Namespace) -> int:
         sys.stdout,
         sys.stderr,
         batch=args.batch,
+        wasi=args.wasi,
     )
 
 
@@ -144,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     prun.add_argument("wasm")
     prun.add_argument("--config", help="plugin config (JSON or TOML object)")
     prun.add_argument("--batch", type=int, default=64, help="messages per plugin call")
+    prun.add_argument("--wasi", action="store_true",
+                      help="grant WASI (no preopened dirs, env or args), as `wasi = true` does")
     prun.add_argument("--log", help="log filter (default: warn)")
     prun.set_defaults(func=cmd_plugin_run)
     return p

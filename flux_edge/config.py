@@ -327,7 +327,7 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (DaemonConfig, "log_level"): _Rule(choices=_LOG_LEVELS),
     (PluginConfig, "module"): _Rule(check=_check_module),
     (PluginConfig, "timeout"): _Rule(kind="duration", positive=True, max=3600),
-    (PluginConfig, "memory_limit"): _Rule(kind="size", min=64 * 1024, max=4 * 2**30),
+    (PluginConfig, "memory_limit"): _Rule(kind="size", min=64 * 1024, max=2**30),
     (PluginConfig, "max_failures"): _Rule(min=1, max=1_000_000),
     (PluginConfig, "quarantine"): _Rule(kind="duration", min=0),
     (RegisterConfig, "name"): _Rule(nonempty=True, check=_check_cel_ident),

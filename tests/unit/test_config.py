@@ -328,7 +328,7 @@ def test_zero_quarantine_is_allowed_but_zero_timeout_is_not(site: Path) -> None:
         ('"0.1B"', "whole number of bytes"),
         ('"16"', "has no unit"),
         ("1024", "at least 65536"),
-        ('"8GiB"', "at most 4294967296"),
+        ('"8GiB"', "at most 1073741824"),
         ('"lots"', "is not a size"),
     ],
 )

@@ -1,6 +1,43 @@
 """Stage 1: devices -> ``Reading``.
 
 Each protocol lives in its own module, the only one importing its library (``modbus.py`` is the
-only pymodbus import). Nothing is imported here, so a config that uses no Modbus source never
-pays for importing pymodbus.
+only pymodbus import, ``serial.py`` the only pyserial import; MQTT goes through ``flux_edge.mqtt``).
+This package module holds only what every source shares, so a config that uses no Modbus source
+never pays for importing pymodbus.
+
+Every source class follows the same shape (the runtime relies on it):
+
+    Source(name, cfg, emit, *, on_status=None, ...)
+        name: the source's table name; cfg: its config struct
+        emit: ``async (Reading) -> None``; awaiting it is back-pressure
+        on_status: ``(device, quality, error) -> None``, called when a device's state changes
+            (quality "bad" when it stops answering, "good" when it recovers), so the runtime can
+            mark that device's last measurements
+    await source.run()      runs until cancelled; never raises anything else
+    await source.close()    releases the port/connection
+    source.health           dict device name -> SourceHealth
 """
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from flux_edge.model import Quality, Reading
+
+Emit = Callable[[Reading], Awaitable[None]]
+StatusCallback = Callable[[str, Quality, str], None]
+
+
+@dataclass
+class SourceHealth:
+    """What the runtime (health, metrics, status) can read about one device. Wall-clock times."""
+
+    last_success_ts: float | None = None  # unix time of the last poll that read every block
+    consecutive_errors: int = 0
+    total_errors: int = 0
+    polls: int = 0  # polls attempted
+    missed_polls: int = 0  # schedule slots skipped because a poll overran its interval
+    last_error: str = ""
+    quality: Literal["good", "bad"] = "bad"  # "bad" until the first successful poll

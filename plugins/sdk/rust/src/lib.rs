@@ -42,7 +42,7 @@ pub mod rt;
 pub const ABI_VERSION: i32 = 1;
 
 pub use message::{Message, Registers, FN_COIL, FN_DISCRETE, FN_HOLDING, FN_INPUT, KIND_BYTES, KIND_MEASUREMENT, KIND_REGISTERS};
-pub use output::{Output, Quality, Value};
+pub use output::{Key, Output, Quality, Value};
 
 #[cfg(feature = "json")]
 pub use serde_json;
@@ -55,7 +55,7 @@ pub mod __rt {
 /// Everything a plugin usually needs: `use flux_plugin_sdk::prelude::*;`
 pub mod prelude {
     pub use crate::{debug, error, flux_plugin, info, trace, warn};
-    pub use crate::{Message, Output, Quality, Value};
+    pub use crate::{Key, Message, Output, Quality, Value};
 }
 
 /// Generates the ABI exports (`flux_abi_version`, `flux_alloc`, `flux_dealloc`, `flux_init`,

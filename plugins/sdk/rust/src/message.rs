@@ -100,30 +100,34 @@ struct Cursor<'a> {
 }
 
 impl<'a> Cursor<'a> {
+    #[inline(always)]
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], String> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.data.len()).ok_or_else(|| {
-            format!(
-                "{} needs {} bytes at offset {}, only {} left",
-                what,
-                n,
-                self.pos,
-                self.data.len() - self.pos
-            )
-        })?;
-        let s = &self.data[self.pos..end];
-        self.pos = end;
+        let left = self.data.len() - self.pos;
+        if n > left {
+            return Err(short(what, n, self.pos, left));
+        }
+        let s = &self.data[self.pos..self.pos + n];
+        self.pos += n;
         Ok(s)
     }
 
+    #[inline(always)]
     fn u16(&mut self, what: &str) -> Result<u16, String> {
         let b = self.take(2, what)?;
         Ok(u16::from_le_bytes([b[0], b[1]]))
     }
 
+    #[inline(always)]
     fn u32(&mut self, what: &str) -> Result<u32, String> {
         let b = self.take(4, what)?;
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
+}
+
+#[cold]
+#[inline(never)]
+fn short(what: &str, n: usize, pos: usize, left: usize) -> String {
+    format!("{} needs {} bytes at offset {}, only {} left", what, n, pos, left)
 }
 
 fn parse_message(index: u32, body: &[u8]) -> Result<Message<'_>, String> {

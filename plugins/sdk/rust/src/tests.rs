@@ -2,9 +2,9 @@
 
 use std::sync::Mutex;
 
-use crate::output::{write_f64, write_json_str, MAX_LINE};
+use crate::output::{write_f64, write_i64, write_json_str, MAX_LINE};
 use crate::rt::{last_output, run_process};
-use crate::{Message, Output, Quality};
+use crate::{Key, Message, Output, Quality, Value};
 
 static LOCK: Mutex<()> = Mutex::new(());
 
@@ -66,6 +66,104 @@ fn floats_stay_floats_and_round_trip() {
         assert_eq!(s.parse::<f64>().unwrap(), v, "{}", s);
         assert!(s.contains('.') || s.contains('e'), "{}", s);
     }
+}
+
+/// xorshift64*: deterministic pseudo-random numbers without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// The short-decimal fast path must give Ryū's exact text, and every text must read back.
+#[test]
+fn floats_match_ryu_text() {
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut values = vec![
+        0.0, -0.0, 1.0, -1.0, 0.5, 0.1, 0.0001, 0.00012, 0.00001, 21.5, 1.53, 65.0, 1234.0, 3.01,
+        4503599627370495.5, 9007199254740991.0, 9007199254740992.0, 9007199254740993.0, 1e15, 1e16,
+        999999999999999.9, 123456789012.3456, 0.1 + 0.2, f64::from(12.5f32), f64::from(0.1f32),
+        f64::MAX, f64::MIN_POSITIVE, 5e-324,
+    ];
+    for _ in 0..200_000 {
+        let r = rng.next();
+        let v = match r % 4 {
+            // decimals with up to 6 digits after the point, magnitudes up to 10^16
+            0 | 1 => {
+                let digits = (r >> 8) % 7;
+                let m = rng.next() % 10u64.pow(1 + ((r >> 16) % 16) as u32);
+                m as f64 / 10f64.powi(digits as i32)
+            }
+            // scaled register words, as modbus_decode makes them
+            2 => f64::from((r >> 8) as u16 as i16) * [0.1, 0.01, 0.5, 0.001, 1.0][((r >> 32) % 5) as usize],
+            // any finite bit pattern
+            _ => {
+                let v = f64::from_bits(rng.next());
+                if v.is_finite() { v } else { 1.5 }
+            }
+        };
+        values.push(if r & (1 << 63) != 0 { -v } else { v });
+    }
+    for v in values {
+        let s = f64_str(v);
+        let want = ryu::Buffer::new().format_finite(v).to_string();
+        assert_eq!(s, want, "{:e}", v);
+        assert_eq!(s.parse::<f64>().unwrap().to_bits(), v.to_bits(), "{}", s);
+    }
+}
+
+#[test]
+fn integers() {
+    for v in [0i64, 7, -7, 10, 65535, -32768, i64::MAX, i64::MIN, 1_700_000_000] {
+        let mut b = Vec::new();
+        write_i64(&mut b, v);
+        assert_eq!(String::from_utf8(b).unwrap(), v.to_string());
+    }
+}
+
+/// `put` through a prepared key writes the same line as `measurement_ex`, for names and units
+/// of every short length (the word-copy path) and with escapes.
+#[test]
+fn prepared_keys_write_the_same_lines() {
+    let _g = LOCK.lock().unwrap();
+    let input = batch(&[message(1, 3, 0, 1.0, "d", "", &[]), message(1, 3, 0, 1.0, "d", "", &[])]);
+    let names: Vec<String> = (0..40).map(|n| "abcdefghij".chars().cycle().take(n).collect()).collect();
+    let values = [Value::F64(21.5), Value::I64(-3), Value::Bool(false), Value::Str("t\"x")];
+    let mut cases = Vec::new();
+    for (k, name) in names.iter().enumerate() {
+        let unit = &names[(k * 7) % 40];
+        let quality = [Quality::Good, Quality::Stale, Quality::Bad][k % 3];
+        cases.push((format!("{}\u{1}°\"", name), unit.clone(), quality));
+        cases.push((name.clone(), unit.clone(), quality));
+    }
+    let (_, out) = run(&input, |m, o| {
+        for (k, (name, unit, quality)) in cases.iter().enumerate() {
+            let value = values[k % values.len()];
+            let (device, ts) = if k % 5 == 0 { (Some("dev"), Some(2.5)) } else { (None, None) };
+            if m.index == 0 {
+                o.measurement_ex(name, value, unit, *quality, device, ts);
+            } else {
+                o.put_ex(&Key::with_quality(name, unit, *quality), value, device, ts);
+            }
+        }
+    });
+    let lines: Vec<&str> = out.lines().collect();
+    let (a, b) = lines.split_at(cases.len());
+    assert_eq!(b.len(), cases.len());
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.replacen("{\"i\":0", "{\"i\":1", 1), *y);
+        #[cfg(feature = "json")]
+        serde_json::from_str::<serde_json::Value>(y).unwrap();
+    }
+    let key = Key::new("t", "°C");
+    assert_eq!(key.name(), "t");
+    let (_, out) = run(&input[..], |_, o| o.put(&key, 1.5));
+    assert_eq!(out, "{\"i\":0,\"name\":\"t\",\"value\":1.5,\"unit\":\"°C\"}\n{\"i\":1,\"name\":\"t\",\"value\":1.5,\"unit\":\"°C\"}\n");
 }
 
 #[test]

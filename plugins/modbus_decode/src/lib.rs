@@ -44,7 +44,8 @@ fn function_name(code: u8) -> Option<&'static str> {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Register {
-    name: String,
+    /// name and unit, turned into JSON once for every output line
+    key: Key,
     function: u8,
     address: u16,
     ty: Type,
@@ -54,7 +55,6 @@ pub struct Register {
     low_word_first: bool,
     scale: f64,
     offset: f64,
-    unit: String,
 }
 
 impl Register {
@@ -133,8 +133,9 @@ fn parse_register(obj: &Map<String, Json>) -> Result<Register, String> {
     };
     let ty_name = get_str(obj, "type", "uint16")?;
     let ty = Type::parse(ty_name).ok_or_else(|| format!("type must be one of {}, got {:?}", TYPES, ty_name))?;
+    let unit = get_str(obj, "unit", "")?;
     let reg = Register {
-        name: name.to_string(),
+        key: Key::new(name, unit),
         function,
         address,
         ty,
@@ -142,7 +143,6 @@ fn parse_register(obj: &Map<String, Json>) -> Result<Register, String> {
         low_word_first: get_order(obj, "word_order")?,
         scale: get_f64(obj, "scale", 1.0)?,
         offset: get_f64(obj, "offset", 0.0)?,
-        unit: get_str(obj, "unit", "")?.to_string(),
     };
     if u32::from(reg.address) + reg.width() > 65536 {
         return Err(format!("a {} at address {} runs past register 65535", ty_name, address));
@@ -223,7 +223,7 @@ fn process(d: &mut Decoder, m: &Message, out: &mut Output) -> Result<(), String>
             }
         };
         if r.is_bool() {
-            out.measurement(&r.name, word(0) != 0, &r.unit);
+            out.put(&r.key, word(0) != 0);
             continue;
         }
         let raw = match r.ty {
@@ -239,7 +239,7 @@ fn process(d: &mut Decoder, m: &Message, out: &mut Output) -> Result<(), String>
                 }
             }
         };
-        out.measurement(&r.name, raw * r.scale + r.offset, &r.unit);
+        out.put(&r.key, raw * r.scale + r.offset);
     }
     if matched == 0 {
         let span = match end - start {

@@ -1,9 +1,11 @@
 """The ``modbus_write`` action: write one coil or holding register, then read it back.
 
-The write goes over the source poller's connection (``ModbusTcpPoller.write``), serialised with
-its polls. With ``verify`` (the default) the action succeeds only when the device reads back the
-value written: a device that accepts a write but keeps its old value is a failure, never a
-success. The whole action, read-back included, is bounded by the action's ``timeout``.
+The write goes to the configured device (``device``; may be left out when the source has one
+device) over its source's link (``ModbusBusPoller.write``: the TCP connection or the RTU line),
+serialised with the polls. With ``verify`` (the default) the action succeeds only when the
+device reads back the value written: a device that accepts a write but keeps its old value is a
+failure, never a success. The whole action, read-back included, is bounded by the action's
+``timeout``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Callable
 from flux_edge.config import ModbusWriteAction
 from flux_edge.errors import ActionError, ActionVerifyError, SourceError
 from flux_edge.model import Command, Outcome, Value
-from flux_edge.sources.modbus import ModbusTcpPoller
+from flux_edge.sources.modbus import ModbusBusPoller
 
 
 class ModbusWriteExecutor:
@@ -27,7 +29,7 @@ class ModbusWriteExecutor:
         self,
         name: str,
         cfg: ModbusWriteAction,
-        poller: ModbusTcpPoller,
+        poller: ModbusBusPoller,
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.name = name
@@ -41,11 +43,14 @@ class ModbusWriteExecutor:
             self._value = int(cfg.value)
 
     def _target(self) -> str:
-        kind = "coil" if self.cfg.function == "coil" else "holding register"
-        return (
-            f"{kind} {self.cfg.address} of source {self.cfg.source!r} "
-            f"(unit {self.poller.cfg.unit_id})"
-        )
+        cfg = self.cfg
+        kind = "coil" if cfg.function == "coil" else "holding register"
+        try:
+            unit = f"unit {self.poller.device_unit(cfg.device)}"
+        except SourceError:
+            unit = "no such device"
+        device = f"device {cfg.device!r}, " if cfg.device else ""
+        return f"{kind} {cfg.address} of source {cfg.source!r} ({device}{unit})"
 
     def _expected(self) -> bool | int:
         """What a correct device reads back: a coil as bool, a register as its 16-bit word."""
@@ -66,7 +71,9 @@ class ModbusWriteExecutor:
         cfg = self.cfg
         try:
             async with asyncio.timeout(cfg.timeout):
-                return await self.poller.write(cfg.function, cfg.address, self._value, cfg.verify)
+                return await self.poller.write(
+                    cfg.device, cfg.function, cfg.address, self._value, cfg.verify
+                )
         except TimeoutError as exc:
             raise ActionError(
                 self.name,

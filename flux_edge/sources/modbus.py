@@ -1,61 +1,87 @@
-"""Modbus TCP: read planning, the client adapter, the poller, and a simulated server.
+"""Modbus sources: TCP endpoints and RTU buses, their client adapters, the bus poller, and a
+simulated TCP server.
 
 This is the ONLY module that imports pymodbus (pinned to 3.16: its API changes between minor
 releases). Everything pymodbus raises or returns is turned into flux-edge types here:
-``SourceError`` (with host:port and unit id in the message) and ``Reading``.
+``SourceError`` (naming host:port or serial port and unit id) and ``Reading``.
 
-- ``plan_reads``: the register map -> the fewest requests (coalesced across small gaps).
-- ``ModbusTcpClient``: one TCP connection, every call bounded by the configured timeout; our
-  retry policy, not pymodbus' (its retries and auto-reconnect are switched off); after a failure
-  the next call reconnects.
-- ``ModbusTcpPoller``: polls on a fixed schedule without drift, backs off on a dead device, keeps
-  a ``SourceHealth``, and shares its connection with writes (``write``), serialised by a lock.
-- ``SimulatedModbusServer``: a pymodbus server (SimDevice datastore) whose tables Python reads
-  and writes directly, that counts requests and reports writes; tests and the demo use it.
+- ``ModbusTcpClient`` / ``ModbusRtuClient``: one TCP connection / one serial port; every call
+  is bounded by a timeout and raises ``SourceError``; our retry policy, not pymodbus' (its
+  retries and auto-reconnect are off). The RTU client keeps the spec's inter-frame silence
+  (3.5 characters, 1.75 ms above 19200 baud) between the last byte on the line and its next
+  request, timed to ~0.1 ms.
+- ``ModbusBusPoller``: one per source (a TCP endpoint or an RTU bus) with all its devices.
+  Each device's points are polled in ``PollGroup``s (per-point intervals) on fixed schedules
+  without drift. TCP devices are polled concurrently, one connection each; an RTU bus carries
+  exactly one request at a time, from one scheduler that runs the due polls in order. A device
+  that stops answering is backed off (exponentially, up to ``backoff_max``) and, while backed
+  off, not polled at all: when its backoff ends it gets one probe, so it costs the others at
+  most one timeout per backoff period. It recovers by itself. ``on_status`` hears each change.
+- ``SimulatedModbusServer``: a pymodbus TCP server (SimDevice datastore) whose tables Python
+  reads and writes directly, that counts requests and reports writes; tests and the demo use
+  it. (The RTU test slaves live in tests/support/serial_line.py: they must time their answers
+  on a simulated line, which pymodbus' server cannot.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
+import heapq
+import itertools
 import logging
 import math
 import os
+import queue
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient, ModbusBaseClient
 from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import ModbusException
 from pymodbus.pdu import ModbusPDU
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from flux_edge.config import ModbusTcpSource
+from flux_edge.config import ModbusDeviceConfig, ModbusRtuSource, ModbusTcpSource
 from flux_edge.errors import SourceError
 from flux_edge.model import FN_COIL, FN_DISCRETE, FN_HOLDING, KIND_REGISTERS, Reading
-from flux_edge.sources import SourceHealth
+from flux_edge.sources import Emit, SourceHealth, StatusCallback
 from flux_edge.sources.modbus_plan import (
     _TABLE_NAMES,
     MAX_BITS,
     MAX_REGISTERS,
+    PollGroup,
     ReadBlock,
+    bus_devices,
+    char_time,
+    inter_frame_gap,
+    plan_device,
     plan_reads,
     register_span,
+    request_bytes,
+    response_bytes,
 )
 
 __all__ = [
     "MAX_BITS",
     "MAX_REGISTERS",
+    "ModbusBusPoller",
     "ModbusExceptionResponse",
+    "ModbusRtuClient",
     "ModbusTcpClient",
     "ModbusTcpPoller",
+    "PollGroup",
     "ReadBlock",
     "SimWrite",
     "SimulatedModbusServer",
     "SourceHealth",
+    "bus_devices",
+    "plan_device",
     "plan_reads",
     "register_span",
 ]
@@ -117,7 +143,8 @@ def _os_reason(errors: list[OSError]) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
-# --- client -------------------------------------------------------------------------------------
+
+# --- clients ------------------------------------------------------------------------------------
 
 _EXCEPTION_CODES: dict[int, tuple[str, str]] = {
     1: ("ILLEGAL_FUNCTION", "the device does not support this function"),
@@ -139,8 +166,8 @@ _EXCEPTION_CODES: dict[int, tuple[str, str]] = {
 class ModbusExceptionResponse(SourceError):
     """The device answered, with a Modbus exception response (``code``, e.g. 2 illegal address).
 
-    The connection is fine: a poller does not back off for these (the device is alive), it
-    reports them in its health.
+    The link is fine: a poller does not back off for these (the device is alive), it reports
+    them in its health.
     """
 
     def __init__(self, source: str, message: str, code: int) -> None:
@@ -148,34 +175,50 @@ class ModbusExceptionResponse(SourceError):
         super().__init__(source, message)
 
 
-class ModbusTcpClient:
-    """One Modbus TCP connection to one device (one host:port, any unit id).
+Request = Callable[[ModbusBaseClient], Awaitable[ModbusPDU]]
 
-    Every call is bounded by ``timeout`` (connecting counts separately) and raises
-    ``SourceError`` naming host:port and unit; after a failure the connection is dropped and the
-    next call reconnects. pymodbus' own retries and auto-reconnect are off: the caller's policy
-    applies. One request at a time: callers serialise (``ModbusTcpPoller`` does).
-    """
 
-    def __init__(self, source: str, host: str, port: int = 502, *, timeout: float = 1.0) -> None:
+class _Client:
+    """What the TCP and RTU clients share: connect on demand, bound every call by a timeout,
+    turn pymodbus' errors and exception responses into ``SourceError``s. One request at a
+    time: callers serialise (the poller holds a lock per link)."""
+
+    drop_on_timeout = True  # a late answer would be taken for the next request's
+    lost_text = "the device closed the connection"
+
+    def __init__(self, source: str, *, timeout: float) -> None:
         self.source = source
-        self.host = host
-        self.port = port
         self.timeout = timeout
-        self._client: AsyncModbusTcpClient | None = None
-        # The task waiting for a response, so a connection closed by the device fails the
-        # request at once (pymodbus would leave it waiting for the timeout).
+        self._client: ModbusBaseClient | None = None
+        # The task waiting for a response, so a link closed under it fails the request at
+        # once (pymodbus would leave it waiting for the timeout).
         self._waiting: asyncio.Task[object] | None = None
         self._lost = False
+
+    # -- what each transport provides --
+
+    def _where(self, unit_id: int | None = None) -> str:
+        raise NotImplementedError
+
+    def _new_client(self) -> ModbusBaseClient:
+        raise NotImplementedError
+
+    def _connect_failed(self, reason: str, timed_out: bool) -> str:
+        raise NotImplementedError
+
+    async def _before_request(self) -> None:
+        """Called with the request about to go out (RTU: keep the inter-frame silence)."""
+
+    def _call_timeout(self, timeout: float, frame_bytes: int) -> float:
+        """The time allowed for one call of ``frame_bytes`` request + response bytes."""
+        return timeout
+
+    # -- shared --
 
     def _on_connection(self, connected: bool) -> None:
         if not connected and self._waiting is not None and not self._waiting.done():
             self._lost = True
             self._waiting.cancel()
-
-    def _where(self, unit_id: int | None = None) -> str:
-        unit = f" unit {unit_id}" if unit_id is not None else ""
-        return f"{self.host}:{self.port}{unit}"
 
     @property
     def connected(self) -> bool:
@@ -187,64 +230,45 @@ class ModbusTcpClient:
             client.close()
 
     async def connect(self) -> None:
-        """Connect unless connected. Raises SourceError (refused, unreachable, timed out)."""
+        """Connect (open the port) unless connected. Raises SourceError saying why not."""
         if self.connected:
             return
         self._drop()
-        client = AsyncModbusTcpClient(
-            self.host,
-            port=self.port,
-            name=f"flux-edge {self.source}",
-            # Our asyncio.timeout fires first; pymodbus' own limit is only a backstop.
-            timeout=self.timeout + 1.0,
-            retries=0,
-            reconnect_delay=0,  # 0 = pymodbus never reconnects behind our back
-            reconnect_delay_max=0,
-            trace_connect=self._on_connection,
-        )
+        client = self._new_client()
         errors = _remember_oserror(client.ctx)
         try:
             async with asyncio.timeout(self.timeout):
                 ok = await client.connect()
         except TimeoutError as exc:
             client.close()
-            raise SourceError(
-                self.source,
-                f"cannot connect to {self._where()}: no answer within {self.timeout:g} s "
-                f"(is the host up and the port right?)",
-            ) from exc
+            raise SourceError(self.source, self._connect_failed("", timed_out=True)) from exc
         except asyncio.CancelledError:
             client.close()
             raise
         if not ok:
             client.close()
-            reason = _os_reason(errors) or "connection failed"
-            raise SourceError(
-                self.source,
-                f"cannot connect to {self._where()}: {reason} "
-                f"(is the device on and listening on that port?)",
-            )
+            raise SourceError(self.source, self._connect_failed(_os_reason(errors), False))
         self._client = client
 
     async def _call(
-        self,
-        what: str,
-        unit_id: int,
-        request: Callable[[AsyncModbusTcpClient], Awaitable[ModbusPDU]],
+        self, what: str, unit_id: int, request: Request, per_request: float | None, frame_bytes: int
     ) -> ModbusPDU:
         await self.connect()
         client = self._client
         assert client is not None
+        limit = self._call_timeout(per_request or self.timeout, frame_bytes)
         task = asyncio.current_task()
         self._waiting, self._lost = task, False
         try:
-            async with asyncio.timeout(self.timeout):
+            await self._before_request()
+            async with asyncio.timeout(limit):
                 response = await request(client)
         except TimeoutError as exc:
-            self._drop()
+            if self.drop_on_timeout:
+                self._drop()
             raise SourceError(
                 self.source,
-                f"{self._where(unit_id)}: no response to {what} within {self.timeout:g} s",
+                f"{self._where(unit_id)}: no response to {what} within {limit:g} s",
             ) from exc
         except (ModbusException, OSError) as exc:
             self._drop()
@@ -255,7 +279,7 @@ class ModbusTcpClient:
             if self._lost and task is not None and task.uncancel() == 0:
                 raise SourceError(
                     self.source,
-                    f"{self._where(unit_id)}: the device closed the connection during {what}",
+                    f"{self._where(unit_id)}: {self.lost_text} during {what}",
                 ) from None
             raise
         finally:
@@ -270,12 +294,14 @@ class ModbusTcpClient:
             )
         return response
 
-    async def read(self, block: ReadBlock, unit_id: int) -> tuple[int, ...]:
+    async def read(
+        self, block: ReadBlock, unit_id: int, *, per_request: float | None = None
+    ) -> tuple[int, ...]:
         """Read one block. Coils/discrete inputs come back as 0/1 words, exactly ``count``."""
         fn, addr, count = block.function, block.address, block.count
         what = block.describe()
 
-        def request(c: AsyncModbusTcpClient) -> Awaitable[ModbusPDU]:
+        def request(c: ModbusBaseClient) -> Awaitable[ModbusPDU]:
             if fn == FN_COIL:
                 return c.read_coils(addr, count=count, device_id=unit_id)
             if fn == FN_DISCRETE:
@@ -286,7 +312,8 @@ class ModbusTcpClient:
 
         if fn not in _TABLE_NAMES:
             raise SourceError(self.source, f"{what}: unknown function code {fn}")
-        response = await self._call(what, unit_id, request)
+        frame = request_bytes(block) + response_bytes(block)
+        response = await self._call(what, unit_id, request, per_request, frame)
         if fn in (FN_COIL, FN_DISCRETE):
             bits = list(response.bits)
             if len(bits) < count:
@@ -305,14 +332,20 @@ class ModbusTcpClient:
             )
         return tuple(words)
 
-    async def write_coil(self, address: int, value: bool, unit_id: int) -> None:
+    async def write_coil(
+        self, address: int, value: bool, unit_id: int, *, per_request: float | None = None
+    ) -> None:
         await self._call(
             f"write coil {address} := {int(value)}",
             unit_id,
             lambda c: c.write_coil(address, bool(value), device_id=unit_id),
+            per_request,
+            16,
         )
 
-    async def write_register(self, address: int, value: int, unit_id: int) -> None:
+    async def write_register(
+        self, address: int, value: int, unit_id: int, *, per_request: float | None = None
+    ) -> None:
         """Write one holding register; ``value`` is 0..65535 (negative int16 values: -32768..-1
         are written as their two's complement)."""
         if not -32768 <= value <= 65535:
@@ -326,6 +359,8 @@ class ModbusTcpClient:
             f"write holding register {address} := {word}",
             unit_id,
             lambda c: c.write_register(address, word, device_id=unit_id),
+            per_request,
+            16,
         )
 
     async def close(self) -> None:
@@ -333,74 +368,462 @@ class ModbusTcpClient:
         await asyncio.sleep(0)  # let the transport finish closing
 
 
-# --- poller -------------------------------------------------------------------------------------
+class ModbusTcpClient(_Client):
+    """One Modbus TCP connection to one endpoint (host:port, any unit id).
+
+    After a failure (timeout included) the connection is dropped and the next call reconnects.
+    """
+
+    def __init__(self, source: str, host: str, port: int = 502, *, timeout: float = 1.0) -> None:
+        super().__init__(source, timeout=timeout)
+        self.host = host
+        self.port = port
+
+    def _where(self, unit_id: int | None = None) -> str:
+        unit = f" unit {unit_id}" if unit_id is not None else ""
+        return f"{self.host}:{self.port}{unit}"
+
+    def _new_client(self) -> ModbusBaseClient:
+        return AsyncModbusTcpClient(
+            self.host,
+            port=self.port,
+            name=f"flux-edge {self.source}",
+            # Our asyncio.timeout fires first; pymodbus' own limit is only a backstop.
+            timeout=self.timeout + 1.0,
+            retries=0,
+            reconnect_delay=0,  # 0 = pymodbus never reconnects behind our back
+            reconnect_delay_max=0,
+            trace_connect=self._on_connection,
+        )
+
+    def _connect_failed(self, reason: str, timed_out: bool) -> str:
+        if timed_out:
+            return (
+                f"cannot connect to {self._where()}: no answer within {self.timeout:g} s "
+                f"(is the host up and the port right?)"
+            )
+        return (
+            f"cannot connect to {self._where()}: {reason or 'connection failed'} "
+            f"(is the device on and listening on that port?)"
+        )
 
 
-class ModbusTcpPoller:
-    """Polls one Modbus TCP device on a fixed schedule and emits one ``Reading`` per block.
+class _PreciseTimer:
+    """Waits until a monotonic deadline to ~0.1 ms.
 
-    Poll k is due at start + k * interval (no drift); a poll that overruns skips the slots it
-    missed (counted in ``health.missed_polls``). When the device cannot be reached the poller backs
-    off exponentially (``backoff_min`` doubling up to ``backoff_max``, never more often than the
-    schedule) and resumes the schedule once it answers. Errors are logged once per change of
-    state on ``flux_edge.source.<name>``. ``run()`` only ever ends by cancellation.
+    asyncio's timers are only as fine as epoll's timeout, whole milliseconds: waiting out a
+    1.75 ms inter-frame silence that way overshoots by ~0.8 ms, which at 115200 baud is a sixth
+    of a whole transaction. So the loop sleeps the coarse part and a helper thread (started on
+    first use, one per RTU port) sleeps the last couple of milliseconds with the OS' precision
+    and wakes the loop.
+    """
+
+    MARGIN = 0.002  # the part left to the thread
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._queue: queue.SimpleQueue[
+            tuple[float, asyncio.AbstractEventLoop, asyncio.Future[None]] | None
+        ] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    async def sleep_until(self, deadline: float) -> None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        if remaining > 2 * self.MARGIN:
+            await asyncio.sleep(remaining - self.MARGIN)
+            if deadline <= time.monotonic():
+                return
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        self._queue.put((deadline, loop, fut))
+        await fut
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            deadline, loop, fut = item
+            delay = deadline - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_resolve, fut)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread = None
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class ModbusRtuClient(_Client):
+    """One serial port (an RS-485 line) to any unit id on it, in Modbus RTU framing.
+
+    Before each request it keeps the line silent for ``inter_frame`` seconds (0: the spec's
+    3.5 characters, 1.75 ms above 19200 baud) after the last byte sent or received. A call's
+    time limit is the response ``timeout`` plus the time the request and the response take on
+    the wire at this baud rate, so a long read at 9600 baud needs no larger timeout. A timeout
+    keeps the port open (a silent device is no reason to reopen the line); a port error closes
+    it and the next call reopens it.
+    """
+
+    drop_on_timeout = False
+    lost_text = "the port was closed"
+
+    def __init__(
+        self,
+        source: str,
+        port: str,
+        *,
+        baudrate: int = 9600,
+        parity: str = "E",
+        stopbits: int = 1,
+        bytesize: int = 8,
+        timeout: float = 0.2,
+        inter_frame: float = 0.0,
+    ) -> None:
+        super().__init__(source, timeout=timeout)
+        self.port = port
+        self.baudrate = baudrate
+        self.parity = parity
+        self.stopbits = stopbits
+        self.bytesize = bytesize
+        self.char_time = char_time(baudrate, bytesize, parity, stopbits)
+        self.gap = inter_frame_gap(baudrate, bytesize, parity, stopbits, inter_frame)
+        self._quiet_from = 0.0  # monotonic time the line last carried a byte (ours or theirs)
+        self._timer = _PreciseTimer(f"flux-edge {source} timer")
+
+    def _where(self, unit_id: int | None = None) -> str:
+        unit = f" unit {unit_id}" if unit_id is not None else ""
+        return f"{self.port}{unit}"
+
+    def _settings(self) -> str:
+        return f"{self.baudrate} baud {self.bytesize}{self.parity}{self.stopbits}"
+
+    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
+        now = time.monotonic()
+        # Sending: the line is busy until our last character is out. Receiving: pymodbus passes
+        # what it has buffered so far; its last byte arrived now.
+        self._quiet_from = now + len(data) * self.char_time if sending else now
+        return data
+
+    def _new_client(self) -> ModbusBaseClient:
+        return AsyncModbusSerialClient(
+            self.port,
+            baudrate=self.baudrate,
+            parity=self.parity,
+            stopbits=self.stopbits,
+            bytesize=self.bytesize,
+            name=f"flux-edge {self.source}",
+            timeout=self.timeout + 1.0,  # a backstop; also the port open limit
+            retries=0,
+            reconnect_delay=0,
+            reconnect_delay_max=0,
+            trace_packet=self._trace_packet,
+            trace_connect=self._on_connection,
+        )
+
+    def _connect_failed(self, reason: str, timed_out: bool) -> str:
+        why = f"not open within {self.timeout:g} s" if timed_out else reason or "open failed"
+        return (
+            f"cannot open {self.port} ({self._settings()}): {why} "
+            f"(is the adapter plugged in, the path right, the port free, and are these settings "
+            f"supported by it?)"
+        )
+
+    async def _before_request(self) -> None:
+        await self._timer.sleep_until(self._quiet_from + self.gap)
+
+    def _call_timeout(self, timeout: float, frame_bytes: int) -> float:
+        return timeout + frame_bytes * self.char_time + self.gap
+
+    async def close(self) -> None:
+        self._timer.close()
+        await super().close()
+
+
+# --- the bus poller -----------------------------------------------------------------------------
+
+
+class _Unreachable(Exception):
+    """A device did not answer one request in any of its attempts."""
+
+    def __init__(self, error: SourceError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass(eq=False)
+class _Link:
+    """One connection (TCP) or port (RTU), and the lock that keeps one request on it at a time."""
+
+    client: _Client
+    devices: list[_Device] = field(default_factory=list)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass(eq=False)
+class _Device:
+    cfg: ModbusDeviceConfig
+    timeout: float
+    groups: list[PollGroup]
+    link: _Link
+    health: SourceHealth = field(default_factory=SourceHealth)
+    state: Literal["good", "bad"] | None = None  # None until it first answers or fails
+    epoch: int = 0  # bumped when its schedule is rebuilt: older heap entries are dropped
+    start: float = 0.0  # the schedule's origin: slot k of a group is due at start + k*interval
+    slots: list[int] = field(default_factory=list)  # next slot of each group
+    failures: int = 0  # unreachable polls/probes in a row: the backoff exponent
+    refused: set[ReadBlock] = field(default_factory=set)  # blocks answered with an exception
+    unexpected_logged: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def label(self) -> str:
+        return f"device {self.cfg.name!r} (unit {self.cfg.unit_id})"
+
+
+_Entry = tuple[float, int, _Device, int, int]  # due, sequence, device, group (-1: probe), epoch
+_Outcome = Literal["ok", "refused", "unreachable", "error"]
+
+
+class ModbusBusPoller:
+    """Polls every device of one Modbus source (a TCP endpoint or an RTU bus); emits one
+    ``Reading`` per read request, with ``device`` set to the device's name.
+
+    Schedules: each device's ``PollGroup`` (see ``plan_device``) has slot k due at start +
+    k * interval, without drift. A poll that starts late runs once for the latest slot already
+    due and skips (counts in ``missed_polls``) the older ones; on a busy RTU bus the due polls
+    run in order of their due times, so no device starves.
+
+    TCP: every device has its own connection and schedule (``tcp_connections="device"``), so
+    devices behind one endpoint are polled concurrently; ``"endpoint"`` shares one connection
+    among them, polled in turn. RTU: one port, one schedule, exactly one request on the line at
+    a time, with the inter-frame silence kept between frames (``ModbusRtuClient``).
+
+    Fault isolation: a request is tried ``1 + retries`` times within a poll, each bounded by the
+    device's timeout. A device that does not answer is marked bad (``on_status(device, "bad",
+    error)``, one warning) and backed off: ``backoff_min`` doubling up to ``backoff_max``,
+    aligned to its fastest group's slots. While backed off it is not polled at all; at the end
+    of each backoff it gets one probe (its fastest group, one attempt), so a dead device costs
+    the others at most one timeout per backoff period. When it answers, ``on_status(device,
+    "good", "")`` and its schedule resumes. Exception responses (the device is alive but refuses
+    a block) are counted errors, logged once per block, and never back off.
+
+    ``write`` shares the device's link (serialised with the polls). ``run()`` ends only by
+    cancellation and then closes every link.
     """
 
     def __init__(
         self,
         name: str,
-        cfg: ModbusTcpSource,
-        emit: Callable[[Reading], Awaitable[None]],
+        cfg: ModbusTcpSource | ModbusRtuSource,
+        emit: Emit,
         *,
+        on_status: StatusCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
-        backoff_min: float = 1.0,
-        backoff_max: float = 30.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        backoff_min: float = 1.0,
+        tcp_connections: Literal["device", "endpoint"] = "device",
     ) -> None:
         if cfg.interval <= 0:
             raise ValueError(f"source {name!r}: interval must be > 0, got {cfg.interval}")
         self.name = name
         self.cfg = cfg
-        self.device = cfg.device or name
-        self.plan: list[ReadBlock] = plan_reads(cfg.registers, cfg.max_gap)
-        self.health = SourceHealth()
         self._emit = emit
+        self._on_status = on_status
         self._clock = clock
         self._wall = wall
-        self._sleep = sleep  # tests pair it with ``clock`` to run the schedule on virtual time
+        self._sleep = sleep  # tests pair it with ``clock`` to run schedules on virtual time
+        self._attempts = 1 + max(0, cfg.retries)
         self._backoff_min = backoff_min
-        self._backoff_max = max(backoff_max, backoff_min)
-        self._client = ModbusTcpClient(name, cfg.host, cfg.port, timeout=cfg.timeout)
-        self._lock = asyncio.Lock()  # pymodbus serves one request at a time per connection
+        self._backoff_max = max(cfg.backoff_max, backoff_min)
         self._log = logging.getLogger(f"flux_edge.source.{name}")
-        self._state: Literal["good", "bad"] | None = None
+        devices = bus_devices(cfg, name)
+        names = [d.name for d in devices]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"source {name!r}: device names must be unique, repeated: {dup}")
+        self.plans: dict[str, list[PollGroup]] = {}
+        for d in devices:
+            try:
+                self.plans[d.name] = plan_device(d, cfg.interval, cfg.max_gap)
+            except ValueError as exc:
+                raise ValueError(f"source {name!r}: {exc}") from None
+        self._links: list[_Link] = []
+        self._devices: dict[str, _Device] = {}
+        shared: _Link | None = None
+        if isinstance(cfg, ModbusRtuSource):
+            shared = _Link(
+                ModbusRtuClient(
+                    name,
+                    cfg.port,
+                    baudrate=cfg.baudrate,
+                    parity=cfg.parity,
+                    stopbits=cfg.stopbits,
+                    bytesize=cfg.bytesize,
+                    timeout=cfg.timeout,
+                    inter_frame=cfg.inter_frame,
+                )
+            )
+        elif tcp_connections == "endpoint":
+            shared = _Link(ModbusTcpClient(name, cfg.host, cfg.port, timeout=cfg.timeout))
+        if shared is not None:
+            self._links.append(shared)
+        for d in devices:
+            timeout = d.timeout if d.timeout > 0 else cfg.timeout
+            link = shared
+            if link is None:
+                assert isinstance(cfg, ModbusTcpSource)
+                link = _Link(ModbusTcpClient(name, cfg.host, cfg.port, timeout=timeout))
+                self._links.append(link)
+            dev = _Device(d, timeout, self.plans[d.name], link)
+            link.devices.append(dev)
+            self._devices[d.name] = dev
+        self.health: dict[str, SourceHealth] = {n: d.health for n, d in self._devices.items()}
 
-    # -- polling --
+    # -- running --
 
-    async def poll_once(self) -> None:
-        """Read every block and emit a Reading per block. Raises SourceError on failure.
+    async def run(self) -> None:
+        """Poll until cancelled. Never raises anything but CancelledError."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for i, link in enumerate(self._links):
+                    tg.create_task(self._run_link(link), name=f"modbus {self.name} link {i}")
+        finally:
+            await self.close()
 
-        A connection failure ends the poll at once. An exception response for one block (the
-        device is alive but refuses that block) does not stop the other blocks; the first such
-        error is raised at the end.
+    async def _run_link(self, link: _Link) -> None:
+        heap: list[_Entry] = []
+        seq = itertools.count()
+
+        def push(dev: _Device, group: int, due: float) -> None:
+            heapq.heappush(heap, (due, next(seq), dev, group, dev.epoch))
+
+        start = self._clock()
+        for dev in link.devices:
+            dev.start = start
+            dev.slots = [0] * len(dev.groups)
+            for gi in range(len(dev.groups)):
+                push(dev, gi, start)
+        if not heap:
+            await asyncio.Event().wait()  # nothing to poll (write-only devices): idle
+        while True:
+            due, _, dev, gi, epoch = heap[0]
+            if epoch != dev.epoch:
+                heapq.heappop(heap)
+                continue
+            delay = due - self._clock()
+            if delay > 0:
+                await self._sleep(delay)
+                continue
+            heapq.heappop(heap)
+            probe = gi < 0
+            outcome = await self._poll_guarded(dev, 0 if probe else gi, 1 if probe else None)
+            now = self._clock()
+            if outcome == "unreachable":
+                self._back_off(dev, now, push)
+            elif probe:
+                self._resume(dev, now, push)
+            else:
+                self._next_slot(dev, gi, now, push)
+
+    def _next_slot(
+        self, dev: _Device, gi: int, now: float, push: Callable[[_Device, int, float], None]
+    ) -> None:
+        """Schedule group ``gi`` after its slot ran: the next slot, or the latest one already
+        due if the poll overran (the ones in between are counted as missed)."""
+        interval = dev.groups[gi].interval
+        k = dev.slots[gi]
+        latest = math.floor((now - dev.start) / interval + 1e-9)
+        nxt = max(k + 1, latest)
+        dev.health.missed_polls += nxt - (k + 1)
+        dev.slots[gi] = nxt
+        push(dev, gi, dev.start + nxt * interval)
+
+    def _back_off(
+        self, dev: _Device, now: float, push: Callable[[_Device, int, float], None]
+    ) -> None:
+        """Stop polling ``dev``; schedule one probe at the end of its backoff, on a slot of its
+        fastest group (group 0)."""
+        dev.failures += 1
+        backoff = min(self._backoff_max, self._backoff_min * 2.0 ** min(dev.failures - 1, 32))
+        interval = dev.groups[0].interval
+        k = max(dev.slots[0] + 1, math.ceil((now + backoff - dev.start) / interval - 1e-9))
+        dev.slots[0] = k
+        dev.epoch += 1  # drops its pending entries
+        push(dev, -1, dev.start + k * interval)
+
+    def _resume(
+        self, dev: _Device, now: float, push: Callable[[_Device, int, float], None]
+    ) -> None:
+        """The probe was answered: group 0 carries on from the probe's slot, every other group
+        polls at once (its latest due slot); slots lost while backed off are not 'missed'."""
+        dev.epoch += 1
+        for gi, group in enumerate(dev.groups):
+            latest = math.floor((now - dev.start) / group.interval + 1e-9)
+            if gi == 0:
+                dev.slots[0] = max(dev.slots[0] + 1, latest)
+            else:
+                dev.slots[gi] = max(dev.slots[gi], latest)
+            push(dev, gi, dev.start + dev.slots[gi] * group.interval)
+
+    # -- one poll --
+
+    async def _read(self, dev: _Device, block: ReadBlock, attempts: int) -> tuple[int, ...]:
+        link = dev.link
+        last: SourceError | None = None
+        for _ in range(attempts):
+            try:
+                async with link.lock:
+                    return await link.client.read(block, dev.cfg.unit_id, per_request=dev.timeout)
+            except ModbusExceptionResponse:
+                raise
+            except SourceError as exc:
+                last = exc
+        assert last is not None
+        raise _Unreachable(last)
+
+    async def _poll_group(self, dev: _Device, group: PollGroup, attempts: int) -> None:
+        """Read every block of ``group`` and emit a Reading per block.
+
+        Raises ``_Unreachable`` when a request got no answer in ``attempts`` tries (the rest
+        of the poll is skipped). A block answered with an exception response does not stop the
+        others; the first such error is raised at the end.
         """
         refused: ModbusExceptionResponse | None = None
-        if not self.plan:
-            async with self._lock:
-                await self._client.connect()
-            return
-        for block in self.plan:
+        for block in group.blocks:
             try:
-                async with self._lock:
-                    words = await self._client.read(block, self.cfg.unit_id)
+                words = await self._read(dev, block, attempts)
             except ModbusExceptionResponse as exc:
+                self._answered(dev)
                 refused = refused or exc
+                if block not in dev.refused:
+                    dev.refused.add(block)
+                    self._log.warning(
+                        "%s refuses %s: %s (its points stay without values; logged again "
+                        "when it reads)", dev.label, block.describe(), exc,
+                    )
                 continue
+            self._answered(dev)
+            if dev.refused and block in dev.refused:
+                dev.refused.discard(block)
+                self._log.info("%s: %s reads again", dev.label, block.describe())
             await self._emit(
                 Reading(
                     source=self.name,
-                    device=self.device,
+                    device=dev.cfg.name,
                     ts=self._wall(),
                     kind=KIND_REGISTERS,
                     registers=words,
@@ -411,111 +834,160 @@ class ModbusTcpPoller:
         if refused is not None:
             raise refused
 
-    def _succeeded(self) -> None:
-        h = self.health
-        h.polls += 1
-        h.last_success_ts = self._wall()
-        if self._state == "bad":
-            self._log.info(
-                "%s:%s answers again after %d failed poll(s)",
-                self.cfg.host, self.cfg.port, h.consecutive_errors,
-            )
-        elif self._state is None:
-            self._log.info(
-                "polling %s:%s unit %d: %d request(s) every %g s",
-                self.cfg.host, self.cfg.port, self.cfg.unit_id, len(self.plan), self.cfg.interval,
-            )
-        h.consecutive_errors = 0
-        h.quality = "good"
-        self._state = "good"
+    async def _poll_guarded(self, dev: _Device, gi: int, attempts: int | None) -> _Outcome:
+        """One poll of one group that never raises (but CancelledError)."""
+        outcome = await self._poll_outcome(dev, gi, attempts)
+        dev.health.polls += 1  # counted when over: polls - total_errors = complete polls
+        return outcome
 
-    def _failed(self, exc: BaseException, unexpected: bool) -> None:
-        h = self.health
-        h.polls += 1
-        h.total_errors += 1
-        h.consecutive_errors += 1
-        h.last_error = str(exc) if not unexpected else f"unexpected error: {exc!r}"
-        h.quality = "bad"
-        if self._state != "bad":
-            self._log.warning(
-                "poll failed: %s (retrying; logged again when it recovers)",
-                h.last_error,
-                exc_info=exc if unexpected else None,
+    async def _poll_outcome(self, dev: _Device, gi: int, attempts: int | None) -> _Outcome:
+        h = dev.health
+        try:
+            await self._poll_group(dev, dev.groups[gi], attempts or self._attempts)
+        except _Unreachable as exc:
+            self._unreachable(dev, exc.error)
+            return "unreachable"
+        except ModbusExceptionResponse as exc:
+            self._count_error(dev, str(exc))
+            return "refused"
+        except Exception as exc:  # noqa: BLE001 - a poller must survive anything (emit failing)
+            self._count_error(dev, f"unexpected error: {exc!r}")
+            if not dev.unexpected_logged:
+                dev.unexpected_logged = True
+                self._log.warning(
+                    "%s: poll failed: %r (logged once until a poll succeeds)",
+                    dev.label, exc, exc_info=exc,
+                )
+            return "error"
+        h.last_success_ts = self._wall()
+        h.consecutive_errors = 0
+        dev.unexpected_logged = False
+        return "ok"
+
+    # -- state --
+
+    def _status(self, dev: _Device, quality: Literal["good", "bad"], error: str) -> None:
+        if self._on_status is None:
+            return
+        try:
+            self._on_status(dev.cfg.name, quality, error)
+        except Exception:  # noqa: BLE001 - the runtime's callback must not stop the bus
+            self._log.exception("on_status callback failed for %s", dev.label)
+
+    def _answered(self, dev: _Device) -> None:
+        """The device answered a request (data or an exception response)."""
+        if dev.state == "good":
+            return
+        h = dev.health
+        if dev.state == "bad":
+            self._log.info(
+                "%s answers again after %d failed poll(s)", dev.label, h.consecutive_errors
             )
         else:
-            self._log.debug("poll failed again (%d in a row): %s", h.consecutive_errors, exc)
-        self._state = "bad"
+            groups = ", ".join(f"{len(g.blocks)} request(s) every {g.interval:g} s"
+                               for g in dev.groups)
+            self._log.info("polling %s on %s: %s", dev.label, self._where(dev), groups)
+        previous = dev.state
+        dev.state = "good"
+        h.quality = "good"
+        dev.failures = 0
+        if previous == "bad":
+            self._status(dev, "good", "")
 
-    async def _poll_guarded(self) -> bool:
-        """One poll that never raises (but CancelledError). True when the poller should back
-        off (the device could not be reached)."""
-        try:
-            await self.poll_once()
-        except ModbusExceptionResponse as exc:
-            self._failed(exc, unexpected=False)
-            return False
-        except SourceError as exc:
-            self._failed(exc, unexpected=False)
-            return True
-        except Exception as exc:  # noqa: BLE001 - run() must survive anything (e.g. emit failing)
-            self._failed(exc, unexpected=True)
-            return False
-        self._succeeded()
-        return False
+    def _unreachable(self, dev: _Device, error: SourceError) -> None:
+        self._count_error(dev, str(error))
+        dev.health.quality = "bad"
+        if dev.state != "bad":
+            dev.state = "bad"
+            self._log.warning(
+                "%s does not answer: %s (backing off; logged again when it answers)",
+                dev.label, error,
+            )
+            self._status(dev, "bad", str(error))
+        else:
+            self._log.debug(
+                "%s still does not answer (%d polls): %s",
+                dev.label, dev.health.consecutive_errors, error,
+            )
 
-    def _backoff(self) -> float:
-        n = max(self.health.consecutive_errors, 1)
-        return min(self._backoff_max, self._backoff_min * 2.0 ** min(n - 1, 32))
+    @staticmethod
+    def _count_error(dev: _Device, message: str) -> None:
+        h = dev.health
+        h.total_errors += 1
+        h.consecutive_errors += 1
+        h.last_error = message
 
-    async def run(self) -> None:
-        """Poll until cancelled. Never raises anything but CancelledError."""
-        interval = self.cfg.interval
-        try:
-            start = self._clock()
-            k = 0
-            while True:
-                back_off = await self._poll_guarded()
-                now = self._clock()
-                earliest = now + self._backoff() if back_off else now
-                # The first slot after k that is not in the past (or inside the backoff).
-                j = max(k + 1, math.ceil((earliest - start) / interval - 1e-9))
-                if not back_off:
-                    self.health.missed_polls += j - (k + 1)
-                k = j
-                delay = start + k * interval - self._clock()
-                await self._sleep(max(delay, 0.0))
-        finally:
-            await self.close()
+    def _where(self, dev: _Device) -> str:
+        cfg = self.cfg
+        if isinstance(cfg, ModbusRtuSource):
+            return f"{cfg.port} ({cfg.baudrate} baud)"
+        return f"{cfg.host}:{cfg.port}"
 
-    # -- writes --
+    def _device(self, device: str) -> _Device:
+        if device in self._devices:
+            return self._devices[device]
+        names = ", ".join(sorted(self._devices))
+        if not device:
+            if len(self._devices) == 1:
+                return next(iter(self._devices.values()))
+            raise SourceError(
+                self.name, f"the source has {len(self._devices)} devices ({names}): name one"
+            )
+        raise SourceError(self.name, f"no device {device!r} on this source (devices: {names})")
+
+    # -- for tests, tools and actions --
+
+    @property
+    def devices(self) -> list[str]:
+        return list(self._devices)
+
+    async def poll_once(self, device: str = "") -> None:
+        """Poll every group of one device once, now ("" = the only device). Raises SourceError
+        (an exception response, or the error of a request that was never answered)."""
+        dev = self._device(device)
+        for group in dev.groups:
+            try:
+                await self._poll_group(dev, group, self._attempts)
+            except _Unreachable as exc:
+                raise exc.error from None
 
     async def write(
         self,
+        device: str,
         function: Literal["coil", "holding"],
         address: int,
         value: bool | int,
         verify: bool,
     ) -> bool | int:
-        """Write one coil or holding register on this source's unit, over the poller's
-        connection (serialised with polls). With ``verify``, read it back and return what the
+        """Write one coil or holding register of ``device`` ("" = the only device) over its
+        link, serialised with the polls. With ``verify``, read it back and return what the
         device holds (a coil as bool, a register as 0..65535); else return what was written.
         Raises SourceError."""
-        unit = self.cfg.unit_id
-        async with self._lock:
+        dev = self._device(device)
+        client, unit, limit = dev.link.client, dev.cfg.unit_id, dev.timeout
+        async with dev.link.lock:
             if function == "coil":
-                await self._client.write_coil(address, bool(value), unit)
+                await client.write_coil(address, bool(value), unit, per_request=limit)
                 if not verify:
                     return bool(value)
-                (bit,) = await self._client.read(ReadBlock(FN_COIL, address, 1), unit)
+                (bit,) = await client.read(ReadBlock(FN_COIL, address, 1), unit, per_request=limit)
                 return bool(bit)
-            await self._client.write_register(address, int(value), unit)
+            await client.write_register(address, int(value), unit, per_request=limit)
             if not verify:
                 return int(value) & 0xFFFF
-            (word,) = await self._client.read(ReadBlock(FN_HOLDING, address, 1), unit)
+            (word,) = await client.read(ReadBlock(FN_HOLDING, address, 1), unit, per_request=limit)
             return word
 
+    def device_unit(self, device: str = "") -> int:
+        """The unit id of ``device`` ("" = the only device). Raises SourceError."""
+        return self._device(device).cfg.unit_id
+
     async def close(self) -> None:
-        await self._client.close()
+        for link in self._links:
+            await link.client.close()
+
+
+ModbusTcpPoller = ModbusBusPoller  # the name before RTU buses (issue #2)
 
 
 # --- simulated server ---------------------------------------------------------------------------

@@ -1,4 +1,12 @@
-"""Modbus read planning: pure, no pymodbus, so config checks (bus budget) can use it too.
+"""Modbus read planning and RTU wire timing: pure, no pymodbus, so config checks (the bus
+budget) can use it too.
+
+- ``register_span``/``register_width``: where a configured point lies (function, address, width);
+- ``plan_reads``: a register map -> the fewest read requests (coalesced across small gaps);
+- ``plan_device``: one device's map -> ``PollGroup``s, one per poll interval (per-point intervals);
+- ``bus_devices``: the devices of a Modbus source, single-device shorthand included;
+- RTU wire timing: ``char_time``, ``inter_frame_gap``, ``request_bytes``/``response_bytes``,
+  ``transaction_time``: what one request costs on an RS-485 line.
 
 Re-exported by ``flux_edge.sources.modbus``.
 """
@@ -9,7 +17,7 @@ import collections
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from flux_edge.config import RegisterConfig
+from flux_edge.config import ModbusDeviceConfig, ModbusRtuSource, ModbusTcpSource, RegisterConfig
 from flux_edge.model import FN_COIL, FN_DISCRETE, FN_HOLDING, FN_INPUT
 
 # --- read planning ------------------------------------------------------------------------------
@@ -30,6 +38,9 @@ _WORDS: dict[str, int] = {
     "int32": 2,
     "uint32": 2,
     "float32": 2,
+    "int64": 4,
+    "uint64": 4,
+    "float64": 4,
 }
 _TABLE_NAMES = {
     FN_COIL: "coils",
@@ -54,15 +65,28 @@ class ReadBlock:
         return f"read {table} {self.address}..{self.address + self.count - 1}"
 
 
-def register_span(reg: RegisterConfig) -> tuple[int, int, int]:
-    """(function code, first address, width) of one configured register.
+def register_width(reg: RegisterConfig) -> int:
+    """Registers (or bits) one configured point takes.
 
-    Coils and discrete inputs are one bit whatever the type; on holding/input registers a bool is
-    a whole register (true when != 0) and 32-bit types take two registers.
+    Coils and discrete inputs are one bit whatever the type; on holding/input registers a bool
+    is a whole register (true when != 0), 32-bit types take two registers, 64-bit types four,
+    and a string ``count`` registers (two ASCII bytes each). Raises ValueError for a string
+    without a positive ``count``.
     """
-    function = _FUNCTION_CODES[reg.function]
-    width = 1 if function in (FN_COIL, FN_DISCRETE) else _WORDS[reg.type]
-    return function, reg.address, width
+    if reg.function in ("coil", "discrete"):
+        return 1
+    if reg.type == "string":
+        if reg.count < 1:
+            raise ValueError(
+                f"register {reg.name!r}: a string needs count >= 1 (registers, 2 bytes each)"
+            )
+        return reg.count
+    return _WORDS[reg.type]
+
+
+def register_span(reg: RegisterConfig) -> tuple[int, int, int]:
+    """(function code, first address, width) of one configured register (see ``register_width``)."""
+    return _FUNCTION_CODES[reg.function], reg.address, register_width(reg)
 
 
 def plan_reads(registers: Sequence[RegisterConfig], max_gap: int) -> list[ReadBlock]:
@@ -115,3 +139,116 @@ def plan_reads(registers: Sequence[RegisterConfig], max_gap: int) -> list[ReadBl
         if cur_end >= 0:
             blocks.append(ReadBlock(function, cur_start, cur_end - cur_start))
     return blocks
+
+
+# --- devices and per-point intervals ------------------------------------------------------------
+
+
+def bus_devices(
+    cfg: ModbusTcpSource | ModbusRtuSource, name: str
+) -> tuple[ModbusDeviceConfig, ...]:
+    """The devices of a Modbus source.
+
+    The loader fills ``devices`` for every source; a ``ModbusTcpSource`` built in code with the
+    single-device shorthand (``unit_id``/``device``/``registers``, no ``devices``) is one device
+    named ``device`` or, without it, the source's name.
+    """
+    if cfg.devices or isinstance(cfg, ModbusRtuSource):
+        return cfg.devices
+    return (
+        ModbusDeviceConfig(name=cfg.device or name, unit_id=cfg.unit_id, registers=cfg.registers),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PollGroup:
+    """The points of one device polled together on one interval, as coalesced read requests."""
+
+    interval: float  # seconds between polls of this group
+    blocks: tuple[ReadBlock, ...]
+    points: tuple[str, ...] = ()  # names of the registers it carries, for messages and plans
+
+
+def plan_device(
+    device: ModbusDeviceConfig, default_interval: float, max_gap: int
+) -> list[PollGroup]:
+    """One device's register map -> its poll groups, fastest first.
+
+    A point with its own ``interval`` is polled on that schedule; every other point on the
+    device's interval (``device.interval``, or ``default_interval`` when that is 0, i.e. the
+    bus's). Points sharing an interval form one group and are coalesced together
+    (``plan_reads``); points of different groups are never read twice. A device without
+    registers has no groups. Raises ValueError for a non-positive interval or a map
+    ``plan_reads`` rejects (the message names the device).
+    """
+    base = device.interval if device.interval > 0 else default_interval
+    if base <= 0:
+        raise ValueError(f"device {device.name!r}: interval must be > 0, got {base}")
+    by_interval: dict[float, list[RegisterConfig]] = collections.defaultdict(list)
+    for reg in device.registers:
+        if reg.interval < 0:
+            raise ValueError(
+                f"device {device.name!r}, register {reg.name!r}: interval must be >= 0"
+            )
+        by_interval[reg.interval if reg.interval > 0 else base].append(reg)
+    groups: list[PollGroup] = []
+    for interval in sorted(by_interval):
+        regs = by_interval[interval]
+        try:
+            blocks = plan_reads(regs, max_gap)
+        except ValueError as exc:
+            raise ValueError(f"device {device.name!r}: {exc}") from None
+        groups.append(PollGroup(interval, tuple(blocks), tuple(r.name for r in regs)))
+    return groups
+
+
+# --- RTU wire timing ----------------------------------------------------------------------------
+
+RTU_FAST_BAUD = 19200  # above this rate the spec fixes the inter-frame silence at 1.75 ms
+RTU_FAST_GAP = 0.00175
+
+
+def char_bits(bytesize: int = 8, parity: str = "E", stopbits: int = 1) -> int:
+    """Bits on the wire per character: start bit, data bits, parity bit (unless "N"), stop bits."""
+    return 1 + bytesize + (0 if parity == "N" else 1) + stopbits
+
+
+def char_time(baudrate: int, bytesize: int = 8, parity: str = "E", stopbits: int = 1) -> float:
+    """Seconds one character takes on the wire (11 bits at 9600 baud: 1.146 ms)."""
+    if baudrate <= 0:
+        raise ValueError(f"baudrate must be > 0, got {baudrate}")
+    return char_bits(bytesize, parity, stopbits) / baudrate
+
+
+def inter_frame_gap(
+    baudrate: int,
+    bytesize: int = 8,
+    parity: str = "E",
+    stopbits: int = 1,
+    override: float = 0.0,
+) -> float:
+    """The silence required between two frames (``override`` when > 0): 3.5 character times,
+    fixed at 1.75 ms above 19200 baud (Modbus over serial line, 2.5.1.1)."""
+    if override > 0:
+        return override
+    if baudrate > RTU_FAST_BAUD:
+        return RTU_FAST_GAP
+    return 3.5 * char_time(baudrate, bytesize, parity, stopbits)
+
+
+def request_bytes(block: ReadBlock) -> int:
+    """An RTU read request: address, function, start (2), count (2), CRC (2)."""
+    return 8
+
+
+def response_bytes(block: ReadBlock) -> int:
+    """An RTU read response: address, function, byte count, data, CRC (2)."""
+    if block.function in (FN_COIL, FN_DISCRETE):
+        return 5 + (block.count + 7) // 8
+    return 5 + 2 * block.count
+
+
+def transaction_time(block: ReadBlock, char_seconds: float, gap: float) -> float:
+    """The least wire time one read can take on an RTU line: request and response frames plus
+    the silence before each (the slave cannot answer sooner, the master cannot ask sooner)."""
+    return (request_bytes(block) + response_bytes(block)) * char_seconds + 2 * gap

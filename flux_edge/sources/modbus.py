@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import heapq
 import itertools
 import logging
@@ -409,16 +410,20 @@ class ModbusTcpClient(_Client):
 
 
 class _PreciseTimer:
-    """Waits until a monotonic deadline to ~0.1 ms.
+    """Waits until a monotonic deadline to within a few tens of microseconds.
 
     asyncio's timers are only as fine as epoll's timeout, whole milliseconds: waiting out a
     1.75 ms inter-frame silence that way overshoots by ~0.8 ms, which at 115200 baud is a sixth
-    of a whole transaction. So the loop sleeps the coarse part and a helper thread (started on
+    of a whole transaction. So the loop sleeps the coarse part; a helper thread (started on
     first use, one per RTU port) sleeps the last couple of milliseconds with the OS' precision
-    and wakes the loop.
+    and wakes the loop. Waking the loop from a thread takes ~0.1 ms itself, so the thread wakes
+    it that much early (``lead``, learned from the wake-ups so far) and the loop spins out the
+    rest, never past ``SPIN_MAX``: the deadline is never cut short, and the CPU spent spinning
+    is about the jitter of a wake-up.
     """
 
     MARGIN = 0.002  # the part left to the thread
+    SPIN_MAX = 0.0003  # longest the loop spins; the lead is kept below it
 
     def __init__(self, name: str) -> None:
         self._name = name
@@ -426,6 +431,7 @@ class _PreciseTimer:
             tuple[float, asyncio.AbstractEventLoop, asyncio.Future[None]] | None
         ] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self.lead = 0.0  # how early the thread wakes the loop (a running mean of the lateness)
 
     async def sleep_until(self, deadline: float) -> None:
         remaining = deadline - time.monotonic()
@@ -433,17 +439,26 @@ class _PreciseTimer:
             return
         if remaining > 2 * self.MARGIN:
             await asyncio.sleep(remaining - self.MARGIN)
-            if deadline <= time.monotonic():
-                return
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-            self._thread.start()
-        self._queue.put((deadline, loop, fut))
-        await fut
+        while (wake_at := deadline - self.lead) > time.monotonic():
+            loop = asyncio.get_running_loop()
+            fut: asyncio.Future[None] = loop.create_future()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+            self._queue.put((wake_at, loop, fut))
+            await fut
+            late = time.monotonic() - wake_at
+            self.lead = min(0.9 * self.lead + 0.1 * max(late, 0.0), 0.8 * self.SPIN_MAX)
+            if deadline - time.monotonic() <= self.SPIN_MAX:
+                break
+        while time.monotonic() < deadline:
+            pass  # at most SPIN_MAX (the loop resumed earlier than that only if the OS was fast)
 
     def _run(self) -> None:
+        # Linux ends a thread's timed sleeps up to 50 us late by default (timer slack): ask for
+        # 1 us on this thread (best effort: PR_SET_TIMERSLACK, elsewhere nothing happens).
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(29, 1000, 0, 0, 0)
         while (item := self._queue.get()) is not None:
             deadline, loop, fut = item
             delay = deadline - time.monotonic()
@@ -1044,7 +1059,8 @@ class SimulatedModbusServer:
     Python reads and writes the tables directly (``set_holding``, ``get_coil``, ...; the first
     unit id unless ``device_id=`` says otherwise); ``requests``/``request_count`` count what
     clients asked for, ``on_write``/``next_write()`` report writes, ``ignore_writes`` makes an
-    address accept writes without changing (a faulty device).
+    address accept writes without changing (a faulty device), ``silence`` makes a unit stop
+    answering (a dead device behind a gateway: requests are counted, no response is sent).
     """
 
     def __init__(
@@ -1064,6 +1080,7 @@ class SimulatedModbusServer:
         self.size = -(-size // 16) * 16  # bit tables are stored in 16-bit words
         self._tables = {dev: _Tables(self.size) for dev in self.device_ids}
         self._ignored: set[tuple[int, str, int]] = set()
+        self._silent: set[int] = set()
         self.requests: collections.Counter[tuple[int, int]] = collections.Counter()
         self.connections = 0
         self.writes: list[SimWrite] = []  # most recent last; bounded
@@ -1119,6 +1136,27 @@ class SimulatedModbusServer:
         self._check(address)
         return self._t(device_id).input[address]
 
+    def set_words(
+        self, table: Table, address: int, words: Iterable[int], *, device_id: int | None = None
+    ) -> None:
+        """Set consecutive registers (or bits, 0/1) of one table from ``address`` on."""
+        for i, word in enumerate(words):
+            if table == "coil":
+                self.set_coil(address + i, bool(word), device_id=device_id)
+            elif table == "discrete":
+                self.set_discrete(address + i, bool(word), device_id=device_id)
+            elif table == "holding":
+                self.set_holding(address + i, word, device_id=device_id)
+            else:
+                self.set_input(address + i, word, device_id=device_id)
+
+    def silence(self, device_id: int, silent: bool = True) -> None:
+        """A silent unit receives requests (they are counted) but never answers."""
+        if silent:
+            self._silent.add(device_id)
+        else:
+            self._silent.discard(device_id)
+
     def ignore_writes(
         self, table: Literal["coil", "holding"], address: int, *, device_id: int | None = None
     ) -> None:
@@ -1150,6 +1188,12 @@ class SimulatedModbusServer:
         if not sending:
             self.requests[(pdu.dev_id, pdu.function_code)] += 1
         return pdu
+
+    def _trace_packet(self, sending: bool, packet: bytes) -> bytes:
+        # A response's MBAP header carries the unit id in byte 6: a silenced unit's is not sent.
+        if sending and self._silent and len(packet) > 6 and packet[6] in self._silent:
+            return b""
+        return packet
 
     def _trace_connect(self, connected: bool) -> None:
         if connected:
@@ -1262,6 +1306,7 @@ class SimulatedModbusServer:
             devices,
             address=(self.host, self.port),
             trace_pdu=self._trace_pdu,
+            trace_packet=self._trace_packet,
             trace_connect=self._trace_connect,
         )
         errors = _remember_oserror(server)

@@ -4,19 +4,26 @@ Schema (the Structs below) is the contract the rest of the daemon reads. Duratio
 TOML as strings ("50ms", "1s", "2m", "1h", "1h30m") or numbers of seconds and stored as float
 seconds; sizes as "16MiB"/"512KiB"/"1GB" or a number of bytes and stored as int bytes.
 
-Loading happens in three passes, each collecting *every* problem it finds (docs/configuration.md):
+Loading happens in passes, each collecting *every* problem it finds (docs/configuration.md):
 
 1. syntax: tomlkit parses the text; a syntax error is reported with its line and column;
 2. schema: the whole document is walked against the Structs (unknown keys with a suggestion,
    types deep in lists, missing keys, durations, sizes, ranges), each problem placed at the line
    and column of the offending key or value by a small position scanner (``_Scanner``), since
    tomlkit does not expose positions;
-3. references: chains name plugins, plugin files exist, actions name sources, rules name actions,
-   and rule conditions type-check (``flux_edge.rules.engine.check_rules``).
+3. references: chains name plugins, plugin files exist, actions name sources (of the right kind,
+   and a device of it), rules name actions, device names are unique, one source per serial port;
+4. normalization: every Modbus source gets ``devices`` (the TCP single-device shorthand becomes
+   one device), each device's ``profile`` file is read (its problems reported in that file) and
+   its map merged with the device's own registers, a device interval/timeout of 0 becomes the
+   bus's;
+5. rule conditions type-check (``flux_edge.rules.engine.check_rules``);
+6. the structs are built, and each RTU bus's time budget is checked (``bus_budget``).
 
 Public API: ``load_config``, ``load_config_text``, ``check_config``, ``check_config_text``,
 ``resolve_plugin_path``, ``plugin_search_paths``, ``bundled_plugin_dir``, ``parse_duration``,
-``parse_size``.
+``parse_size``, ``source_devices``, ``load_profile``, ``profile_search_paths``,
+``bundled_profile_dir``, ``bus_budget`` (-> ``BusBudget``).
 """
 
 from __future__ import annotations
@@ -43,8 +50,11 @@ import tomlkit.exceptions
 from flux_edge.errors import ConfigError, FluxError, Problem
 
 RegisterFunction = Literal["coil", "discrete", "holding", "input"]
-RegisterType = Literal["bool", "int16", "uint16", "int32", "uint32", "float32"]
+RegisterType = Literal[
+    "bool", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64", "string"
+]
 Order = Literal["big", "little"]
+Parity = Literal["N", "E", "O"]
 
 
 class _S(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -55,6 +65,7 @@ class DaemonConfig(_S, frozen=True):
     name: str = ""  # gateway id; default: the host name
     state_dir: str = "/var/lib/flux-edge"  # plugin cache lives in state_dir/cache
     plugin_dirs: tuple[str, ...] = ("plugins",)  # searched for <module>.wasm, relative to config
+    profile_dirs: tuple[str, ...] = ("devices",)  # searched for <profile>.toml, relative to config
     queue_size: int = 10000  # capacity of each queue between stages
     batch_max: int = 256  # most messages per plugin call
     log_level: str = "info"
@@ -81,21 +92,103 @@ class RegisterConfig(_S, frozen=True):
     scale: float = 1.0
     offset: float = 0.0
     unit: str = ""
+    count: int = 0  # registers of a "string" (2 ASCII bytes each); required for strings only
+    interval: float = 0.0  # poll this point on its own interval; 0 = the device's interval
+
+
+class ModbusDeviceConfig(_S, frozen=True):
+    """One slave (unit id) on a Modbus bus or behind a Modbus TCP endpoint/gateway."""
+
+    name: str  # device name carried by its measurements
+    unit_id: int = 1
+    profile: str = ""  # a register map file: <profile>.toml in daemon.profile_dirs, or a path
+    registers: tuple[RegisterConfig, ...] = ()  # after loading: the profile's map, then these
+    interval: float = 0.0  # 0 = the bus's interval
+    timeout: float = 0.0  # 0 = the bus's timeout
 
 
 class ModbusTcpSource(_S, frozen=True, tag="modbus_tcp", tag_field="type"):
     host: str
     port: int = 502
-    unit_id: int = 1
+    unit_id: int = 1  # single-device shorthand (with device/registers); or use `devices`
     interval: float = 1.0  # seconds between polls
     timeout: float = 1.0  # seconds per request
     device: str = ""  # device name for measurements; default: the source's table name
     chain: tuple[str, ...] = ()  # plugin names, applied in order
     max_gap: int = 8  # registers a coalesced read may skip over
     registers: tuple[RegisterConfig, ...] = ()
+    devices: tuple[ModbusDeviceConfig, ...] = ()  # several unit ids behind one endpoint
+    retries: int = 1  # extra attempts of a failed request before the device counts as failing
+    backoff_max: float = 60.0  # longest pause between attempts to reach a failing device
 
 
-SourceConfig = ModbusTcpSource
+class ModbusRtuSource(_S, frozen=True, tag="modbus_rtu", tag_field="type"):
+    """An RS-485 line: one request at a time, several slaves."""
+
+    port: str  # /dev/ttyUSB0, /dev/serial/by-id/...
+    devices: tuple[ModbusDeviceConfig, ...]
+    baudrate: int = 9600
+    parity: Parity = "E"  # the Modbus spec's default; many devices ship set to "N"
+    stopbits: int = 1
+    bytesize: int = 8
+    interval: float = 1.0
+    timeout: float = 0.2  # response timeout per request
+    retries: int = 1
+    backoff_max: float = 60.0
+    max_gap: int = 8
+    inter_frame: float = 0.0  # silence between frames; 0 = the spec's 3.5 characters (>= 1.75 ms)
+    # How long a slave takes from the end of a request to the start of its answer. Used only by
+    # the bus budget check (``bus_budget``); the protocol does not bound it, devices document it.
+    turnaround: float = 0.005
+    chain: tuple[str, ...] = ()
+
+
+class SerialSource(_S, frozen=True, tag="serial", tag_field="type"):
+    """A non-Modbus serial device (NMEA GPS, ASCII sensor, barcode reader ...)."""
+
+    port: str
+    baudrate: int = 9600
+    parity: Parity = "N"
+    stopbits: int = 1
+    bytesize: int = 8
+    device: str = ""  # default: the source's table name
+    framing: Literal["delimiter", "fixed", "length_prefix", "idle"] = "delimiter"
+    # delimiter framing: TOML escapes allowed ("\r\n"); the delimiter is not part of the frame
+    delimiter: str = "\n"
+    frame_length: int = 0  # fixed framing: bytes per frame
+    length_offset: int = 0  # length_prefix: where the length field starts in the frame
+    length_bytes: int = 1  # length_prefix: 1, 2 or 4
+    length_order: Order = "big"  # length_prefix: byte order of the length field
+    length_adjust: int = 0  # length_prefix: added to the length field to get the bytes after it
+    idle: float = 0.02  # idle framing: a gap this long ends a frame
+    max_frame: int = 4096  # longer frames are counted errors and dropped up to the next boundary
+    chain: tuple[str, ...] = ()
+
+
+class MqttSubscription(_S, frozen=True):
+    topic: str  # MQTT filter, wildcards + and # allowed
+    qos: int = 1  # 0, 1 or 2
+
+
+class MqttSource(_S, frozen=True, tag="mqtt", tag_field="type"):
+    """Subscriptions on a broker; each message's payload goes to the plugin chain."""
+
+    topics: tuple[MqttSubscription, ...]
+    host: str = "127.0.0.1"
+    port: int = 1883
+    client_id: str = ""  # default: flux-edge-<daemon.name>-<source>
+    username: str = ""
+    password: str = ""
+    keepalive: float = 30.0
+    device: str = ""  # fixed device name; default: the source's table name
+    device_from_topic: str = ""  # e.g. "site/{device}/telemetry": the {device} level names it
+    reconnect_min: float = 1.0
+    reconnect_max: float = 60.0
+    max_inflight: int = 100  # QoS 1/2 messages in flight (paho's default 20 costs throughput)
+    chain: tuple[str, ...] = ()
+
+
+SourceConfig = ModbusTcpSource | ModbusRtuSource | SerialSource | MqttSource
 
 
 class RuleConfig(_S, frozen=True):
@@ -108,15 +201,39 @@ class RuleConfig(_S, frozen=True):
 
 
 class ModbusWriteAction(_S, frozen=True, tag="modbus_write", tag_field="type"):
-    source: str  # the modbus source whose connection and unit id are used
+    source: str  # the modbus source (TCP endpoint or RTU bus) to write through
     address: int
     value: bool | int
     function: Literal["coil", "holding"] = "coil"
+    device: str = ""  # the device (unit id) on that source; required when it has several
     verify: bool = True  # read back and compare
     timeout: float = 1.0
 
 
-ActionConfig = ModbusWriteAction
+class SerialWriteAction(_S, frozen=True, tag="serial_write", tag_field="type"):
+    source: str  # the serial source whose port is written
+    data: str  # what to send
+    encoding: Literal["text", "hex"] = "text"  # text: UTF-8 with TOML escapes; hex: "01 03 00"
+    timeout: float = 1.0
+
+
+ActionConfig = ModbusWriteAction | SerialWriteAction
+
+
+class ProfileInfo(_S, frozen=True):
+    """The ``[profile]`` table of a device profile file."""
+
+    manufacturer: str
+    model: str
+    description: str = ""
+    source: str = ""  # URL of the public register documentation the map was taken from
+
+
+class DeviceProfile(_S, frozen=True):
+    """A device profile file (config/devices/*.toml): a reusable register map."""
+
+    profile: ProfileInfo
+    registers: tuple[RegisterConfig, ...]
 
 
 class Config(_S, frozen=True):
@@ -300,6 +417,74 @@ def _check_host(value: str) -> str | None:
     return None
 
 
+def _check_profile_ref(value: str) -> str | None:
+    if value.endswith(".toml"):
+        return None
+    if _NAME_RE.fullmatch(value):
+        return None
+    return (
+        f"{_got(value)}: a profile is a name looked up in daemon.profile_dirs "
+        '(like "eastron_sdm630") or the path of a file ending in ".toml"'
+    )
+
+
+def _check_topic_filter(value: str) -> str | None:
+    """An MQTT topic filter: '#' alone in the last level, '+' alone in its level, no NUL."""
+    from flux_edge.mqtt import check_filter  # pure helpers; paho is not imported
+
+    return check_filter(value)
+
+
+_DEVICE_LEVEL = "{device}"
+
+
+def _check_device_pattern(value: str) -> str | None:
+    from flux_edge.mqtt import DevicePattern
+
+    try:
+        DevicePattern(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+# Baud rates serial adapters and Modbus devices offer; others are accepted with a warning.
+_STANDARD_BAUDRATES = frozenset(
+    {
+        300,
+        600,
+        1200,
+        2400,
+        4800,
+        9600,
+        14400,
+        19200,
+        28800,
+        38400,
+        57600,
+        76800,
+        115200,
+        128000,
+        153600,
+        230400,
+        250000,
+        256000,
+        460800,
+        500000,
+        576000,
+        921600,
+        1000000,
+        1152000,
+        1500000,
+        2000000,
+        2500000,
+        3000000,
+        3500000,
+        4000000,
+    }
+)
+
+
 # --- per-field rules the types alone do not say ---------------------------------------------------
 
 
@@ -330,8 +515,16 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (PluginConfig, "memory_limit"): _Rule(kind="size", min=64 * 1024, max=2**30),
     (PluginConfig, "max_failures"): _Rule(min=1, max=1_000_000),
     (PluginConfig, "quarantine"): _Rule(kind="duration", min=0),
+    (DaemonConfig, "profile_dirs"): _Rule(nonempty=True),
     (RegisterConfig, "name"): _Rule(nonempty=True, check=_check_cel_ident),
     (RegisterConfig, "address"): _Rule(min=0, max=65535),
+    (RegisterConfig, "count"): _Rule(min=1, max=125),
+    (RegisterConfig, "interval"): _Rule(kind="duration", positive=True),
+    (ModbusDeviceConfig, "name"): _Rule(nonempty=True, check=_check_name),
+    (ModbusDeviceConfig, "unit_id"): _Rule(min=0, max=247),
+    (ModbusDeviceConfig, "profile"): _Rule(check=_check_profile_ref),
+    (ModbusDeviceConfig, "interval"): _Rule(kind="duration", min=0),
+    (ModbusDeviceConfig, "timeout"): _Rule(kind="duration", min=0),
     (ModbusTcpSource, "host"): _Rule(nonempty=True, check=_check_host),
     (ModbusTcpSource, "port"): _Rule(min=1, max=65535),
     (ModbusTcpSource, "unit_id"): _Rule(min=0, max=247),
@@ -340,12 +533,52 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (ModbusTcpSource, "device"): _Rule(check=_check_name),
     (ModbusTcpSource, "max_gap"): _Rule(min=0, max=123),
     (ModbusTcpSource, "chain"): _Rule(nonempty=True),
+    (ModbusTcpSource, "retries"): _Rule(min=0, max=100),
+    (ModbusTcpSource, "backoff_max"): _Rule(kind="duration", positive=True),
+    (ModbusRtuSource, "port"): _Rule(nonempty=True),
+    (ModbusRtuSource, "baudrate"): _Rule(min=300, max=4_000_000),
+    (ModbusRtuSource, "stopbits"): _Rule(min=1, max=2),
+    (ModbusRtuSource, "bytesize"): _Rule(min=7, max=8),
+    (ModbusRtuSource, "interval"): _Rule(kind="duration", positive=True),
+    (ModbusRtuSource, "timeout"): _Rule(kind="duration", positive=True),
+    (ModbusRtuSource, "retries"): _Rule(min=0, max=100),
+    (ModbusRtuSource, "backoff_max"): _Rule(kind="duration", positive=True),
+    (ModbusRtuSource, "max_gap"): _Rule(min=0, max=123),
+    (ModbusRtuSource, "inter_frame"): _Rule(kind="duration", min=0, max=1),
+    (ModbusRtuSource, "turnaround"): _Rule(kind="duration", min=0, max=10),
+    (ModbusRtuSource, "chain"): _Rule(nonempty=True),
+    (SerialSource, "port"): _Rule(nonempty=True),
+    (SerialSource, "baudrate"): _Rule(min=300, max=4_000_000),
+    (SerialSource, "stopbits"): _Rule(min=1, max=2),
+    (SerialSource, "bytesize"): _Rule(min=7, max=8),
+    (SerialSource, "device"): _Rule(check=_check_name),
+    (SerialSource, "frame_length"): _Rule(min=0, max=16 * 2**20),
+    (SerialSource, "length_offset"): _Rule(min=0, max=65535),
+    (SerialSource, "length_adjust"): _Rule(min=-65535, max=65535),
+    (SerialSource, "idle"): _Rule(kind="duration", positive=True, max=60),
+    (SerialSource, "max_frame"): _Rule(kind="size", min=1, max=16 * 2**20),
+    (SerialSource, "chain"): _Rule(nonempty=True),
+    (MqttSubscription, "topic"): _Rule(nonempty=True, check=_check_topic_filter),
+    (MqttSubscription, "qos"): _Rule(min=0, max=2),
+    (MqttSource, "host"): _Rule(nonempty=True, check=_check_host),
+    (MqttSource, "port"): _Rule(min=1, max=65535),
+    (MqttSource, "keepalive"): _Rule(kind="duration", min=0, max=65535),
+    (MqttSource, "device"): _Rule(check=_check_name),
+    (MqttSource, "device_from_topic"): _Rule(check=_check_device_pattern),
+    (MqttSource, "reconnect_min"): _Rule(kind="duration", positive=True),
+    (MqttSource, "reconnect_max"): _Rule(kind="duration", positive=True),
+    (MqttSource, "max_inflight"): _Rule(min=1, max=65535),
+    (MqttSource, "chain"): _Rule(nonempty=True),
     (RuleConfig, "when"): _Rule(nonempty=True),
     (RuleConfig, "actions"): _Rule(nonempty=True),
     (RuleConfig, "inputs"): _Rule(keys=_check_cel_ident),
     (ModbusWriteAction, "source"): _Rule(nonempty=True),
     (ModbusWriteAction, "address"): _Rule(min=0, max=65535),
     (ModbusWriteAction, "timeout"): _Rule(kind="duration", positive=True),
+    (ModbusWriteAction, "device"): _Rule(check=_check_name),
+    (SerialWriteAction, "source"): _Rule(nonempty=True),
+    (SerialWriteAction, "data"): _Rule(nonempty=True),
+    (SerialWriteAction, "timeout"): _Rule(kind="duration", positive=True),
     (Config, "plugins"): _Rule(keys=_check_name),
     (Config, "sources"): _Rule(keys=_check_name),
     (Config, "rules"): _Rule(keys=_check_name),
@@ -355,7 +588,19 @@ _RULES: dict[tuple[type, str], _Rule] = {
 # Fields the loader sets; a file may not.
 _LOADER_ONLY: frozenset[tuple[type, str]] = frozenset({(Config, "path")})
 
-_WIDE_TYPES = frozenset({"int32", "uint32", "float32"})
+# Registers (16-bit words) each register type takes; a "string" takes its ``count``.
+_TYPE_WORDS: dict[str, int] = {
+    "bool": 1,
+    "int16": 1,
+    "uint16": 1,
+    "int32": 2,
+    "uint32": 2,
+    "float32": 2,
+    "int64": 4,
+    "uint64": 4,
+    "float64": 4,
+}
+_MODBUS_TYPES = ("modbus_tcp", "modbus_rtu")
 _BIT_FUNCTIONS = frozenset({"coil", "discrete"})
 
 # --- describing values --------------------------------------------------------------------------
@@ -417,6 +662,14 @@ def _plural(desc: str) -> str:
 
 def _is_union(tp: Any) -> bool:
     return isinstance(tp, types.UnionType)
+
+
+def _is_tagged(tp: Any) -> bool:
+    return (
+        isinstance(tp, type)
+        and issubclass(tp, msgspec.Struct)
+        and tp.__struct_config__.tag_field is not None
+    )
 
 
 def _fmt_path(path: Key) -> str:
@@ -853,6 +1106,8 @@ class _Validator:
         if origin is dict:
             return self._table(value, get_args(tp)[1], path, rule)
         if origin is Union or _is_union(tp):
+            if all(_is_tagged(a) for a in get_args(tp)):
+                return self._tagged(value, get_args(tp), path)
             for alternative in get_args(tp):
                 if self._is(value, alternative):
                     return self.check(value, alternative, path, rule)
@@ -939,6 +1194,32 @@ class _Validator:
             self.report(path, f"must be at most {_num(rule.max)}{unit}, got {_got(value)}")
             return _BAD
         return result
+
+    def _tagged(self, value: Any, alternatives: tuple[Any, ...], path: Key) -> Any:
+        """A table of one of several tagged Structs, chosen by its tag field ("type")."""
+        if not isinstance(value, dict):
+            self.report(path, f"expected a table, got {_got(value)}")
+            return _BAD
+        tag_field = alternatives[0].__struct_config__.tag_field
+        by_tag = {str(a.__struct_config__.tag): a for a in alternatives}
+        names = ", ".join(by_tag)
+        if tag_field not in value:
+            self.report(
+                (*path, tag_field),
+                f'missing required key "{tag_field}" (expected one of {names})',
+                at="key",
+                where=path,
+            )
+            return _BAD
+        tag = value[tag_field]
+        cls = by_tag.get(tag) if isinstance(tag, str) else None
+        if cls is None:
+            hint = _suggest(tag, list(by_tag)) if isinstance(tag, str) else ""
+            self.report(
+                (*path, tag_field), f"expected one of {names}, got {_got(tag)}; {hint}".rstrip("; ")
+            )
+            return _BAD
+        return self._struct(value, cls, path)
 
     def _literal(self, value: Any, choices: tuple[Any, ...], path: Key) -> Any:
         if isinstance(value, str) and value in choices:
@@ -1055,6 +1336,16 @@ class _Validator:
 # --- checks that span several fields of one table ------------------------------------------------
 
 
+def _register_words(register: dict[str, Any]) -> int:
+    """Registers (or bits) one checked register entry takes."""
+    if register.get("function", "holding") in _BIT_FUNCTIONS:
+        return 1
+    type_ = register.get("type", "uint16")
+    if type_ == "string":
+        return max(1, int(register.get("count", 1)))
+    return _TYPE_WORDS.get(type_, 1)
+
+
 def _register_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> None:
     if not clean:
         return
@@ -1068,17 +1359,32 @@ def _register_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool)
                 f'a {function} is a single bit: type must be "bool", got {_got(out["type"])}',
             )
             return
-    words = 2 if out.get("type") in _WIDE_TYPES else 1
+    type_ = out.get("type", "uint16")
+    if type_ == "string" and "count" not in out:
+        v.report(
+            (*path, "count"),
+            'a string needs "count": how many registers it takes (2 characters each)',
+            at="key",
+            where=path,
+        )
+        return
+    if type_ != "string" and "count" in out:
+        v.report(
+            (*path, "count"),
+            f'"count" is only for type = "string"; a {type_} has a fixed size',
+            at="key",
+        )
+        return
+    words = _register_words(out)
     if out["address"] + words - 1 > 65535:
         v.report(
             (*path, "address"),
-            f"a {out['type']} takes 2 registers: address must be at most 65534",
+            f"a {type_} takes {words} registers: address must be at most {65536 - words}",
         )
 
 
-def _source_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> None:
+def _unique_register_names(v: _Validator, registers: list[Any], path: Key, scope: str) -> None:
     seen: dict[str, int] = {}
-    registers = out.get("registers", [])
     for index, register in enumerate(registers):
         name = register.get("name") if isinstance(register, dict) else None
         if not isinstance(name, str):
@@ -1087,12 +1393,222 @@ def _source_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -
             v.report(
                 (*path, "registers", index, "name"),
                 f'register name "{name}" is already used by registers[{seen[name]}]: '
-                "names must be unique within a source",
+                f"names must be unique within {scope}",
             )
         else:
             seen[name] = index
-    if clean and not registers:
-        v.report(path, "this source has no registers: it will poll nothing", at="key", warning=True)
+
+
+def _unique_unit_ids(v: _Validator, devices: list[Any], path: Key) -> None:
+    seen: dict[int, int] = {}
+    for index, device in enumerate(devices):
+        if not v.clean((*path, "devices", index, "unit_id")):
+            continue  # a bad unit id is not the default
+        unit = device.get("unit_id", 1)
+        if unit in seen:
+            other = devices[seen[unit]].get("name", "?")
+            given = "unit_id" in device
+            default = "" if given else " (the default)"
+            v.report(
+                (*path, "devices", index, "unit_id"),
+                f'unit id {unit}{default} is already used by devices[{seen[unit]}] ("{other}"): '
+                "each device on a bus answers to its own address",
+                at="value" if given else "key",
+                where=None if given else (*path, "devices", index),
+            )
+        else:
+            seen[unit] = index
+
+
+def _device_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> None:
+    _unique_register_names(v, out.get("registers", []), path, "a device")
+
+
+_SHORTHAND_KEYS = ("device", "unit_id", "registers")
+
+
+def _tcp_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> None:
+    _unique_register_names(v, out.get("registers", []), path, "a source")
+    if "devices" not in out:
+        if clean and not out.get("registers"):
+            v.report(
+                path, "this source has no registers: it will poll nothing", at="key", warning=True
+            )
+        return
+    for key in _SHORTHAND_KEYS:
+        if key in out:
+            v.report(
+                (*path, key),
+                'give either the single-device keys (device, unit_id, registers) or "devices", '
+                f'not both: move "{key}" into a device',
+                at="key",
+            )
+    if clean and not out["devices"]:
+        v.report(
+            (*path, "devices"),
+            '"devices" is empty: list at least one device, or leave it out and give '
+            "unit_id and registers",
+        )
+    _unique_unit_ids(v, out["devices"], path)
+
+
+def _baudrate_warning(v: _Validator, out: dict[str, Any], path: Key) -> None:
+    baud = out.get("baudrate")
+    if baud is not None and baud not in _STANDARD_BAUDRATES:
+        v.report(
+            (*path, "baudrate"),
+            f"{baud} is not a standard baud rate (9600, 19200, 38400, 115200, ...): check the "
+            "device's setting; a rate the serial adapter cannot generate fails when the port opens",
+            warning=True,
+        )
+
+
+def _rtu_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> None:
+    _baudrate_warning(v, out, path)
+    devices = out.get("devices")
+    if devices is None:
+        return  # missing: already reported
+    if clean and not devices:
+        v.report(
+            (*path, "devices"),
+            "an RTU bus needs at least one device: "
+            'devices = [{ name = "meter1", unit_id = 1, profile = "eastron_sdm120" }]',
+        )
+    for index, device in enumerate(devices):
+        if device.get("unit_id", 1) == 0:
+            v.report(
+                (*path, "devices", index, "unit_id"),
+                "unit id 0 is the broadcast address on a serial bus: no device answers a read "
+                "sent to it; give the device's own address, 1..247",
+            )
+    _unique_unit_ids(v, devices, path)
+
+
+# Keys each serial framing reads; the others are ignored (a warning if given).
+_FRAMING_KEYS: dict[str, frozenset[str]] = {
+    "delimiter": frozenset({"delimiter"}),
+    "fixed": frozenset({"frame_length"}),
+    "length_prefix": frozenset({"length_offset", "length_bytes", "length_order", "length_adjust"}),
+    "idle": frozenset({"idle"}),
+}
+_ALL_FRAMING_KEYS = sorted(frozenset().union(*_FRAMING_KEYS.values()))
+
+
+def _serial_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> None:
+    _baudrate_warning(v, out, path)
+    if not clean:
+        return
+    framing = out.get("framing", "delimiter")
+    max_frame = out.get("max_frame", 4096)
+    if framing == "delimiter" and out.get("delimiter", "\n") == "":
+        v.report(
+            (*path, "delimiter"), 'delimiter framing needs a delimiter, like "\\n" or "\\r\\n"'
+        )
+    elif framing == "fixed":
+        length = out.get("frame_length", 0)
+        if length < 1:
+            v.report(
+                (*path, "frame_length"),
+                'fixed framing needs "frame_length": the number of bytes in each frame (1 or more)',
+                at="value" if "frame_length" in out else "key",
+                where=None if "frame_length" in out else path,
+            )
+        elif length > max_frame:
+            v.report(
+                (*path, "frame_length"),
+                f"frame_length {length} is more than max_frame ({max_frame}): every frame would "
+                "be dropped; raise max_frame",
+            )
+    elif framing == "length_prefix":
+        width = out.get("length_bytes", 1)
+        if width not in (1, 2, 4):
+            v.report(
+                (*path, "length_bytes"), f"the length field is 1, 2 or 4 bytes long, got {width}"
+            )
+        elif out.get("length_offset", 0) + width > max_frame:
+            v.report(
+                (*path, "length_offset"),
+                f"the length field ends past max_frame ({max_frame} bytes): no frame fits",
+            )
+    for key in _ALL_FRAMING_KEYS:
+        if key in out and key not in _FRAMING_KEYS[framing]:
+            v.report(
+                (*path, key),
+                f'"{key}" is not used with framing = "{framing}"',
+                at="key",
+                warning=True,
+            )
+
+
+def _filters_overlap(a: str, b: str) -> bool:
+    """Whether some topic matches both MQTT filters."""
+    left, right = a.split("/"), b.split("/")
+    for index in range(max(len(left), len(right))):
+        x = left[index] if index < len(left) else None
+        y = right[index] if index < len(right) else None
+        if x == "#" or y == "#":
+            return True
+        if x is None or y is None:
+            return False
+        if x != y and "+" not in (x, y):
+            return False
+    return True
+
+
+def _mqtt_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> None:
+    topics = out.get("topics")
+    if clean and topics is not None and not topics:
+        v.report(
+            (*path, "topics"),
+            'subscribe to at least one topic: topics = [{ topic = "site/+/telemetry" }]',
+        )
+    seen: dict[str, int] = {}
+    for index, subscription in enumerate(topics or []):
+        topic = subscription.get("topic")
+        if not isinstance(topic, str):
+            continue
+        if topic in seen:
+            v.report(
+                (*path, "topics", index, "topic"),
+                f'topic "{topic}" is already subscribed by topics[{seen[topic]}]',
+            )
+        else:
+            seen[topic] = index
+    pattern = out.get("device_from_topic", "")
+    if out.get("device") and pattern:
+        v.report(
+            (*path, "device_from_topic"),
+            'give either "device" (one fixed name) or "device_from_topic" (a name taken from '
+            "each message's topic), not both",
+        )
+    elif clean and pattern and seen:
+        wildcard = pattern.replace(_DEVICE_LEVEL, "+")
+        if not any(_filters_overlap(wildcard, topic) for topic in seen):
+            v.report(
+                (*path, "device_from_topic"),
+                f"no subscribed topic can match {_got(pattern)}, so no message would get its "
+                f"device name from it; subscribed: {', '.join(seen)}",
+                warning=True,
+            )
+    low, high = out.get("reconnect_min", 1.0), out.get("reconnect_max", 60.0)
+    if clean and high < low:
+        v.report(
+            (*path, "reconnect_max"),
+            f"must be at least reconnect_min ({low:g}s), got {high:g}s",
+        )
+
+
+def _serial_write_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> None:
+    if not clean or out.get("encoding", "text") != "hex":
+        return
+    try:
+        bytes.fromhex(out["data"])
+    except ValueError:
+        v.report(
+            (*path, "data"),
+            f"{_got(out['data'])} is not hex bytes: write pairs of hex digits, optionally "
+            'separated by spaces, like "01 03 00 00 00 0a"',
+        )
 
 
 def _plugin_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> None:
@@ -1127,9 +1643,14 @@ def _rule_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> 
 
 _STRUCT_CHECKS: dict[type, Callable[[_Validator, dict[str, Any], Key, bool], None]] = {
     RegisterConfig: _register_checks,
-    ModbusTcpSource: _source_checks,
+    ModbusDeviceConfig: _device_checks,
+    ModbusTcpSource: _tcp_checks,
+    ModbusRtuSource: _rtu_checks,
+    SerialSource: _serial_checks,
+    MqttSource: _mqtt_checks,
     PluginConfig: _plugin_checks,
     ModbusWriteAction: _action_checks,
+    SerialWriteAction: _serial_write_checks,
     RuleConfig: _rule_checks,
 }
 
@@ -1249,30 +1770,503 @@ def _cross_check(v: _Validator, raw: dict[str, Any], data: dict[str, Any], base_
                 warning=True,
             )
 
-    for aname, action in data.get("actions", {}).items():
-        target = action.get("source")
-        if sources is None or not isinstance(target, str) or not target:
-            continue
-        if target not in sources:
-            v.report(("actions", aname, "source"), _missing_ref("source", target, sources))
-        elif src_data.get(target, {}).get("type") != "modbus_tcp":
-            v.report(
-                ("actions", aname, "source"),
-                f'source "{target}" is not a Modbus source: modbus_write needs one',
-            )
+    _check_action_targets(v, data, sources)
+    declared, dynamic = _declared_devices(data)
+    _check_device_names(v, declared)
+    _check_ports(v, src_data)
 
-    devices = {src.get("device") or sname for sname, src in src_data.items()}
+    devices = {name for name, _ in declared}
     for rname, rule in data.get("rules", {}).items():
         for index, aname in enumerate(rule.get("actions", [])):
             if actions is not None and aname not in actions:
                 v.report(("rules", rname, "actions", index), _missing_ref("action", aname, actions))
         device = rule.get("device")
-        if device and sources is not None and v.clean(("sources",)) and device not in devices:
+        if (
+            device
+            and sources is not None
+            and not dynamic
+            and v.clean(("sources",))
+            and device not in devices
+        ):
             v.report(
                 ("rules", rname, "device"),
                 f'no source reads a device named "{device}", so this rule never fires; '
                 f"{_suggest(device, sorted(devices))}"
                 f"devices: {', '.join(sorted(devices)) or 'none'}",
+                warning=True,
+            )
+
+
+def _declared_devices(data: dict[str, Any]) -> tuple[list[tuple[str, Key]], bool]:
+    """Every device name the checked sources declare, with the key path that names it; and
+    whether some source names its devices at run time (MQTT ``device_from_topic``)."""
+    declared: list[tuple[str, Key]] = []
+    dynamic = False
+    for sname, src in data.get("sources", {}).items():
+        kind = src.get("type")
+        if kind in _MODBUS_TYPES and (kind == "modbus_rtu" or "devices" in src):
+            for index, device in enumerate(src.get("devices", [])):
+                name = device.get("name")
+                if isinstance(name, str):
+                    declared.append((name, ("sources", sname, "devices", index, "name")))
+        elif kind == "mqtt" and src.get("device_from_topic"):
+            dynamic = True
+        elif src.get("device"):
+            declared.append((src["device"], ("sources", sname, "device")))
+        else:
+            declared.append((sname, ("sources", sname)))
+    return declared, dynamic
+
+
+def _check_device_names(v: _Validator, declared: list[tuple[str, Key]]) -> None:
+    first: dict[str, Key] = {}
+    for name, path in declared:
+        if name not in first:
+            first[name] = path
+            continue
+        other = first[name]
+        if len(other) == 2:
+            by = f'source "{other[1]}" (a source without "device" is named after its table)'
+        else:
+            by = _fmt_path(other)
+        v.report(
+            path,
+            f'device name "{name}" is already used by {by}: measurements are keyed by '
+            "device, so device names must be unique across all sources",
+            at="key" if len(path) == 2 else "value",
+        )
+
+
+def _port_identity(port: str) -> str:
+    """Ports compared by the device they open (/dev/serial/by-id/... links resolved)."""
+    with contextlib.suppress(OSError, RuntimeError):
+        if Path(port).exists():
+            return str(Path(port).resolve())
+    return port
+
+
+def _check_ports(v: _Validator, src_data: dict[str, Any]) -> None:
+    owners: dict[str, str] = {}
+    for sname, src in src_data.items():
+        port = src.get("port")
+        if src.get("type") not in ("modbus_rtu", "serial") or not isinstance(port, str) or not port:
+            continue
+        identity = _port_identity(port)
+        if identity in owners:
+            v.report(
+                ("sources", sname, "port"),
+                f'port {_got(port)} is already used by source "{owners[identity]}": a serial '
+                "port is one bus, opened by one source; put every device of an RS-485 line "
+                "into that source's devices",
+            )
+        else:
+            owners[identity] = sname
+
+
+def _source_device_names(sname: str, src: dict[str, Any]) -> list[str]:
+    if src.get("type") == "modbus_tcp" and "devices" not in src:
+        return [src.get("device") or sname]
+    return [d["name"] for d in src.get("devices", []) if isinstance(d.get("name"), str)]
+
+
+def _check_action_targets(v: _Validator, data: dict[str, Any], sources: list[str] | None) -> None:
+    src_data: dict[str, Any] = data.get("sources", {})
+    for aname, action in data.get("actions", {}).items():
+        target = action.get("source")
+        if sources is None or not isinstance(target, str) or not target:
+            continue
+        path: Key = ("actions", aname)
+        if target not in sources:
+            v.report((*path, "source"), _missing_ref("source", target, sources))
+            continue
+        src = src_data.get(target)
+        if src is None:
+            continue  # the source itself is broken: already reported
+        kind = src.get("type")
+        if action.get("type") == "serial_write":
+            if kind != "serial":
+                v.report(
+                    (*path, "source"),
+                    f'source "{target}" is a {kind} source: serial_write needs a serial source',
+                )
+            continue
+        if kind not in _MODBUS_TYPES:
+            v.report(
+                (*path, "source"),
+                f'source "{target}" is a {kind} source: modbus_write needs a modbus_tcp or '
+                "modbus_rtu source",
+            )
+            continue
+        names = _source_device_names(target, src)
+        device = action.get("device", "")
+        listed = ", ".join(names) or "none"
+        if not device and len(names) > 1:
+            v.report(
+                (*path, "device"),
+                f'source "{target}" has {len(names)} devices ({listed}): say which one this '
+                'action writes to with device = "..."',
+                at="key",
+                where=path,
+            )
+        elif device and device not in names:
+            v.report(
+                (*path, "device"),
+                f'source "{target}" has no device named "{device}"; '
+                f"{_suggest(device, names)}its devices: {listed}",
+            )
+
+
+# --- device profiles and normalization ----------------------------------------------------------
+
+
+def bundled_profile_dir() -> Path:
+    """Where the device profiles shipped with flux-edge live (a copy of config/devices/)."""
+    return Path(__file__).resolve().parent / "profiles"
+
+
+def _profile_candidates(
+    base_dir: Path, profile_dirs: tuple[str, ...] | list[str], ref: str
+) -> list[Path]:
+    if ref.endswith(".toml"):
+        given = Path(ref).expanduser()
+        return [given if given.is_absolute() else base_dir / given]
+    dirs = [Path(d).expanduser() for d in profile_dirs]
+    dirs = [d if d.is_absolute() else base_dir / d for d in dirs]
+    return [d / f"{ref}.toml" for d in [*dirs, bundled_profile_dir()]]
+
+
+def profile_search_paths(config: Config, profile: str) -> list[Path]:
+    """The files tried for a device's ``profile``, in order: a path ending in ``.toml``
+    (relative to the config file's directory), else ``<profile>.toml`` in each of
+    ``daemon.profile_dirs`` (relative to the config file's directory), then in
+    ``bundled_profile_dir()``."""
+    return _profile_candidates(config.base_dir, config.daemon.profile_dirs, profile)
+
+
+def _missing_profile(ref: str, candidates: list[Path]) -> str:
+    if ref.endswith(".toml"):
+        return f"profile file {candidates[0]} does not exist"
+    shipped = sorted(path.stem for path in bundled_profile_dir().glob("*.toml"))
+    return (
+        f'profile "{ref}" not found: looked for {ref}.toml in '
+        + ", ".join(str(c.parent) for c in candidates)
+        + f"; {_suggest(ref, shipped)}profiles shipped with flux-edge: "
+        + (", ".join(shipped) or "none")
+    )
+
+
+def _check_profile(file: str, text: str) -> tuple[dict[str, Any] | None, list[Problem]]:
+    """Validate a profile file's text: (its checked data or None, its problems)."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    try:
+        raw = tomlkit.parse(text).unwrap()
+    except (tomlkit.exceptions.TOMLKitError, ValueError, OverflowError) as exc:
+        return None, [_syntax_problem(file, exc, _Positions(text))]
+    except RecursionError:
+        return None, [Problem(file, "", "invalid TOML: values are nested too deeply")]
+    pv = _Validator(file, _scan(text))
+    try:
+        data = pv.check(raw, DeviceProfile, ())
+    except RecursionError:
+        return None, [Problem(file, "", "values are nested too deeply")]
+    if data is not _BAD:
+        registers = data.get("registers", [])
+        _unique_register_names(pv, registers, (), "a profile")
+        if "registers" in raw and not raw["registers"]:
+            pv.report(("registers",), "a profile needs at least one register", at="key")
+    problems = sorted(pv.problems, key=lambda p: (p.line == 0, p.line, p.column))
+    return (data if pv.errors == 0 else None), problems
+
+
+def load_profile(path: str | Path) -> DeviceProfile:
+    """Load one device profile file. Raises ``ConfigError`` with every problem in it."""
+    file = str(path)
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            [Problem(file, "", f"cannot read the profile: {exc.strerror or exc}")]
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Problem(file, "", "the profile is not UTF-8 text")]) from exc
+    data, problems = _check_profile(file, text)
+    errors = [p for p in problems if p.severity == "error"]
+    if data is None or errors:
+        raise ConfigError(errors or problems)
+    return msgspec.convert(data, DeviceProfile)
+
+
+def _profile_registers(
+    v: _Validator,
+    candidates: list[Path],
+    ref: str,
+    path: Key,
+    cache: dict[Path, list[dict[str, Any]] | None],
+) -> list[dict[str, Any]] | None:
+    """The checked register entries of profile ``ref``; None (problems reported) if unusable.
+    A profile file's own problems are reported once, in that file, however many devices use it."""
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        v.report(path, _missing_profile(ref, candidates))
+        return None
+    key = found.resolve()
+    if key not in cache:
+        cache[key] = None
+        try:
+            text = found.read_bytes().decode("utf-8")
+        except OSError as exc:
+            v.report(path, f"cannot read profile {found}: {exc.strerror or exc}")
+            return None
+        except UnicodeDecodeError:
+            v.report(path, f"profile {found} is not UTF-8 text")
+            return None
+        data, problems = _check_profile(str(found), text)
+        v.problems.extend(problems)
+        if data is not None:
+            cache[key] = data["registers"]
+    registers = cache[key]
+    if registers is None:
+        v.dirty.add(path)
+    return registers
+
+
+def _default(cls: type[msgspec.Struct], name: str) -> Any:
+    for field in msgspec.structs.fields(cls):
+        if field.name == name:
+            return field.default
+    raise KeyError(name)
+
+
+def _normalize(v: _Validator, data: dict[str, Any], base_dir: Path) -> None:
+    """Bring every Modbus source to one shape (in place, on checked data): ``devices`` always
+    filled (the TCP shorthand becomes one device), each device's registers = its profile's map
+    with the device's own entries appended (an entry of the same name replaces the profile's),
+    and a device's interval/timeout of 0 replaced by the bus's."""
+    daemon = data.get("daemon", {})
+    profile_dirs = daemon.get("profile_dirs", DaemonConfig().profile_dirs)
+    if not v.clean(("daemon", "profile_dirs")):
+        profile_dirs = ()
+    cache: dict[Path, list[dict[str, Any]] | None] = {}
+    for sname, src in data.get("sources", {}).items():
+        kind = src.get("type")
+        if kind not in _MODBUS_TYPES:
+            continue
+        cls: type[msgspec.Struct] = ModbusTcpSource if kind == "modbus_tcp" else ModbusRtuSource
+        shorthand = kind == "modbus_tcp" and "devices" not in src
+        if shorthand:
+            src["devices"] = [
+                {
+                    "name": src.get("device") or sname,
+                    "unit_id": src.get("unit_id", _default(ModbusTcpSource, "unit_id")),
+                    "registers": list(src.get("registers", [])),
+                }
+            ]
+        interval = src.get("interval", _default(cls, "interval"))
+        timeout = src.get("timeout", _default(cls, "timeout"))
+        for index, device in enumerate(src.get("devices", [])):
+            path: Key = ("sources", sname, "devices", index)
+            ref = device.get("profile", "")
+            if ref and v.clean((*path, "profile")):
+                candidates = _profile_candidates(base_dir, profile_dirs, ref)
+                base = _profile_registers(v, candidates, ref, (*path, "profile"), cache)
+                if base is not None:
+                    own = device.get("registers", [])
+                    replaced = {r.get("name") for r in own}
+                    device["registers"] = [r for r in base if r.get("name") not in replaced] + own
+            device["interval"] = device.get("interval") or interval
+            device["timeout"] = device.get("timeout") or timeout
+            if not shorthand and not ref and not device.get("registers") and v.clean(path):
+                v.report(
+                    path,
+                    f'device "{device.get("name", "?")}" has no registers and no profile: '
+                    "nothing will be read from it",
+                    at="key",
+                    warning=True,
+                )
+
+
+def source_devices(
+    name: str, source: ModbusTcpSource | ModbusRtuSource
+) -> tuple[ModbusDeviceConfig, ...]:
+    """The devices of a Modbus source, whatever its shape: ``devices`` if given (each with its
+    interval/timeout defaulted to the bus's), else the single device of the TCP shorthand (named
+    ``device`` or the source's name). Loaded configs are already in this shape; structs built
+    in code may not be. Profiles are resolved by the loader only."""
+    if source.devices:
+        return tuple(
+            d
+            if d.interval and d.timeout
+            else msgspec.structs.replace(
+                d, interval=d.interval or source.interval, timeout=d.timeout or source.timeout
+            )
+            for d in source.devices
+        )
+    if isinstance(source, ModbusTcpSource):
+        return (
+            ModbusDeviceConfig(
+                name=source.device or name,
+                unit_id=source.unit_id,
+                registers=source.registers,
+                interval=source.interval,
+                timeout=source.timeout,
+            ),
+        )
+    return ()
+
+
+# --- RTU bus budget -----------------------------------------------------------------------------
+
+WARN_UTILISATION = 0.8  # a bus busier than this gets a warning; above 1.0 it is an error
+
+
+@dataclass(frozen=True, slots=True)
+class BusRequest:
+    """One read request of an RTU bus's poll plan and what it costs on the line."""
+
+    device: str
+    unit_id: int
+    read: str  # what it reads, like "read input registers 0..75"
+    interval: float  # seconds between two of these requests
+    request_bytes: int
+    response_bytes: int
+    wire: float  # seconds both frames take on the line
+    seconds: float  # bus time of the transaction: both frames, two gaps, the turnaround
+
+
+@dataclass(frozen=True, slots=True)
+class BusBudget:
+    """How much of an RTU line's time its poll plan needs (see docs/configuration.md)."""
+
+    source: str
+    baudrate: int
+    framing: str  # like "8E1"
+    bits_per_char: int  # 1 start + data bits + parity bit + stop bits
+    gap: float  # silence after each frame, seconds
+    turnaround: float  # assumed slave response delay, seconds
+    requests: tuple[BusRequest, ...]
+    utilisation: float  # seconds of traffic per second: 1.0 = the line never rests
+    lines: tuple[str, ...]  # the plan, for people
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def _every(seconds: float) -> str:
+    return f"{seconds * 1000:g} ms" if seconds < 1 else f"{seconds:g} s"
+
+
+def _pct(fraction: float) -> str:
+    return f"{fraction * 100:.1f}%" if fraction < 0.1 else f"{fraction * 100:.0f}%"
+
+
+def bus_budget(config: Config, source_name: str) -> BusBudget:
+    """The line time the poll plan of RTU source ``source_name`` needs.
+
+    Per request: request and response frames at ``1 + bytesize + parity + stopbits`` bits per
+    byte, a gap of 3.5 characters (1.75 ms above 19200 baud, or ``inter_frame``) after each
+    frame, and the slave's ``turnaround``. Utilisation = the sum over requests of time / interval.
+    Retries, timeouts of silent devices and writes come on top. Raises ``KeyError`` for an
+    unknown source, ``ValueError`` if it is not a modbus_rtu source or cannot be planned.
+    """
+    from flux_edge.sources import modbus_plan as plan  # lazy: modbus_plan imports this module
+
+    source = config.sources[source_name]
+    if not isinstance(source, ModbusRtuSource):
+        raise ValueError(f"source {source_name!r} is not a modbus_rtu source")
+    framing = f"{source.bytesize}{source.parity}{source.stopbits}"
+    bits = plan.char_bits(source.bytesize, source.parity, source.stopbits)
+    char = plan.char_time(source.baudrate, source.bytesize, source.parity, source.stopbits)
+    gap = plan.inter_frame_gap(
+        source.baudrate, source.bytesize, source.parity, source.stopbits, source.inter_frame
+    )
+    if source.inter_frame > 0:
+        gap_how = "inter_frame"
+    elif source.baudrate > plan.RTU_FAST_BAUD:
+        gap_how = f"fixed above {plan.RTU_FAST_BAUD} baud"
+    else:
+        gap_how = "3.5 characters"
+    requests: list[BusRequest] = []
+    for device in source_devices(source_name, source):
+        for group in plan.plan_device(device, source.interval, source.max_gap):
+            for block in group.blocks:
+                wire = plan.transaction_time(block, char, 0.0)
+                requests.append(
+                    BusRequest(
+                        device=device.name,
+                        unit_id=device.unit_id,
+                        read=block.describe(),
+                        interval=group.interval,
+                        request_bytes=plan.request_bytes(block),
+                        response_bytes=plan.response_bytes(block),
+                        wire=wire,
+                        seconds=plan.transaction_time(block, char, gap) + source.turnaround,
+                    )
+                )
+    utilisation = sum(r.seconds / r.interval for r in requests)
+    lines = [
+        f"bus {source_name} ({source.port}): {source.baudrate} baud {framing} = {bits} bits "
+        f"per byte, {char * 1000:.3f} ms each; gap after each frame {_ms(gap)} ({gap_how}); "
+        f"slave turnaround {_ms(source.turnaround)} (assumed: set turnaround)"
+    ]
+    for r in requests:
+        total = r.request_bytes + r.response_bytes
+        lines.append(
+            f"  {r.device} unit {r.unit_id}: {r.read} every {_every(r.interval)}: "
+            f"{r.request_bytes} B + {r.response_bytes} B = {total} B -> {_ms(r.wire)} "
+            f"+ {_ms(r.seconds - r.wire)} gaps and turnaround = {_ms(r.seconds)} "
+            f"({_pct(r.seconds / r.interval)})"
+        )
+    verdict = " > 100%" if utilisation > 1 else " > 80%" if utilisation > WARN_UTILISATION else ""
+    lines.append(
+        f"bus {source_name}: {source.baudrate} baud {framing}: {utilisation:.3g} s of traffic "
+        f"per 1 s = {_pct(utilisation)}{verdict}"
+    )
+    return BusBudget(
+        source=source_name,
+        baudrate=source.baudrate,
+        framing=framing,
+        bits_per_char=bits,
+        gap=gap,
+        turnaround=source.turnaround,
+        requests=tuple(requests),
+        utilisation=utilisation,
+        lines=tuple(lines),
+    )
+
+
+def _check_budgets(v: _Validator, config: Config) -> None:
+    for name, source in config.sources.items():
+        if not isinstance(source, ModbusRtuSource):
+            continue
+        path: Key = ("sources", name)
+        try:
+            budget = bus_budget(config, name)
+        except ValueError as exc:
+            v.report(path, f"the bus's read plan cannot be made: {exc}", at="key")
+            continue
+        plan = "\n".join("    " + line for line in budget.lines)
+        share = _pct(budget.utilisation)
+        if budget.utilisation > 1:
+            v.report(
+                path,
+                f"the RTU bus is overcommitted: its polls need {share} of the line's time "
+                "(more than 100%), so polls would fall behind their intervals; poll less "
+                "often, read fewer registers, raise the baud rate or split the devices over "
+                f"two lines. The plan:\n{plan}",
+                at="key",
+            )
+        elif budget.utilisation > WARN_UTILISATION:
+            v.report(
+                path,
+                f"the RTU bus is busy: its polls need {share} of the line's time (more than "
+                f"80%), leaving little for retries, a silent device's timeouts and writes. "
+                f"The plan:\n{plan}",
+                at="key",
                 warning=True,
             )
 
@@ -1354,6 +2348,7 @@ def _check(text: str, file: str, config_path: str) -> tuple[Config | None, list[
         data = v.check(raw, Config, ())
         if data is not _BAD:
             _cross_check(v, raw, data, base_dir)
+            _normalize(v, data, base_dir)
             _check_conditions(v, data)
     except RecursionError:
         v.report((), "values are nested too deeply")
@@ -1364,7 +2359,14 @@ def _check(text: str, file: str, config_path: str) -> tuple[Config | None, list[
             config = msgspec.convert(data, Config)
         except msgspec.ValidationError as exc:  # a gap between this validator and the schema
             v.report((), f"internal error: the checked configuration was refused: {exc}")
-    problems = sorted(v.problems, key=lambda p: (p.line == 0, p.line, p.column))
+        if config is not None:
+            _check_budgets(v, config)
+            if v.errors:
+                config = None
+    # this file's problems first, by position; then those of profile files it uses
+    problems = sorted(
+        v.problems, key=lambda p: (p.file != file, p.file, p.line == 0, p.line, p.column)
+    )
     return config, problems
 
 

@@ -29,7 +29,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from flux_edge.config import Config, ModbusTcpSource
+from flux_edge.config import (
+    Config,
+    ModbusRtuSource,
+    ModbusTcpSource,
+    RegisterConfig,
+    source_devices,
+)
 from flux_edge.errors import RuleError
 from flux_edge.model import Command, Measurement, Value
 from flux_edge.rules.cel import Condition, compile_condition
@@ -48,28 +54,34 @@ _BOOL_FUNCTIONS = ("coil", "discrete")
 _Declared = tuple[str, str, str]
 
 
+def _register_type(reg: RegisterConfig) -> str:
+    if reg.function in _BOOL_FUNCTIONS or reg.type == "bool":
+        return "bool"
+    return "string" if reg.type == "string" else "double"
+
+
 def _registers_by_device(config: Config) -> dict[str, list[_Declared]]:
-    """device -> the variables its sources' registers declare, in config order."""
+    """device -> the variables its registers declare, in config order: every device of every
+    Modbus source, TCP and RTU (a loaded config's devices already hold their profile's map)."""
     out: dict[str, list[_Declared]] = {}
     for source_name, source in config.sources.items():
-        if not isinstance(source, ModbusTcpSource):
+        if not isinstance(source, ModbusTcpSource | ModbusRtuSource):
             continue
-        declared = out.setdefault(source.device or source_name, [])
-        for reg in source.registers:
-            bool_ = reg.function in _BOOL_FUNCTIONS or reg.type == "bool"
-            declared.append(
-                (reg.name, "bool" if bool_ else "double", f"register of source {source_name!r}")
-            )
+        for device in source_devices(source_name, source):
+            declared = out.setdefault(device.name, [])
+            origin = f"register of device {device.name!r}, source {source_name!r}"
+            declared.extend((reg.name, _register_type(reg), origin) for reg in device.registers)
     return out
 
 
 def rule_variables(config: Config, rule_name: str) -> dict[str, str]:
     """The variables rule ``rule_name`` may use, name -> "bool" | "int" | "double" | "string".
 
-    Every register of every Modbus source whose device matches the rule's ``device`` (all sources
-    when it is ""): bool for coils, discrete inputs and type "bool", else double (scale and offset
-    make any number a double); the rule's ``inputs``; ``device`` and ``name``. Raises
-    ``RuleError`` when one name would have two types.
+    Every register of every Modbus device (TCP or RTU, profile registers included) whose name
+    matches the rule's ``device`` (all devices when it is ""): bool for coils, discrete inputs and
+    type "bool", string for type "string", else double (scale and offset make any number a
+    double); the rule's ``inputs``; ``device`` and ``name``. Raises ``RuleError`` when one name
+    would have two types.
     """
     return _rule_variables(config, rule_name, _registers_by_device(config))
 

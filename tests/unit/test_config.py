@@ -17,8 +17,14 @@ from hypothesis import strategies as st
 import flux_edge.config as config_mod
 from flux_edge.config import (
     Config,
+    ModbusDeviceConfig,
+    ModbusRtuSource,
     ModbusTcpSource,
     ModbusWriteAction,
+    MqttSource,
+    MqttSubscription,
+    SerialSource,
+    SerialWriteAction,
     bundled_plugin_dir,
     check_config,
     check_config_text,
@@ -70,7 +76,7 @@ def site(tmp_path: Path) -> Path:
     """A directory with plugins/<name>.wasm dummies for the plugins the tests declare."""
     plugins = tmp_path / "plugins"
     plugins.mkdir()
-    for name in ("dec", "modbus_decode", "json_normalize"):
+    for name in ("dec", "modbus_decode", "json_normalize", "nmea0183"):
         (plugins / f"{name}.wasm").write_bytes(b"\0asm\1\0\0\0")
     return tmp_path
 
@@ -248,7 +254,8 @@ def test_wrong_type_deep_in_a_list(site: Path) -> None:
     p = only(errors(site, text))
     assert p.path == "sources.boiler.registers[2].type"
     assert p.message.startswith(
-        'expected one of bool, int16, uint16, int32, uint32, float32, got "int17"'
+        "expected one of bool, int16, uint16, int32, uint32, int64, uint64, float32, float64, "
+        'string, got "int17"'
     )
     assert 'did you mean "int16"?' in p.message
     assert (p.line, p.column) == (32, 8)
@@ -643,11 +650,7 @@ def test_shipped_configs_load(site: Path, name: str) -> None:
     shutil.copy(ROOT / "config" / name, site / name)
     cfg, problems = check_config(site / name)
     assert cfg is not None, "\n".join(map(str, problems))
-    assert all(p.severity == "warning" for p in problems)
-    if name == "example.toml":
-        assert [p.path for p in problems] == ["plugins.json_normalize"]  # declared, unused
-    else:
-        assert problems == []
+    assert problems == []
 
 
 def test_demo_config_contents() -> None:
@@ -702,6 +705,8 @@ def _without_plugin_check(text: str, path: str) -> dict[str, object]:
 def test_shipped_configs_load_with_the_bundled_plugins(name: str) -> None:
     bundled_wasm("modbus_decode")
     bundled_wasm("json_normalize")
+    if name == "example.toml":
+        bundled_wasm("nmea0183")
     cfg, problems = check_config(ROOT / "config" / name)
     assert cfg is not None, "\n".join(map(str, problems))
     assert resolve_plugin_path(cfg, "modbus_decode") == bundled_plugin_dir() / "modbus_decode.wasm"
@@ -870,3 +875,550 @@ def test_crlf_line_endings_and_bom(site: Path) -> None:
     _, problems = check_config(path)
     p = only(problems)
     assert (p.line, p.column) == (11, 8)
+
+
+# --- issue #3 schema: Modbus RTU buses, several devices per Modbus source -----------------------
+
+RTU = """\
+[plugins.dec]
+
+[sources.bus]
+type = "modbus_rtu"
+port = "/dev/ttyUSB9"
+baudrate = 19200
+chain = ["dec"]
+
+[[sources.bus.devices]]
+name = "meter1"
+unit_id = 1
+
+[[sources.bus.devices.registers]]
+name = "voltage"
+function = "input"
+address = 0
+type = "float32"
+
+[[sources.bus.devices]]
+name = "meter2"
+unit_id = 2
+registers = [{ name = "voltage", function = "input", address = 0, type = "float32" }]
+"""
+
+
+def line_of(text: str, needle: str, nth: int = 1) -> int:
+    """1-based line of the ``nth`` line containing ``needle``."""
+    hits = [i for i, line in enumerate(textwrap.dedent(text).splitlines(), 1) if needle in line]
+    assert len(hits) >= nth, f"{needle!r} not in the text"
+    return hits[nth - 1]
+
+
+def test_rtu_bus_loads_with_bus_defaults_given_to_its_devices(site: Path) -> None:
+    cfg = load_config_text(RTU, str(site / "flux.toml"))
+    bus = cfg.sources["bus"]
+    assert isinstance(bus, ModbusRtuSource)
+    assert (bus.port, bus.baudrate, bus.parity, bus.stopbits, bus.bytesize) == (
+        "/dev/ttyUSB9",
+        19200,
+        "E",
+        1,
+        8,
+    )
+    assert [(d.name, d.unit_id) for d in bus.devices] == [("meter1", 1), ("meter2", 2)]
+    assert all((d.interval, d.timeout) == (1.0, 0.2) for d in bus.devices)  # the bus's
+    assert [r.name for r in bus.devices[1].registers] == ["voltage"]
+    assert bus.turnaround == 0.005
+    text = RTU.replace("unit_id = 2\n", 'unit_id = 2\ninterval = "250ms"\ntimeout = "50ms"\n')
+    meter2 = load_config_text(text, str(site / "flux.toml")).sources["bus"].devices[1]
+    assert (meter2.interval, meter2.timeout) == (0.25, 0.05)
+
+
+def test_tcp_shorthand_becomes_one_device(site: Path) -> None:
+    cfg = load_config_text(BASE, str(site / "flux.toml"))
+    src = cfg.sources["boiler"]
+    assert isinstance(src, ModbusTcpSource)
+    assert src.devices == (
+        ModbusDeviceConfig(
+            name="boiler", unit_id=1, registers=src.registers, interval=1.0, timeout=1.0
+        ),
+    )
+    text = BASE.replace(
+        'host = "127.0.0.1"', 'host = "127.0.0.1"\ndevice = "b2"\nunit_id = 7\ninterval = "2s"'
+    ).replace("[rules.overheat]", '[rules.overheat]\ndevice = "b2"')
+    src = load_config_text(text, str(site / "flux.toml")).sources["boiler"]
+    assert isinstance(src, ModbusTcpSource)
+    (device,) = src.devices
+    assert (device.name, device.unit_id, device.interval, device.timeout) == ("b2", 7, 2.0, 1.0)
+    assert (src.device, src.unit_id) == ("b2", 7)  # the shorthand keys stay as written
+
+
+GATEWAY = """\
+[plugins.dec]
+
+[sources.gw]
+type = "modbus_tcp"
+host = "10.0.0.9"
+chain = ["dec"]
+retries = 3
+backoff_max = "30s"
+devices = [
+  { name = "pv", unit_id = 3, registers = [{ name = "pv_power", address = 0 }] },
+  { name = "battery", unit_id = 4, registers = [{ name = "soc", address = 0 }] },
+]
+
+[actions.pv_off]
+type = "modbus_write"
+source = "gw"
+device = "pv"
+address = 0
+value = false
+"""
+
+
+def test_tcp_source_with_several_devices(site: Path) -> None:
+    cfg = load_config_text(GATEWAY, str(site / "flux.toml"))
+    gw = cfg.sources["gw"]
+    assert isinstance(gw, ModbusTcpSource)
+    assert [(d.name, d.unit_id, d.interval) for d in gw.devices] == [
+        ("pv", 3, 1.0),
+        ("battery", 4, 1.0),
+    ]
+    assert (gw.retries, gw.backoff_max) == (3, 30.0)
+    assert cfg.actions["pv_off"].device == "pv"  # type: ignore[union-attr]
+
+
+def test_tcp_shorthand_and_devices_together_is_an_error(site: Path) -> None:
+    text = GATEWAY.replace("retries = 3", 'retries = 3\nunit_id = 2\ndevice = "x"')
+    problems = errors(site, text)
+    assert {p.path for p in problems} == {"sources.gw.unit_id", "sources.gw.device"}
+    for p in problems:
+        assert "not both" in p.message
+    assert by_path(problems, "sources.gw.unit_id").line == line_of(text, "unit_id = 2")
+
+
+def test_modbus_write_names_the_device_when_a_source_has_several(site: Path) -> None:
+    p = only(errors(site, GATEWAY.replace('device = "pv"\n', "")))
+    assert p.path == "actions.pv_off.device"
+    assert "2 devices (pv, battery)" in p.message
+    assert p.line == line_of(GATEWAY, "[actions.pv_off]")
+    p = only(errors(site, GATEWAY.replace('device = "pv"', 'device = "pvv"')))
+    assert p.path == "actions.pv_off.device" and 'did you mean "pv"?' in p.message
+    # a single-device source needs no device, and a wrong one is still caught
+    assert errors(site, BASE) == []
+    p = only(errors(site, BASE.replace("value = false", 'value = false\ndevice = "boiler2"')))
+    assert p.path == "actions.burner_off.device" and "its devices: boiler" in p.message
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "path", "fragment"),
+    [
+        ("baudrate = 19200", "baudrate = 100", "sources.bus.baudrate", "300 and 4000000"),
+        ("baudrate = 19200", 'parity = "X"', "sources.bus.parity", "one of N, E, O"),
+        ("baudrate = 19200", "stopbits = 3", "sources.bus.stopbits", "between 1 and 2"),
+        ("baudrate = 19200", "bytesize = 6", "sources.bus.bytesize", "between 7 and 8"),
+        ("baudrate = 19200", "retries = -1", "sources.bus.retries", "between 0 and 100"),
+        ("baudrate = 19200", 'inter_frame = "2s"', "sources.bus.inter_frame", "at most 1s"),
+        ("baudrate = 19200", 'turnaround = "-1ms"', "sources.bus.turnaround", "negative"),
+        ('port = "/dev/ttyUSB9"', 'port = ""', "sources.bus.port", "must not be empty"),
+        ("unit_id = 1", "unit_id = 0", "sources.bus.devices[0].unit_id", "broadcast"),
+        ("unit_id = 2", "unit_id = 248", "sources.bus.devices[1].unit_id", "0 and 247"),
+        ("unit_id = 2", "unit_id = 1", "sources.bus.devices[1].unit_id", "devices[0]"),
+        ('name = "meter2"', 'name = "meter 2"', "sources.bus.devices[1].name", "valid name"),
+        (
+            'name = "meter2"',
+            'name = "meter1"',
+            "sources.bus.devices[1].name",
+            'device name "meter1" is already used by sources.bus.devices[0].name',
+        ),
+        ("unit_id = 2", 'unit_id = 2\ninterval = "-1s"', "sources.bus.devices[1].interval", "neg"),
+        (
+            "unit_id = 2\n",
+            'unit_id = 2\nprofile = "../x"\n',
+            "sources.bus.devices[1].profile",
+            'ending in ".toml"',
+        ),
+        (
+            'type = "float32"\n',
+            'type = "string"\n',
+            "sources.bus.devices[0].registers[0].count",
+            'a string needs "count"',
+        ),
+        (
+            'type = "float32"\n',
+            'type = "int16"\ncount = 2\n',
+            "sources.bus.devices[0].registers[0].count",
+            '"count" is only for type = "string"',
+        ),
+        (
+            'type = "float32"\n',
+            'type = "string"\ncount = 126\n',
+            "sources.bus.devices[0].registers[0].count",
+            "between 1 and 125",
+        ),
+        (
+            'address = 0\ntype = "float32"',
+            'address = 65534\ntype = "uint64"',
+            "sources.bus.devices[0].registers[0].address",
+            "a uint64 takes 4 registers: address must be at most 65532",
+        ),
+        (
+            'address = 0\ntype = "float32"',
+            'address = 65530\ntype = "string"\ncount = 10',
+            "sources.bus.devices[0].registers[0].address",
+            "a string takes 10 registers: address must be at most 65526",
+        ),
+        (
+            'function = "input"\naddress = 0\ntype = "float32"',
+            'function = "coil"\naddress = 0\ntype = "float64"',
+            "sources.bus.devices[0].registers[0].type",
+            'type must be "bool"',
+        ),
+        (
+            'type = "float32"\n',
+            'type = "float32"\ninterval = 0\n',
+            "sources.bus.devices[0].registers[0].interval",
+            "greater than 0",
+        ),
+    ],
+)
+def test_rtu_ranges_and_rules(site: Path, old: str, new: str, path: str, fragment: str) -> None:
+    assert old in RTU
+    text = RTU.replace(old, new, 1)
+    p = only(errors(site, text))
+    assert p.path == path
+    assert fragment in p.message, p.message
+    assert p.line > 0
+
+
+def test_rtu_bus_needs_devices(site: Path) -> None:
+    head = RTU.split("\n[[sources.bus.devices]]", maxsplit=1)[0]
+    p = only(errors(site, head))
+    assert p.path == "sources.bus.devices" and 'missing required key "devices"' in p.message
+    p = only(errors(site, head + "devices = []\n"))
+    assert p.path == "sources.bus.devices" and "at least one device" in p.message
+    assert p.line == line_of(head + "devices = []\n", "devices = []")
+
+
+def test_non_standard_baud_rate_is_a_warning(site: Path) -> None:
+    problems = check(site, RTU.replace("baudrate = 19200", "baudrate = 9601"))
+    p = only(problems)
+    assert p.severity == "warning" and p.path == "sources.bus.baudrate"
+    assert "not a standard baud rate" in p.message
+
+
+def test_one_serial_port_one_source(site: Path) -> None:
+    text = RTU + textwrap.dedent("""
+        [sources.bus2]
+        type = "modbus_rtu"
+        port = "/dev/ttyUSB9"
+        devices = [{ name = "meter3", registers = [{ name = "v", address = 0 }] }]
+
+        [sources.gps]
+        type = "serial"
+        port = "/dev/ttyUSB9"
+        """)
+    problems = errors(site, text)
+    assert {p.path for p in problems} == {"sources.bus2.port", "sources.gps.port"}
+    assert all('already used by source "bus"' in p.message for p in problems)
+    assert by_path(problems, "sources.gps.port").line == line_of(text, 'port = "/dev/ttyUSB9"', 3)
+
+
+def test_device_names_are_unique_across_all_sources(site: Path) -> None:
+    text = BASE + textwrap.dedent("""
+        [sources.bus]
+        type = "modbus_rtu"
+        port = "/dev/ttyUSB0"
+        devices = [{ name = "boiler", registers = [{ name = "x", address = 0 }] }]
+
+        [sources.flats]
+        type = "mqtt"
+        device = "boiler"
+        topics = [{ topic = "a/b" }]
+        """)
+    problems = errors(site, text)
+    assert {p.path for p in problems} == {"sources.bus.devices[0].name", "sources.flats.device"}
+    p = by_path(problems, "sources.flats.device")
+    assert 'already used by source "boiler"' in p.message
+    assert p.line == line_of(text, 'device = "boiler"')
+
+
+def test_unknown_source_type_suggests_one(site: Path) -> None:
+    p = only(errors(site, BASE.replace('type = "modbus_tcp"', 'type = "modbus_rtuu"')))
+    assert p.path == "sources.boiler.type"
+    assert "modbus_tcp, modbus_rtu, serial, mqtt" in p.message
+    assert 'did you mean "modbus_rtu"?' in p.message
+
+
+# --- serial and MQTT sources, serial_write -------------------------------------------------------
+
+SERIAL = """\
+[plugins.dec]
+
+[sources.gps]
+type = "serial"
+port = "/dev/ttyACM0"
+chain = ["dec"]
+"""
+
+
+def test_serial_source_loads(site: Path) -> None:
+    text = SERIAL.replace("chain", 'delimiter = "\\r\\n"\nmax_frame = "1KiB"\nchain')
+    src = load_config_text(text, str(site / "flux.toml")).sources["gps"]
+    assert isinstance(src, SerialSource)
+    assert (src.delimiter, src.max_frame, src.parity, src.framing) == (
+        "\r\n",
+        1024,
+        "N",
+        "delimiter",
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "path", "fragment"),
+    [
+        ('framing = "fixed"', "sources.gps.frame_length", 'needs "frame_length"'),
+        ('framing = "fixed"\nframe_length = 0', "sources.gps.frame_length", 'needs "frame_length"'),
+        (
+            'framing = "fixed"\nframe_length = 64\nmax_frame = 32',
+            "sources.gps.frame_length",
+            "more than max_frame (32)",
+        ),
+        ('framing = "length_prefix"\nlength_bytes = 3', "sources.gps.length_bytes", "1, 2 or 4"),
+        (
+            'framing = "length_prefix"\nlength_offset = 10\nmax_frame = 8',
+            "sources.gps.length_offset",
+            "past max_frame",
+        ),
+        ('delimiter = ""', "sources.gps.delimiter", "needs a delimiter"),
+        ("max_frame = 0", "sources.gps.max_frame", "at least 1"),
+        ('framing = "idle"\nidle = 0', "sources.gps.idle", "greater than 0"),
+        ('framing = "lines"', "sources.gps.framing", "delimiter, fixed, length_prefix, idle"),
+        ('device = "a.b"', "sources.gps.device", "valid name"),
+        ("bytesize = 5", "sources.gps.bytesize", "between 7 and 8"),
+    ],
+)
+def test_serial_framing_rules(site: Path, extra: str, path: str, fragment: str) -> None:
+    text = SERIAL.replace("chain", extra + "\nchain")
+    p = only(errors(site, text))
+    assert p.path == path and fragment in p.message, p
+    assert p.line > 0
+
+
+def test_keys_of_another_framing_are_warned_about(site: Path) -> None:
+    text = SERIAL.replace("chain", "frame_length = 10\nchain")
+    p = only(check(site, text))
+    assert p.severity == "warning" and p.path == "sources.gps.frame_length"
+    assert 'not used with framing = "delimiter"' in p.message
+
+
+MQTT = """\
+[plugins.dec]
+
+[sources.flats]
+type = "mqtt"
+topics = [{ topic = "building/+/air", qos = 2 }, { topic = "site/#" }]
+device_from_topic = "building/{device}/air"
+chain = ["dec"]
+"""
+
+
+def test_mqtt_source_loads(site: Path) -> None:
+    src = load_config_text(MQTT, str(site / "flux.toml")).sources["flats"]
+    assert isinstance(src, MqttSource)
+    assert src.topics == (
+        MqttSubscription(topic="building/+/air", qos=2),
+        MqttSubscription(topic="site/#", qos=1),
+    )
+    assert (src.host, src.port, src.keepalive) == ("127.0.0.1", 1883, 30.0)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "path", "fragment"),
+    [
+        ('"site/#"', '"site/#/x"', "sources.flats.topics[1].topic", "last level"),
+        ('"site/#"', '"site/a+"', "sources.flats.topics[1].topic", "whole level"),
+        ('"site/#"', '""', "sources.flats.topics[1].topic", "must not be empty"),
+        ('"site/#"', '"building/+/air"', "sources.flats.topics[1].topic", "already subscribed"),
+        ("qos = 2", "qos = 3", "sources.flats.topics[0].qos", "between 0 and 2"),
+        (
+            '"building/{device}/air"',
+            '"building/air"',
+            "sources.flats.device_from_topic",
+            "exactly once",
+        ),
+        (
+            '"building/{device}/air"',
+            '"building/{device}/{device}"',
+            "sources.flats.device_from_topic",
+            "exactly once",
+        ),
+        (
+            '"building/{device}/air"',
+            '"building/flat_{device}/air"',
+            "sources.flats.device_from_topic",
+            "whole topic level",
+        ),
+        (
+            'device_from_topic = "building/{device}/air"',
+            'device_from_topic = "building/{device}/air"\ndevice = "flats"',
+            "sources.flats.device_from_topic",
+            "not both",
+        ),
+        (
+            'chain = ["dec"]',
+            'chain = ["dec"]\nreconnect_min = "10s"\nreconnect_max = "5s"',
+            "sources.flats.reconnect_max",
+            "at least reconnect_min (10s)",
+        ),
+        ('chain = ["dec"]', 'chain = ["dec"]\nport = 0', "sources.flats.port", "1 and 65535"),
+        (
+            'chain = ["dec"]',
+            'chain = ["dec"]\nmax_inflight = 0',
+            "sources.flats.max_inflight",
+            "between 1",
+        ),
+    ],
+)
+def test_mqtt_rules(site: Path, old: str, new: str, path: str, fragment: str) -> None:
+    assert old in MQTT
+    p = only(errors(site, MQTT.replace(old, new, 1)))
+    assert p.path == path and fragment in p.message, p
+    key = path.split(".")[2].split("[", maxsplit=1)[0]
+    assert p.line == line_of(MQTT.replace(old, new, 1), key)
+
+
+def test_mqtt_needs_a_topic_and_a_matching_device_pattern(site: Path) -> None:
+    text = MQTT.replace('[{ topic = "building/+/air", qos = 2 }, { topic = "site/#" }]', "[]")
+    p = only(errors(site, text))
+    assert p.path == "sources.flats.topics" and "at least one topic" in p.message
+    text = MQTT.replace('"building/{device}/air"', '"plant/{device}"')
+    p = only(check(site, text))
+    assert p.severity == "warning" and p.path == "sources.flats.device_from_topic"
+    assert "no subscribed topic can match" in p.message
+
+
+SERIAL_WRITE = (
+    SERIAL
+    + """
+[actions.ping]
+type = "serial_write"
+source = "gps"
+data = "01 03 00 00 00 0a"
+encoding = "hex"
+"""
+)
+
+
+def test_serial_write_action(site: Path) -> None:
+    cfg = load_config_text(SERIAL_WRITE, str(site / "flux.toml"))
+    action = cfg.actions["ping"]
+    assert isinstance(action, SerialWriteAction)
+    assert (action.source, action.encoding) == ("gps", "hex")
+    p = only(errors(site, SERIAL_WRITE.replace('"01 03 00 00 00 0a"', '"01 0x3"')))
+    assert p.path == "actions.ping.data" and "not hex bytes" in p.message
+    assert p.line == line_of(SERIAL_WRITE, "data =")
+    p = only(errors(site, SERIAL_WRITE.replace('data = "01 03 00 00 00 0a"', 'data = ""')))
+    assert p.path == "actions.ping.data" and "must not be empty" in p.message
+
+
+def test_actions_need_the_right_kind_of_source(site: Path) -> None:
+    text = (
+        BASE
+        + SERIAL.replace("[plugins.dec]\n", "")
+        + textwrap.dedent("""
+        [actions.to_boiler]
+        type = "serial_write"
+        source = "boiler"
+        data = "x"
+
+        [actions.to_gps]
+        type = "modbus_write"
+        source = "gps"
+        address = 0
+        value = true
+        """)
+    )
+    problems = errors(site, text)
+    assert {p.path for p in problems} == {"actions.to_boiler.source", "actions.to_gps.source"}
+    assert (
+        "serial_write needs a serial source"
+        in by_path(problems, "actions.to_boiler.source").message
+    )
+    gps = by_path(problems, "actions.to_gps.source")
+    assert "modbus_write needs a modbus_tcp or modbus_rtu source" in gps.message
+    assert gps.line == line_of(text, 'source = "gps"')
+
+
+def test_many_new_schema_errors_are_collected_with_their_lines(site: Path) -> None:
+    text = (
+        RTU.replace("baudrate = 19200", "baudrate = 100")
+        .replace("unit_id = 2", "unit_id = 0")
+        .replace('type = "float32"\n', 'type = "string"\n', 1)
+        + MQTT.replace("[plugins.dec]\n", "").replace("qos = 2", "qos = 5")
+        + SERIAL.replace("[plugins.dec]\n", "").replace("chain", 'framing = "fixed"\nchain')
+        + '\n[actions.ping]\ntype = "serial_write"\nsource = "gps"\ndata = "zz"\nencoding = "hex"\n'
+    )
+    problems = check(site, text)
+    expected = {
+        "sources.bus.baudrate": line_of(text, "baudrate = 100"),
+        "sources.bus.devices[1].unit_id": line_of(text, "unit_id = 0"),
+        "sources.bus.devices[0].registers[0].count": line_of(
+            text, "[[sources.bus.devices.registers]]"
+        ),
+        "sources.flats.topics[0].qos": line_of(text, "qos = 5"),
+        "sources.gps.frame_length": line_of(text, "[sources.gps]"),
+        "actions.ping.data": line_of(text, 'data = "zz"'),
+    }
+    assert {p.path: p.line for p in problems} == expected, "\n".join(map(str, problems))
+    assert all(p.severity == "error" for p in problems)
+    assert [p.line for p in problems] == sorted(p.line for p in problems)
+
+
+def test_rule_conditions_see_rtu_device_registers(site: Path) -> None:
+    text = RTU + textwrap.dedent("""
+        [rules.overvoltage]
+        device = "meter2"
+        when = "voltage > 250.0"
+        actions = ["noop"]
+
+        [actions.noop]
+        type = "modbus_write"
+        source = "bus"
+        device = "meter2"
+        address = 0
+        value = true
+        """)
+    assert errors(site, text) == []
+    p = only(errors(site, text.replace('"voltage > 250.0"', "'voltage > \"250\"'")))
+    assert p.path == "rules.overvoltage.when"
+    problems = check(site, text.replace('device = "meter2"\nwhen', 'device = "meter9"\nwhen'))
+    p = by_path(problems, "rules.overvoltage.device")
+    assert p.severity == "warning" and 'did you mean "meter2"?' in p.message
+    # meter9 has no registers: its rule cannot use meter2's
+    assert (
+        "undeclared reference to 'voltage'" in by_path(problems, "rules.overvoltage.when").message
+    )
+
+
+def test_example_config_contents() -> None:
+    text = (ROOT / "config" / "example.toml").read_text(encoding="utf-8")
+    cfg_path = str(ROOT / "config" / "example.toml")
+    cfg, problems = check_config_text(text, cfg_path)
+    if cfg is None:  # only missing plugin builds are acceptable here
+        assert all("not found" in p.message for p in problems), problems
+        return
+    energy = cfg.sources["energy"]
+    assert isinstance(energy, ModbusRtuSource)
+    main, heat_pump = energy.devices
+    assert (main.name, main.unit_id, main.profile, len(main.registers)) == (
+        "main_meter",
+        1,
+        "eastron_sdm630",
+        37,
+    )
+    total = [r for r in heat_pump.registers if r.name == "total_energy"]
+    assert (
+        len(total) == 1 and total[0].interval == 60.0
+    )  # the device's entry replaced the profile's
+    assert (heat_pump.interval, heat_pump.timeout) == (5.0, 0.3)
+    assert isinstance(cfg.sources["gps"], SerialSource)
+    assert isinstance(cfg.sources["flats"], MqttSource)

@@ -7,7 +7,15 @@ from typing import Any
 
 import pytest
 
-from flux_edge.config import Config, ModbusTcpSource, RegisterConfig, RuleConfig
+from flux_edge.config import (
+    Config,
+    ModbusDeviceConfig,
+    ModbusRtuSource,
+    ModbusTcpSource,
+    RegisterConfig,
+    RuleConfig,
+    SourceConfig,
+)
 from flux_edge.errors import RuleError
 from flux_edge.model import Measurement, Quality, Value
 from flux_edge.rules import RuleEngine, check_rules, rule_variables
@@ -32,7 +40,7 @@ BOILER = source(
 TANK = source("tank1", reg("level", 0), reg("temperature", 1, function="input"))
 
 
-def config(rules: dict[str, RuleConfig], **sources: ModbusTcpSource) -> Config:
+def config(rules: dict[str, RuleConfig], **sources: SourceConfig) -> Config:
     return Config(sources=sources or {"boiler": BOILER, "tank": TANK}, rules=rules)
 
 
@@ -85,6 +93,48 @@ def test_rule_variables_for_any_device_and_inputs() -> None:
     assert "pump" not in rule_variables(cfg, "r")
 
 
+def test_rule_variables_cover_every_device_of_tcp_and_rtu_buses() -> None:
+    meter = ModbusDeviceConfig(
+        name="meter1",
+        unit_id=1,
+        registers=(
+            reg("voltage", 0, function="input", type="float32"),
+            reg("serial_no", 0xFC00, type="string", count=4),
+            reg("relay", 0, function="coil"),
+            reg("energy", 0x48, function="input", type="uint64"),
+        ),
+    )
+    sensor = ModbusDeviceConfig(name="room", unit_id=2, registers=(reg("humidity", 2),))
+    bus = ModbusRtuSource(port="/dev/ttyUSB0", devices=(meter, sensor))
+    gateway = ModbusTcpSource(
+        host="10.0.0.5",
+        devices=(ModbusDeviceConfig(name="pv", unit_id=3, registers=(reg("pv_power", 0),)),),
+    )
+    cfg = config(
+        {"m": rule("voltage > 250.0", device="meter1"), "any": rule("true")},
+        bus=bus,
+        gateway=gateway,
+        boiler=BOILER,
+    )
+    assert rule_variables(cfg, "m") == {
+        "voltage": "double",
+        "serial_no": "string",
+        "relay": "bool",
+        "energy": "double",
+        "device": "string",
+        "name": "string",
+    }
+    everything = rule_variables(cfg, "any")
+    assert {"voltage", "humidity", "pv_power", "temperature", "pump"} <= everything.keys()
+    room = rule_variables(config({"r": rule("true", device="room")}, bus=bus), "r")
+    assert room["humidity"] == "double" and "voltage" not in room
+    assert "voltage" not in rule_variables(config({"r": rule("true", device="pv")}, g=gateway), "r")
+    errors = check_rules(config({"s": rule('serial_no == "SDM"', device="meter1")}, bus=bus))
+    assert errors == []
+    errors = check_rules(config({"s": rule("serial_no > 3", device="meter1")}, bus=bus))
+    assert len(errors) == 1 and errors[0].rule == "s"
+
+
 def test_conflicting_types_across_devices() -> None:
     cfg = config(
         {"r": rule("x", device="")},
@@ -94,9 +144,10 @@ def test_conflicting_types_across_devices() -> None:
     with pytest.raises(RuleError) as info:
         rule_variables(cfg, "r")
     assert info.value.rule == "r"
-    assert "'x' is double (register of source 'a') but bool (register of source 'b')" in str(
-        info.value
-    )
+    assert (
+        "'x' is double (register of device 'a', source 'a') "
+        "but bool (register of device 'b', source 'b')"
+    ) in str(info.value)
     # restricted to one device the conflict is gone
     cfg = config({"r": rule("x", device="b")}, a=source("", reg("x", 0)), b=source("", reg("x", 0)))
     assert rule_variables(cfg, "r")["x"] == "double"

@@ -285,3 +285,18 @@ def test_xdr_groups(
     body = "IIXDR," + ",".join(",".join(g) for g in groups)
     got = values(_shared(host, nmea_wasm).process([reading(sentence(body))]))
     assert got == {name: float(v) for _, v, _, name in groups if v}
+
+
+def test_the_sample_config_is_a_valid_site_config(tmp_path: Path, nmea_wasm: Path) -> None:
+    from flux_edge.actions.serial_write import parse_write_data
+    from flux_edge.config import SerialWriteAction, check_config
+
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "nmea0183.wasm").write_bytes(nmea_wasm.read_bytes())
+    site = tmp_path / "site.toml"
+    site.write_text((FOLDER / "sample-config.toml").read_text(encoding="utf-8"))
+    config, problems = check_config(site)
+    assert config is not None and problems == []
+    for action in config.actions.values():
+        assert isinstance(action, SerialWriteAction)
+        assert parse_write_data(action.data, action.encoding).endswith(b"\r\n")

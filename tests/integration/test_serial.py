@@ -512,3 +512,105 @@ def test_close_ends_run_and_releases_the_port() -> None:
         await opened(again, other)
 
     scenario(body)
+
+
+# --- the daemon's pipeline: serial source -> nmea0183 -> rule -> serial_write ------------------
+
+SITE = """
+[daemon]
+state_dir = "{state}"
+plugin_dirs = ["{plugins}"]
+
+[plugins.nmea0183]
+
+[sources.gps]
+type = "serial"
+port = "{port}"
+baudrate = 9600
+delimiter = "\\r\\n"
+max_frame = 128
+chain = ["nmea0183"]
+
+[rules.fix_lost]
+when = "fix_valid == false"
+inputs = {{ fix_valid = "bool" }}
+actions = ["poll"]
+
+[actions.poll]
+type = "serial_write"
+source = "gps"
+data = "$PUBX,00*33\\r\\n"
+"""
+
+
+def test_the_pipeline_reads_a_gps_and_writes_to_it_when_the_fix_is_lost(
+    tmp_path: Path, nmea_wasm: Path
+) -> None:
+    from flux_edge.config import load_config_text
+    from flux_edge.model import ErrorRecord, Outcome
+    from flux_edge.runtime.daemon import run_pipeline
+    from flux_edge.runtime.pipeline import Observers
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "nmea0183.wasm").write_bytes(nmea_wasm.read_bytes())
+    link = tmp_path / "ttyGPS"
+    fix = sentence("GPRMC,123519,A,4807.038,N,01131.000,E,022.4,084.4,230394,003.1,W")
+    no_fix = sentence("GPRMC,123520,V,,,,,,,230394,,,N")
+
+    async def go() -> None:
+        async with SerialDevice(link=link) as dev:
+            text = SITE.format(state=tmp_path / "state", plugins=plugins, port=link)
+            config = load_config_text(text, str(tmp_path / "site.toml"))
+            measurements: list[Measurement] = []
+            errors: list[ErrorRecord] = []
+            outcomes: list[Outcome] = []
+            changed = asyncio.Event()
+
+            def seen(_: str, ms: list[Measurement]) -> None:
+                measurements.extend(ms)
+                changed.set()
+
+            def acted(o: Outcome) -> None:
+                outcomes.append(o)
+                changed.set()
+
+            async def until(what: Callable[[], bool]) -> None:
+                async with asyncio.timeout(WAIT):
+                    while not what():
+                        changed.clear()
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(0.01):
+                                await changed.wait()
+
+            stop = asyncio.Event()
+            obs = Observers(measurements=[seen], errors=[errors.append], outcomes=[acted])
+            holder: list[Any] = []
+            runner = asyncio.create_task(
+                run_pipeline(config, observers=obs, stop=stop, started=holder.append))
+            try:
+                await until(lambda: bool(holder) and holder[0].sources["gps"].is_open)
+                await dev.send(b"$GPGSV,partial line from before\r\n" + fix)
+                await until(lambda: any(m.name == "latitude" for m in measurements))
+                assert not outcomes  # the fix is there: the rule stays quiet
+                await dev.send(garbage_line() + no_fix)
+                await until(lambda: bool(outcomes))
+                assert outcomes[0].ok, outcomes[0].error
+                assert await dev.wait_received(13) == b"$PUBX,00*33\r\n"
+            finally:
+                stop.set()
+                await runner
+            lat = [m for m in measurements if m.name == "latitude"]
+            assert lat[0].value == pytest.approx(48.1173) and lat[0].device == "gps"
+            valid = [m.value for m in measurements if m.name == "fix_valid"]
+            assert valid == [True, False]
+            # the partial first line and the noise are dead letters, nothing else
+            assert len(errors) == 2 and all(e.source == "gps" for e in errors)
+            health = holder[0].health()["gps"]["gps"]
+            assert health.quality == "good" and health.polls == 4
+
+    run(go())
+
+
+def garbage_line() -> bytes:
+    return b"\x00\xff\xfe noise \x1b[A\r\n"

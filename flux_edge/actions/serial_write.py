@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SerialWriteExecutor", "parse_write_data"]
 
-_SEPARATORS = frozenset(" \t\r\n")
+_SEPARATORS = frozenset(" \t\r\n\v\f")  # what bytes.fromhex skips, anywhere
 
 
 def parse_write_data(data: str, encoding: Literal["text", "hex"]) -> bytes:

@@ -478,6 +478,7 @@ class MqttClient:
         self._fd = -1
         self._attached = False  # reader/writer registered with the loop
         self._writer_on = False
+        self._paused = False  # reading paused by the consumer (pause_reading)
         self._misc_timer: asyncio.TimerHandle | None = None
         self._gen = 0  # connection generation: acks never cross to a new connection
         self._subs: dict[str, tuple[int, Handler]] = {}
@@ -598,6 +599,28 @@ class MqttClient:
             finally:
                 self._waiters.pop(mid, None)
             self.stats.published += 1
+
+    @property
+    def reading_paused(self) -> bool:
+        return self._paused
+
+    def pause_reading(self) -> None:
+        """Stop reading from the socket (TCP back-pressure towards the broker) until
+        ``resume_reading()``. For a consumer whose buffer is full. Keepalive checks pause too;
+        a pause longer than about 1.5 x keepalive without any acknowledgement going out lets
+        the broker drop the connection (the session, and its QoS 1/2 messages, survive)."""
+        if self._paused:
+            return
+        self._paused = True
+        if self._attached and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+
+    def resume_reading(self) -> None:
+        if not self._paused:
+            return
+        self._paused = False
+        if self._attached and self._loop is not None:
+            self._loop.add_reader(self._fd, self._on_readable)
 
     def abort_connection(self, reason: str = "connection aborted") -> None:
         """Drop the current connection as a network failure would (no DISCONNECT, so the broker
@@ -764,7 +787,8 @@ class MqttClient:
         self._fd = sock.fileno()
         if self._sock_closed is not None:
             self._sock_closed.clear()
-        self._loop.add_reader(self._fd, self._on_readable)
+        if not self._paused:
+            self._loop.add_reader(self._fd, self._on_readable)
         if self._paho.want_write():
             self._loop.add_writer(self._fd, self._on_writable)
             self._writer_on = True
@@ -804,7 +828,7 @@ class MqttClient:
         c.loop_read()
         sock = c.socket()
         # TLS: OpenSSL may hold decrypted bytes the fd no longer signals.
-        while isinstance(sock, ssl.SSLSocket) and sock.pending():
+        while not self._paused and isinstance(sock, ssl.SSLSocket) and sock.pending():
             if c.loop_read() != 0:
                 break
             sock = c.socket()
@@ -816,7 +840,8 @@ class MqttClient:
         self._misc_timer = None
         if not self._attached or self._loop is None:
             return
-        self._paho.loop_misc()
+        if not self._paused:
+            self._paho.loop_misc()
         if self._attached:
             self._misc_timer = self._loop.call_later(_MISC_INTERVAL, self._on_misc)
 

@@ -15,6 +15,7 @@ process exits.
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -55,6 +56,8 @@ class Mosquitto:
         self.log_file = workdir / "mosquitto.log"
         self.config_file = workdir / "mosquitto.conf"
         lines = [
+            # as root mosquitto drops to user "mosquitto", which cannot read pytest's tmp dirs
+            f"user {getpass.getuser()}",
             f"listener {self.port} {HOST}",
             "persistence false",
             f"max_queued_messages {max_queued_messages}",

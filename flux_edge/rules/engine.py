@@ -3,8 +3,9 @@
 Semantics (decided here, relied on by tests):
 
 * **Variables.** A rule reads the variables ``rule_variables`` declares: the registers of the
-  sources whose device it watches, its ``inputs``, and ``device``/``name`` (the device and name of
-  the measurement being processed). Values are looked up *in the measurement's device*: a rule
+  Modbus devices it watches (every device of every TCP and RTU source, profile registers
+  included), its ``inputs``, and ``device``/``name`` (the device and name of the measurement
+  being processed). Values are looked up *in the measurement's device*: a rule
   with ``device = ""`` runs for each device separately, against that device's own values.
 * **Trigger.** A measurement evaluates only the rules whose condition references its name and
   whose device filter matches its device (an index built once). A rule that references no

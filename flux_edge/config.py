@@ -1504,6 +1504,12 @@ def _serial_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -
         v.report(
             (*path, "delimiter"), 'delimiter framing needs a delimiter, like "\\n" or "\\r\\n"'
         )
+    elif framing == "delimiter" and any(ord(c) > 0xFF for c in out.get("delimiter", "\n")):
+        v.report(
+            (*path, "delimiter"),
+            "a delimiter is bytes: use characters U+0000..U+00FF, written as TOML escapes "
+            'like "\\u0003" for byte 0x03',
+        )
     elif framing == "fixed":
         length = out.get("frame_length", 0)
         if length < 1:

@@ -16,21 +16,35 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
-from flux_edge.actions.modbus_write import ModbusWriteExecutor
-from flux_edge.config import Config, ModbusTcpSource, resolve_plugin_path
-from flux_edge.errors import PluginError
-from flux_edge.model import Command, ErrorRecord, Measurement, Outcome, Reading
+from flux_edge.config import (
+    Config,
+    ModbusDeviceConfig,
+    ModbusRtuSource,
+    ModbusTcpSource,
+    ModbusWriteAction,
+    MqttSource,
+    SerialSource,
+    SerialWriteAction,
+    SourceConfig,
+    resolve_plugin_path,
+)
+from flux_edge.errors import FluxError, PluginError
+from flux_edge.model import Command, ErrorRecord, Measurement, Outcome, Quality, Reading
 from flux_edge.plugins.host import Plugin, PluginHost, PluginLimits
 from flux_edge.rules.engine import RuleEngine
 from flux_edge.runtime.queues import BoundedQueue
 from flux_edge.runtime.supervisor import Supervisor
-from flux_edge.sources.modbus import ModbusTcpPoller
+from flux_edge.sources import Emit, Source, SourceHealth, StatusCallback
 
 log = logging.getLogger("flux_edge.runtime")
+
+
+class Executor(Protocol):
+    async def execute(self, cmd: Command) -> Outcome: ...
 
 
 @dataclass(slots=True)
@@ -68,14 +82,46 @@ class _RateLimitedLog:
             self._suppressed[key] += 1
 
 
-def source_context(name: str, cfg: ModbusTcpSource) -> dict[str, Any]:
-    """What a plugin instance learns about the source it serves (ABI v1: the ``source`` object)."""
-    return {
-        "name": name,
-        "type": "modbus_tcp",
-        "device": cfg.device or name,
-        "registers": [msgspec.to_builtins(r) for r in cfg.registers],
-    }
+def modbus_devices(cfg: ModbusTcpSource | ModbusRtuSource, name: str) -> list[ModbusDeviceConfig]:
+    """The devices of a Modbus source (the loader fills ``devices``; shorthand kept for structs
+    built in code)."""
+    if cfg.devices:
+        return list(cfg.devices)
+    assert isinstance(cfg, ModbusTcpSource)
+    return [ModbusDeviceConfig(name=cfg.device or name, unit_id=cfg.unit_id,
+                               registers=cfg.registers)]
+
+
+def source_context(
+    name: str, cfg: SourceConfig, device: ModbusDeviceConfig | None = None
+) -> dict[str, Any]:
+    """What a plugin instance learns about the source it serves (ABI v1: the ``source`` object).
+
+    Modbus plugin instances serve one device each and get its register map.
+    """
+    ctx: dict[str, Any] = {"name": name, "type": type(cfg).__struct_config__.tag}
+    if device is not None:
+        ctx["device"] = device.name
+        ctx["unit_id"] = device.unit_id
+        ctx["registers"] = [msgspec.to_builtins(r) for r in device.registers]
+    elif isinstance(cfg, SerialSource | MqttSource):
+        ctx["device"] = cfg.device or name
+    return ctx
+
+
+def make_source(name: str, cfg: SourceConfig, emit: Emit, on_status: StatusCallback) -> Source:
+    """The source object for one config entry; each protocol's module is imported only if used."""
+    if isinstance(cfg, ModbusTcpSource | ModbusRtuSource):
+        from flux_edge.sources.modbus import ModbusBusPoller
+
+        return ModbusBusPoller(name, cfg, emit, on_status=on_status)
+    if isinstance(cfg, SerialSource):
+        from flux_edge.sources.serial import SerialReader
+
+        return SerialReader(name, cfg, emit, on_status=on_status)
+    from flux_edge.sources.mqtt_in import MqttSourceClient
+
+    return MqttSourceClient(name, cfg, emit, on_status=on_status)
 
 
 class Pipeline:
@@ -100,9 +146,12 @@ class Pipeline:
         }
         self.dead_letters: collections.deque[ErrorRecord] = collections.deque(maxlen=1000)
         self.dead_letter_total = 0
-        self.chains: dict[str, list[Plugin]] = {}
-        self.pollers: dict[str, ModbusTcpPoller] = {}
-        self.executors: dict[str, ModbusWriteExecutor] = {}
+        # plugin chains by (source, device); device "" = the source's chain for every device
+        self.chains: dict[tuple[str, str], list[Plugin]] = {}
+        self.sources: dict[str, Source] = {}
+        self.executors: dict[str, Executor] = {}
+        # the last measurement of each (device, name): marked bad when its device stops answering
+        self.latest: dict[str, dict[str, Measurement]] = {}
         self.engine = RuleEngine(config, clock=clock)
         self._supervisor = Supervisor()
         self._in_flight: set[asyncio.Task[None]] = set()
@@ -112,28 +161,67 @@ class Pipeline:
 
     # --- construction ------------------------------------------------------------------------
 
+    def _load_chain(self, sname: str, scfg: SourceConfig,
+                    device: ModbusDeviceConfig | None) -> list[Plugin]:
+        chain: list[Plugin] = []
+        for pname in scfg.chain:
+            pcfg = self.config.plugins[pname]
+            init_cfg = dict(pcfg.config)
+            init_cfg["source"] = source_context(sname, scfg, device)
+            chain.append(
+                self.host.load(
+                    pname,
+                    Path(resolve_plugin_path(self.config, pname)),
+                    PluginLimits.from_config(pcfg),
+                    init_cfg,
+                    wasi=pcfg.wasi,
+                )
+            )
+        return chain
+
     def _build(self) -> None:
         cfg = self.config
         for sname, scfg in cfg.sources.items():
-            chain: list[Plugin] = []
-            for pname in scfg.chain:
-                pcfg = cfg.plugins[pname]
-                init_cfg = dict(pcfg.config)
-                init_cfg["source"] = source_context(sname, scfg)
-                chain.append(
-                    self.host.load(
-                        pname,
-                        Path(resolve_plugin_path(cfg, pname)),
-                        PluginLimits.from_config(pcfg),
-                        init_cfg,
-                        wasi=pcfg.wasi,
-                    )
-                )
-            self.chains[sname] = chain
-            self.pollers[sname] = ModbusTcpPoller(sname, scfg, self._emit)
+            if isinstance(scfg, ModbusTcpSource | ModbusRtuSource):
+                for dev in modbus_devices(scfg, sname):
+                    self.chains[(sname, dev.name)] = self._load_chain(sname, scfg, dev)
+            else:
+                self.chains[(sname, "")] = self._load_chain(sname, scfg, None)
+            self.sources[sname] = make_source(sname, scfg, self._emit, self._on_status)
         for aname, acfg in cfg.actions.items():
-            self.executors[aname] = ModbusWriteExecutor(aname, acfg, self.pollers[acfg.source])
+            self.executors[aname] = self._make_executor(aname, acfg)
             self._action_locks[aname] = asyncio.Lock()
+
+    def _make_executor(self, name: str, cfg: ModbusWriteAction | SerialWriteAction) -> Executor:
+        source = self.sources[cfg.source]
+        if isinstance(cfg, ModbusWriteAction):
+            from flux_edge.actions.modbus_write import ModbusWriteExecutor
+
+            return ModbusWriteExecutor(name, cfg, source)  # type: ignore[arg-type]
+        from flux_edge.actions.serial_write import SerialWriteExecutor
+
+        return SerialWriteExecutor(name, cfg, source)  # type: ignore[arg-type]
+
+    def _on_status(self, device: str, quality: Quality, error: str) -> None:
+        """A source says a device stopped answering (or is back). Its last measurements are
+        re-sent with the new quality, so rules see stale inputs at once and never act on them."""
+        if quality == "good":
+            log.info("device %s is answering again", device)
+            return
+        log.warning("device %s is %s: %s", device, quality, error)
+        latest = self.latest.get(device)
+        if not latest:
+            return
+        now = self._clock()
+        for name, m in list(latest.items()):
+            marked = msgspec.structs.replace(m, quality=quality, ts=now)
+            latest[name] = marked
+            if not self.measurements.offer(marked):
+                log.warning("measurement queue full: quality change of %s.%s not delivered",
+                            device, name)
+
+    def health(self) -> dict[str, dict[str, SourceHealth]]:
+        return {name: dict(src.health) for name, src in self.sources.items()}
 
     async def _emit(self, reading: Reading) -> None:
         await self.readings.put(reading)
@@ -149,12 +237,12 @@ class Pipeline:
         sup.spawn("actions", self._action_stage)
         sup.spawn("rules", self._rule_stage)
         sup.spawn("plugins", self._plugin_stage)
-        for name, poller in self.pollers.items():
-            sup.spawn(f"source:{name}", poller.run)
+        for name, source in self.sources.items():
+            sup.spawn(f"source:{name}", source.run)
         self._started = True
         log.info(
             "pipeline running: %d source(s), %d plugin instance(s), %d rule(s), %d action(s)",
-            len(self.pollers),
+            len(self.sources),
             sum(len(c) for c in self.chains.values()),
             len(self.config.rules),
             len(self.executors),
@@ -166,7 +254,7 @@ class Pipeline:
             return
         self._started = False
         sup = self._supervisor
-        await sup.cancel(*[f"source:{n}" for n in self.pollers])
+        await sup.cancel(*[f"source:{n}" for n in self.sources])
         try:
             async with asyncio.timeout(drain_timeout):
                 await self.readings.join()
@@ -185,8 +273,11 @@ class Pipeline:
                 len(self._in_flight),
             )
         await sup.cancel_all()
-        for poller in self.pollers.values():
-            await poller.close()
+        for source in self.sources.values():
+            try:
+                await source.close()
+            except (OSError, FluxError) as exc:
+                log.warning("closing source %s: %s", source.name, exc)
         for chain in self.chains.values():
             for plugin in chain:
                 plugin.close()
@@ -205,11 +296,14 @@ class Pipeline:
         for cb in self.observers.errors:
             cb(rec)
 
-    def run_chain(self, source: str, readings: Sequence[Reading]) -> list[Measurement]:
-        """Pass one source's readings through its plugin chain, in order."""
+    def run_chain(self, key: tuple[str, str], readings: Sequence[Reading]) -> list[Measurement]:
+        """Pass readings of one (source, device) through its plugin chain, in order."""
         msgs: Sequence[Reading | Measurement] = readings
         out: list[Measurement] = []
-        for plugin in self.chains.get(source, ()):
+        chain = self.chains.get(key)
+        if chain is None:
+            chain = self.chains.get((key[0], ""), [])
+        for plugin in chain:
             out = []
             for item in plugin.process(msgs):
                 if isinstance(item, Measurement):
@@ -224,12 +318,13 @@ class Pipeline:
         batch_max = self.config.daemon.batch_max
         while True:
             batch = await self.readings.get_batch(batch_max)
-            by_source: dict[str, list[Reading]] = {}
+            groups: dict[tuple[str, str], list[Reading]] = {}
             for r in batch:
-                by_source.setdefault(r.source, []).append(r)
-            for source, readings in by_source.items():
+                groups.setdefault((r.source, r.device), []).append(r)
+            for key, readings in groups.items():
+                source = key[0]
                 try:
-                    measurements = self.run_chain(source, readings)
+                    measurements = self.run_chain(key, readings)
                 except PluginError as exc:  # host bug guard: Plugin.process should not raise
                     for r in readings:
                         self._dead_letter(
@@ -241,7 +336,12 @@ class Pipeline:
                     continue
                 for cb in self.observers.measurements:
                     cb(source, measurements)
+                latest = self.latest
                 for m in measurements:
+                    by_name = latest.get(m.device)
+                    if by_name is None:
+                        by_name = latest[m.device] = {}
+                    by_name[m.name] = m
                     await self.measurements.put(m)
                 stats.processed += len(readings)
             stats.last_progress = time.monotonic()

@@ -20,9 +20,9 @@ Every source class follows the same shape (the runtime relies on it):
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from flux_edge.model import Quality, Reading
 
@@ -41,3 +41,17 @@ class SourceHealth:
     missed_polls: int = 0  # schedule slots skipped because a poll overran its interval
     last_error: str = ""
     quality: Literal["good", "bad"] = "bad"  # "bad" until the first successful poll
+
+
+class Source(Protocol):
+    """What the runtime needs of every source (see the module docstring)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def health(self) -> Mapping[str, SourceHealth]: ...
+
+    async def run(self) -> None: ...
+
+    async def close(self) -> None: ...

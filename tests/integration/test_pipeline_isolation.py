@@ -93,7 +93,7 @@ def test_trapping_plugin_is_quarantined_while_another_source_keeps_flowing(
                 await runner
 
             pipeline = holder[0]
-            trapper = pipeline.chains["bad"][0]
+            trapper = pipeline.chains[("bad", "bad")][0]
             assert trapper.quarantined
             assert trapper.stats.traps == 3  # called exactly max_failures times, then left alone
             # every reading of the bad source became an error record: nothing vanished

@@ -1422,3 +1422,12 @@ def test_example_config_contents() -> None:
     assert (heat_pump.interval, heat_pump.timeout) == (5.0, 0.3)
     assert isinstance(cfg.sources["gps"], SerialSource)
     assert isinstance(cfg.sources["flats"], MqttSource)
+
+
+def test_serial_delimiter_must_be_bytes() -> None:
+    text = '[sources.gps]\ntype = "serial"\nport = "/dev/ttyUSB9"\ndelimiter = "€"\n'
+    _, problems = check_config_text(text)
+    assert any(
+        p.path == "sources.gps.delimiter" and "U+00FF" in p.message and p.line == 4
+        for p in problems
+    ), problems

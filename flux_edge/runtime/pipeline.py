@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -187,7 +188,9 @@ class Pipeline:
                     self.chains[(sname, dev.name)] = self._load_chain(sname, scfg, dev)
             else:
                 self.chains[(sname, "")] = self._load_chain(sname, scfg, None)
-            self.sources[sname] = make_source(sname, scfg, self._emit, self._on_status)
+            self.sources[sname] = make_source(
+                sname, scfg, self._emit, functools.partial(self._on_status, sname)
+            )
         for aname, acfg in cfg.actions.items():
             self.executors[aname] = self._make_executor(aname, acfg)
             self._action_locks[aname] = asyncio.Lock()
@@ -202,7 +205,7 @@ class Pipeline:
 
         return SerialWriteExecutor(name, cfg, source)  # type: ignore[arg-type]
 
-    def _on_status(self, device: str, quality: Quality, error: str) -> None:
+    def _on_status(self, source: str, device: str, quality: Quality, error: str) -> None:
         """A source says a device stopped answering (or is back). Its last measurements are
         re-sent with the new quality, so rules see stale inputs at once and never act on them."""
         if quality == "good":
@@ -213,12 +216,14 @@ class Pipeline:
         if not latest:
             return
         now = self._clock()
-        for name, m in list(latest.items()):
-            marked = msgspec.structs.replace(m, quality=quality, ts=now)
-            latest[name] = marked
-            if not self.measurements.offer(marked):
+        marked = [msgspec.structs.replace(m, quality=quality, ts=now) for m in latest.values()]
+        for m in marked:
+            latest[m.name] = m
+            if not self.measurements.offer(m):
                 log.warning("measurement queue full: quality change of %s.%s not delivered",
-                            device, name)
+                            device, m.name)
+        for cb in self.observers.measurements:
+            cb(source, marked)
 
     def health(self) -> dict[str, dict[str, SourceHealth]]:
         return {name: dict(src.health) for name, src in self.sources.items()}

@@ -110,3 +110,89 @@ def test_trapping_plugin_is_quarantined_while_another_source_keeps_flowing(
             }
 
     asyncio.run(go())
+
+
+QUALITY_CONFIG = """
+[daemon]
+state_dir = "{state}"
+
+[plugins.modbus_decode]
+
+[sources.tank]
+type = "modbus_tcp"
+host = "127.0.0.1"
+port = {port}
+interval = "50ms"
+timeout = "200ms"
+backoff_max = "200ms"
+chain = ["modbus_decode"]
+registers = [{{ name = "level", address = 0, type = "uint16" }}]
+
+[rules.low]
+device = "tank"
+when = "level < 10"
+mode = "level"
+actions = []
+"""
+
+
+def test_a_device_that_stops_answering_has_its_measurements_marked_bad_then_recovers(
+    tmp_path: Path,
+) -> None:
+    bundled_wasm("modbus_decode")
+
+    async def go() -> None:
+        server = SimulatedModbusServer(port=0)
+        await server.start()
+        port = server.port
+        server.set_holding(0, 5)
+        text = QUALITY_CONFIG.format(state=tmp_path / "state", port=port)
+        config = load_config_text(text, str(tmp_path / "site.toml"))
+
+        seen: list[Measurement] = []
+        first_good, bad, good_again = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        def on_measurements(source: str, ms: list[Measurement]) -> None:
+            for m in ms:
+                seen.append(m)
+                if m.quality == "good":
+                    (good_again if bad.is_set() else first_good).set()
+                elif m.quality == "bad" and not bad.is_set():
+                    stats = holder[0].engine.stats["low"]
+                    at_bad.extend([stats.firings, stats.skipped])
+                    bad.set()
+
+        holder: list[Pipeline] = []
+        at_bad: list[int] = []
+        stop = asyncio.Event()
+        runner = asyncio.create_task(
+            run_pipeline(config, observers=Observers(measurements=[on_measurements]), stop=stop,
+                         started=holder.append)
+        )
+        try:
+            await asyncio.wait_for(first_good.wait(), 10)
+            await server.stop()  # the device goes silent
+            await asyncio.wait_for(bad.wait(), 10)
+            await holder[0].measurements.join()  # the rule stage has seen the bad measurement
+            after_bad = holder[0].engine.stats["low"]
+            firings_after_bad, skipped_after_bad = after_bad.firings, after_bad.skipped
+            server = SimulatedModbusServer(port=port)  # ... and comes back on the same port
+            await server.start()
+            server.set_holding(0, 5)
+            await asyncio.wait_for(good_again.wait(), 10)
+        finally:
+            stop.set()
+            await runner
+            await server.stop()
+
+        marked = [m for m in seen if m.quality == "bad"]
+        assert [(m.device, m.name, m.value) for m in marked] == [("tank", "level", 5.0)]
+        # the level rule fired on good readings; the bad one was skipped, not a firing
+        firings_at_bad, skipped_at_bad = at_bad
+        assert firings_at_bad >= 1
+        assert firings_after_bad == firings_at_bad
+        assert skipped_after_bad == skipped_at_bad + 1
+        assert holder[0].engine.stats["low"].firings > firings_after_bad  # fires again after
+        assert holder[0].sources["tank"].health["tank"].quality == "good"
+
+    asyncio.run(go())

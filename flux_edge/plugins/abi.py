@@ -5,7 +5,9 @@
 - :func:`decode_output` turns the guest's JSON Lines output into measurements and error records.
 
 Both sit on the hot path: one call per batch, precompiled :class:`struct.Struct` objects and one
-``bytes.join`` for the input, one msgspec ``decode_lines`` into a typed Struct for the output.
+``bytes.join`` for the input, one msgspec ``decode_lines`` into a typed Struct for the output
+(a strict one for the common case of plain measurement lines, checked in C, and a general one
+for everything else).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Callable, Sequence
-from typing import Literal
+from operator import attrgetter
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -34,10 +37,14 @@ MAX_LINE = 64 * 1024  # bytes of one output line, without its "\n"
 _COUNT = struct.Struct("<I")
 _FIXED = 12 + 2 + 2 + 4  # bytes counted by ``size`` besides device, topic and payload
 
-# (device, topic, register count or -1) -> (pack, device bytes, topic bytes, size w/o payload,
-# device_len, topic_len, payload bytes of registers): one precompiled Struct packs a whole
-# register message, or everything but the payload of a bytes message, in one call.
-_Layout = tuple[Callable[..., bytes], bytes, bytes, int, int, int, int]
+# (device, topic, register count or -1) -> (pack, head, middle, size w/o payload). struct.pack
+# converts every argument on its own (the bulk of the cost), so the parts that are the same
+# for every message of a layout are packed once: for a register message ``head`` is size and
+# kind, ``middle`` is device_len .. payload_len, and ``pack(head, function, address, ts,
+# middle, *registers)`` is the whole message; for a bytes message ``middle`` is device_len ..
+# topic, and ``pack(size, kind, function, address, ts, middle, payload_len)`` precedes the
+# payload.
+_Layout = tuple[Callable[..., bytes], bytes, bytes, int]
 _LAYOUTS: dict[tuple[str, str, int], _Layout] = {}
 _LAYOUTS_MAX = 4096
 
@@ -50,20 +57,16 @@ def _layout(device: str, topic: str, nregs: int) -> _Layout:
     dl, tl = len(dev), len(top)
     if dl > 0xFFFF or tl > 0xFFFF:
         raise ValueError("device names and topics are limited to 65535 bytes")
+    names = struct.pack(f"<H{dl}sH{tl}s", dl, dev, tl, top)
     if nregs >= 0:
-        fmt = f"<IBBHdH{dl}sH{tl}sI{nregs}H"
-        layout = (
-            struct.Struct(fmt).pack,
-            dev,
-            top,
-            _FIXED + dl + tl + 2 * nregs,
-            dl,
-            tl,
-            2 * nregs,
-        )
+        size = _FIXED + dl + tl + 2 * nregs
+        head = struct.pack("<IB", size, KIND_REGISTERS)
+        middle = names + struct.pack("<I", 2 * nregs)
+        pack = struct.Struct(f"<{len(head)}sBHd{len(middle)}s{nregs}H").pack
+        layout = (pack, head, middle, size)
     else:
-        fmt = f"<IBBHdH{dl}sH{tl}sI"
-        layout = (struct.Struct(fmt).pack, dev, top, _FIXED + dl + tl, dl, tl, 0)
+        pack = struct.Struct(f"<IBBHd{len(names)}sI").pack
+        layout = (pack, b"", names, _FIXED + dl + tl)
     _LAYOUTS[(device, topic, nregs)] = layout
     return layout
 
@@ -104,57 +107,65 @@ def encode_batch(messages: Sequence[Reading | Measurement]) -> bytes:
     parts: list[bytes] = [_COUNT.pack(len(messages))]
     append = parts.append
     layouts = _LAYOUTS
-    i = 0
+    # The layout of the previous message: a batch is mostly one device and one topic (the same
+    # str objects), so an identity check replaces the dict lookup.
+    last_dev: object = None
+    last_top: object = None
+    last_n = -2
+    pack: Callable[..., bytes] = _COUNT.pack
+    head = middle = b""
+    size = 0
     try:
-        for i, m in enumerate(messages):  # noqa: B007 (i is read in the except clause)
+        for m in messages:
             if type(m) is Reading:
+                device = m.device
+                topic = m.topic
                 if m.kind == KIND_REGISTERS:
                     regs = m.registers
-                    lay = layouts.get((m.device, m.topic, len(regs)))
-                    if lay is None:
-                        lay = _layout(m.device, m.topic, len(regs))
-                    pack, dev, top, size, dl, tl, pl = lay
-                    append(
-                        pack(
-                            size,
-                            KIND_REGISTERS,
-                            m.function,
-                            m.address,
-                            m.ts,
-                            dl,
-                            dev,
-                            tl,
-                            top,
-                            pl,
-                            *regs,
-                        )
-                    )
+                    n = len(regs)
+                    if device is not last_dev or topic is not last_top or n != last_n:
+                        lay = layouts.get((device, topic, n)) or _layout(device, topic, n)
+                        pack, head, middle, size = lay
+                        last_dev, last_top, last_n = device, topic, n
+                    append(pack(head, m.function, m.address, m.ts, middle, *regs))
                     continue
                 kind = m.kind
                 payload = m.payload
                 function = m.function
                 address = m.address
-                lay = layouts.get((m.device, m.topic, -1))
-                if lay is None:
-                    lay = _layout(m.device, m.topic, -1)
             else:
                 if not isinstance(m, Measurement):
                     raise TypeError(f"expected Reading or Measurement, got {type(m).__name__}")
+                device = m.device
+                topic = ""
                 kind = KIND_MEASUREMENT
                 payload = _json_encode(
-                    _WireMeasurement(m.name, m.value, m.unit, m.quality, m.ts, m.device)
+                    _WireMeasurement(m.name, m.value, m.unit, m.quality, m.ts, device)
                 )
                 function = address = 0
-                lay = layouts.get((m.device, "", -1))
-                if lay is None:
-                    lay = _layout(m.device, "", -1)
-            pack, dev, top, size, dl, tl, _ = lay
+            if device is not last_dev or topic is not last_top or last_n != -1:
+                lay = layouts.get((device, topic, -1)) or _layout(device, topic, -1)
+                pack, _, middle, size = lay
+                last_dev, last_top, last_n = device, topic, -1
             n = len(payload)
-            append(pack(size + n, kind, function, address, m.ts, dl, dev, tl, top, n))
+            append(pack(size + n, kind, function, address, m.ts, middle, n))
             append(payload)
-    except (struct.error, TypeError, ValueError, OverflowError, UnicodeError) as exc:
-        raise BatchEncodeError(i, _why(messages[i], exc)) from exc
-    return b"".join(parts)
+    except _ENCODE_ERRORS as exc:
+        if len(messages) == 1:
+            raise BatchEncodeError(0, _why(messages[0], exc)) from exc
+        failure: BaseException = exc
+    else:
+        return b"".join(parts)
+    # Error path: find the first message that cannot be encoded on its own, and say why.
+    for i, m in enumerate(messages):
+        try:
+            encode_batch([m])
+        except BatchEncodeError as exc:
+            raise BatchEncodeError(i, exc.reason) from exc.__cause__
+    raise BatchEncodeError(0, f"{type(failure).__name__}: {failure}") from failure
+
+
+_ENCODE_ERRORS = (struct.error, TypeError, ValueError, OverflowError, UnicodeError)
 
 
 def _why(m: object, exc: BaseException) -> str:
@@ -192,8 +203,29 @@ class OutputLine(msgspec.Struct, gc=False):
     error: str | None = None
 
 
+_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+
+
+class _PlainLine(msgspec.Struct, gc=False, forbid_unknown_fields=True):
+    """The common line: a measurement taking device and ts from its input message.
+
+    msgspec checks in C what :func:`decode_output` would check per line in Python (``name``
+    and ``value`` present, ``value`` within 64 bits, ``i`` not negative). Any other line (an
+    error, a device or ts of its own, any other key, anything malformed) fails this decode,
+    and the output is decoded again as :class:`OutputLine`, which accepts and reports it.
+    """
+
+    i: Annotated[int, msgspec.Meta(ge=0)]
+    name: str
+    value: bool | _Int64 | float | str
+    unit: str = ""
+    quality: Literal["good", "stale", "bad"] = "good"
+
+
 _decode_lines = msgspec.json.Decoder(OutputLine).decode_lines
+_decode_plain = msgspec.json.Decoder(_PlainLine).decode_lines
 _INT64 = (-(2**63), 2**63 - 1)
+_get_i = attrgetter("i")
 
 
 def decode_output(
@@ -213,10 +245,63 @@ def decode_output(
     valid JSON Lines, a line is longer than 64 KiB, ``i`` is outside the batch, or a line has
     neither ``error`` nor both ``name`` and ``value``.
     """
+    return decode_output_counted(data, messages, plugin, indices=indices)[0]
+
+
+def decode_output_counted(
+    data: bytes,
+    messages: Sequence[Reading | Measurement],
+    plugin: str,
+    *,
+    indices: list[int] | None = None,
+) -> tuple[list[Measurement | ErrorRecord], int]:
+    """:func:`decode_output`, and how many of the records are error records."""
     if not data:
-        return []
+        return [], 0
     if len(data) > MAX_LINE:
         _check_line_lengths(data, plugin)
+    try:
+        plain = _decode_plain(data)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return _decode_general(data, messages, plugin, indices)
+    # Fast path: every line is a measurement about an input message; only the upper bound
+    # of ``i`` is left to check, once per run of lines about the same message.
+    n = len(messages)
+    out: list[Measurement | ErrorRecord] = []
+    append = out.append
+    last = -1
+    device = source = ""
+    ts = 0.0
+    for ln in plain:
+        i = ln.i
+        if i != last:
+            if i >= n:
+                return _decode_general(data, messages, plugin, indices)  # reports it
+            m = messages[i]
+            device, ts, source, last = m.device, m.ts, m.source, i
+        append(
+            Measurement(
+                device=device,
+                name=ln.name,
+                value=ln.value,
+                ts=ts,
+                unit=ln.unit,
+                quality=ln.quality,
+                source=source,
+            )
+        )
+    if indices is not None:
+        indices.extend(map(_get_i, plain))
+    return out, 0
+
+
+def _decode_general(
+    data: bytes,
+    messages: Sequence[Reading | Measurement],
+    plugin: str,
+    indices: list[int] | None,
+) -> tuple[list[Measurement | ErrorRecord], int]:
+    """Any valid output (error lines, device and ts of a line's own); names what is wrong."""
     try:
         lines = _decode_lines(data)
     except msgspec.DecodeError as exc:
@@ -226,6 +311,7 @@ def decode_output(
     n = len(messages)
     out: list[Measurement | ErrorRecord] = []
     append = out.append
+    errors = 0
     last: int | None = None  # consecutive lines are mostly about one message: look it up once
     device = source = ""
     ts = 0.0
@@ -258,6 +344,7 @@ def decode_output(
                 )
             )
         else:
+            errors += 1
             append(
                 ErrorRecord(
                     stage="plugin",
@@ -269,8 +356,8 @@ def decode_output(
                 )
             )
     if indices is not None:
-        indices.extend([ln.i for ln in lines])
-    return out
+        indices.extend(map(_get_i, lines))
+    return out, errors
 
 
 # --- error path helpers (never on the hot path) ------------------------------------------------

@@ -47,7 +47,12 @@ from wasmtime import _func as _wfunc
 from flux_edge.config import PluginConfig
 from flux_edge.errors import PluginABIError, PluginLoadError
 from flux_edge.model import ErrorRecord, Measurement, Reading
-from flux_edge.plugins.abi import ABI_VERSION, BatchEncodeError, decode_output, encode_batch
+from flux_edge.plugins.abi import (
+    ABI_VERSION,
+    BatchEncodeError,
+    decode_output_counted,
+    encode_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -702,7 +707,7 @@ class Plugin:
             if inst is None:
                 inst = self._recycle()
             out = self._call_process(inst, data)
-            result = decode_output(out, messages, self.name, indices=indices)
+            result, errors = decode_output_counted(out, messages, self.name, indices=indices)
         except _Fault as f:
             result = self._failed(messages, f, indices, mark)
         except PluginABIError as exc:
@@ -712,10 +717,6 @@ class Plugin:
             if until is not None:
                 self._quarantined_until = None
                 self._logger.info("plugin %r works again after its quarantine", self.name)
-            errors = 0
-            for r in result:
-                if type(r) is ErrorRecord:
-                    errors += 1
             stats.errors += errors
         dt = time.perf_counter() - t0
         stats.last_call_s = dt

@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 
 from flux_edge.errors import PluginABIError
 from flux_edge.model import ErrorRecord, Measurement, Reading
-from flux_edge.plugins.abi import MAX_LINE, BatchEncodeError, decode_output, encode_batch
+from flux_edge.plugins import abi
+from flux_edge.plugins.abi import (
+    MAX_LINE,
+    BatchEncodeError,
+    decode_output,
+    decode_output_counted,
+    encode_batch,
+)
 
 # --- a reference parser, written from the spec only -----------------------------------------------
 
@@ -121,6 +128,77 @@ def test_encode_batch_round_trips_through_a_spec_parser(msgs: list[Reading | Mea
                 assert struct.unpack(f"<{n}H", p["payload"]) == m.registers
             else:
                 assert p["payload"] == m.payload
+
+
+# A few shared str objects, so consecutive messages often reuse the previous layout (the
+# identity check in encode_batch) and often switch layout (device, topic, register count, kind).
+_DEVICES = ["boiler", "pump", "°C-sensor"]
+_TOPICS = ["", "a/b"]
+shared_readings = st.builds(
+    Reading,
+    source=st.just("s"),
+    device=st.sampled_from(_DEVICES),
+    ts=finite,
+    kind=st.sampled_from([0, 1, 1]),
+    registers=st.lists(st.integers(0, 0xFFFF), max_size=4).map(tuple),
+    payload=st.binary(max_size=8),
+    function=st.integers(0, 4),
+    address=st.integers(0, 0xFFFF),
+    topic=st.sampled_from(_TOPICS),
+)
+shared_measurements = st.builds(
+    Measurement, device=st.sampled_from(_DEVICES), name=st.just("m"), value=values, ts=finite
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.one_of(shared_readings, shared_measurements), max_size=12))
+def test_encode_batch_layout_changes_between_messages(msgs: list[Reading | Measurement]) -> None:
+    # kind 0 messages carry a payload and no registers, kind 1 the other way round
+    msgs = [
+        msgs_i
+        if not isinstance(msgs_i, Reading)
+        else Reading(
+            source=msgs_i.source,
+            device=msgs_i.device,
+            ts=msgs_i.ts,
+            kind=msgs_i.kind,
+            registers=msgs_i.registers if msgs_i.kind == 1 else (),
+            payload=msgs_i.payload if msgs_i.kind == 0 else b"",
+            function=msgs_i.function,
+            address=msgs_i.address,
+            topic=msgs_i.topic,
+        )
+        for msgs_i in msgs
+    ]
+    parsed = parse_batch(encode_batch(msgs))
+    for m, p in zip(msgs, parsed, strict=True):
+        assert p["device"] == m.device
+        if isinstance(m, Reading):
+            assert (p["kind"], p["topic"], p["function"], p["address"]) == (
+                m.kind,
+                m.topic,
+                m.function,
+                m.address,
+            )
+            want = struct.pack(f"<{len(m.registers)}H", *m.registers) if m.kind == 1 else m.payload
+            assert p["payload"] == want
+        else:
+            assert (p["kind"], p["topic"]) == (2, "")
+    # equal but distinct str objects take the same layout
+    a = Reading(source="s", device="".join(["boi", "ler"]), ts=1.0, kind=1, registers=(1,))
+    b = Reading(source="s", device="".join(["boil", "er"]), ts=1.0, kind=1, registers=(1,))
+    assert a.device is not b.device
+    assert encode_batch([a, b]) == encode_batch([a, a])
+
+
+def test_encode_batch_names_the_bad_message_after_a_run_of_good_ones() -> None:
+    good = [Reading(source="s", device="d", ts=0, kind=1, registers=(k, 1)) for k in range(3)]
+    bad = Reading(source="s", device="d", ts=0, kind=1, registers=(1, 1 << 16))
+    with pytest.raises(BatchEncodeError) as ei:
+        encode_batch([*good, bad, *good])
+    assert ei.value.index == 3
+    assert "65536 is outside 0..65535" in str(ei.value)
 
 
 def test_encode_batch_layout_by_hand() -> None:
@@ -271,3 +349,84 @@ def test_a_line_of_exactly_64_kib_is_accepted() -> None:
     assert len(line) == MAX_LINE
     (m,) = decode_output(line + b"\n", INPUT, "p")
     assert isinstance(m, Measurement) and len(m.name) == MAX_LINE - len(head) - len(tail)
+
+
+# --- the fast path of decode_output ---------------------------------------------------------------
+
+plain_lines = st.fixed_dictionaries(
+    {"i": st.integers(0, len(INPUT) - 1), "name": texts, "value": values},
+    optional={"unit": texts, "quality": st.sampled_from(["good", "stale", "bad"])},
+)
+odd_lines = st.one_of(
+    lines,
+    st.fixed_dictionaries(
+        {"i": st.integers(-2, len(INPUT) + 1)},
+        optional={
+            "name": st.one_of(st.none(), texts),
+            "value": st.one_of(
+                st.none(), values, st.integers(-(2**70), 2**70), st.just([1]), st.just({})
+            ),
+            "quality": st.sampled_from(["good", "great"]),
+            "error": st.none(),
+            "device": st.none(),
+        },
+    ),
+)
+
+
+def _outcome(fn: Any, data: bytes) -> Any:
+    indices: list[int] = []
+    try:
+        result = fn(data, INPUT, "p", indices)
+    except PluginABIError as exc:
+        return ("raised", str(exc))
+    return ("ok", result, indices)
+
+
+@settings(max_examples=400)
+@given(st.lists(st.one_of(plain_lines, odd_lines), max_size=12), st.booleans())
+def test_decode_fast_path_agrees_with_the_general_decoder(
+    objs: list[dict[str, Any]], ascii_only: bool
+) -> None:
+    data = "".join(json.dumps(o, ensure_ascii=ascii_only) + "\n" for o in objs).encode()
+
+    def fast(d: bytes, msgs: Any, plugin: str, indices: list[int]) -> Any:
+        return decode_output_counted(d, msgs, plugin, indices=indices)
+
+    assert _outcome(fast, data) == _outcome(abi._decode_general, data)
+
+
+@settings(max_examples=100)
+@given(st.lists(plain_lines, min_size=1, max_size=12))
+def test_plain_measurement_lines_take_the_fast_path(
+    objs: list[dict[str, Any]],
+) -> None:
+    data = "".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objs).encode()
+    want = abi._decode_general(data, INPUT, "p", None)
+    saved = abi._decode_general
+
+    def refuse(*args: Any) -> Any:
+        raise AssertionError("the general decoder was used")
+
+    abi._decode_general = refuse  # type: ignore[assignment]
+    try:
+        assert decode_output_counted(data, INPUT, "p") == want
+    finally:
+        abi._decode_general = saved
+
+
+def test_decode_output_counts_error_records() -> None:
+    data = (
+        b'{"i":0,"name":"a","value":1}\n{"i":1,"error":"x"}\n'
+        b'{"i":2,"error":"y","device":"z"}\n{"i":2,"name":"b","value":2,"ts":5}\n'
+    )
+    records, errors = decode_output_counted(data, INPUT, "p")
+    assert errors == 2
+    assert [type(r).__name__ for r in records] == [
+        "Measurement",
+        "ErrorRecord",
+        "ErrorRecord",
+        "Measurement",
+    ]
+    assert decode_output_counted(b'{"i":0,"name":"a","value":1}', INPUT, "p")[1] == 0
+    assert decode_output_counted(b"", INPUT, "p") == ([], 0)

@@ -1,19 +1,30 @@
-"""Per-message cost of Plugin.process (encode + ONE wasm call + decode) by batch size.
+"""Per-message cost of the plugin stage: Plugin.process = encode + ONE wasm call + decode into
+Measurement objects, by batch size, for the bundled plugins (or any module).
 
-    .venv/bin/python bench/plugin_call.py                    # bundled plugins, else the WAT echo
+    .venv/bin/python bench/plugin_call.py                      # modbus_decode, json_normalize
+    .venv/bin/python bench/plugin_call.py --repeat 3           # median of 3 runs per row
+    .venv/bin/python bench/plugin_call.py --breakdown          # + encode / call / decode split
     .venv/bin/python bench/plugin_call.py --wasm X.wasm --input registers|json [--config F.json]
-    .venv/bin/python bench/plugin_call.py --raw               # + the cost of one empty call
+    .venv/bin/python bench/plugin_call.py --raw                # + the cost of one empty call
 
-Prints one table per plugin (batch, us/msg, msgs/s, output records, error records) and the
-process' peak RSS. Target (docs/performance.md): <= 3 us per message at batch >= 64.
+Prints the command line and the machine first, then per plugin and batch size: us per input
+message, us per output measurement, messages/s, measurements/s and the peak RSS of the process
+measuring that plugin (each plugin runs in a fresh child process, so one plugin's memory does
+not count for another). Target (docs/performance.md): <= 3 us per message at batch >= 64.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.metadata
 import json
+import os
+import platform
 import resource
+import shlex
+import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -27,6 +38,7 @@ import wasmtime  # noqa: E402 (bench only: the daemon imports wasmtime in host.p
 from wasmtime import _bindings  # noqa: E402
 
 from flux_edge.model import Measurement, Reading  # noqa: E402
+from flux_edge.plugins.abi import decode_output, encode_batch  # noqa: E402
 from flux_edge.plugins.host import Plugin, PluginHost, PluginLimits  # noqa: E402
 
 BUNDLED = ROOT / "flux_edge" / "plugins" / "bundled"
@@ -144,6 +156,7 @@ def json_input(n: int) -> list[Reading | Measurement]:
 def measure(
     plugin: Plugin, messages: Sequence[Reading | Measurement], seconds: float
 ) -> tuple[float, int, int]:
+    """Seconds per input message of ``plugin.process(messages)``, measurements, error records."""
     out = plugin.process(messages)  # warm up: input buffer allocated, caches filled
     errors = sum(1 for r in out if not isinstance(r, Measurement))
     iterations = 0
@@ -157,7 +170,42 @@ def measure(
         if now >= deadline:
             break
     per_msg = (now - t0) / (iterations * len(messages))
-    return per_msg, len(out), errors
+    return per_msg, len(out) - errors, errors
+
+
+def breakdown(
+    plugin: Plugin, messages: Sequence[Reading | Measurement], seconds: float
+) -> tuple[float, float, float]:
+    """Seconds per input message spent in encode_batch, in the call (copy in, flux_process,
+    copy out) and in decode_output, each timed on its own (best of 5 slices)."""
+    inst = plugin._inst
+    assert inst is not None
+    data = encode_batch(messages)
+    out = plugin._call_process(inst, data)
+    name = plugin.name
+    parts = (
+        lambda: encode_batch(messages),
+        lambda: plugin._call_process(inst, data),
+        lambda: decode_output(out, messages, name),
+    )
+    best: list[float] = []
+    for fn in parts:
+        fn()
+        times = []
+        for _ in range(5):
+            k = 0
+            t0 = time.perf_counter()
+            deadline = t0 + seconds / 15
+            while True:
+                for _ in range(10):
+                    fn()
+                k += 10
+                now = time.perf_counter()
+                if now >= deadline:
+                    break
+            times.append((now - t0) / (k * len(messages)))
+        best.append(min(times))
+    return best[0], best[1], best[2]
 
 
 def raw_call_cost(host: PluginHost) -> None:
@@ -206,52 +254,126 @@ def raw_call_cost(host: PluginHost) -> None:
     print()
 
 
+def machine() -> list[str]:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "Model", "Hardware")):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "?"
+
+    return [
+        f"machine: {cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()} "
+        f"{platform.machine()}; load average {load}",
+        f"python {platform.python_version()} ({platform.python_implementation()}); "
+        f"wasmtime-py {version('wasmtime')}; msgspec {version('msgspec')}",
+    ]
+
+
+def targets(args: argparse.Namespace) -> list[tuple[str, Path, str]]:
+    if args.wasm:
+        return [(args.wasm.stem, args.wasm, args.input)]
+    found = []
+    for name, kind in (("modbus_decode", "registers"), ("json_normalize", "json")):
+        path = BUNDLED / f"{name}.wasm"
+        if path.exists():
+            found.append((name, path, kind))
+    if not found:
+        print(f"(no plugins in {BUNDLED}: run plugins/build-all.sh; measuring the WAT echo)\n")
+        found.append(("echo", ECHO, "registers"))
+    return found
+
+
+def run_plugin(args: argparse.Namespace, name: str, path: Path, kind: str) -> int:
+    """Measure one plugin in this process (the child side of main)."""
+    batches = [int(b) for b in args.batches.split(",")]
+    config: dict[str, Any] = json.loads(args.config.read_text()) if args.config else {}
+    if kind == "registers":
+        config.setdefault("source", SOURCE)
+    else:
+        config.setdefault("source", {"name": "mqtt", "type": "mqtt", "device": "sensor-7"})
+        config.setdefault("fields", JSON_FIELDS)  # json_normalize's field map
+    make = registers_input if kind == "registers" else json_input
+    with PluginHost(None) as host:
+        if args.raw:
+            raw_call_cost(host)
+        plugin = host.load(name, path, PluginLimits(timeout_s=1.0), config)
+        rows = []
+        for b in batches:
+            messages = make(b)
+            runs = [measure(plugin, messages, args.seconds) for _ in range(args.repeat)]
+            per_msg = statistics.median(r[0] for r in runs)
+            _, records, errors = runs[0]
+            split = breakdown(plugin, messages, args.seconds) if args.breakdown else None
+            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            rows.append((b, per_msg, [r[0] for r in runs], records, errors, split, rss))
+        per = rows[0][3] / rows[0][0] if rows else 0.0
+        size = path.stat().st_size
+        print(f"{name} ({path.name}, {size} bytes; {kind} input; {per:g} measurements/message)")
+        cols = ["batch", "us/msg", "us/meas", "msgs/s", "meas/s", "errors", "peak RSS"]
+        if args.repeat > 1:
+            cols.append(f"us/msg of {args.repeat} runs")
+        if args.breakdown:
+            cols.append("encode + call + decode us/msg")
+        print("  " + "  ".join(cols))
+        for b, per_msg, all_runs, records, errors, split, rss in rows:
+            meas = records / b
+            us = per_msg * 1e6
+            line = (
+                f"  {b:>5}  {us:6.2f}  {us / meas if meas else float('nan'):7.3f}  "
+                f"{1 / per_msg:6.0f}  {meas / per_msg:6.0f}  {errors:>6}  {rss:5.1f} MiB"
+            )
+            if args.repeat > 1:
+                line += "  " + " ".join(f"{x * 1e6:.2f}" for x in all_runs)
+            if split is not None:
+                e, c, d = (x * 1e6 for x in split)
+                line += f"  {e:.2f} + {c:.2f} + {d:.2f}"
+            print(line)
+        print(f"  stats: {plugin.stats}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--wasm", type=Path, help="plugin to measure (.wasm or .wat)")
     ap.add_argument("--input", choices=["registers", "json"], default="registers")
     ap.add_argument("--config", type=Path, help="JSON config for flux_init (default: a boiler)")
     ap.add_argument("--batches", default="1,16,64,256")
-    ap.add_argument("--seconds", type=float, default=1.0, help="per batch size")
+    ap.add_argument("--seconds", type=float, default=1.0, help="per run of one batch size")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per batch size (median shown)")
+    ap.add_argument("--breakdown", action="store_true", help="time encode / call / decode")
     ap.add_argument("--raw", action="store_true", help="also measure one empty call")
+    ap.add_argument("--only", help=argparse.SUPPRESS)  # child process: measure this target
     args = ap.parse_args(argv)
-    batches = [int(b) for b in args.batches.split(",")]
-
-    targets: list[tuple[str, Path, str]] = []
-    if args.wasm:
-        targets.append((args.wasm.stem, args.wasm, args.input))
-    else:
-        for name, kind in (("modbus_decode", "registers"), ("json_normalize", "json")):
-            path = BUNDLED / f"{name}.wasm"
-            if path.exists():
-                targets.append((name, path, kind))
-        if not targets:
-            print(f"(no plugins in {BUNDLED} yet: measuring the WAT echo fixture)\n")
-            targets.append(("echo", ECHO, "registers"))
-
-    with PluginHost(None) as host:
-        if args.raw:
-            raw_call_cost(host)
-        for name, path, kind in targets:
-            config: dict[str, Any] = json.loads(args.config.read_text()) if args.config else {}
-            if kind == "registers":
-                config.setdefault("source", SOURCE)
-            else:
-                config.setdefault("source", {"name": "mqtt", "type": "mqtt", "device": "sensor-7"})
-                config.setdefault("fields", JSON_FIELDS)  # json_normalize's field map
-            plugin = host.load(name, path, PluginLimits(timeout_s=1.0), config)
-            make = registers_input if kind == "registers" else json_input
-            print(f"{name} ({path.name}, {kind} input)")
-            print(f"  {'batch':>5}  {'us/msg':>7}  {'msgs/s':>9}  {'records':>7}  {'errors':>6}")
-            for b in batches:
-                per_msg, records, errors = measure(plugin, make(b), args.seconds)
-                print(
-                    f"  {b:>5}  {per_msg * 1e6:7.2f}  {1 / per_msg:9.0f}  {records:>7}  {errors:>6}"
-                )
-            print(f"  stats: {plugin.stats}")
-            print()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS: {peak:.1f} MiB")
+    found = targets(args)
+    if args.only is not None:
+        for name, path, kind in found:
+            if name == args.only:
+                return run_plugin(args, name, path, kind)
+        return 2
+    given = sys.argv[1:] if argv is None else argv
+    print("command: " + shlex.join([sys.executable, *sys.argv[:1], *given]))
+    for line in machine():
+        print(line)
+    print("target: <= 3 us per input message at batch >= 64\n")
+    child_args = [a for a in given if a != "--raw"]
+    for k, (name, _, _) in enumerate(found):
+        raw = ["--raw"] if args.raw and k == 0 else []
+        cmd = [sys.executable, str(Path(__file__).resolve()), *child_args, *raw, "--only", name]
+        sys.stdout.flush()
+        rc = subprocess.run(cmd, check=False).returncode
+        if rc:
+            return rc
+        print()
     return 0
 
 

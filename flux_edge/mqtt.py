@@ -294,6 +294,7 @@ class MqttStats:
 _STABLE_AFTER = 10.0  # a connection that lasted this long resets the backoff
 _MISC_INTERVAL = 1.0  # loop_misc (keepalive) period
 _DISPATCH_CACHE_MAX = 4096
+_READ_BURST = 64  # packets read per readiness event while they keep carrying messages
 
 
 class _PahoErrors(logging.Logger):
@@ -391,6 +392,7 @@ class MqttClient:
         session_expiry: float = 0.0,
         protocol: Literal["5", "3.1.1"] = "5",
         connect_timeout: float = 10.0,
+        tcp_nodelay: bool = True,
         on_connection_change: ConnectionCallback | None = None,
         on_subscribe_error: SubscribeErrorCallback | None = None,
     ) -> None:
@@ -406,13 +408,16 @@ class MqttClient:
         self.port = port
         self.keepalive = max(round(keepalive), 0)
         self.connect_timeout = connect_timeout
+        self.tcp_nodelay = tcp_nodelay  # False only to measure what Nagle costs
         self.reconnect_min = max(reconnect_min, 0.001)
         self.reconnect_max = max(reconnect_max, self.reconnect_min)
         self.max_inflight = min(max_inflight, 65535)
         self.on_connection_change = on_connection_change
         self.on_subscribe_error = on_subscribe_error
         self.stats = MqttStats()
-        self.granted: dict[str, int] = {}  # filter -> QoS granted by the last SUBACK
+        # filter -> QoS granted / reason refused, by this connection's SUBACKs
+        self.granted: dict[str, int] = {}
+        self.refused: dict[str, str] = {}
 
         self._v5 = protocol == "5"
         version = MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311
@@ -475,6 +480,7 @@ class MqttClient:
         self._connack: asyncio.Future[bool] | None = None
         self._lost: asyncio.Future[str] | None = None
         self._sock_closed: asyncio.Event | None = None
+        self._suback_ev: asyncio.Event | None = None
         self._fd = -1
         self._attached = False  # reader/writer registered with the loop
         self._writer_on = False
@@ -555,14 +561,33 @@ class MqttClient:
             raise ValueError(f"QoS must be 0, 1 or 2, got {qos}")
         self._subs[topic_filter] = (qos, handler)
         self._dispatch_cache.clear()
+        self.granted.pop(topic_filter, None)
+        self.refused.pop(topic_filter, None)
         if self._connected:
             self._send_subscribe([topic_filter])
+
+    async def wait_subscribed(self, topic_filter: str) -> int:
+        """Wait for the broker's answer to a subscription made with ``subscribe()``: the
+        granted QoS, or MqttError with the broker's reason. Bound it with asyncio.timeout."""
+        self._bind()
+        assert self._suback_ev is not None
+        while True:
+            if topic_filter in self.granted:
+                return self.granted[topic_filter]
+            if topic_filter in self.refused:
+                raise MqttError(self.host, self.port, f"subscription {topic_filter!r} refused: "
+                                f"{self.refused[topic_filter]}")
+            if topic_filter not in self._subs:
+                raise ValueError(f"not subscribed to {topic_filter!r}")
+            self._suback_ev.clear()
+            await self._suback_ev.wait()
 
     def unsubscribe(self, topic_filter: str) -> None:
         if self._subs.pop(topic_filter, None) is None:
             return
         self._dispatch_cache.clear()
         self.granted.pop(topic_filter, None)
+        self.refused.pop(topic_filter, None)
         if self._connected:
             self._paho.unsubscribe(topic_filter)
 
@@ -675,6 +700,7 @@ class MqttClient:
             self._loop = loop
             self._connected_ev = asyncio.Event()
             self._sock_closed = asyncio.Event()
+            self._suback_ev = asyncio.Event()
             self._pub_slots = asyncio.Semaphore(self._max_queued)
         elif self._loop is not loop:
             raise RuntimeError("MqttClient used from a second event loop")
@@ -773,7 +799,7 @@ class MqttClient:
     def _on_socket_open(self, client: Client, userdata: object, sock: Any) -> None:
         # Runs in the connect worker thread: only touch the socket, not the loop.
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(self.tcp_nodelay))
         except (OSError, AttributeError) as exc:
             log.debug("%s: cannot set TCP_NODELAY: %s", self.client_id, exc)
         self._fd = sock.fileno()
@@ -825,7 +851,14 @@ class MqttClient:
 
     def _on_readable(self) -> None:
         c = self._paho
-        c.loop_read()
+        stats = self.stats
+        # paho reads one packet per call. While calls keep delivering messages, read on
+        # (up to _READ_BURST) instead of going back to the selector per message; the first
+        # call that delivers none ends the burst (it costs one recv that finds nothing).
+        for _ in range(_READ_BURST):
+            before = stats.received
+            if c.loop_read() != 0 or self._paused or stats.received == before:
+                break
         sock = c.socket()
         # TLS: OpenSSL may hold decrypted bytes the fd no longer signals.
         while not self._paused and isinstance(sock, ssl.SSLSocket) and sock.pending():
@@ -895,6 +928,8 @@ class MqttClient:
     ) -> None:
         was_connected = self._connected
         self._connected = False
+        self.granted.clear()  # until the next connection's SUBACK
+        self.refused.clear()
         if self._connected_ev is not None:
             self._connected_ev.clear()
         if flags.is_disconnect_packet_from_server:
@@ -938,15 +973,23 @@ class MqttClient:
     ) -> None:
         filters = self._sub_mids.pop(mid, [])
         for f, rc in zip(filters, reasons, strict=False):
+            if f not in self._subs:
+                continue  # unsubscribed meanwhile
             if rc.is_failure:
+                # MQTT 3.1.1 has one failure code (0x80) that paho names "Unspecified error"
+                why = rc.getName() if self._v5 else "failure (MQTT 3.1.1 gives no reason)"
                 self.granted.pop(f, None)
-                text = f"subscription {f!r} refused: {rc.getName()}"
+                self.refused[f] = why
+                text = f"subscription {f!r} refused: {why}"
                 self.stats.last_error = text
                 log.debug("%s: %s", self.client_id, text)
                 if self.on_subscribe_error is not None:
-                    self.on_subscribe_error(f, rc.getName())
+                    self.on_subscribe_error(f, why)
             else:
                 self.granted[f] = rc.value
+                self.refused.pop(f, None)
+        if self._suback_ev is not None:
+            self._suback_ev.set()
 
     def _handlers(self, topic: str) -> tuple[Handler, ...]:
         found = self._dispatch_cache.get(topic)

@@ -139,11 +139,18 @@ impl<'a> Output<'a> {
     pub fn new(buf: &'a mut Vec<u8>, index: u32) -> Self {
         let mut prefix = [0u8; 16];
         prefix[..5].copy_from_slice(b"{\"i\":");
-        let mut digits = [0u8; 20];
-        let d = dec_u64(&mut digits, u64::from(index));
-        prefix[5..5 + d.len()].copy_from_slice(d);
-        let prefix_len = (5 + d.len()) as u8;
-        Output { buf, index, lines: 0, prefix, prefix_len }
+        let mut len = 6;
+        let mut v = index;
+        while v >= 10 {
+            v /= 10;
+            len += 1;
+        }
+        let mut v = index;
+        for k in (5..len).rev() {
+            prefix[k] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+        Output { buf, index, lines: 0, prefix, prefix_len: len as u8 }
     }
 
     /// Index of the input message these lines are about.
@@ -311,6 +318,11 @@ impl<'a> Output<'a> {
     }
 }
 
+#[inline(always)]
+unsafe fn copy8(src: *const u8, dst: *mut u8, at: usize) {
+    ptr::write_unaligned(dst.add(at) as *mut u64, ptr::read_unaligned(src.add(at) as *const u64));
+}
+
 /// A write cursor into reserved, uninitialised spare capacity (see `Output::line`).
 struct Cur(*mut u8);
 
@@ -321,32 +333,34 @@ impl Cur {
         self.0 = self.0.add(1);
     }
 
-    /// Copies `s`. Short runs (most of a line's parts) are copied with a few unaligned word
-    /// moves instead of a call to `memcpy`, which wasm32 without bulk memory runs as a loop.
+    /// Copies `s`. Short runs (most of a line's parts) are copied with a few unaligned moves
+    /// instead of a call to `memcpy`, which wasm32 without bulk memory runs as a loop. There is
+    /// no loop here on purpose: LLVM would turn one back into a `memcpy` call.
     #[inline(always)]
     unsafe fn bytes(&mut self, s: &[u8]) {
         let (src, dst, n) = (s.as_ptr(), self.0, s.len());
-        if n >= 8 && n <= 32 {
-            // 8-byte words from the front, the last word aligned to the end (overlapping).
-            let last = n - 8;
-            let tail = ptr::read_unaligned(src.add(last) as *const u64);
-            let mut i = 0;
-            while i < last {
-                ptr::write_unaligned(dst.add(i) as *mut u64, ptr::read_unaligned(src.add(i) as *const u64));
-                i += 8;
+        if n > 32 {
+            ptr::copy_nonoverlapping(src, dst, n);
+        } else if n >= 8 {
+            // Words at 0, 8 and 16 as far as they fit, and the last word aligned to the end
+            // (overlapping what is already copied).
+            copy8(src, dst, 0);
+            if n > 16 {
+                copy8(src, dst, 8);
+                if n > 24 {
+                    copy8(src, dst, 16);
+                }
             }
-            ptr::write_unaligned(dst.add(last) as *mut u64, tail);
-        } else if n >= 4 && n < 8 {
+            copy8(src, dst, n - 8);
+        } else if n >= 4 {
             let head = ptr::read_unaligned(src as *const u32);
             let tail = ptr::read_unaligned(src.add(n - 4) as *const u32);
             ptr::write_unaligned(dst as *mut u32, head);
             ptr::write_unaligned(dst.add(n - 4) as *mut u32, tail);
-        } else if n < 4 {
-            for i in 0..n {
-                *dst.add(i) = *src.add(i);
-            }
-        } else {
-            ptr::copy_nonoverlapping(src, dst, n);
+        } else if n > 0 {
+            *dst = *src;
+            *dst.add(n / 2) = *src.add(n / 2);
+            *dst.add(n - 1) = *src.add(n - 1);
         }
         self.0 = dst.add(n);
     }
@@ -410,9 +424,12 @@ impl Cur {
                 return false;
             }
             let m = (s + 0.5) as u64;
-            // Division is correctly rounded: equality means the decimal m / 10^k parses back
-            // to exactly `a` (10^k is exact for k <= 22).
-            if m as f64 / p == a {
+            let mf = m as f64;
+            // A decimal that reads back as `a` lies within half an ulp of it, so m is within
+            // about an ulp of s (2^-52 relative): test that cheaply before dividing. Division
+            // is correctly rounded: equality means the decimal m / 10^k parses back to exactly
+            // `a` (10^k is exact for k <= 22).
+            if (s - mf).abs() <= s * 1e-15 && mf / p == a {
                 if v < 0.0 {
                     self.byte(b'-');
                 }
@@ -453,14 +470,28 @@ impl Cur {
 /// Decimals [`Cur::short_f64`] tries before it leaves a float to Ryū.
 const SHORT_DIGITS: usize = 4;
 
-/// The decimal digits of `v`, written at the end of `digits`.
-fn dec_u64(digits: &mut [u8; 20], mut v: u64) -> &[u8] {
+/// The decimal digits of `v`, written at the end of `digits`. Values that fit in 32 bits (all
+/// the common ones) are divided as u32: wasm32 code divides a u64 by 10 with a real division,
+/// a u32 with a multiplication.
+fn dec_u64(digits: &mut [u8; 20], v: u64) -> &[u8] {
     let mut i = digits.len();
+    let mut low = match u32::try_from(v) {
+        Ok(v) => v,
+        Err(_) => {
+            let mut v = v;
+            while v > u64::from(u32::MAX) {
+                i -= 1;
+                digits[i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+            v as u32
+        }
+    };
     loop {
         i -= 1;
-        digits[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
+        digits[i] = b'0' + (low % 10) as u8;
+        low /= 10;
+        if low == 0 {
             return &digits[i..];
         }
     }

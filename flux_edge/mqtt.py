@@ -491,6 +491,7 @@ class MqttClient:
         self._sub_mids: dict[int, list[str]] = {}
         self._dispatch_cache: dict[str, tuple[Handler, ...]] = {}
         self._acks: collections.deque[_PendingAck] = collections.deque()
+        self._handling: set[asyncio.Future[object]] = set()
         self._waiters: dict[int, tuple[asyncio.Future[None], int]] = {}
         self._pub_slots: asyncio.Semaphore | None = None
         self._max_queued = max_queued
@@ -728,11 +729,14 @@ class MqttClient:
             try:
                 await self._attempt()
             except MqttError as exc:
-                self._failures += 1
-                self.stats.connect_failures += 1
-                self.stats.last_error = exc.reason
-                log.debug("%s: connection attempt failed: %s", self.client_id, exc.reason)
-                self._notify(False, exc.reason)
+                self._attempt_failed(exc.reason)
+                continue
+            except Exception as exc:  # the keeper must outlive any surprise
+                log.exception("%s: unexpected error while connecting", self.client_id)
+                if self._paho.socket() is not None and self._connect_job is None:
+                    self._abort_reason = f"unexpected error: {exc!r}"
+                    self._teardown_socket()
+                self._attempt_failed(f"unexpected error: {exc!r}")
                 continue
             up_since = time.monotonic()
             assert self._lost is not None
@@ -744,6 +748,13 @@ class MqttClient:
             self.stats.disconnects += 1
             self.stats.last_error = reason
             self._notify(False, reason)
+
+    def _attempt_failed(self, reason: str) -> None:
+        self._failures += 1
+        self.stats.connect_failures += 1
+        self.stats.last_error = reason
+        log.debug("%s: connection attempt failed: %s", self.client_id, reason)
+        self._notify(False, reason)
 
     async def _attempt(self) -> None:
         loop = asyncio.get_running_loop()
@@ -849,7 +860,22 @@ class MqttClient:
             self._loop.remove_writer(self._fd)
             self._writer_on = False
 
+    def _guarded(self, what: str, fn: Callable[[], object]) -> None:
+        """Run a paho entry point; an exception (a handler bug is caught earlier, so this is
+        paho or us) is logged and costs the connection, which is then rebuilt."""
+        try:
+            fn()
+        except Exception as exc:  # never leave a broken reader registered
+            log.exception("%s: %s failed", self.client_id, what)
+            try:
+                self.abort_connection(f"internal error in {what}: {exc!r}")
+            except Exception:  # noqa: BLE001
+                self._detach()
+
     def _on_readable(self) -> None:
+        self._guarded("read", self._read)
+
+    def _read(self) -> None:
         c = self._paho
         stats = self.stats
         # paho reads one packet per call. While calls keep delivering messages, read on
@@ -867,14 +893,14 @@ class MqttClient:
             sock = c.socket()
 
     def _on_writable(self) -> None:
-        self._paho.loop_write()
+        self._guarded("write", self._paho.loop_write)
 
     def _on_misc(self) -> None:
         self._misc_timer = None
         if not self._attached or self._loop is None:
             return
         if not self._paused:
-            self._paho.loop_misc()
+            self._guarded("keepalive", self._paho.loop_misc)
         if self._attached:
             self._misc_timer = self._loop.call_later(_MISC_INTERVAL, self._on_misc)
 
@@ -1038,9 +1064,11 @@ class MqttClient:
         self._acks.append(ack)
         waiting = pending[0] if len(pending) == 1 else asyncio.gather(*pending)
         fut = asyncio.ensure_future(waiting)
+        self._handling.add(fut)  # a strong reference while it runs
         fut.add_done_callback(functools.partial(self._handled, ack, topic))
 
     def _handled(self, ack: _PendingAck, topic: str, fut: asyncio.Future[object]) -> None:
+        self._handling.discard(fut)
         if not fut.cancelled() and fut.exception() is not None:
             exc = fut.exception()
             assert exc is not None

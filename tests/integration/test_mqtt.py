@@ -20,7 +20,7 @@ import pytest
 from flux_edge.config import MqttSource, MqttSubscription
 from flux_edge.errors import SourceError
 from flux_edge.model import KIND_BYTES, Quality, Reading
-from flux_edge.mqtt import MqttClient, MqttError, TlsSettings
+from flux_edge.mqtt import MqttClient, MqttError, TlsSettings, Will
 from flux_edge.sources.mqtt_in import MqttSourceClient
 from tests.support.mosquitto import HOST, Mosquitto
 
@@ -565,6 +565,44 @@ def test_publish_qos_round_trip_and_retain(broker: Mosquitto) -> None:
             await pub.publish("ret/#", b"x")
         await pub.close()
         await sub.close()
+
+    run(scenario())
+
+
+def test_will_on_abort_not_on_close_and_handler_errors_are_contained(broker: Mosquitto) -> None:
+    async def scenario() -> None:
+        got: list[tuple[str, bytes]] = []
+
+        def handler(topic: str, payload: bytes, qos: int, retain: bool) -> None:
+            got.append((topic, payload))
+            if payload == b"boom":
+                raise RuntimeError("handler bug")
+
+        watcher = MqttClient("watcher", broker.host, broker.port)
+        watcher.subscribe("gw/#", 1, handler)
+        await watcher.connect(timeout=5)
+        await watcher.wait_subscribed("gw/#")
+
+        will = Will("gw/status", b"offline", qos=1, retain=False)
+        gw = MqttClient("gw", broker.host, broker.port, will=will, reconnect_min=0.05)
+        await gw.connect(timeout=5)
+        await gw.publish("gw/x", b"boom")  # the watcher's handler raises on this one
+        await gw.publish("gw/x", b"fine")
+        await until(lambda: len(got) == 2)
+        assert watcher.stats.handler_errors == 1 and watcher.connected
+        gw.abort_connection()  # vanishes without DISCONNECT: the broker publishes the will
+        await until(lambda: ("gw/status", b"offline") in got)
+        await gw.wait_connected()
+        await gw.close()  # a clean DISCONNECT: no will this time
+        await barrier(broker)
+        await until(lambda: ("gw/marker", b"m") in got)
+        assert got.count(("gw/status", b"offline")) == 1
+        await watcher.close()
+
+    async def barrier(broker: Mosquitto) -> None:
+        marker = await publisher(broker, "marker")
+        await marker.publish("gw/marker", b"m")  # arrives after anything the close caused
+        await marker.close()
 
     run(scenario())
 

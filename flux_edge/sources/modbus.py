@@ -553,8 +553,18 @@ class ModbusRtuClient(_Client):
             f"supported by it?)"
         )
 
+    async def connect(self) -> None:
+        if not self.connected:
+            # A master that has just opened the port knows nothing of the line: another master
+            # may have left an answer in flight. Listen for one silence first (bytes arriving
+            # meanwhile move it on).
+            self._quiet_from = time.monotonic()
+        await super().connect()
+
     async def _before_request(self) -> None:
-        await self._timer.sleep_until(self._quiet_from + self.gap)
+        # Bytes arriving while we wait (a late answer) move the end of the silence on.
+        while (deadline := self._quiet_from + self.gap) > time.monotonic():
+            await self._timer.sleep_until(deadline)
 
     def _call_timeout(self, timeout: float, frame_bytes: int) -> float:
         return timeout + frame_bytes * self.char_time + self.gap

@@ -24,8 +24,9 @@ every request with its times; ``turnarounds`` measures how long the slave took b
 required silence (its own cost, which counts against the master's throughput).
 
 Both run in threads of the calling process (select() sleeps to the microsecond, asyncio only
-to the millisecond). ``serve(...)`` runs a line and slaves in a child process instead (for
-benchmarks: no GIL shared with the master under test).
+to the millisecond). ``serve(...)``/``LineProcess`` run a line and slaves in a child process
+instead (rate measurements: no interpreter lock shared with the master under test).
+``wire_problems`` lists every breach of "one request at a time, silence before every frame".
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import itertools
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -444,7 +446,7 @@ class RtuSlaves:
         req.answered, req.reply_at, req.reply_bytes = True, now, len(adu)
         self.turnarounds.append(now - (last + self.gap + self.turnaround))
 
-    def _respond(self, t: _Unit, pdu: bytes) -> bytes:  # noqa: PLR0911
+    def _respond(self, t: _Unit, pdu: bytes) -> bytes:
         fn = pdu[0]
 
         def exc(code: int) -> bytes:
@@ -494,7 +496,38 @@ class RtuSlaves:
         return pdu[:5]
 
 
-# --- a line and slaves in a child process (benchmarks) ------------------------------------------
+# --- checks -------------------------------------------------------------------------------------
+
+
+def wire_problems(line: SimulatedLine, slaves: RtuSlaves) -> list[str]:
+    """Everything that broke "one request at a time, with the spec's silence before every
+    frame", seen on the wire (the relay's record) and from the slaves' side. Empty: all good."""
+    problems: list[str] = []
+    if line.collisions:
+        problems.append(f"{line.collisions} character(s) collided on the line")
+    frames = list(line.frames)[:-1]  # the last one may be cut short by the end of a test
+    if not frames:
+        problems.append("nothing went over the line")
+    for a, b in itertools.pairwise(frames):
+        silence = b.start - a.end
+        # every frame is preceded by at least 3.5 characters of silence (1.75 ms above 19200)
+        if silence < line.gap * 0.999:
+            problems.append(
+                f"{silence * 1e3:.3f} ms of silence between a {a.direction} frame "
+                f"{bytes(a.data).hex()} and a {b.direction} frame {bytes(b.data).hex()}"
+            )
+        if b.direction == "slave" and a.direction == "slave":
+            problems.append(f"a slave spoke without being asked: {bytes(b.data).hex()}")
+    # slaves' side: a request never arrives before the previous answer has left the line
+    for prev, nxt in itertools.pairwise(list(slaves.log)):
+        if prev.answered and nxt.first <= prev.reply_at + prev.reply_bytes * line.char_time:
+            problems.append(f"request {nxt} arrived while the answer to {prev} was on the line")
+        if nxt.first <= prev.last:
+            problems.append(f"requests {prev} and {nxt} overlap")
+    return problems
+
+
+# --- a line and slaves in a child process -------------------------------------------------------
 
 
 def _child(
@@ -502,11 +535,12 @@ def _child(
     line_args: tuple[int, int, str, int],
     units: tuple[int, ...],
     registers: int,
+    record: bool,
 ) -> None:
     line = SimulatedLine(*line_args).start()
-    line.record = False
+    line.record = record
     slaves = RtuSlaves.on(line, units)
-    slaves.keep_log = False
+    slaves.keep_log = record
     for u in units:
         slaves.set_words("holding", 0, [u * 1000 + i for i in range(registers)], unit=u)
     slaves.start()
@@ -524,6 +558,11 @@ def _child(
                         "turnarounds": list(slaves.turnarounds),
                         "collisions": line.collisions,
                         "crc_errors": slaves.crc_errors,
+                        "log": [
+                            (r.unit, r.function, r.first, r.last, r.answered)
+                            for r in list(slaves.log)
+                        ],
+                        "problems": wire_problems(line, slaves) if record else [],
                     }
                 )
             elif cmd == "reset":
@@ -541,8 +580,10 @@ def _child(
 
 class LineProcess:
     """A ``SimulatedLine`` with ``RtuSlaves`` (holding registers 0.. filled with unit*1000 + i)
-    in a child process; ``master_port`` is the port to open. Commands: ``silence(unit, on)``,
-    ``stats()``, ``reset()``."""
+    in a child process, so the master under test shares no interpreter lock with them;
+    ``master_port`` is the port to open. Commands: ``silence(unit, on)``, ``stats()`` (request
+    counts, turnarounds, and with ``record`` the slaves' log and ``wire_problems``),
+    ``reset()``."""
 
     def __init__(
         self,
@@ -553,16 +594,22 @@ class LineProcess:
         parity: str = "E",
         stopbits: int = 1,
         registers: int = 125,
+        record: bool = False,
     ) -> None:
         ctx = multiprocessing.get_context("fork")
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(
             target=_child,
-            args=(child, (baudrate, bytesize, parity, stopbits), tuple(units), registers),
+            args=(
+                child, (baudrate, bytesize, parity, stopbits), tuple(units), registers, record
+            ),
             daemon=True,
         )
         self._proc.start()
         self.master_port: str = self._conn.recv()
+        self.baudrate, self.bytesize, self.parity, self.stopbits = (
+            baudrate, bytesize, parity, stopbits
+        )
         self.char_time = char_time(baudrate, bytesize, parity, stopbits)
         self.gap = frame_gap(baudrate, bytesize, parity, stopbits)
 

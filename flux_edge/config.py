@@ -170,6 +170,15 @@ class MqttSubscription(_S, frozen=True):
     qos: int = 1  # 0, 1 or 2
 
 
+class TlsConfig(_S, frozen=True):
+    """TLS towards an MQTT broker. Paths are relative to the config file."""
+
+    ca_file: str = ""  # CA bundle (PEM) that signed the broker's certificate; "" = system CAs
+    cert_file: str = ""  # client certificate (PEM) for mutual TLS
+    key_file: str = ""  # its private key (PEM); "" = inside cert_file
+    verify_hostname: bool = True  # the broker's certificate must name the host we dial
+
+
 class MqttSource(_S, frozen=True, tag="mqtt", tag_field="type"):
     """Subscriptions on a broker; each message's payload goes to the plugin chain."""
 
@@ -185,6 +194,9 @@ class MqttSource(_S, frozen=True, tag="mqtt", tag_field="type"):
     reconnect_min: float = 1.0
     reconnect_max: float = 60.0
     max_inflight: int = 100  # QoS 1/2 messages in flight (paho's default 20 costs throughput)
+    buffer_size: int = 1000  # messages waiting for the pipeline before reading pauses
+    protocol: Literal["5", "3.1.1"] = "5"
+    tls: TlsConfig | None = None  # set (even empty: tls = {}) to connect with TLS
     chain: tuple[str, ...] = ()
 
 
@@ -568,6 +580,7 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (MqttSource, "reconnect_min"): _Rule(kind="duration", positive=True),
     (MqttSource, "reconnect_max"): _Rule(kind="duration", positive=True),
     (MqttSource, "max_inflight"): _Rule(min=1, max=65535),
+    (MqttSource, "buffer_size"): _Rule(min=1, max=1_000_000),
     (MqttSource, "chain"): _Rule(nonempty=True),
     (RuleConfig, "when"): _Rule(nonempty=True),
     (RuleConfig, "actions"): _Rule(nonempty=True),
@@ -1137,6 +1150,8 @@ class _Validator:
             return _is_number(value)
         if tp is str:
             return isinstance(value, str)
+        if isinstance(tp, type) and issubclass(tp, msgspec.Struct):  # an optional table
+            return isinstance(value, dict)
         return False
 
     def _apply(self, value: Any, path: Key, rule: _Rule) -> bool:
@@ -1776,6 +1791,7 @@ def _cross_check(v: _Validator, raw: dict[str, Any], data: dict[str, Any], base_
                 warning=True,
             )
 
+    _check_mqtt_clients(v, src_data, base_dir)
     _check_action_targets(v, data, sources)
     declared, dynamic = _declared_devices(data)
     _check_device_names(v, declared)
@@ -1849,6 +1865,37 @@ def _port_identity(port: str) -> str:
         if Path(port).exists():
             return str(Path(port).resolve())
     return port
+
+
+def _check_mqtt_clients(v: _Validator, src_data: dict[str, Any], base_dir: Path) -> None:
+    """Two sources with one client id would keep kicking each other off the broker; TLS files
+    must exist."""
+    ids: dict[str, str] = {}
+    for sname, src in src_data.items():
+        if src.get("type") != "mqtt":
+            continue
+        cid = src.get("client_id", "")
+        if isinstance(cid, str) and cid:
+            if cid in ids:
+                v.report(
+                    ("sources", sname, "client_id"),
+                    f'client id "{cid}" is already used by source "{ids[cid]}": the broker would '
+                    "disconnect one whenever the other connects; give each source its own",
+                )
+            else:
+                ids[cid] = sname
+        tls = src.get("tls")
+        if not isinstance(tls, dict):
+            continue
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = tls.get(key, "")
+            if not isinstance(value, str) or not value:
+                continue
+            path = Path(value) if Path(value).is_absolute() else base_dir / value
+            if not path.is_file():
+                v.report(("sources", sname, "tls", key), f"no such file: {path}")
+            else:
+                tls[key] = str(path)
 
 
 def _check_ports(v: _Validator, src_data: dict[str, Any]) -> None:

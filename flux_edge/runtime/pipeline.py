@@ -110,7 +110,9 @@ def source_context(
     return ctx
 
 
-def make_source(name: str, cfg: SourceConfig, emit: Emit, on_status: StatusCallback) -> Source:
+def make_source(
+    name: str, cfg: SourceConfig, emit: Emit, on_status: StatusCallback, gateway: str = ""
+) -> Source:
     """The source object for one config entry; each protocol's module is imported only if used."""
     if isinstance(cfg, ModbusTcpSource | ModbusRtuSource):
         from flux_edge.sources.modbus import ModbusBusPoller
@@ -122,7 +124,7 @@ def make_source(name: str, cfg: SourceConfig, emit: Emit, on_status: StatusCallb
         return SerialReader(name, cfg, emit, on_status=on_status)
     from flux_edge.sources.mqtt_in import MqttSourceClient
 
-    return MqttSourceClient(name, cfg, emit, on_status=on_status)
+    return MqttSourceClient(name, cfg, emit, on_status=on_status, gateway_name=gateway)
 
 
 class Pipeline:
@@ -189,7 +191,8 @@ class Pipeline:
             else:
                 self.chains[(sname, "")] = self._load_chain(sname, scfg, None)
             self.sources[sname] = make_source(
-                sname, scfg, self._emit, functools.partial(self._on_status, sname)
+                sname, scfg, self._emit, functools.partial(self._on_status, sname),
+                cfg.daemon.name,
             )
         for aname, acfg in cfg.actions.items():
             self.executors[aname] = self._make_executor(aname, acfg)

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from flux_edge.config import MqttSource
 from flux_edge.errors import SourceError
 from flux_edge.model import KIND_BYTES, Reading
-from flux_edge.mqtt import DevicePattern, MqttClient
+from flux_edge.mqtt import DevicePattern, MqttClient, TlsSettings
 from flux_edge.sources import Emit, SourceHealth, StatusCallback
 
 SESSION_EXPIRY = 3600.0  # seconds the broker keeps our session (and QoS 1/2 messages) offline
@@ -101,7 +101,7 @@ class MqttSourceClient:
         on_status: StatusCallback | None = None,
         wall: Callable[[], float] = time.time,
         gateway_name: str = "",
-        buffer_size: int = 1000,
+        buffer_size: int | None = None,
         log_every: float = 10.0,
     ) -> None:
         if not cfg.topics:
@@ -121,7 +121,7 @@ class MqttSourceClient:
         self._buffer: collections.deque[tuple[Reading, asyncio.Future[None] | None]] = (
             collections.deque()
         )
-        self._buffer_size = max(buffer_size, 1)
+        self._buffer_size = max(cfg.buffer_size if buffer_size is None else buffer_size, 1)
         self._hard_limit = self._buffer_size + cfg.max_inflight
         self._resume_at = self._buffer_size // 2
         self._ready = asyncio.Event()
@@ -144,6 +144,13 @@ class MqttSourceClient:
                 max_inflight=cfg.max_inflight,
                 reconnect_min=cfg.reconnect_min,
                 reconnect_max=cfg.reconnect_max,
+                protocol=cfg.protocol,
+                tls=None if cfg.tls is None else TlsSettings(
+                    ca_file=cfg.tls.ca_file,
+                    cert_file=cfg.tls.cert_file,
+                    key_file=cfg.tls.key_file,
+                    verify_hostname=cfg.tls.verify_hostname,
+                ),
                 clean_start="first_only",
                 session_expiry=SESSION_EXPIRY if qos1 else 0.0,
                 on_connection_change=self._on_connection,

@@ -1431,3 +1431,30 @@ def test_serial_delimiter_must_be_bytes() -> None:
         p.path == "sources.gps.delimiter" and "U+00FF" in p.message and p.line == 4
         for p in problems
     ), problems
+
+
+def test_mqtt_client_ids_are_unique_and_tls_files_exist(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    text = textwrap.dedent(
+        """\
+        [sources.a]
+        type = "mqtt"
+        client_id = "gw1"
+        topics = [{ topic = "a/#" }]
+        tls = { ca_file = "ca.pem", cert_file = "client.pem" }
+
+        [sources.b]
+        type = "mqtt"
+        client_id = "gw1"
+        protocol = "3.1.1"
+        topics = [{ topic = "b/#" }]
+        """
+    )
+    path = tmp_path / "site.toml"
+    path.write_text(text)
+    config, problems = check_config(path)
+    errors = {(p.path, p.line) for p in problems if p.severity == "error"}
+    assert ("sources.b.client_id", 9) in errors
+    assert ("sources.a.tls.cert_file", 5) in errors
+    assert not any(p.path == "sources.a.tls.ca_file" for p in problems)
+    assert config is None

@@ -5,14 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import struct
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from flux_edge.actions.modbus_write import ModbusWriteExecutor
-from flux_edge.config import ModbusTcpSource, ModbusWriteAction, RegisterConfig
+from flux_edge.config import (
+    ModbusDeviceConfig,
+    ModbusTcpSource,
+    ModbusWriteAction,
+    RegisterConfig,
+)
 from flux_edge.errors import SourceError
 from flux_edge.model import (
     FN_COIL,
@@ -24,6 +31,7 @@ from flux_edge.model import (
     Reading,
 )
 from flux_edge.sources.modbus import (
+    ModbusBusPoller,
     ModbusExceptionResponse,
     ModbusTcpClient,
     ModbusTcpPoller,
@@ -31,19 +39,11 @@ from flux_edge.sources.modbus import (
     SimulatedModbusServer,
     SourceHealth,
 )
+from tests.support import Collector, StatusLog, VirtualTime, run, stop_task
 
 pytestmark = pytest.mark.integration
 
-T = TypeVar("T")
 HOST = "127.0.0.1"
-
-
-def run(coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
 
 
 def only(health: dict[str, SourceHealth]) -> SourceHealth:
@@ -60,29 +60,6 @@ def reg(address: int, function: str = "holding", type: str = "uint16") -> Regist
 
 def source(port: int, registers: list[RegisterConfig], **kw: Any) -> ModbusTcpSource:
     return ModbusTcpSource(host=HOST, port=port, registers=tuple(registers), **kw)
-
-
-class Collector:
-    """An emit callback that keeps readings and lets a test await the n-th one."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self.readings: list[Reading] = []
-        self.times: list[float] = []
-        self._clock = clock
-        self._changed = asyncio.Event()
-        self.work: Callable[[int], Awaitable[None]] | None = None  # per-reading extra work
-
-    async def __call__(self, reading: Reading) -> None:
-        self.times.append(self._clock())
-        self.readings.append(reading)
-        self._changed.set()
-        if self.work is not None:
-            await self.work(len(self.readings))
-
-    async def wait_for(self, n: int) -> None:
-        while len(self.readings) < n:
-            self._changed.clear()
-            await self._changed.wait()
 
 
 class SilentServer:
@@ -112,12 +89,6 @@ class SilentServer:
         for w in self._writers:
             w.close()
         await self._server.wait_closed()
-
-
-async def stop_task(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
 
 
 # --- client -------------------------------------------------------------------------------------
@@ -285,24 +256,6 @@ def test_poller_coalesces_reads_and_emits_one_reading_per_request() -> None:
             assert out.readings[-1].device == "plant"  # default device name: the source name
 
     run(scenario())
-
-
-class VirtualTime:
-    """A clock and a sleep for the poller: time moves only when the poller sleeps or a test
-    says so (``advance``), so schedules are checked exactly, whatever the machine's load."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def clock(self) -> float:
-        return self.now
-
-    async def sleep(self, delay: float) -> None:
-        self.now += delay
-        await asyncio.sleep(0)
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def test_poller_keeps_a_fixed_schedule_without_drift() -> None:
@@ -580,5 +533,308 @@ def test_write_to_a_dead_device_is_an_outcome_not_an_exception(port: int) -> Non
             await poller.close()
         assert not outcome.ok
         assert "connection refused" in outcome.error and f"{HOST}:{port}" in outcome.error
+
+    run(scenario())
+
+
+# --- several devices behind one endpoint (issue #3) ---------------------------------------------
+
+
+def device(name: str, unit: int, *regs: RegisterConfig, **kw: Any) -> ModbusDeviceConfig:
+    return ModbusDeviceConfig(name=name, unit_id=unit, registers=regs, **kw)
+
+
+def point(name: str, address: int, function: str = "holding", type: str = "uint16",
+          **kw: Any) -> RegisterConfig:
+    return RegisterConfig(name=name, address=address, function=function,  # type: ignore[arg-type]
+                          type=type, **kw)  # type: ignore[arg-type]
+
+
+_FORMATS = {"int16": "h", "uint16": "H", "int32": "i", "uint32": "I", "float32": "f",
+            "int64": "q", "uint64": "Q", "float64": "d"}
+
+
+def encode(type: str, value: Any, byte_order: str, word_order: str, count: int = 0) -> list[int]:
+    """A value as a device lays it out in registers (most significant word first unless
+    word_order is little; each word's bytes swapped when byte_order is little)."""
+    if type == "string":
+        raw = value.encode("ascii").ljust(2 * count, b"\0")
+    elif type == "bool":
+        raw = (1 if value else 0).to_bytes(2, "big")
+    else:
+        raw = struct.pack(">" + _FORMATS[type], value)
+    words = [raw[i : i + 2] for i in range(0, len(raw), 2)]
+    if word_order == "little":
+        words.reverse()
+    if byte_order == "little":
+        words = [w[::-1] for w in words]
+    return [int.from_bytes(w, "big") for w in words]
+
+
+def decode(type: str, words: tuple[int, ...], byte_order: str, word_order: str) -> Any:
+    """The inverse of ``encode``: the test's own check that its layouts are faithful."""
+    parts = [w.to_bytes(2, "big") for w in words]
+    if byte_order == "little":
+        parts = [p[::-1] for p in parts]
+    if word_order == "little":
+        parts.reverse()
+    raw = b"".join(parts)
+    if type == "string":
+        return raw.rstrip(b"\0").decode("ascii")
+    if type == "bool":
+        return raw != b"\0\0"
+    return struct.unpack(">" + _FORMATS[type], raw)[0]
+
+
+def test_several_units_behind_one_endpoint_with_realistic_maps() -> None:
+    # an SDM-style energy meter (input float32s), a PV inverter (holding: uint32 power,
+    # int16 temperature, a model string) and an I/O module, on one gateway
+    meter = device(
+        "meter", 1,
+        point("voltage", 0, "input", "float32"),
+        point("current", 6, "input", "float32"),
+        point("power", 12, "input", "float32"),
+        point("frequency", 70, "input", "float32"),
+        point("energy", 342, "input", "float32"),
+    )
+    inverter = device(
+        "inverter", 3,
+        point("ac_power", 30775, type="uint32", word_order="big"),
+        point("temp", 30953, type="int16", scale=0.1),
+        point("model", 40000, type="string", count=8),
+        point("total", 30513, type="uint64"),
+    )
+    io = device(
+        "io", 7,
+        point("relay1", 0, "coil", "bool"), point("relay2", 1, "coil", "bool"),
+        point("input1", 0, "discrete", "bool"),
+    )
+
+    async def scenario() -> None:
+        async with SimulatedModbusServer(HOST, 0, device_id=(1, 3, 7), size=65536) as srv:
+            for addr, value in ((0, 231.4), (6, 5.125), (12, 1180.0), (70, 49.98), (342, 8812.5)):
+                srv.set_words("input", addr, encode("float32", value, "big", "big"), device_id=1)
+            srv.set_words("holding", 30775, encode("uint32", 4_321_000, "big", "big"), device_id=3)
+            srv.set_words("holding", 30953, encode("int16", -125, "big", "big"), device_id=3)
+            srv.set_words("holding", 40000, encode("string", "SB5.0-1AV", "big", "big", 8),
+                          device_id=3)
+            srv.set_words("holding", 30513, encode("uint64", 2**40 + 7, "big", "big"),
+                          device_id=3)
+            srv.set_words("coil", 0, [1, 1], device_id=7)
+            out = Collector()
+            cfg = ModbusTcpSource(host=HOST, port=srv.port, devices=(meter, inverter, io))
+            poller = ModbusBusPoller("gateway", cfg, out)
+            try:
+                for name in poller.devices:
+                    await poller.poll_once(name)
+            finally:
+                await poller.close()
+            got = {(r.device, r.function, r.address): r.registers for r in out.readings}
+            assert all(r.source == "gateway" for r in out.readings)
+            words = got[("meter", FN_INPUT, 0)]
+            assert decode("float32", words[0:2], "big", "big") == pytest.approx(231.4)
+            assert decode("float32", words[12:14], "big", "big") == 1180.0
+            assert decode("float32", got[("meter", FN_INPUT, 342)], "big", "big") == 8812.5
+            assert decode("uint32", got[("inverter", FN_HOLDING, 30775)], "big", "big") == 4321000
+            assert decode("string", got[("inverter", FN_HOLDING, 40000)], "big", "big") == \
+                "SB5.0-1AV"
+            # coalescing, counted by the server: meter 0..13 (gap 2..5 and 8..11 bridged), 70,
+            # 342; inverter 30513..30516, 30775..30776, 30953, 40000..40007; io: coils, inputs
+            assert srv.request_count(device_id=1) == 3
+            assert srv.request_count(device_id=3) == 4
+            assert srv.request_count(FN_COIL, 7) == 1 and srv.request_count(FN_DISCRETE, 7) == 1
+            assert poller.plans["meter"][0].blocks[0] == ReadBlock(FN_INPUT, 0, 14)
+
+    run(scenario())
+
+
+_TYPES = ("bool", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64",
+          "string")
+_ORDERS = ("big", "little")
+
+
+@st.composite
+def points_st(draw: st.DrawFn) -> tuple[str, str, str, str, Any, int]:
+    """(table, type, byte order, word order, value, string count)."""
+    type = draw(st.sampled_from(_TYPES))
+    table = draw(st.sampled_from(("holding", "input")))
+    count = 0
+    if type == "bool":
+        value: Any = draw(st.booleans())
+    elif type == "string":
+        count = draw(st.integers(1, 12))
+        value = draw(st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=126),
+                             max_size=2 * count))
+    elif type.startswith("float"):
+        value = draw(st.floats(allow_nan=False, width=32 if type == "float32" else 64))
+    else:
+        bits = {"16": 16, "32": 32, "64": 64}[type[-2:]]
+        lo, hi = (0, 2**bits - 1) if type.startswith("u") else (-(2 ** (bits - 1)),
+                                                                 2 ** (bits - 1) - 1)
+        value = draw(st.integers(lo, hi))
+    return (table, type, draw(st.sampled_from(_ORDERS)), draw(st.sampled_from(_ORDERS)),
+            value, count)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(points_st(), st.integers(0, 12)), min_size=1, max_size=25),
+       st.integers(0, 10))
+def test_every_type_and_order_round_trips_at_the_register_level(
+    points: list[tuple[tuple[str, str, str, str, Any, int], int]], max_gap: int
+) -> None:
+    """Encode each value as a device would (every type, byte and word order), put the words in
+    a real server, poll them through the coalesced plan, and get exactly those words back in
+    the readings (decoding numbers is the modbus_decode plugin's job; the words decode to the
+    value here only to check the test's own layouts)."""
+    regs: list[RegisterConfig] = []
+    layout: list[tuple[RegisterConfig, list[int]]] = []
+    next_free = {"holding": 0, "input": 0}
+    for i, ((table, type, byte_order, word_order, value, count), gap) in enumerate(points):
+        words = encode(type, value, byte_order, word_order, count)
+        r = point(f"p{i}", next_free[table] + gap, table, type, byte_order=byte_order,
+                  word_order=word_order, count=count)
+        next_free[table] = r.address + len(words)
+        regs.append(r)
+        layout.append((r, words))
+        back = decode(type, tuple(words), byte_order, word_order)
+        assert back == value or (type.startswith("float") and math.isclose(back, value)) or (
+            type == "float32" and back == struct.unpack(">f", struct.pack(">f", value))[0]
+        )
+
+    async def scenario() -> None:
+        async with SimulatedModbusServer(HOST, 0, device_id=5, size=512) as srv:
+            for r, words in layout:
+                srv.set_words(r.function, r.address, words, device_id=5)  # type: ignore[arg-type]
+            out = Collector()
+            cfg = ModbusTcpSource(host=HOST, port=srv.port, max_gap=max_gap,
+                                  devices=(device("dut", 5, *regs),))
+            poller = ModbusBusPoller("rt", cfg, out)
+            try:
+                await poller.poll_once("dut")
+            finally:
+                await poller.close()
+            blocks = [b for g in poller.plans["dut"] for b in g.blocks]
+            assert srv.request_count(device_id=5) == len(blocks)  # one request per block
+            assert len(out.readings) == len(blocks)
+            for r, words in layout:
+                fn = FN_HOLDING if r.function == "holding" else FN_INPUT
+                (reading,) = [
+                    x for x in out.readings
+                    if x.function == fn and x.address <= r.address
+                    and r.address + len(words) <= x.address + len(x.registers)
+                ]
+                off = r.address - reading.address
+                assert list(reading.registers[off : off + len(words)]) == words, r
+
+    run(scenario())
+
+
+def test_per_point_intervals_on_virtual_time() -> None:
+    async def scenario() -> None:
+        async with SimulatedModbusServer(HOST, 0, device_id=1) as srv:
+            vt = VirtualTime()
+            out = Collector(clock=vt.clock)
+            dev = device(
+                "plc", 1,
+                point("pressure", 0, interval=0.25),  # fast
+                point("flow", 1, interval=0.25),
+                point("level", 10),  # the device's 1 s
+                point("counter", 20, type="uint32", interval=5.0),  # slow
+                interval=1.0,
+            )
+            cfg = ModbusTcpSource(host=HOST, port=srv.port, devices=(dev,), max_gap=2)
+            poller = ModbusBusPoller("p", cfg, out, clock=vt.clock, sleep=vt.sleep)
+            task = asyncio.create_task(poller.run())
+            await out.wait_until(lambda: vt.now >= 1000.0 + 10.0)
+            await stop_task(task)
+        t0 = 1000.0
+        by_address: dict[int, list[float]] = {}
+        for r, t in zip(out.readings, out.times, strict=True):
+            if t < t0 + 10.0:
+                by_address.setdefault(r.address, []).append(t - t0)
+        assert by_address[0] == pytest.approx([0.25 * k for k in range(40)])
+        assert by_address[10] == pytest.approx([1.0 * k for k in range(10)])
+        assert by_address[20] == pytest.approx([0.0, 5.0])
+        assert [g.interval for g in poller.plans["plc"]] == [0.25, 1.0, 5.0]
+        assert only(poller.health).missed_polls == 0
+
+    run(scenario())
+
+
+def test_devices_behind_one_endpoint_are_polled_concurrently_and_isolated() -> None:
+    """One unit behind the gateway stops answering: the others keep their schedule (their own
+    connections), the silent one is reported bad once and recovers by itself."""
+    interval = 0.05
+
+    async def scenario() -> None:
+        async with SimulatedModbusServer(HOST, 0, device_id=(1, 2, 3)) as srv:
+            srv.silence(2)
+            out, status = Collector(), StatusLog()
+            devs = tuple(device(f"u{u}", u, point("x", 0)) for u in (1, 2, 3))
+            cfg = ModbusTcpSource(host=HOST, port=srv.port, devices=devs, interval=interval,
+                                  timeout=0.3, backoff_max=0.5)
+            poller = ModbusBusPoller("gw", cfg, out, on_status=status, backoff_min=0.25)
+            task = asyncio.create_task(poller.run())
+            await status.wait_for("u2", "bad")
+            t0 = time.monotonic()
+            await asyncio.sleep(1.0)  # two probes of u2, each waiting out its 0.3 s timeout
+            t1 = time.monotonic()
+            srv.silence(2, False)
+            await status.wait_for("u2", "good")
+            await out.wait_until(lambda: len(out.of("u2")) >= 2)
+            await stop_task(task)
+            for name in ("u1", "u3"):
+                n = out.count(name, t0, t1)
+                assert n >= 0.8 * (t1 - t0) / interval, (name, n)  # ~20 polls, undisturbed
+                assert poller.health[name].total_errors == 0
+            assert [q for q, _ in status.of("u2")] == ["bad", "good"]
+            assert "unit 2: no response" in status.of("u2")[0][1]
+            assert len(status.calls) == 2
+            assert srv.connections >= 3  # one connection per device (u2 reconnects per probe)
+
+    run(scenario())
+
+
+def test_endpoint_mode_shares_one_connection() -> None:
+    async def scenario() -> None:
+        async with SimulatedModbusServer(HOST, 0, device_id=(1, 2, 3)) as srv:
+            out = Collector()
+            devs = tuple(device(f"u{u}", u, point("x", u)) for u in (1, 2, 3))
+            cfg = ModbusTcpSource(host=HOST, port=srv.port, devices=devs, interval=0.02)
+            poller = ModbusBusPoller("gw", cfg, out, tcp_connections="endpoint")
+            task = asyncio.create_task(poller.run())
+            await out.wait_until(lambda: all(len(out.of(f"u{u}")) >= 3 for u in (1, 2, 3)))
+            assert await poller.write("u2", "holding", 9, 99, verify=True) == 99
+            await stop_task(task)
+            assert srv.connections == 1
+            assert srv.get_holding(9, device_id=2) == 99 and srv.get_holding(9, device_id=1) == 0
+
+    run(scenario())
+
+
+def test_write_action_names_the_device_on_a_multi_device_source() -> None:
+    async def scenario() -> None:
+        async with SimulatedModbusServer(HOST, 0, device_id=(4, 5)) as srv:
+            devs = (device("pump", 4, point("x", 0)), device("valve", 5, point("x", 0)))
+            cfg = ModbusTcpSource(host=HOST, port=srv.port, devices=devs)
+
+            async def discard(_: Reading) -> None:
+                return None
+
+            poller = ModbusBusPoller("plant", cfg, discard)
+            try:
+                act = ModbusWriteAction(source="plant", device="valve", address=3, value=True)
+                outcome = await ModbusWriteExecutor("open", act, poller).execute(CMD)
+                assert outcome.ok and outcome.verified is True, outcome.error
+                assert srv.get_coil(3, device_id=5) and not srv.get_coil(3, device_id=4)
+                act = ModbusWriteAction(source="plant", address=3, value=True)
+                outcome = await ModbusWriteExecutor("open", act, poller).execute(CMD)
+                assert not outcome.ok
+                assert "2 devices (pump, valve): name one" in outcome.error
+                act = ModbusWriteAction(source="plant", device="tap", address=3, value=True)
+                outcome = await ModbusWriteExecutor("open", act, poller).execute(CMD)
+                assert "no device 'tap'" in outcome.error and "no such device" in outcome.error
+            finally:
+                await poller.close()
 
     run(scenario())

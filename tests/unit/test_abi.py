@@ -430,3 +430,50 @@ def test_decode_output_counts_error_records() -> None:
     ]
     assert decode_output_counted(b'{"i":0,"name":"a","value":1}', INPUT, "p")[1] == 0
     assert decode_output_counted(b"", INPUT, "p") == ([], 0)
+
+
+@settings(max_examples=60)
+@given(
+    st.integers(1500, 3000),
+    st.integers(0, 10**9),
+    st.sampled_from(
+        [
+            None,
+            b'{"i":1,"error":"late error"}',
+            b'{"i":7,"name":"a","value":1}',
+            b'{"i":0,"name":"a","value":1,"device":"x"}',
+            b'{"i":0,"name":"a"',
+            b'{"i":2,"name":"' + b"y" * 40_000 + b'","value":2.5}',
+        ]
+    ),
+)
+def test_large_outputs_decode_like_the_general_decoder(
+    count: int, where: int, odd: bytes | None
+) -> None:
+    lines = [
+        json.dumps({"i": k % len(INPUT), "name": f"m{k}", "value": k * 0.5, "unit": "°C"}).encode()
+        for k in range(count)
+    ]
+    if odd is not None:
+        lines.insert(where % (count + 1), odd)
+    data = b"\n".join(lines) + b"\n"
+    assert len(data) > MAX_LINE
+
+    def fast(d: bytes, msgs: Any, plugin: str, indices: list[int]) -> Any:
+        return decode_output_counted(d, msgs, plugin, indices=indices)
+
+    got = _outcome(fast, data)
+    assert got == _outcome(abi._decode_general, data)
+    if odd is None or b"y" * 10 in odd:
+        assert got[0] == "ok" and len(got[1][0]) == len(lines)
+
+
+@settings(max_examples=200)
+@given(st.lists(st.integers(0, MAX_LINE + 2), max_size=5), st.booleans())
+def test_long_line_check_agrees_with_splitting(lengths: list[int], final_newline: bool) -> None:
+    data = b"\n".join(b"x" * n for n in lengths) + (b"\n" if final_newline else b"")
+    want = any(n > MAX_LINE for n in lengths)
+    assert abi._has_long_line(data) == want
+    if want:
+        with pytest.raises(PluginABIError, match=r"bytes long \(the limit is 65536 bytes\)"):
+            decode_output(data, INPUT, "p")

@@ -10,7 +10,9 @@ Measurement objects, by batch size, for the bundled plugins (or any module).
 Prints the command line and the machine first, then per plugin and batch size: us per input
 message, us per output measurement, messages/s, measurements/s and the peak RSS of the process
 measuring that plugin (each plugin runs in a fresh child process, so one plugin's memory does
-not count for another). Target (docs/performance.md): <= 3 us per message at batch >= 64.
+not count for another). Every time is the median of slices of ~2,000 messages (robust to
+other work on a shared machine); with --repeat N, the median of N such runs (all N shown).
+Target (docs/performance.md): <= 3 us per message at batch >= 64.
 """
 
 from __future__ import annotations
@@ -153,23 +155,30 @@ def json_input(n: int) -> list[Reading | Measurement]:
     ]
 
 
+def _slices(fn: Any, count: int, seconds: float) -> float:
+    """Median seconds per message of ``fn()`` (about ``count`` messages each), timed in slices
+    of ~2,000 messages for ``seconds``: a median of slices is robust to the bursts of other
+    work on a shared machine that a plain mean over the whole run would absorb."""
+    calls = max(1, 2000 // count)
+    times = []
+    end = time.perf_counter() + seconds
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        t1 = time.perf_counter()
+        times.append((t1 - t0) / (calls * count))
+        if t1 >= end:
+            return statistics.median(times)
+
+
 def measure(
     plugin: Plugin, messages: Sequence[Reading | Measurement], seconds: float
 ) -> tuple[float, int, int]:
     """Seconds per input message of ``plugin.process(messages)``, measurements, error records."""
     out = plugin.process(messages)  # warm up: input buffer allocated, caches filled
     errors = sum(1 for r in out if not isinstance(r, Measurement))
-    iterations = 0
-    t0 = time.perf_counter()
-    deadline = t0 + seconds
-    while True:
-        for _ in range(20):
-            plugin.process(messages)
-        iterations += 20
-        now = time.perf_counter()
-        if now >= deadline:
-            break
-    per_msg = (now - t0) / (iterations * len(messages))
+    per_msg = _slices(lambda: plugin.process(messages), len(messages), seconds)
     return per_msg, len(out) - errors, errors
 
 
@@ -177,35 +186,18 @@ def breakdown(
     plugin: Plugin, messages: Sequence[Reading | Measurement], seconds: float
 ) -> tuple[float, float, float]:
     """Seconds per input message spent in encode_batch, in the call (copy in, flux_process,
-    copy out) and in decode_output, each timed on its own (best of 5 slices)."""
+    copy out) and in decode_output, each timed on its own."""
     inst = plugin._inst
     assert inst is not None
     data = encode_batch(messages)
     out = plugin._call_process(inst, data)
     name = plugin.name
-    parts = (
-        lambda: encode_batch(messages),
-        lambda: plugin._call_process(inst, data),
-        lambda: decode_output(out, messages, name),
+    n = len(messages)
+    return (
+        _slices(lambda: encode_batch(messages), n, seconds / 3),
+        _slices(lambda: plugin._call_process(inst, data), n, seconds / 3),
+        _slices(lambda: decode_output(out, messages, name), n, seconds / 3),
     )
-    best: list[float] = []
-    for fn in parts:
-        fn()
-        times = []
-        for _ in range(5):
-            k = 0
-            t0 = time.perf_counter()
-            deadline = t0 + seconds / 15
-            while True:
-                for _ in range(10):
-                    fn()
-                k += 10
-                now = time.perf_counter()
-                if now >= deadline:
-                    break
-            times.append((now - t0) / (k * len(messages)))
-        best.append(min(times))
-    return best[0], best[1], best[2]
 
 
 def raw_call_cost(host: PluginHost) -> None:

@@ -536,16 +536,41 @@ def test_json_normalize_refuses_bad_configs(wasm: dict[str, Path]) -> None:
     text=st.text(),
     number=st.floats(allow_nan=False, allow_infinity=False),
     integer=st.integers(-(2**53), 2**53),
+    ascii_only=st.booleans(),
 )
 def test_rust_sdk_writes_exact_strings_and_floats(
-    wasm: dict[str, Path], text: str, number: float, integer: int
+    wasm: dict[str, Path], text: str, number: float, integer: int, ascii_only: bool
 ) -> None:
+    # ensure_ascii=False keeps most payloads free of escapes: json_normalize then reads them
+    # with its in-place scanner instead of serde_json (both must give the same values)
     config = {"fields": [{"path": "s"}, {"path": "f"}, {"path": "i"}, {"path": "b"}]}
-    payload = json.dumps({"s": text, "f": number, "i": integer, "b": False})
+    payload = json.dumps(
+        {"s": text, "f": number, "i": integer, "b": False}, ensure_ascii=ascii_only
+    )
     got = _Runner(wasm["json_normalize"], config).records([{"payload": payload, "ts": 2.0}])
     values = {r["name"]: r["value"] for r in got}
     assert values == {"s": text, "f": number, "i": float(integer), "b": False}
     assert type(values["f"]) is float and type(values["i"]) is float
+
+
+def test_rust_native_unit_tests() -> None:
+    """The Rust SDK's and json_normalize's own unit tests, natively: among them the output
+    writer's floats against Ryu on 200,000 values and json_normalize's in-place scanner against
+    its serde_json path on 20,000 random and damaged documents."""
+    from flux_edge.plugins.tooling import _cargo, _registry_flags
+
+    try:
+        cargo, env = _cargo()
+    except PluginError as exc:
+        pytest.skip(f"plugin toolchain missing: {exc}")
+    env.setdefault("CARGO_TARGET_DIR", str(PLUGINS / "target"))  # shared with the wasm builds
+    manifest = PLUGINS / "json_normalize" / "Cargo.toml"
+    cmd = [cargo, "test", "--lib", "--manifest-path", str(manifest), *_registry_flags()]
+    cmd += ["-p", "flux-plugin-sdk", "-p", "json_normalize"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "floats_match_ryu_text ... ok" in proc.stdout
+    assert "scanner_agrees_on_random_documents ... ok" in proc.stdout
 
 
 # --- the C SDK, through the echo fixture ----------------------------------------------------------

@@ -210,9 +210,17 @@ class _Client:
     async def _before_request(self) -> None:
         """Called with the request about to go out (RTU: keep the inter-frame silence)."""
 
-    def _call_timeout(self, timeout: float, frame_bytes: int) -> float:
-        """The time allowed for one call of ``frame_bytes`` request + response bytes."""
+    def _waiting_for(
+        self, deadline: asyncio.Timeout | None, timeout: float, response_bytes: int
+    ) -> None:
+        """The response's time limit while a call waits for it (None: no call waits)."""
+
+    def _call_timeout(self, timeout: float, request_bytes: int, response_bytes: int) -> float:
+        """The time a call may wait for its answer (RTU: for its first byte; see there)."""
         return timeout
+
+    def _timeout_text(self, what: str, limit: float) -> str:
+        return f"no response to {what} within {limit:g} s"
 
     # -- shared --
 
@@ -252,24 +260,31 @@ class _Client:
         self._client = client
 
     async def _call(
-        self, what: str, unit_id: int, request: Request, per_request: float | None, frame_bytes: int
+        self,
+        what: str,
+        unit_id: int,
+        request: Request,
+        per_request: float | None,
+        frame: tuple[int, int],
     ) -> ModbusPDU:
+        """One request and its response; ``frame``: their sizes in bytes on an RTU line."""
         await self.connect()
         client = self._client
         assert client is not None
-        limit = self._call_timeout(per_request or self.timeout, frame_bytes)
+        timeout = per_request or self.timeout
+        limit = self._call_timeout(timeout, *frame)
         task = asyncio.current_task()
         self._waiting, self._lost = task, False
         try:
             await self._before_request()
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout(limit) as deadline:
+                self._waiting_for(deadline, timeout, frame[1])
                 response = await request(client)
         except TimeoutError as exc:
             if self.drop_on_timeout:
                 self._drop()
             raise SourceError(
-                self.source,
-                f"{self._where(unit_id)}: no response to {what} within {limit:g} s",
+                self.source, f"{self._where(unit_id)}: {self._timeout_text(what, limit)}"
             ) from exc
         except (ModbusException, OSError) as exc:
             self._drop()
@@ -285,6 +300,7 @@ class _Client:
             raise
         finally:
             self._waiting = None
+            self._waiting_for(None, timeout, 0)
         if response.isError():
             code = int(getattr(response, "exception_code", 0))
             name, hint = _EXCEPTION_CODES.get(code, ("UNKNOWN", "unknown exception code"))
@@ -313,7 +329,7 @@ class _Client:
 
         if fn not in _TABLE_NAMES:
             raise SourceError(self.source, f"{what}: unknown function code {fn}")
-        frame = request_bytes(block) + response_bytes(block)
+        frame = (request_bytes(block), response_bytes(block))
         response = await self._call(what, unit_id, request, per_request, frame)
         if fn in (FN_COIL, FN_DISCRETE):
             bits = list(response.bits)
@@ -341,7 +357,7 @@ class _Client:
             unit_id,
             lambda c: c.write_coil(address, bool(value), device_id=unit_id),
             per_request,
-            16,
+            (8, 8),
         )
 
     async def write_register(
@@ -361,7 +377,7 @@ class _Client:
             unit_id,
             lambda c: c.write_register(address, word, device_id=unit_id),
             per_request,
-            16,
+            (8, 8),
         )
 
     async def close(self) -> None:
@@ -482,9 +498,11 @@ class ModbusRtuClient(_Client):
     """One serial port (an RS-485 line) to any unit id on it, in Modbus RTU framing.
 
     Before each request it keeps the line silent for ``inter_frame`` seconds (0: the spec's
-    3.5 characters, 1.75 ms above 19200 baud) after the last byte sent or received. A call's
-    time limit is the response ``timeout`` plus the time the request and the response take on
-    the wire at this baud rate, so a long read at 9600 baud needs no larger timeout. A timeout
+    3.5 characters, 1.75 ms above 19200 baud) after the last byte sent or received. The
+    response ``timeout`` counts from the end of the request on the wire (plus the silence that
+    ends it) to the first byte of the answer; the rest of the answer then gets the time it takes
+    at this baud rate (plus ``timeout`` again), so a long read at 9600 baud needs no larger
+    timeout, and a dead slave costs no more than the request and the timeout. A timeout
     keeps the port open (a silent device is no reason to reopen the line); a port error closes
     it and the next call reopens it.
     """
@@ -513,6 +531,9 @@ class ModbusRtuClient(_Client):
         self.char_time = char_time(baudrate, bytesize, parity, stopbits)
         self.gap = inter_frame_gap(baudrate, bytesize, parity, stopbits, inter_frame)
         self._quiet_from = 0.0  # monotonic time the line last carried a byte (ours or theirs)
+        self._deadline: asyncio.Timeout | None = None  # the waiting call's response deadline
+        self._rx_allowance = 0.0  # the time its answer may take once it has started
+        self._rx_started = False
         self._timer = _PreciseTimer(f"flux-edge {source} timer")
 
     def _where(self, unit_id: int | None = None) -> str:
@@ -526,7 +547,14 @@ class ModbusRtuClient(_Client):
         now = time.monotonic()
         # Sending: the line is busy until our last character is out. Receiving: pymodbus passes
         # what it has buffered so far; its last byte arrived now.
-        self._quiet_from = now + len(data) * self.char_time if sending else now
+        if sending:
+            self._quiet_from = now + len(data) * self.char_time
+            return data
+        self._quiet_from = now
+        deadline = self._deadline
+        if deadline is not None and not self._rx_started:
+            self._rx_started = True
+            deadline.reschedule(asyncio.get_running_loop().time() + self._rx_allowance)
         return data
 
     def _new_client(self) -> ModbusBaseClient:
@@ -566,8 +594,25 @@ class ModbusRtuClient(_Client):
         while (deadline := self._quiet_from + self.gap) > time.monotonic():
             await self._timer.sleep_until(deadline)
 
-    def _call_timeout(self, timeout: float, frame_bytes: int) -> float:
-        return timeout + frame_bytes * self.char_time + self.gap
+    def _call_timeout(self, timeout: float, request_bytes: int, response_bytes: int) -> float:
+        # The answer must start within ``timeout`` once our request has left the line and the
+        # slave has seen the silence that ends it; when it starts, the deadline moves on to
+        # the time the rest of it takes at line speed (``_trace_packet``). So a dead slave
+        # costs the request, the silence and the timeout, not the time of an answer it never
+        # sends, and a long answer at a low baud rate is never cut short.
+        return request_bytes * self.char_time + self.gap + timeout
+
+    def _waiting_for(
+        self, deadline: asyncio.Timeout | None, timeout: float, response_bytes: int
+    ) -> None:
+        self._deadline = deadline
+        self._rx_allowance = response_bytes * self.char_time + timeout
+        self._rx_started = False
+
+    def _timeout_text(self, what: str, limit: float) -> str:
+        if self._rx_started:
+            return f"incomplete response to {what} (the answer stopped mid-frame)"
+        return super()._timeout_text(what, limit)
 
     async def close(self) -> None:
         self._timer.close()

@@ -9,11 +9,13 @@ inter-frame silence, how many transactions a line can carry) cannot be tested on
 
 The relay forwards every byte in both directions and delivers it one character time (start bit,
 data bits, parity, stop bits at the baud rate) after the line became free for it, so a frame
-takes on the "wire" exactly as long as on a real line. Both directions share one medium, as on
-two-wire RS-485: a byte sent while the other direction is still transmitting is a collision
-(``collisions``). Every frame is recorded with its wire start and end (``frames``): tests
-check inter-frame silences and that requests never overlap. Not simulated: USB adapter latency
-(FTDI latency timer), line noise, local echo.
+takes on the "wire" exactly as long as on a real line. Like a UART with a receive FIFO it
+hands bytes over in bursts (8 at a time, or after 4 idle characters), but the last byte of a
+frame always at once, so frame ends, which is what Modbus RTU timing hangs on, are exact.
+Both directions share one medium, as on two-wire RS-485: a byte sent while the other direction
+is still transmitting is a collision (``collisions``). Every frame is recorded with its wire
+start and end (``frames``): tests check inter-frame silences and that requests never overlap.
+Not simulated: USB adapter latency (FTDI latency timer), line noise, local echo.
 
 ``RtuSlaves`` serves several Modbus unit ids on the slave end, like several devices on one bus:
 it detects the end of a request by the spec's silence (3.5 characters, 1.75 ms above 19200
@@ -105,6 +107,9 @@ class SimulatedLine:
         self.collisions = 0  # characters sent while the other side was transmitting
         self.dropped = 0  # characters the receiving pty could not take (nobody reading)
         self.record = True  # keep ``frames`` (turn off for long benchmarks)
+        # Received bytes are handed over like a UART's: in bursts of ``fifo`` (its trigger
+        # level), after 4 idle characters, and at once at the end of a burst. 1: byte by byte.
+        self.fifo = 8
         self._fds: list[int] = []
         self._a = self._b = -1  # pty masters: A faces the master, B the slaves
         self.master_port = self.slave_port = ""
@@ -172,16 +177,29 @@ class SimulatedLine:
         }
         busy_until = {a: 0.0, b: 0.0}  # end of the last character scheduled from each side
         current: dict[int, WireFrame | None] = {a: None, b: None}
+        fifo, fifo_timeout = max(1, self.fifo), 4 * ct
         while not self._stop:
             now = time.monotonic()
+            wake = now + 0.5
             for src, queue in pending.items():
-                if queue and queue[0][0] <= now:
+                if not queue:
+                    continue
+                # Like a UART: hand over what has arrived when the FIFO trigger level is
+                # reached, when the oldest byte has waited 4 characters, or (an ideal UART)
+                # at once when the last byte of the burst has arrived: frame ends are exact.
+                trigger = queue[min(fifo, len(queue)) - 1][0]
+                due = min(queue[-1][0], trigger, queue[0][0] + fifo_timeout)
+                if due <= now:
                     out = bytearray()
                     while queue and queue[0][0] <= now:
                         out.append(queue.popleft()[1])
                     self._deliver(other[src], bytes(out))
-            heads = [q[0][0] for q in pending.values() if q]
-            timeout = max(0.0, min(heads) - time.monotonic()) if heads else 0.5
+                    if queue:
+                        trigger = queue[min(fifo, len(queue)) - 1][0]
+                        due = min(queue[-1][0], trigger, queue[0][0] + fifo_timeout)
+                if queue:
+                    wake = min(wake, due)
+            timeout = max(0.0, wake - time.monotonic())
             try:
                 ready, _, _ = select.select([a, b, self._wake_r], [], [], timeout)
             except InterruptedError:

@@ -69,6 +69,9 @@ class DaemonConfig(_S, frozen=True):
     queue_size: int = 10000  # capacity of each queue between stages
     batch_max: int = 256  # most messages per plugin call
     log_level: str = "info"
+    audit_file: str = ""  # default: <state_dir>/audit.jsonl
+    audit_max_size: int = 4 * 1024 * 1024  # rotate the audit log past this size
+    audit_keep: int = 5  # rotated audit files kept
 
 
 class PluginConfig(_S, frozen=True):
@@ -203,13 +206,41 @@ class MqttSource(_S, frozen=True, tag="mqtt", tag_field="type"):
 SourceConfig = ModbusTcpSource | ModbusRtuSource | SerialSource | MqttSource
 
 
+class RuleTestStep(_S, frozen=True, kw_only=True):
+    """One measurement of a rule's built-in test case, at ``t`` seconds after the case starts."""
+
+    t: float = 0.0
+    device: str = ""  # default: the rule's device
+    name: str
+    value: bool | int | float | str
+    quality: Literal["good", "stale", "bad"] = "good"
+
+
+class RuleTest(_S, frozen=True, kw_only=True):
+    """given measurements -> the actions the rule must ask for, in order (run by check-config and
+    `flux-edge rules test`)."""
+
+    name: str = ""
+    given: tuple[RuleTestStep, ...]
+    expect: tuple[str, ...] = ()  # action names, in firing order ("" list = must not fire)
+    at: float = -1.0  # evaluate pending `for` timers up to this time (default: the last step)
+
+
 class RuleConfig(_S, frozen=True):
-    when: str  # CEL condition
+    when: str  # CEL condition; variables: the device's measurements, previous/delta/age maps
     actions: tuple[str, ...]
     device: str = ""  # only this device's measurements trigger the rule; "" = any device
     mode: Literal["edge", "level"] = "edge"  # edge: fire once on becoming true
     inputs: dict[str, Literal["bool", "int", "double", "string"]] = {}  # extra variables' types
     description: str = ""
+    for_: float = msgspec.field(default=0.0, name="for")  # must hold this long before firing
+    off_when: str = ""  # hysteresis: once fired, the rule re-arms only when this is true
+    off_actions: tuple[str, ...] = ()  # run when the rule re-arms (hysteresis) or goes false
+    cooldown: float = 0.0  # after firing, not again for this long
+    max_age: float = 0.0  # an input older than this counts as stale; 0 = no age limit
+    allow_stale: bool = False  # stale/bad inputs may satisfy the condition (default: never)
+    severity: Literal["debug", "info", "warning", "error"] = "info"  # log level when it fires
+    tests: tuple[RuleTest, ...] = ()
 
 
 class ModbusWriteAction(_S, frozen=True, tag="modbus_write", tag_field="type"):
@@ -248,12 +279,32 @@ class DeviceProfile(_S, frozen=True):
     registers: tuple[RegisterConfig, ...]
 
 
+class ActuatorConfig(_S, frozen=True):
+    """The safety layer in front of one physical actuator (a burner, a pump, a valve) driven by
+    an "on" and an "off" action. Every command to those actions passes through it."""
+
+    on: str  # action that switches it on
+    off: str  # action that switches it off
+    # the state applied on shutdown, on a watchdog stop and when inputs go stale
+    safe: Literal["on", "off", "none"] = "off"
+    min_on: float = 0.0  # once on, not switched off before this long (anti-chatter)
+    min_off: float = 0.0  # once off, not switched on before this long
+    max_switches: int = 0  # at most this many switches per `window`; 0 = unlimited
+    window: float = 3600.0
+    interlock: str = ""  # CEL: while true, switching ON is blocked (and it is driven to safe)
+    interlock_device: str = ""  # the device whose values the interlock reads
+    inputs: tuple[str, ...] = ()  # device.measurement names this actuator depends on; if any goes
+    #                               stale/bad, the safe state is applied
+    stale_after: float = 0.0  # an input older than this counts as stale; 0 = quality only
+
+
 class Config(_S, frozen=True):
     daemon: DaemonConfig = DaemonConfig()
     plugins: dict[str, PluginConfig] = {}
     sources: dict[str, SourceConfig] = {}
     rules: dict[str, RuleConfig] = {}
     actions: dict[str, ActionConfig] = {}
+    actuators: dict[str, ActuatorConfig] = {}
     # Set by the loader, not by the file:
     path: str = ""  # the file it was loaded from
 
@@ -412,6 +463,16 @@ def _check_cel_ident(value: str) -> str | None:
         )
     if value in _CEL_RESERVED:
         return f"{_got(value)} is a reserved word in rule conditions: pick another name"
+    return None
+
+
+def _check_input_ref(value: str) -> str | None:
+    device, dot, name = value.partition(".")
+    if not dot or _check_name(device) or _check_cel_ident(name):
+        return (
+            f'{_got(value)} is not "device.measurement": a device name, a dot and a '
+            'measurement name, like "boiler.temperature"'
+        )
     return None
 
 
@@ -585,6 +646,25 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (RuleConfig, "when"): _Rule(nonempty=True),
     (RuleConfig, "actions"): _Rule(nonempty=True),
     (RuleConfig, "inputs"): _Rule(keys=_check_cel_ident),
+    (RuleConfig, "for"): _Rule(kind="duration", min=0),
+    (RuleConfig, "cooldown"): _Rule(kind="duration", min=0),
+    (RuleConfig, "max_age"): _Rule(kind="duration", min=0),
+    (RuleConfig, "off_actions"): _Rule(nonempty=True),
+    (RuleTestStep, "device"): _Rule(check=_check_name),
+    (RuleTestStep, "name"): _Rule(nonempty=True),
+    (RuleTestStep, "t"): _Rule(kind="duration", min=0),
+    (RuleTest, "at"): _Rule(min=-1),
+    (ActuatorConfig, "on"): _Rule(nonempty=True),
+    (ActuatorConfig, "off"): _Rule(nonempty=True),
+    (ActuatorConfig, "min_on"): _Rule(kind="duration", min=0),
+    (ActuatorConfig, "min_off"): _Rule(kind="duration", min=0),
+    (ActuatorConfig, "max_switches"): _Rule(min=0, max=1_000_000),
+    (ActuatorConfig, "window"): _Rule(kind="duration", positive=True),
+    (ActuatorConfig, "interlock_device"): _Rule(check=_check_name),
+    (ActuatorConfig, "inputs"): _Rule(nonempty=True, check=_check_input_ref),
+    (ActuatorConfig, "stale_after"): _Rule(kind="duration", min=0),
+    (DaemonConfig, "audit_max_size"): _Rule(kind="size", min=4096, max=2**40),
+    (DaemonConfig, "audit_keep"): _Rule(min=0, max=1000),
     (ModbusWriteAction, "source"): _Rule(nonempty=True),
     (ModbusWriteAction, "address"): _Rule(min=0, max=65535),
     (ModbusWriteAction, "timeout"): _Rule(kind="duration", positive=True),
@@ -596,6 +676,7 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (Config, "sources"): _Rule(keys=_check_name),
     (Config, "rules"): _Rule(keys=_check_name),
     (Config, "actions"): _Rule(keys=_check_name),
+    (Config, "actuators"): _Rule(keys=_check_name),
 }
 
 # Fields the loader sets; a file may not.
@@ -1295,8 +1376,11 @@ class _Validator:
         if not isinstance(value, dict):
             self.report(path, f"expected a table, got {_got(value)}")
             return _BAD
+        # keyed by the TOML key: msgspec's encoded name (RuleConfig.for_ is "for")
         fields = {
-            f.name: f for f in msgspec.structs.fields(cls) if (cls, f.name) not in _LOADER_ONLY
+            f.encode_name: f
+            for f in msgspec.structs.fields(cls)
+            if (cls, f.name) not in _LOADER_ONLY
         }
         conf = cls.__struct_config__
         tag_field, tag = conf.tag_field, conf.tag
@@ -1334,11 +1418,11 @@ class _Validator:
                 )
             out[tag_field] = tag
         for field in fields.values():
-            if field.required and field.name not in value:
-                rule = _RULES.get((cls, field.name))
+            if field.required and field.encode_name not in value:
+                rule = _RULES.get((cls, field.encode_name))
                 self.report(
-                    (*path, field.name),
-                    f'missing required key "{field.name}" ({_desc(field.type, rule)})',
+                    (*path, field.encode_name),
+                    f'missing required key "{field.encode_name}" ({_desc(field.type, rule)})',
                     at="key",
                     where=path,
                 )
@@ -1798,10 +1882,13 @@ def _cross_check(v: _Validator, raw: dict[str, Any], data: dict[str, Any], base_
     _check_ports(v, src_data)
 
     devices = {name for name, _ in declared}
+    known_devices = sources is not None and not dynamic and v.clean(("sources",))
     for rname, rule in data.get("rules", {}).items():
-        for index, aname in enumerate(rule.get("actions", [])):
-            if actions is not None and aname not in actions:
-                v.report(("rules", rname, "actions", index), _missing_ref("action", aname, actions))
+        for key in ("actions", "off_actions"):
+            for index, aname in enumerate(rule.get(key, [])):
+                if actions is not None and aname not in actions:
+                    v.report(("rules", rname, key, index), _missing_ref("action", aname, actions))
+        _check_rule_tests(v, rname, rule, devices if known_devices else None)
         device = rule.get("device")
         if (
             device
@@ -1817,6 +1904,116 @@ def _cross_check(v: _Validator, raw: dict[str, Any], data: dict[str, Any], base_
                 f"devices: {', '.join(sorted(devices)) or 'none'}",
                 warning=True,
             )
+
+
+def _check_rule_tests(
+    v: _Validator, rname: str, rule: dict[str, Any], devices: set[str] | None
+) -> None:
+    """A rule's own test cases: steps name a device it can see, expectations name its actions."""
+    own = [*rule.get("actions", []), *rule.get("off_actions", [])]
+    for tindex, case in enumerate(rule.get("tests", [])):
+        path: Key = ("rules", rname, "tests", tindex)
+        for sindex, step in enumerate(case.get("given", [])):
+            device = step.get("device") or rule.get("device", "")
+            spath: Key = (*path, "given", sindex)
+            if not device:
+                v.report(
+                    (*spath, "device"),
+                    "the rule watches every device: say which one sent this measurement "
+                    '(device = "...")',
+                    at="key",
+                    where=spath,
+                )
+            elif step.get("device") and rule.get("device") and device != rule["device"]:
+                v.report(
+                    (*spath, "device"),
+                    f'the rule watches device "{rule["device"]}" only: a measurement of '
+                    f'"{device}" never reaches it',
+                )
+            elif devices is not None and device not in devices and step.get("device"):
+                v.report(
+                    (*spath, "device"),
+                    f'no source reads a device named "{device}"; '
+                    f"{_suggest(device, sorted(devices))}"
+                    f"devices: {', '.join(sorted(devices)) or 'none'}",
+                )
+        for eindex, aname in enumerate(case.get("expect", [])):
+            if aname not in own:
+                v.report(
+                    (*path, "expect", eindex),
+                    f'"{aname}" is not one of this rule\'s actions or off_actions; '
+                    f"{_suggest(aname, own)}its actions: {', '.join(own) or 'none'}",
+                )
+
+
+def _check_actuators(v: _Validator, data: dict[str, Any], actions: list[str] | None) -> None:
+    """Actuators name existing actions, each action belongs to at most one actuator; inputs and
+    interlock_device name known devices (register names checked for Modbus devices)."""
+    owner: dict[str, str] = {}
+    declared, dynamic = _declared_devices(data)
+    devices = {name for name, _ in declared}
+    check_devices = not dynamic and v.clean(("sources",)) and isinstance(data.get("sources"), dict)
+    registers: dict[str, set[str]] = {}
+    for src in data.get("sources", {}).values():
+        if src.get("type") in _MODBUS_TYPES:
+            for device in src.get("devices", []):
+                if isinstance(device.get("name"), str):
+                    registers[device["name"]] = {
+                        str(r.get("name"))
+                        for r in device.get("registers", [])
+                        if isinstance(r, dict)
+                    }
+    for aname, actuator in data.get("actuators", {}).items():
+        path: Key = ("actuators", aname)
+        for key in ("on", "off"):
+            target = actuator.get(key)
+            if not isinstance(target, str) or not target:
+                continue
+            if actions is not None and target not in actions:
+                v.report((*path, key), _missing_ref("action", target, actions))
+            elif target in owner and owner[target] != aname:
+                v.report(
+                    (*path, key),
+                    f'action "{target}" already belongs to actuator "{owner[target]}": an '
+                    "action drives one actuator, so that one safety layer sees every command",
+                )
+            else:
+                owner[target] = aname
+        if actuator.get("on") and actuator.get("on") == actuator.get("off"):
+            v.report((*path, "off"), '"on" and "off" must be two different actions')
+        if not check_devices:
+            continue
+        device = actuator.get("interlock_device", "")
+        if device and device not in devices:
+            v.report(
+                (*path, "interlock_device"),
+                f'no source reads a device named "{device}"; {_suggest(device, sorted(devices))}'
+                f"devices: {', '.join(sorted(devices)) or 'none'}",
+            )
+        if device and not actuator.get("interlock"):
+            v.report(
+                (*path, "interlock_device"),
+                '"interlock_device" is set but there is no "interlock" condition',
+                at="key",
+                warning=True,
+            )
+        for index, ref in enumerate(actuator.get("inputs", [])):
+            dname, _, mname = ref.partition(".")
+            if dname not in devices:
+                v.report(
+                    (*path, "inputs", index),
+                    f'no source reads a device named "{dname}"; '
+                    f"{_suggest(dname, sorted(devices))}"
+                    f"devices: {', '.join(sorted(devices)) or 'none'}",
+                )
+            elif dname in registers and mname not in registers[dname]:
+                names = sorted(n for n in registers[dname] if isinstance(n, str))
+                v.report(
+                    (*path, "inputs", index),
+                    f'device "{dname}" has no register named "{mname}" (a plugin may still '
+                    f"produce it); {_suggest(mname, names)}registers: {', '.join(names) or 'none'}",
+                    warning=True,
+                )
 
 
 def _declared_devices(data: dict[str, Any]) -> tuple[list[tuple[str, Key]], bool]:
@@ -2340,7 +2537,7 @@ def _check_conditions(v: _Validator, data: dict[str, Any]) -> None:
         return
     check_rules: Callable[[Config], list[Any]] = engine.check_rules
     salvage: dict[str, Any] = {}
-    for section in ("plugins", "sources", "rules", "actions"):
+    for section in ("plugins", "sources", "rules", "actions", "actuators"):
         entries = data.get(section, {})
         salvage[section] = {k: e for k, e in entries.items() if v.clean((section, k))}
     if v.clean(("daemon",)) and "daemon" in data:
@@ -2356,7 +2553,9 @@ def _check_conditions(v: _Validator, data: dict[str, Any]) -> None:
     for err in errors:
         rule = getattr(err, "rule", "")
         column = int(getattr(err, "column", 0) or 0)
-        path: Key = ("rules", rule, "when")
+        # a condition other than a rule's `when` (off_when, an actuator's interlock) says which
+        key = getattr(err, "key", None)
+        path: Key = tuple(key) if key else ("rules", rule, "when")
         line, col = v.pos.value(path)
         if column > 0:
             line, col = v.pos.in_string(path, column - 1) or (line, col)
@@ -2402,6 +2601,7 @@ def _check(text: str, file: str, config_path: str) -> tuple[Config | None, list[
         if data is not _BAD:
             _cross_check(v, raw, data, base_dir)
             _normalize(v, data, base_dir)
+            _check_actuators(v, data, _names(raw, "actions"))
             _check_conditions(v, data)
     except RecursionError:
         v.report((), "values are nested too deeply")

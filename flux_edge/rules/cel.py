@@ -36,6 +36,7 @@ from cel_expr_python import cel
 from flux_edge.errors import RuleError
 
 __all__ = [
+    "MAP_TYPES",
     "MAX_EXPRESSION_CHARS",
     "MAX_NESTING",
     "VARIABLE_TYPES",
@@ -46,7 +47,10 @@ __all__ = [
 MAX_EXPRESSION_CHARS: Final = 4096
 MAX_NESTING: Final = 24  # brackets; CEL's parser gives up at 32 levels of recursion
 
-VARIABLE_TYPES: Final = ("bool", "int", "double", "string")
+#: scalar types, plus the two map types of the engine's ``previous`` (any value per name) and
+#: ``delta``/``age`` (a double per name) variables
+VARIABLE_TYPES: Final = ("bool", "int", "double", "string", "map(dyn)", "map(double)")
+MAP_TYPES: Final = ("map(dyn)", "map(double)")
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _IDENT_FULL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -61,6 +65,10 @@ _STATUS_TAIL = re.compile(r" \[[A-Z_]+\]$")
 
 def _cel_type(name: str) -> Any:
     T = cel.Type
+    if name == "map(dyn)":
+        return T.Map(T.STRING, T.DYN)
+    if name == "map(double)":
+        return T.Map(T.STRING, T.DOUBLE)
     return {"bool": T.BOOL, "int": T.INT, "double": T.DOUBLE, "string": T.STRING}[name]
 
 
@@ -125,14 +133,21 @@ def _runtime() -> Any:
 # --- the compiled condition ---------------------------------------------------------------------
 
 
-_PY_TYPES: Final = {"bool": bool, "int": int, "double": float, "string": str}
+_PY_TYPES: Final = {
+    "bool": bool,
+    "int": int,
+    "double": float,
+    "string": str,
+    "map(dyn)": dict,
+    "map(double)": dict,
+}
 _MISSING: Final = object()
 
 
 class Condition:
     """A compiled, type-checked boolean expression. Cheap to evaluate (a few µs)."""
 
-    __slots__ = ("_checks", "_program", "expression", "rule", "types", "variables")
+    __slots__ = ("_checks", "_program", "expression", "fields", "rule", "types", "variables")
 
     def __init__(
         self,
@@ -141,12 +156,17 @@ class Condition:
         program: Any,
         variables: frozenset[str],
         types: Mapping[str, str],
+        *,
+        fields: Mapping[str, frozenset[str] | None] | None = None,
     ) -> None:
         self.rule = rule
         self.expression = expression
         self._program = program
         #: the declared variables the expression references (comprehension variables excluded)
         self.variables = variables
+        #: for each referenced map variable: the keys it is read with as ``map.key``, or None when
+        #: it is also used otherwise (``m["k"]``, ``"k" in m``, ``m.size()``: any key may count)
+        self.fields: Mapping[str, frozenset[str] | None] = fields or {}
         #: the declared type of every variable in ``variables``
         self.types: Mapping[str, str] = {n: types[n] for n in sorted(variables)}
         self._checks = tuple((n, _PY_TYPES[t]) for n, t in self.types.items())
@@ -241,12 +261,16 @@ def compile_condition(rule: str, expr: str, variables: Mapping[str, str]) -> Con
         raise RuleError(rule, message, column) from None
     if result_type != "BOOL":
         raise RuleError(rule, f"condition must be a bool expression, got {_type_name(result_type)}")
+    maps = frozenset(n for n, t in variables.items() if t in MAP_TYPES)
+    fields: dict[str, set[str] | None] = {}
     try:
-        used = _referenced_variables(serialized, variables.keys())
+        used = _referenced_variables(serialized, variables.keys(), maps, fields)
     except ValueError:
         # Unreadable checked AST (a changed serialization?): fall back to the source text.
         used = frozenset(m.group() for m in _IDENT.finditer(code)) & variables.keys()
-    return Condition(rule, expr, program, used, variables)
+        fields = dict.fromkeys(used & maps)
+    frozen = {n: (None if f is None else frozenset(f)) for n, f in fields.items() if n in used}
+    return Condition(rule, expr, program, used, variables, fields=frozen)
 
 
 def _type_name(cel_name: str) -> str:
@@ -414,10 +438,41 @@ def _sub(buf: bytes, field: int) -> bytes:
     raise ValueError(f"field {field} missing")
 
 
-def _referenced_variables(serialized: bytes, declared: Any) -> frozenset[str]:
-    """Declared names the checked expression reads, not counting comprehension variables."""
+def _select_of_map(
+    select: bytes, maps: frozenset[str], bound: frozenset[str]
+) -> tuple[str, str] | None:
+    """(map variable, key) when a Select node reads ``map.key`` of a declared map variable."""
+    operand = field_name = None
+    for f, v in _fields(select):
+        if f == 1 and isinstance(v, bytes):
+            operand = v
+        elif f == 2 and isinstance(v, bytes):
+            field_name = v.decode()
+        elif f == 3 and v:  # has(map.key): a test, not a read of the value
+            return None
+    if operand is None or field_name is None:
+        return None
+    for f, v in _fields(operand):
+        if f == _EXPR_IDENT and isinstance(v, bytes):
+            name = _sub(v, 1).decode()
+            if name in maps and name not in bound:
+                return name, field_name
+    return None
+
+
+def _referenced_variables(
+    serialized: bytes,
+    declared: Any,
+    maps: frozenset[str] = frozenset(),
+    fields: dict[str, set[str] | None] | None = None,
+) -> frozenset[str]:
+    """Declared names the checked expression reads, not counting comprehension variables.
+
+    For the map variables in ``maps``, ``fields`` receives the keys read as ``map.key`` (None
+    for a map also used any other way)."""
     expr = _sub(_sub(serialized, _ANY_VALUE), _CHECKED_EXPR)
     found: set[str] = set()
+    keys: dict[str, set[str] | None] = {} if fields is None else fields
     stack: list[tuple[bytes, frozenset[str]]] = [(expr, frozenset())]
     while stack:
         node, bound = stack.pop()
@@ -428,6 +483,14 @@ def _referenced_variables(serialized: bytes, declared: Any) -> frozenset[str]:
                 name = _sub(value, 1).decode()
                 if name not in bound and name in declared:
                     found.add(name)
+                    if name in maps:
+                        keys[name] = None
+            elif field == 5 and maps and (hit := _select_of_map(value, maps, bound)):
+                name, key = hit
+                found.add(name)
+                known = keys.setdefault(name, set())
+                if known is not None:
+                    known.add(key)
             elif field in _CHILDREN:  # select, call, list: sub-expressions at known fields
                 children = _CHILDREN[field]
                 stack.extend(

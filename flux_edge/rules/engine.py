@@ -1,54 +1,123 @@
-"""The rule engine: Measurement -> Commands. Pure: no I/O, the clock is injected.
+"""The rule engine: Measurement -> Commands. No I/O of its own: the clock is injected, and so is
+the optional durable store (``flux_edge.rules.state``).
 
-Semantics (decided here, relied on by tests):
+Semantics (decided here, relied on by tests; docs/configuration.md says the same for users):
 
 * **Variables.** A rule reads the variables ``rule_variables`` declares: the registers of the
   Modbus devices it watches (every device of every TCP and RTU source, profile registers
   included), its ``inputs``, and ``device``/``name`` (the device and name of the measurement
-  being processed). Values are looked up *in the measurement's device*: a rule
-  with ``device = ""`` runs for each device separately, against that device's own values.
-* **Trigger.** A measurement evaluates only the rules whose condition references its name and
-  whose device filter matches its device (an index built once). A rule that references no
-  measurement variable could never be triggered and is rejected by ``check_rules``.
+  being processed). Values are looked up *in the measurement's device*: a rule with
+  ``device = ""`` runs for each device separately, against that device's own values. Besides,
+  three maps keyed by measurement name (unless a register or input already has the name):
+  ``previous`` (map(string, dyn): the last good value before the current one), ``delta``
+  (map(string, double): current - previous, numbers only) and ``age`` (map(string, double):
+  seconds since the value was measured, at evaluation time). ``delta.temperature > 5.0`` reads
+  ``temperature`` like a direct reference does: it triggers the rule and must have a value
+  (and, for previous/delta, a previous value: until then the condition is not evaluated).
+* **Trigger.** A measurement evaluates only the rules whose conditions (``when``, ``off_when``)
+  reference its name and whose device filter matches its device (an index built once).
 * **Quality gating.** The engine keeps the latest *good* value per (device, name); a stale or bad
-  measurement removes it. A rule is evaluated only when every variable it references has a current
-  good value. Otherwise its condition is **unknown**: level rules do not fire, and an edge rule
-  keeps its previous state (unknown is neither a rising nor a falling edge). So a sensor that
-  drops out and comes back while the condition holds does not fire the rule a second time.
+  measurement removes it. The condition is **unknown** when the triggering measurement is not
+  good, when an input is older than ``max_age``, or on an evaluation error: level rules do not
+  fire, edge state and latches are kept (unknown is neither a rising nor a falling edge), and a
+  pending ``for`` timer is cancelled. An input never seen since start leaves the rule untouched
+  (so state restored after a restart is not lost while the first values come in). With
+  ``allow_stale = true`` the latest value of any quality is used and ``max_age`` is not applied.
 * **Modes.** ``edge`` fires when the condition goes false -> true (the first evaluation that is
-  true counts as a rising edge); the edge state is kept per device. ``level`` fires every time the
-  condition evaluates true.
-* **Errors.** An evaluation error (division by zero, an ill-typed value from a plugin, ...) is
-  counted in ``stats``, logged on the ``flux_edge.rules`` logger (a warning when a rule starts
-  failing, then quiet until it succeeds again) and treated as unknown. Never raised.
+  true counts as a rising edge); ``level`` fires every time the condition evaluates true. Without
+  ``off_when``, a rule that is on goes off when its condition is false (``off_actions`` run then).
+  With ``off_when`` (hysteresis) it stays on (latched) until ``off_when`` is true; then
+  ``off_actions`` run and it re-arms.
+* **for.** The condition must hold continuously for ``for`` seconds: the period starts at the
+  first true evaluation and the rule fires at start + ``for`` (``tick``, driven by
+  ``next_deadline``), or on a later true evaluation if that comes first; a false or unknown
+  evaluation cancels it. At the deadline the inputs' ``max_age`` is checked again.
+* **cooldown.** After firing, a rule does not fire again for that device until ``cooldown`` has
+  passed. An edge that rises during the cooldown is deferred to the cooldown's end (fired then if
+  the condition has not gone false/unknown meanwhile); a level rule just skips those evaluations.
+* **Restart.** With a store, state changes are written (one transaction per call, only when
+  something changed) and restored at construction: a ``for`` period that started before the
+  restart fires at its original wall-clock deadline if that is still ahead (via ``tick``, unless
+  a measurement makes the condition false or unknown first). If the deadline passed while the
+  daemon was down, nobody watched the inputs meanwhile: the rule fires on the first evaluation
+  after start that is true (at once: the period is complete), and is cancelled if that
+  evaluation is false or unknown.
+* **Errors.** An evaluation error is counted in ``stats``, logged on the ``flux_edge.rules``
+  logger (a warning when a rule starts failing, then quiet until it succeeds again) and treated
+  as unknown. Never raised.
+* **Firing** logs "rule X fired" at the rule's ``severity`` and emits one ``Command`` per action,
+  in config order, with ``params = {"device": ..., "rule_state": "on"}`` (``"off"`` for
+  ``off_actions``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import heapq
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, Final
+
+import msgspec
 
 from flux_edge.config import (
     Config,
     ModbusRtuSource,
     ModbusTcpSource,
     RegisterConfig,
+    RuleConfig,
     source_devices,
 )
 from flux_edge.errors import RuleError
 from flux_edge.model import Command, Measurement, Value
 from flux_edge.rules.cel import Condition, compile_condition
+from flux_edge.rules.state import RuleStore, StateRecord
 
-__all__ = ["BUILTIN_VARIABLES", "RuleEngine", "RuleStats", "check_rules", "rule_variables"]
+__all__ = [
+    "BUILTIN_VARIABLES",
+    "MAP_VARIABLES",
+    "ConditionError",
+    "RuleEngine",
+    "RuleStats",
+    "check_rules",
+    "compile_interlock",
+    "rule_digest",
+    "rule_variables",
+]
 
 log = logging.getLogger("flux_edge.rules")
 
 #: variables every rule has: the device and the name of the measurement being processed
 BUILTIN_VARIABLES: dict[str, str] = {"device": "string", "name": "string"}
+#: maps keyed by measurement name, declared unless a register or input has the same name
+MAP_VARIABLES: dict[str, str] = {
+    "previous": "map(dyn)",
+    "delta": "map(double)",
+    "age": "map(double)",
+}
 
 _BOOL_FUNCTIONS = ("coil", "discrete")
+_LEVELS: Final = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+class ConditionError(RuleError):
+    """A condition other than a rule's ``when`` failed to compile: ``key`` is its config key
+    path (``("rules", "r", "off_when")``, ``("actuators", "pump", "interlock")``)."""
+
+    def __init__(self, err: RuleError, key: tuple[str, ...]) -> None:
+        text = str(err)
+        message = text.split(": ", 1)[1] if ": " in text else text
+        super().__init__(err.rule, f"{key[-1]}: {message}", err.column)
+        self.key = key
+        if key[0] == "actuators":
+            self.args = (f"actuator {key[1]!r}: {key[-1]}: {message}",)
 
 
 # A register as a rule sees it: (variable name, type, where it comes from).
@@ -76,7 +145,8 @@ def _registers_by_device(config: Config) -> dict[str, list[_Declared]]:
 
 
 def rule_variables(config: Config, rule_name: str) -> dict[str, str]:
-    """The variables rule ``rule_name`` may use, name -> "bool" | "int" | "double" | "string".
+    """The scalar variables rule ``rule_name`` may use, name -> "bool" | "int" | "double" |
+    "string" (``MAP_VARIABLES`` come on top).
 
     Every register of every Modbus device (TCP or RTU, profile registers included) whose name
     matches the rule's ``device`` (all devices when it is ""): bool for coils, discrete inputs and
@@ -93,11 +163,17 @@ def _rule_variables(
     rule = config.rules.get(rule_name)
     if rule is None:
         raise RuleError(rule_name, "no such rule in the configuration")
-    if rule.device:
-        declared = list(registers.get(rule.device, ()))
+    return _variables(rule_name, rule.device, rule.inputs, registers)
+
+
+def _variables(
+    owner: str, device: str, inputs: Mapping[str, str], registers: dict[str, list[_Declared]]
+) -> dict[str, str]:
+    if device:
+        declared = list(registers.get(device, ()))
     else:
         declared = [d for regs in registers.values() for d in regs]
-    declared.extend((name, type_, "rule input") for name, type_ in rule.inputs.items())
+    declared.extend((name, type_, "rule input") for name, type_ in inputs.items())
     declared.extend((name, type_, "built-in") for name, type_ in BUILTIN_VARIABLES.items())
     types: dict[str, str] = {}
     origins: dict[str, str] = {}
@@ -108,38 +184,124 @@ def _rule_variables(
             origins[name] = origin
         elif known != type_:
             raise RuleError(
-                rule_name,
+                owner,
                 f"variable {name!r} is {known} ({origins[name]}) but {type_} ({origin}); "
                 "rename one of them or restrict the rule to one device",
             )
     return types
 
 
-def _compile_rule(
-    config: Config, rule_name: str, registers: dict[str, list[_Declared]]
+def _with_maps(variables: dict[str, str]) -> dict[str, str]:
+    out = dict(variables)
+    for name, type_ in MAP_VARIABLES.items():
+        out.setdefault(name, type_)
+    return out
+
+
+def _compile(
+    owner: str, expr: str, variables: dict[str, str], key: tuple[str, ...] | None
 ) -> Condition:
-    rule = config.rules[rule_name]
-    variables = _rule_variables(config, rule_name, registers)
-    condition = compile_condition(rule_name, rule.when, variables)
-    if not condition.variables - BUILTIN_VARIABLES.keys():
-        raise RuleError(
-            rule_name,
-            "condition references no measurement (no register or input variable), so no "
-            "measurement would ever evaluate it",
-        )
+    """Compile one condition; its map keys must be measurement variables; it must read some
+    measurement. ``key`` (for conditions other than ``when``) wraps errors in ConditionError."""
+    try:
+        condition = compile_condition(owner, expr, _with_maps(variables))
+        measurements = set(variables) - BUILTIN_VARIABLES.keys()
+        direct = condition.variables & measurements
+        for map_name, keys in condition.fields.items():
+            if variables.get(map_name) is not None:
+                continue  # a register or input of that name: not our map
+            unknown = sorted((keys or frozenset()) - measurements)
+            if unknown:
+                raise RuleError(
+                    owner,
+                    f"{map_name}.{unknown[0]}: no measurement named {unknown[0]!r}; "
+                    f"known: {', '.join(sorted(measurements)) or 'none'}",
+                    expr.find(f"{map_name}.{unknown[0]}") + 1,
+                )
+            direct |= keys or frozenset()
+        if not direct:
+            raise RuleError(
+                owner,
+                "condition references no measurement (no register or input variable), so no "
+                "measurement would ever evaluate it",
+            )
+    except RuleError as exc:
+        if key is None:
+            raise
+        raise ConditionError(exc, key) from None
     return condition
 
 
+def _compile_rule(
+    config: Config, rule_name: str, registers: dict[str, list[_Declared]]
+) -> tuple[Condition, Condition | None]:
+    rule = config.rules[rule_name]
+    variables = _rule_variables(config, rule_name, registers)
+    when = _compile(rule_name, rule.when, variables, None)
+    off = None
+    if rule.off_when:
+        off = _compile(rule_name, rule.off_when, variables, ("rules", rule_name, "off_when"))
+    return when, off
+
+
+def compile_interlock(config: Config, actuator: str) -> Condition | None:
+    """The compiled ``interlock`` of actuator ``actuator`` (None when it has none). It reads the
+    registers of ``interlock_device`` (of every device when that is ""), ``device``/``name`` and
+    the ``previous``/``delta``/``age`` maps. Raises ``ConditionError`` (``key`` =
+    ("actuators", name, "interlock"))."""
+    spec = config.actuators[actuator]
+    if not spec.interlock:
+        return None
+    key = ("actuators", actuator, "interlock")
+    try:
+        variables = _variables(actuator, spec.interlock_device, {}, _registers_by_device(config))
+    except RuleError as exc:
+        raise ConditionError(exc, key) from None
+    return _compile(actuator, spec.interlock, variables, key)
+
+
 def check_rules(config: Config) -> list[RuleError]:
-    """Compile every rule of ``config``; return all the errors (empty when every rule is fine)."""
+    """Compile every rule's conditions and every actuator's interlock of ``config``; return all
+    the errors (empty when everything is fine). Errors about a condition other than a rule's
+    ``when`` are ``ConditionError``s naming their key."""
     registers = _registers_by_device(config)
     errors: list[RuleError] = []
-    for rule_name in config.rules:
+    for rule_name, rule in config.rules.items():
         try:
-            _compile_rule(config, rule_name, registers)
+            variables = _rule_variables(config, rule_name, registers)
+        except RuleError as exc:
+            errors.append(exc)
+            continue
+        try:
+            _compile(rule_name, rule.when, variables, None)
+        except RuleError as exc:
+            errors.append(exc)
+        if rule.off_when:
+            try:
+                _compile(rule_name, rule.off_when, variables, ("rules", rule_name, "off_when"))
+            except RuleError as exc:
+                errors.append(exc)
+    for actuator in config.actuators:
+        try:
+            compile_interlock(config, actuator)
         except RuleError as exc:
             errors.append(exc)
     return errors
+
+
+def rule_digest(rule: RuleConfig) -> str:
+    """A digest of what a rule's state depends on: its conditions, mode, device, ``for`` and
+    inputs (not its actions, cooldown, severity or description). Stored state of a rule whose
+    digest changed is discarded."""
+    what = [
+        rule.when,
+        rule.off_when,
+        rule.mode,
+        rule.device,
+        rule.for_,
+        sorted(rule.inputs.items()),
+    ]
+    return hashlib.sha256(msgspec.json.encode(what)).hexdigest()[:16]
 
 
 @dataclass(slots=True)
@@ -150,57 +312,142 @@ class RuleStats:
     firings: int = 0  # times the rule emitted its actions
     errors: int = 0  # evaluation errors
     skipped: int = 0  # triggered, but an input had no current good value
+    suppressed: int = 0  # would have fired, but within the cooldown
     last_fired_ts: float | None = None
     last_error: str = ""
+
+
+class _Cond:
+    """One compiled condition of a rule and what building its data needs."""
+
+    __slots__ = ("condition", "data_vars", "maps", "needs", "uses_device", "uses_name")
+
+    def __init__(self, condition: Condition, variables: dict[str, str]) -> None:
+        self.condition = condition
+        measured = set(variables) - BUILTIN_VARIABLES.keys()
+        self.data_vars = tuple(sorted(condition.variables & measured))
+        self.uses_device = "device" in condition.variables
+        self.uses_name = "name" in condition.variables
+        # map name -> the keys read (None: any key; then every value of the device is offered)
+        self.maps: tuple[tuple[str, frozenset[str] | None], ...] = tuple(
+            (n, condition.fields.get(n))
+            for n in sorted(condition.variables & MAP_VARIABLES.keys())
+            if n not in variables
+        )
+        keyed: set[str] = set()
+        for _, keys in self.maps:
+            keyed |= keys or set()
+        #: every measurement that must have a value for the condition to be evaluated
+        self.needs = tuple(sorted(set(self.data_vars) | keyed))
+
+
+class _State:
+    """One rule's state for one device."""
+
+    __slots__ = ("cause", "due", "last_fire", "on", "since")
+
+    def __init__(self) -> None:
+        self.since: float | None = None  # the condition has been true since
+        self.on = False  # fired, not re-armed yet
+        self.last_fire: float | None = None
+        self.due: float | None = None  # a scheduled firing (for / cooldown)
+        self.cause: Measurement | None = None  # what made the condition true
 
 
 class _Rule:
     __slots__ = (
         "actions",
-        "condition",
-        "data_vars",
+        "allow_stale",
+        "cooldown",
+        "digest",
         "edge",
         "failing",
+        "for_",
+        "level",
+        "max_age",
         "name",
+        "off",
+        "off_actions",
         "order",
-        "state",
+        "states",
         "stats",
-        "uses_device",
-        "uses_name",
+        "when",
     )
 
     def __init__(
-        self, order: int, name: str, condition: Condition, actions: tuple[str, ...], edge: bool
+        self, order: int, name: str, spec: RuleConfig, when: _Cond, off: _Cond | None
     ) -> None:
         self.order = order
         self.name = name
-        self.condition = condition
-        self.actions = actions
-        self.edge = edge
-        self.data_vars = tuple(sorted(condition.variables - BUILTIN_VARIABLES.keys()))
-        self.uses_device = "device" in condition.variables
-        self.uses_name = "name" in condition.variables
-        self.state: dict[str, bool] = {}  # edge state per device
+        self.when = when
+        self.off = off
+        self.actions = spec.actions
+        self.off_actions = spec.off_actions
+        self.edge = spec.mode == "edge"
+        self.for_ = spec.for_
+        self.cooldown = spec.cooldown
+        self.max_age = 0.0 if spec.allow_stale else spec.max_age
+        self.allow_stale = spec.allow_stale
+        self.level = _LEVELS[spec.severity]
+        self.digest = rule_digest(spec)
+        self.states: dict[str, _State] = {}  # per device
         self.failing = False
         self.stats = RuleStats()
+
+
+class _Device:
+    """What the engine knows of one device's values (only names some rule reads)."""
+
+    __slots__ = ("any", "last", "prev", "ts", "values")
+
+    def __init__(self) -> None:
+        self.values: dict[str, Value] = {}  # current good values
+        self.last: dict[str, Value] = {}  # last good value, kept when it goes bad
+        self.prev: dict[str, Value] = {}  # the good value before ``last``
+        self.ts: dict[str, float] = {}  # when the latest value (any quality) was measured
+        self.any: dict[str, Value] = {}  # latest value of any quality (allow_stale rules only)
+
+
+_SKIP: Final = object()  # an input was never seen: leave the rule alone
+_UNKNOWN: Final = object()  # stale/bad/too old/error: unknown
 
 
 class RuleEngine:
     """Evaluates the rules of a ``Config`` against a stream of measurements.
 
-    Not thread-safe: call ``on_measurement`` from one task.
+    ``clock`` returns wall-clock seconds (deadlines are wall-clock, so they survive restarts).
+    ``store`` (optional) makes rule state durable. Not thread-safe: call ``on_measurement`` and
+    ``tick`` from one task.
     """
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.time,
+        store: RuleStore | None = None,
+    ) -> None:
         self._clock = clock
+        self._store = store
         registers = _registers_by_device(config)
         rules: list[_Rule] = []
-        for order, (rule_name, rule) in enumerate(config.rules.items()):
-            condition = _compile_rule(config, rule_name, registers)  # raises the first RuleError
-            rules.append(_Rule(order, rule_name, condition, rule.actions, rule.mode == "edge"))
+        for order, (rule_name, spec) in enumerate(config.rules.items()):
+            when, off = _compile_rule(config, rule_name, registers)  # raises the first RuleError
+            variables = _rule_variables(config, rule_name, registers)
+            rules.append(
+                _Rule(
+                    order,
+                    rule_name,
+                    spec,
+                    _Cond(when, variables),
+                    None if off is None else _Cond(off, variables),
+                )
+            )
         self._rules = rules
+        self._by_name = {r.name: r for r in rules}
         #: per rule name
         self.stats: dict[str, RuleStats] = {r.name: r.stats for r in rules}
+        self._keep_any = any(r.allow_stale for r in rules)
 
         # (device or "*", variable name) -> rules, in config order. A (device, name) entry also
         # holds the "*" rules for that name, so one lookup finds everything for a known device.
@@ -208,7 +455,8 @@ class RuleEngine:
         devices = {config.rules[r.name].device for r in rules} - {""}
         for r in rules:
             device = config.rules[r.name].device
-            for var in r.data_vars:
+            names = set(r.when.needs) | set(r.off.needs if r.off else ())
+            for var in sorted(names):
                 if device:
                     index.setdefault((device, var), []).append(r)
                 else:
@@ -218,63 +466,313 @@ class RuleEngine:
         self._index: dict[tuple[str, str], tuple[_Rule, ...]] = {
             key: tuple(sorted(rs, key=lambda r: r.order)) for key, rs in index.items()
         }
-        # device -> name -> latest good value (only names some rule reads)
-        self._values: dict[str, dict[str, Value]] = {}
+        self._values: dict[str, _Device] = {}
+        # pending firings: (deadline, rule order, device); stale entries are skipped when popped
+        self._timers: list[tuple[float, int, str]] = []
+        self._dirty: dict[tuple[int, str], None] = {}
+        if store is not None:
+            self._restore(store)
 
     @property
     def rule_names(self) -> tuple[str, ...]:
         return tuple(r.name for r in self._rules)
 
+    # --- time ------------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """The wall-clock time of the earliest pending firing (a ``for`` period or a cooldown
+        ending), or None. The runtime calls ``tick`` then (``on_measurement`` also fires what is
+        due)."""
+        timers = self._timers
+        rules = self._rules
+        while timers:
+            deadline, order, device = timers[0]
+            st = rules[order].states.get(device)
+            if st is not None and st.due == deadline:
+                return deadline
+            heapq.heappop(timers)
+        return None
+
+    def tick(self, now: float | None = None) -> list[Command]:
+        """Fire every pending firing due at ``now`` (default: the clock)."""
+        if now is None:
+            now = self._clock()
+        out: list[Command] = []
+        self._fire_due(now, out)
+        if self._dirty:
+            self._flush()
+        return out
+
+    def _fire_due(self, now: float, out: list[Command]) -> None:
+        timers = self._timers
+        rules = self._rules
+        while timers and timers[0][0] <= now:
+            deadline, order, device = heapq.heappop(timers)
+            r = rules[order]
+            st = r.states.get(device)
+            if st is None or st.due != deadline:
+                continue  # cancelled or rescheduled
+            st.due = None
+            self._dirty[(order, device)] = None
+            if r.max_age and self._too_old(r.when, device, now, r.max_age):
+                st.since = None  # the inputs went quiet: unknown
+                continue
+            self._fire(r, device, st, now, cause=st.cause, out=out)
+
+    def _too_old(self, cond: _Cond, device: str, now: float, max_age: float) -> bool:
+        dev = self._values.get(device)
+        if dev is None:
+            return False  # restored state, nothing measured since start: cannot tell
+        ts = dev.ts
+        return any(n in ts and now - ts[n] > max_age for n in cond.needs)
+
+    def _schedule(self, r: _Rule, device: str, st: _State, at: float) -> None:
+        if st.due != at:
+            st.due = at
+            heapq.heappush(self._timers, (at, r.order, device))
+            self._dirty[(r.order, device)] = None
+
+    # --- measurements ----------------------------------------------------------------------------
+
     def on_measurement(self, m: Measurement) -> list[Command]:
-        """Record ``m`` and evaluate the rules it triggers; return the commands they emit."""
+        """Record ``m`` and evaluate the rules it triggers (and fire what is due); return the
+        commands they emit."""
         index = self._index
         rules = index.get((m.device, m.name)) or index.get(("*", m.name))
         if rules is None:
+            if self._timers and self._timers[0][0] <= self._clock():
+                return self.tick()
             return []
-        values = self._values.get(m.device)
+        dev = self._values.get(m.device)
+        if dev is None:
+            dev = self._values[m.device] = _Device()
+        name = m.name
         if m.quality == "good":
-            if values is None:
-                values = self._values[m.device] = {}
-            values[m.name] = m.value
-        elif values is not None:
-            values.pop(m.name, None)
+            last = dev.last
+            if name in last:
+                dev.prev[name] = last[name]
+            last[name] = dev.values[name] = m.value
+        else:
+            dev.values.pop(name, None)
+        dev.ts[name] = m.ts
+        if self._keep_any:
+            dev.any[name] = m.value
 
-        if values is None:  # a bad first measurement of this device: nothing is known yet
-            for r in rules:
-                r.stats.skipped += 1
-            return []
+        now = self._clock()
         commands: list[Command] = []
+        if self._timers and self._timers[0][0] <= now:
+            self._fire_due(now, commands)
         for r in rules:
-            stats = r.stats
-            try:
-                data = {v: values[v] for v in r.data_vars}
-            except KeyError:  # an input without a current good value: the condition is unknown
-                stats.skipped += 1
-                continue
-            if r.uses_device:
-                data["device"] = m.device
-            if r.uses_name:
-                data["name"] = m.name
-            stats.evaluations += 1
-            try:
-                result = r.condition.evaluate(data)
-            except RuleError as exc:
-                stats.errors += 1
-                stats.last_error = str(exc)
-                if not r.failing:
-                    r.failing = True
-                    log.warning("%s (device %r, after %s=%r)", exc, m.device, m.name, m.value)
-                continue
-            r.failing = False
-            if r.edge:
-                was = r.state.get(m.device, False)
-                r.state[m.device] = result
-                if was:
-                    continue
-            if not result:
-                continue
-            ts = self._clock()
-            stats.firings += 1
-            stats.last_fired_ts = ts
-            commands.extend(Command(rule=r.name, action=a, ts=ts, cause=m) for a in r.actions)
+            self._step(r, m, dev, now, commands)
+        if self._dirty:
+            self._flush()
         return commands
+
+    def _data(self, r: _Rule, c: _Cond, m: Measurement, dev: _Device, now: float) -> Any:
+        """The condition's data, or _SKIP / _UNKNOWN."""
+        if m.quality != "good" and not r.allow_stale:
+            return _UNKNOWN  # only rules that read m.name are triggered by it
+        values = dev.any if r.allow_stale else dev.values
+        try:
+            data: dict[str, Any] = {v: values[v] for v in c.data_vars}
+        except KeyError:
+            return _SKIP  # never seen since start, or gone bad earlier (handled then)
+        if r.max_age:
+            ts = dev.ts
+            for n in c.needs:
+                if now - ts.get(n, now) > r.max_age:
+                    return _UNKNOWN
+        if c.maps:
+            for map_name, keys in c.maps:
+                wanted = keys if keys is not None else values.keys()
+                if map_name == "age":
+                    ts = dev.ts
+                    data[map_name] = {k: now - ts[k] for k in wanted if k in ts}
+                    if keys is not None and any(k not in values for k in keys):
+                        return _SKIP
+                    continue
+                prev = dev.prev
+                if keys is not None and any(k not in prev or k not in values for k in keys):
+                    return _SKIP  # no previous value yet
+                if map_name == "previous":
+                    data[map_name] = {k: prev[k] for k in wanted if k in prev}
+                else:
+                    data[map_name] = {
+                        k: float(values[k]) - float(prev[k])
+                        for k in wanted
+                        if k in prev
+                        and type(values[k]) in (int, float)
+                        and type(prev[k]) in (int, float)
+                    }
+        if c.uses_device:
+            data["device"] = m.device
+        if c.uses_name:
+            data["name"] = m.name
+        return data
+
+    def _evaluate(self, r: _Rule, c: _Cond, m: Measurement, dev: _Device, now: float) -> Any:
+        """True, False, _SKIP or _UNKNOWN."""
+        stats = r.stats
+        data = self._data(r, c, m, dev, now)
+        if data is _SKIP or data is _UNKNOWN:
+            stats.skipped += 1
+            return data
+        stats.evaluations += 1
+        try:
+            result = c.condition.evaluate(data)
+        except RuleError as exc:
+            stats.errors += 1
+            stats.last_error = str(exc)
+            if not r.failing:
+                r.failing = True
+                log.warning("%s (device %r, after %s=%r)", exc, m.device, m.name, m.value)
+            return _UNKNOWN
+        r.failing = False
+        return result
+
+    def _step(self, r: _Rule, m: Measurement, dev: _Device, now: float, out: list[Command]) -> None:
+        device = m.device
+        st = r.states.get(device)
+        if st is None:
+            st = r.states[device] = _State()
+        key = (r.order, device)
+        if r.off is not None and st.on:
+            off = self._evaluate(r, r.off, m, dev, now)
+            if off is True:  # hysteresis: re-arm
+                st.on = False
+                st.since = st.due = None
+                self._dirty[key] = None
+                self._emit(r, r.off_actions, device, now=now, cause=m, state="off", out=out)
+                return
+        if m.name not in r.when.needs:
+            return
+        result = self._evaluate(r, r.when, m, dev, now)
+        if result is _SKIP:
+            return
+        if result is True:
+            if st.since is None:
+                st.since = now
+                st.cause = m
+                self._dirty[key] = None
+            if r.edge and st.on:
+                return
+            ready = st.since + r.for_
+            if st.last_fire is not None and r.cooldown:
+                cool = st.last_fire + r.cooldown
+                if cool > now and ready <= now:
+                    r.stats.suppressed += 1
+                ready = max(ready, cool)
+            if ready <= now:
+                if st.due is not None:
+                    st.due = None
+                self._fire(r, device, st, now, cause=m, out=out)
+            elif r.edge or st.since + r.for_ > now:
+                self._schedule(r, device, st, ready)
+            return
+        # false or unknown: a pending period ends
+        if st.since is not None or st.due is not None:
+            st.since = st.due = None
+            st.cause = None
+            self._dirty[key] = None
+        if result is False and st.on and r.off is None:
+            st.on = False
+            self._dirty[key] = None
+            self._emit(r, r.off_actions, device, now=now, cause=m, state="off", out=out)
+
+    def _fire(
+        self,
+        r: _Rule,
+        device: str,
+        st: _State,
+        now: float,
+        *,
+        cause: Measurement | None,
+        out: list[Command],
+    ) -> None:
+        st.on = True
+        st.last_fire = now
+        self._dirty[(r.order, device)] = None
+        stats = r.stats
+        stats.firings += 1
+        stats.last_fired_ts = now
+        if log.isEnabledFor(r.level):
+            why = f" after {cause.name}={cause.value!r}" if cause is not None else ""
+            log.log(
+                r.level,
+                "rule %r fired for device %r%s: %s",
+                r.name,
+                device,
+                why,
+                ", ".join(r.actions),
+            )
+        self._emit(r, r.actions, device, now=now, cause=cause, state="on", out=out)
+
+    @staticmethod
+    def _emit(
+        r: _Rule,
+        actions: tuple[str, ...],
+        device: str,
+        *,
+        now: float,
+        cause: Measurement | None,
+        state: str,
+        out: list[Command],
+    ) -> None:
+        if state == "off" and actions and log.isEnabledFor(logging.INFO):
+            log.info("rule %r re-armed for device %r: %s", r.name, device, ", ".join(actions))
+        for a in actions:
+            out.append(
+                Command(
+                    rule=r.name,
+                    action=a,
+                    ts=now,
+                    cause=cause,
+                    params={"device": device, "rule_state": state},
+                )
+            )
+
+    # --- durable state ---------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        dirty = self._dirty
+        self._dirty = {}
+        store = self._store
+        if store is None:
+            return
+        rules = self._rules
+        records = []
+        for order, device in dirty:
+            r = rules[order]
+            st = r.states.get(device)
+            if st is None:
+                continue
+            records.append(
+                StateRecord(
+                    rule=r.name,
+                    digest=r.digest,
+                    device=device,
+                    since=st.since,
+                    on=st.on,
+                    last_fire=st.last_fire,
+                    due=st.due,
+                )
+            )
+        store.save(records)
+
+    def _restore(self, store: RuleStore) -> None:
+        store.retain({r.name: r.digest for r in self._rules})
+        now = self._clock()
+        restored = 0
+        for rec in store.load():
+            r = self._by_name.get(rec.rule)
+            if r is None or rec.digest != r.digest:
+                continue
+            st = r.states[rec.device] = _State()
+            st.since, st.on, st.last_fire = rec.since, rec.on, rec.last_fire
+            restored += 1
+            if rec.due is not None and rec.due > now:
+                st.due = rec.due
+                heapq.heappush(self._timers, (rec.due, r.order, rec.device))
+            # a deadline that passed while down: the first true evaluation fires (since is kept)
+        if restored:
+            log.info("restored the state of %d rule/device pairs from %s", restored, store.path)

@@ -223,7 +223,7 @@ def test_variables_are_the_referenced_declared_names(expr: str, expected: set[st
 
 
 def test_variables_fallback_when_the_ast_cannot_be_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(serialized: bytes, declared: object) -> frozenset[str]:
+    def broken(serialized: bytes, declared: object, *more: object) -> frozenset[str]:
         raise ValueError("unreadable")
 
     monkeypatch.setattr(celmod, "_referenced_variables", broken)

@@ -1458,3 +1458,209 @@ def test_mqtt_client_ids_are_unique_and_tls_files_exist(tmp_path: Path) -> None:
     assert ("sources.a.tls.cert_file", 5) in errors
     assert not any(p.path == "sources.a.tls.ca_file" for p in problems)
     assert config is None
+
+
+# --- rules with time and state, actuators (issue #4) -------------------------------------------
+
+RULES4 = (
+    BASE
+    + """
+[actions.burner_on]
+type = "modbus_write"
+source = "boiler"
+address = 0
+value = true
+"""
+)
+
+
+def test_rule_time_keys_load(site: Path) -> None:
+    text = RULES4.replace(
+        "[rules.overheat]",
+        '[rules.overheat]\nfor = "1m30s"\ncooldown = "5m"\nmax_age = 30\n'
+        'off_when = "temperature < 70.0"\noff_actions = ["burner_on"]\nseverity = "warning"\n'
+        "allow_stale = true",
+    )
+    cfg = load_config_text(text, str(site / "flux.toml"))
+    rule = cfg.rules["overheat"]
+    assert (rule.for_, rule.cooldown, rule.max_age) == (90.0, 300.0, 30.0)
+    assert rule.off_when == "temperature < 70.0" and rule.off_actions == ("burner_on",)
+    assert (rule.severity, rule.allow_stale) == ("warning", True)
+
+
+def test_for_is_the_toml_key_not_the_field_name(site: Path) -> None:
+    text = RULES4.replace("[rules.overheat]", '[rules.overheat]\nfor_ = "30s"')
+    p = only(errors(site, text))
+    assert p.path == "rules.overheat.for_"
+    assert 'unknown key "for_"; did you mean "for"?' in p.message
+
+
+@pytest.mark.parametrize(
+    ("line", "path", "message"),
+    [
+        ('for = "30 s"', "rules.overheat.for", "is not a duration"),
+        ('cooldown = "-1s"', "rules.overheat.cooldown", "cannot be negative"),
+        ('max_age = "5"', "rules.overheat.max_age", "has no unit"),
+        ('severity = "critical"', "rules.overheat.severity", "expected one of debug"),
+        ('off_actions = ["nope"]', "rules.overheat.off_actions[0]", 'no action named "nope"'),
+    ],
+)
+def test_rule_time_keys_are_validated(site: Path, line: str, path: str, message: str) -> None:
+    text = RULES4.replace("[rules.overheat]", f"[rules.overheat]\n{line}")
+    p = by_path(errors(site, text), path)
+    assert message in p.message
+    assert p.line == 20 and p.column > 1
+
+
+def test_off_when_type_error_points_into_the_expression(site: Path) -> None:
+    text = RULES4.replace(
+        "[rules.overheat]", '[rules.overheat]\noff_when = "temperature < \\"70\\""'
+    )
+    p = only(errors(site, text))
+    assert p.path == "rules.overheat.off_when"
+    assert "off_when" in p.message and "no matching overload" in p.message
+    assert (p.line, p.column) == (20, 25)  # the '<' inside the string
+
+
+def test_off_when_unknown_name(site: Path) -> None:
+    text = RULES4.replace("[rules.overheat]", '[rules.overheat]\noff_when = "temprature < 70.0"')
+    p = only(errors(site, text))
+    assert p.path == "rules.overheat.off_when"
+    assert "undeclared reference to 'temprature'" in p.message
+
+
+def test_delta_and_age_type_check_in_when(site: Path) -> None:
+    text = RULES4.replace(
+        'when = "temperature > 80"', 'when = "delta.temperature > 5 && age.temperature < 60.0"'
+    )
+    assert errors(site, text) == []
+    bad = RULES4.replace('when = "temperature > 80"', 'when = "delta.temperature > \\"5\\""')
+    assert by_path(errors(site, bad), "rules.overheat.when")
+
+
+def test_rule_tests_are_checked(site: Path) -> None:
+    text = RULES4 + (
+        "[[rules.overheat.tests]]\n"
+        'name = "hot"\n'
+        'given = [{ t = "0s", device = "boiler", name = "temperature", value = 90.0 },'
+        ' { t = 1, device = "boilr", name = "temperature", value = 90.0 }]\n'
+        'expect = ["burner_off", "burner_of"]\n'
+    )
+    problems = errors(site, text)
+    p = by_path(problems, "rules.overheat.tests[0].given[1].device")
+    assert 'no source reads a device named "boilr"; did you mean "boiler"?' in p.message
+    p = by_path(problems, "rules.overheat.tests[0].expect[1]")
+    assert 'did you mean "burner_off"?' in p.message
+    assert len(problems) == 2
+
+
+def test_rule_test_for_any_device_needs_a_device(site: Path) -> None:
+    text = RULES4 + (
+        '[[rules.overheat.tests]]\ngiven = [{ name = "temperature", value = 90.0 }]\n'
+        'expect = ["burner_off"]\n'
+    )
+    p = only(errors(site, text))
+    assert p.path == "rules.overheat.tests[0].given[0].device"
+
+
+ACTUATOR = """
+[actuators.burner]
+on = "burner_on"
+off = "burner_off"
+min_on = "2m"
+min_off = "30s"
+max_switches = 6
+window = "1h"
+interlock = "temperature > 95.0"
+interlock_device = "boiler"
+inputs = ["boiler.temperature"]
+stale_after = "1m"
+"""
+
+
+def test_actuator_loads(site: Path) -> None:
+    cfg = load_config_text(RULES4 + ACTUATOR, str(site / "flux.toml"))
+    act = cfg.actuators["burner"]
+    assert (act.min_on, act.min_off, act.window, act.stale_after) == (120.0, 30.0, 3600.0, 60.0)
+    assert act.inputs == ("boiler.temperature",)
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "path", "message"),
+    [
+        (
+            'on = "burner_on"',
+            'on = "burner_onn"',
+            "actuators.burner.on",
+            'no action named "burner_onn"',
+        ),
+        ('min_on = "2m"', 'min_on = "2 minutes"', "actuators.burner.min_on", "is not a duration"),
+        ('window = "1h"', "window = 0", "actuators.burner.window", "greater than 0"),
+        (
+            '"boiler.temperature"',
+            '"boilr.temperature"',
+            "actuators.burner.inputs[0]",
+            'no source reads a device named "boilr"',
+        ),
+        (
+            '"boiler.temperature"',
+            '"temperature"',
+            "actuators.burner.inputs[0]",
+            '"device.measurement"',
+        ),
+        (
+            'interlock_device = "boiler"',
+            'interlock_device = "b"',
+            "actuators.burner.interlock_device",
+            'no source reads a device named "b"',
+        ),
+        (
+            'interlock = "temperature > 95.0"',
+            'interlock = "temperature > \\"95\\""',
+            "actuators.burner.interlock",
+            "no matching overload",
+        ),
+        (
+            'off = "burner_off"',
+            'off = "burner_on"',
+            "actuators.burner.off",
+            "two different actions",
+        ),
+    ],
+)
+def test_actuator_problems(site: Path, old: str, new: str, path: str, message: str) -> None:
+    text = RULES4 + ACTUATOR.replace(old, new)
+    p = by_path(errors(site, text), path)
+    assert message in p.message
+    assert p.line > 0 and p.column > 0
+
+
+def test_interlock_error_names_the_actuator_and_column(site: Path) -> None:
+    text = RULES4 + ACTUATOR.replace("temperature > 95.0", "temperatur > 95.0")
+    p = only(errors(site, text))
+    assert p.path == "actuators.burner.interlock"
+    assert p.message.startswith("actuator 'burner': interlock:")
+    assert p.column == len('interlock = "') + 1
+
+
+def test_an_action_belongs_to_one_actuator(site: Path) -> None:
+    text = RULES4 + ACTUATOR + '[actuators.other]\non = "burner_on"\noff = "x"\n'
+    problems = errors(site, text)
+    assert 'already belongs to actuator "burner"' in by_path(problems, "actuators.other.on").message
+    assert 'no action named "x"' in by_path(problems, "actuators.other.off").message
+
+
+def test_actuator_input_of_an_unknown_register_is_a_warning(site: Path) -> None:
+    text = RULES4 + ACTUATOR.replace('"boiler.temperature"', '"boiler.pressure"')
+    problems = check(site, text)
+    p = by_path(problems, "actuators.burner.inputs[0]")
+    assert p.severity == "warning" and 'no register named "pressure"' in p.message
+    assert errors(site, text) == []
+
+
+def test_audit_keys(site: Path) -> None:
+    text = '[daemon]\naudit_max_size = "1MiB"\naudit_keep = 3\n' + RULES4
+    cfg = load_config_text(text, str(site / "flux.toml"))
+    assert (cfg.daemon.audit_max_size, cfg.daemon.audit_keep) == (2**20, 3)
+    bad = '[daemon]\naudit_max_size = "1 parsec"\n' + RULES4
+    assert by_path(errors(site, bad), "daemon.audit_max_size")

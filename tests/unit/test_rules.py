@@ -226,7 +226,7 @@ def test_edge_fires_once_on_rising_edge() -> None:
     ) == [[], [], [], [("hot", "fan_on"), ("hot", "alarm_on")], []]
     stats = engine.stats["hot"]
     assert (stats.evaluations, stats.firings, stats.errors) == (6, 2, 0)
-    assert stats.last_fired_ts == 1002.0  # the clock is read once per firing
+    assert stats.last_fired_ts == 1005.0  # the clock is read once per measurement evaluated
 
 
 def test_level_fires_each_time_true() -> None:
@@ -414,7 +414,9 @@ def test_evaluation_errors_are_counted_and_logged_not_raised(
     stats = engine.stats["div"]
     assert (stats.evaluations, stats.errors, stats.firings) == (5, 3, 2)
     assert "'temperature' is str 'again', expected double" in stats.last_error
-    warnings = [r for r in caplog.records if r.name == "flux_edge.rules"]
+    warnings = [
+        r for r in caplog.records if r.name == "flux_edge.rules" and r.levelno >= logging.WARNING
+    ]
     # one warning when the rule starts failing, quiet while it keeps failing, again after recovery
     assert len(warnings) == 2
     assert all(r.levelno == logging.WARNING and "rule 'div'" in r.getMessage() for r in warnings)
@@ -425,3 +427,305 @@ def test_evaluation_error_holds_edge_state() -> None:
     engine = RuleEngine(cfg)
     assert fired(engine, meas("temperature", 90.0)) == [[("r", "act")]]
     assert fired(engine, meas("temperature", "x"), meas("temperature", 91.0)) == [[], []]
+
+
+# --- engine v2: time and state (an injected clock, no sleeps) ----------------------------------
+
+
+class Now:
+    """A clock that only moves when the test says so."""
+
+    def __init__(self, t: float = 0.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def at(
+    clock: Now,
+    t: float,
+    name: str,
+    value: Value,
+    quality: Quality = "good",
+    *,
+    device: str = "boiler",
+) -> Measurement:
+    clock.t = t
+    return Measurement(device=device, name=name, value=value, ts=t, quality=quality)
+
+
+def acts(commands: list[Any]) -> list[str]:
+    return [c.action for c in commands]
+
+
+def timed(**kw: Any) -> tuple[RuleEngine, Now]:
+    clock = Now()
+    rules = kw.pop("rules", None) or {"hot": rule("temperature > 80.0", "fan_on", **kw)}
+    return RuleEngine(config(rules), clock=clock), clock
+
+
+def test_for_fires_exactly_at_start_plus_for_via_tick() -> None:
+    engine, clock = timed(for_=30.0, device="boiler")
+    assert engine.next_deadline() is None
+    assert acts(engine.on_measurement(at(clock, 0.0, "temperature", 90.0))) == []
+    assert engine.next_deadline() == 30.0
+    assert acts(engine.on_measurement(at(clock, 10.0, "temperature", 95.0))) == []
+    assert engine.tick(29.999) == []
+    commands = engine.tick(30.0)
+    assert acts(commands) == ["fan_on"]
+    assert commands[0].ts == 30.0
+    assert commands[0].params == {"device": "boiler", "rule_state": "on"}
+    assert commands[0].cause is not None and commands[0].cause.ts == 0.0  # what started it
+    assert engine.next_deadline() is None
+    assert engine.tick(100.0) == []  # fired once
+    assert acts(engine.on_measurement(at(clock, 101.0, "temperature", 99.0))) == []  # edge: on
+
+
+def test_for_fires_on_a_measurement_after_the_deadline_without_tick() -> None:
+    engine, clock = timed(for_=30.0, device="boiler")
+    engine.on_measurement(at(clock, 0.0, "temperature", 90.0))
+    # a measurement no rule reads still fires what is due
+    assert acts(engine.on_measurement(at(clock, 31.0, "pressure", 1.0))) == ["fan_on"]
+
+
+@pytest.mark.parametrize(
+    ("value", "quality"), [(70.0, "good"), (95.0, "stale"), (95.0, "bad"), ("x", "good")]
+)
+def test_for_is_cancelled_by_a_false_unknown_or_failing_reading(
+    value: Value, quality: Quality
+) -> None:
+    engine, clock = timed(for_=30.0, device="boiler")
+    engine.on_measurement(at(clock, 0.0, "temperature", 90.0))
+    assert engine.on_measurement(at(clock, 20.0, "temperature", value, quality)) == []
+    assert engine.next_deadline() is None
+    assert engine.tick(30.0) == []
+    # a new period starts at the next true reading
+    engine.on_measurement(at(clock, 40.0, "temperature", 90.0))
+    assert engine.next_deadline() == 70.0
+    assert acts(engine.tick(70.0)) == ["fan_on"]
+
+
+def test_for_checks_max_age_at_the_deadline() -> None:
+    engine, clock = timed(for_=30.0, max_age=20.0, device="boiler")
+    engine.on_measurement(at(clock, 0.0, "temperature", 90.0))
+    assert engine.tick(30.0) == []  # the reading that started it is 30 s old: unknown
+    engine.on_measurement(at(clock, 40.0, "temperature", 90.0))
+    engine.on_measurement(at(clock, 55.0, "temperature", 91.0))
+    assert acts(engine.tick(70.0)) == ["fan_on"]  # the latest reading is 15 s old
+
+
+def test_level_rule_with_for_fires_on_each_true_reading_once_held() -> None:
+    engine, clock = timed(for_=10.0, mode="level", device="boiler")
+    assert acts(engine.on_measurement(at(clock, 0.0, "temperature", 90.0))) == []
+    assert acts(engine.on_measurement(at(clock, 5.0, "temperature", 90.0))) == []
+    assert acts(engine.tick(10.0)) == ["fan_on"]
+    assert acts(engine.on_measurement(at(clock, 11.0, "temperature", 90.0))) == ["fan_on"]
+
+
+def test_hysteresis_latches_until_off_when() -> None:
+    engine, clock = timed(off_when="temperature < 70.0", off_actions=("fan_off",), device="boiler")
+    seq = [(0, 85.0), (1, 75.0), (2, 90.0), (3, 69.0), (4, 75.0), (5, 81.0)]
+    out = [acts(engine.on_measurement(at(clock, t, "temperature", v))) for t, v in seq]
+    assert out == [["fan_on"], [], [], ["fan_off"], [], ["fan_on"]]
+
+
+def test_off_when_reading_another_input_triggers_the_rule() -> None:
+    engine, clock = timed(
+        rules={
+            "r": rule(
+                "temperature > 80.0", "on", off_when="pump", off_actions=("off",), device="boiler"
+            )
+        }
+    )
+    assert acts(engine.on_measurement(at(clock, 0, "temperature", 85.0))) == ["on"]
+    assert acts(engine.on_measurement(at(clock, 1, "pump", False))) == []
+    commands = engine.on_measurement(at(clock, 2, "pump", True))
+    assert acts(commands) == ["off"]
+    assert commands[0].params == {"device": "boiler", "rule_state": "off"}
+
+
+def test_edge_without_off_when_runs_off_actions_when_false() -> None:
+    engine, clock = timed(off_actions=("fan_off",), device="boiler")
+    seq: list[tuple[float, float, Quality]] = [
+        (0, 85.0, "good"),
+        (1, 86.0, "good"),
+        (2, 95.0, "bad"),  # unknown: neither an edge nor a fall
+        (3, 90.0, "good"),
+        (4, 50.0, "good"),
+        (5, 40.0, "good"),
+    ]
+    out = [acts(engine.on_measurement(at(clock, t, "temperature", v, q))) for t, v, q in seq]
+    assert out == [["fan_on"], [], [], [], ["fan_off"], []]
+
+
+def test_level_vs_edge() -> None:
+    engine, clock = timed(
+        rules={
+            "e": rule("temperature > 80.0", "e", device="boiler"),
+            "l": rule("temperature > 80.0", "l", mode="level", device="boiler"),
+        }
+    )
+    out = [
+        acts(engine.on_measurement(at(clock, t, "temperature", v)))
+        for t, v in [(0, 90.0), (1, 91.0), (2, 10.0), (3, 92.0)]
+    ]
+    assert out == [["e", "l"], ["l"], [], ["e", "l"]]
+
+
+def test_cooldown_edge_defers_to_the_cooldown_end() -> None:
+    engine, clock = timed(cooldown=60.0, device="boiler")
+    assert acts(engine.on_measurement(at(clock, 0, "temperature", 90.0))) == ["fan_on"]
+    assert acts(engine.on_measurement(at(clock, 5, "temperature", 50.0))) == []
+    assert acts(engine.on_measurement(at(clock, 10, "temperature", 90.0))) == []
+    assert engine.stats["hot"].suppressed == 1
+    assert engine.next_deadline() == 60.0
+    assert acts(engine.tick(60.0)) == ["fan_on"]
+    # within the next cooldown, going false cancels the deferred firing
+    engine.on_measurement(at(clock, 70, "temperature", 50.0))
+    engine.on_measurement(at(clock, 80, "temperature", 90.0))
+    assert engine.next_deadline() == 120.0
+    engine.on_measurement(at(clock, 90, "temperature", 50.0))
+    assert engine.next_deadline() is None
+    assert engine.tick(200.0) == []
+
+
+def test_cooldown_level_skips() -> None:
+    engine, clock = timed(cooldown=60.0, mode="level", device="boiler")
+    out = [acts(engine.on_measurement(at(clock, t, "temperature", 90.0))) for t in (0, 30, 59, 60)]
+    assert out == [["fan_on"], [], [], ["fan_on"]]
+    assert engine.next_deadline() is None
+
+
+def test_cooldown_is_per_device() -> None:
+    engine, clock = timed(rules={"any": rule("temperature > 80.0", "a", cooldown=60.0)})
+    assert acts(engine.on_measurement(at(clock, 0, "temperature", 90.0))) == ["a"]
+    assert acts(engine.on_measurement(at(clock, 1, "temperature", 90.0, device="tank1"))) == ["a"]
+
+
+def test_max_age_gates_old_inputs() -> None:
+    engine, clock = timed(
+        rules={"r": rule("temperature > 80.0 && !pump", "a", max_age=60.0, device="boiler")}
+    )
+    engine.on_measurement(at(clock, 0, "pump", False))
+    # the pump value is 100 s old when the temperature comes: unknown, not fired
+    assert engine.on_measurement(at(clock, 100, "temperature", 90.0)) == []
+    assert acts(engine.on_measurement(at(clock, 101, "pump", False))) == ["a"]
+
+
+def test_max_age_by_measurement_timestamp() -> None:
+    engine, clock = timed(max_age=10.0, device="boiler", mode="level")
+    clock.t = 100.0
+    old = Measurement(device="boiler", name="temperature", value=90.0, ts=50.0)
+    assert engine.on_measurement(old) == []
+    fresh = Measurement(device="boiler", name="temperature", value=90.0, ts=95.0)
+    assert acts(engine.on_measurement(fresh)) == ["fan_on"]
+
+
+@pytest.mark.parametrize("quality", ["bad", "stale"])
+def test_allow_stale_uses_values_of_any_quality(quality: Quality) -> None:
+    engine, clock = timed(
+        rules={
+            "strict": rule("temperature > 80.0", "s", mode="level", device="boiler"),
+            "lenient": rule(
+                "temperature > 80.0", "l", mode="level", allow_stale=True, device="boiler"
+            ),
+        }
+    )
+    assert acts(engine.on_measurement(at(clock, 0, "temperature", 90.0, quality))) == ["l"]
+
+
+def test_previous_delta_and_age() -> None:
+    engine, clock = timed(
+        rules={
+            "jump": rule("delta.temperature > 5.0", "jump", mode="level", device="boiler"),
+            "rising": rule(
+                "previous.temperature < temperature", "rising", mode="level", device="boiler"
+            ),
+            "fresh": rule(
+                "temperature > 80.0 && age.pressure < 30.0",
+                "fresh",
+                mode="level",
+                device="boiler",
+            ),
+        }
+    )
+    # no previous value yet: jump and rising are not evaluated (and log nothing)
+    assert acts(engine.on_measurement(at(clock, 0, "temperature", 50.0))) == []
+    assert engine.stats["jump"].errors == 0
+    assert acts(engine.on_measurement(at(clock, 1, "temperature", 53.0))) == ["rising"]
+    assert acts(engine.on_measurement(at(clock, 2, "temperature", 60.0))) == ["jump", "rising"]
+    engine.on_measurement(at(clock, 3, "pressure", 1.0))
+    assert acts(engine.on_measurement(at(clock, 10, "temperature", 85.0))) == [
+        "jump",
+        "rising",
+        "fresh",
+    ]
+    # pressure is now 40 s old
+    assert acts(engine.on_measurement(at(clock, 43, "temperature", 85.0))) == []
+    # a pressure reading triggers "fresh" too (it reads age.pressure)
+    assert acts(engine.on_measurement(at(clock, 44, "pressure", 1.0))) == ["fresh"]
+
+
+def test_previous_skips_a_bad_value() -> None:
+    engine, clock = timed(
+        rules={"d": rule("delta.temperature < -5.0", "drop", mode="level", device="boiler")}
+    )
+    engine.on_measurement(at(clock, 0, "temperature", 50.0))
+    engine.on_measurement(at(clock, 1, "temperature", 0.0, "bad"))
+    # previous is the last good value (50.0), not the bad one
+    assert acts(engine.on_measurement(at(clock, 2, "temperature", 40.0))) == ["drop"]
+
+
+def test_map_keys_must_name_measurements() -> None:
+    errors = check_rules(config({"r": rule("delta.temprature > 5.0", device="boiler")}))
+    assert len(errors) == 1
+    assert "no measurement named 'temprature'" in str(errors[0])
+    assert errors[0].column == 1
+
+
+def test_register_named_like_a_map_keeps_its_type() -> None:
+    cfg = config({"r": rule("age > 3.0")}, s=source("s", reg("age", 0)))
+    engine = RuleEngine(cfg)
+    assert acts(engine.on_measurement(meas("age", 5.0, "s"))) == ["act"]
+
+
+def test_severity_sets_the_fired_log_level(caplog: pytest.LogCaptureFixture) -> None:
+    engine, clock = timed(
+        rules={
+            "crit": rule("temperature > 90.0", "a", severity="error", device="boiler"),
+            "high": rule("temperature > 80.0", "b", severity="warning", device="boiler"),
+            "norm": rule("temperature > 0.0", "c", severity="debug", device="boiler"),
+        }
+    )
+    caplog.set_level(logging.DEBUG, logger="flux_edge.rules")
+    engine.on_measurement(at(clock, 0, "temperature", 95.0))
+    fired_lines = {
+        r.getMessage().split("'")[1]: r.levelno for r in caplog.records if "fired" in r.getMessage()
+    }
+    assert fired_lines == {"crit": logging.ERROR, "high": logging.WARNING, "norm": logging.DEBUG}
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "temperature > 1.0 || " * 300 + "pump",
+        "(" * 40 + "pump" + ")" * 40,
+        "[" + ",".join(["1"] * 50) + "].all(x, [1,2,3].all(y, [1,2,3].exists(z, z > x)))",
+        'temperature > "80"',
+    ],
+)
+def test_hostile_off_when_is_rejected_with_its_key(expr: str) -> None:
+    from flux_edge.rules.engine import ConditionError
+
+    cfg = config({"r": rule("temperature > 80.0", off_when=expr, device="boiler")})
+    errors = check_rules(cfg)
+    if expr.startswith("["):  # a comprehension without a measurement
+        assert errors and "references no measurement" in str(errors[0])
+    else:
+        assert errors
+    assert all(
+        isinstance(e, ConditionError) and e.key == ("rules", "r", "off_when") for e in errors
+    )
+    with pytest.raises(RuleError):
+        RuleEngine(cfg)

@@ -1,0 +1,273 @@
+"""The audit log: one JSON line per actuation attempt, append-only, rotated by size.
+
+Record (one line, keys in this order)::
+
+    {"ts": "2026-11-28T07:00:00.123Z", "unix": 1795849200.123, "rule": "overheat",
+     "action": "burner_off", "actuator": "burner", "params": {},
+     "cause": {"device": "boiler", "name": "temperature", "value": 82.5, "quality": "good",
+               "ts": 1795849200.1, "unit": "°C"} | null,
+     "decision": "allowed" | "blocked", "reason": "min_on: ...",
+     "outcome": {"ok": true, "verified": true, "error": "", "latency_ms": 12.3} | null,
+     "suppressed": 0}
+
+``outcome`` is null for a blocked attempt. ``suppressed`` counts identical blocked attempts (same
+rule, action and reason) that were not written since the last written one: a level rule firing on
+every poll against a min_on block would otherwise write a line per poll; the first block is
+written, repeats within ``suppress_window`` seconds are only counted, and the count rides on the
+next written record of that rule and action.
+
+Durability and the SD card: every record is one ``os.write`` of a complete line to a file opened
+``O_APPEND``, so a record is never interleaved with another and a crash of the daemon loses
+nothing that was written (the kernel holds it). A *power cut* loses what the kernel had not yet
+written back. ``fsync`` after every record would close that gap, but on an SD card each fsync
+forces a flash page program (wear; 10-100 ms stalls of the event loop on cheap cards), so fsync
+is batched: at most one per ``fsync_interval`` seconds (default 5 s) when a record arrives, plus
+on rotation and ``close()``; ``sync()`` can be called from a periodic timer to bound the window
+when no further record comes. So a power cut loses at most the records of the last
+``fsync_interval`` seconds (or the kernel's writeback delay, typically 30 s, if no record follows);
+``fsync_interval = 0`` syncs every record. A power cut in the middle of a write can leave a
+partial last line: ``audit tail`` shows it as unreadable, and the next record starts on a new
+line (also after a restart: a file not ending in a newline gets one first).
+
+Rotation: before a record would take the file past ``max_size`` bytes, ``audit.jsonl`` becomes
+``audit.jsonl.1``, ``.1`` becomes ``.2`` ... up to ``keep`` files (the oldest is deleted);
+``keep = 0`` keeps no rotated file.
+
+Disk errors (full, read-only, removed directory) never reach the caller: the record is counted in
+``stats.errors``, a warning is logged when writing starts failing (then nothing until it works
+again, which is logged too), and the next record tries again (re-opening the file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from flux_edge.actions.templates import iso_utc
+from flux_edge.model import Command, Outcome
+
+__all__ = ["AuditLog", "AuditStats", "rotated_path"]
+
+log = logging.getLogger("flux_edge.audit")
+
+_encoder = msgspec.json.Encoder()
+
+
+def rotated_path(path: Path, index: int) -> Path:
+    """``audit.jsonl`` -> ``audit.jsonl.<index>`` (index 0: the live file)."""
+    return path if index == 0 else path.with_name(f"{path.name}.{index}")
+
+
+@dataclass(slots=True)
+class AuditStats:
+    written: int = 0  # records written
+    suppressed: int = 0  # identical blocked attempts counted, not written
+    errors: int = 0  # records lost to disk errors
+    rotations: int = 0
+    fsyncs: int = 0
+    last_error: str = ""
+
+
+class AuditLog:
+    """Append-only JSON Lines audit trail. Use from one thread (the event loop)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_size: int,
+        keep: int,
+        fsync_interval: float = 5.0,
+        suppress_window: float = 60.0,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.path = Path(path)
+        self.max_size = max_size
+        self.keep = max(keep, 0)
+        self.fsync_interval = fsync_interval
+        self.suppress_window = suppress_window
+        self._clock = clock
+        self._mono = monotonic
+        self.stats = AuditStats()
+        self._fd = -1
+        self._size = 0
+        self._dirty = False
+        self._last_sync = -float("inf")
+        self._failing = False
+        self._broken_line = False  # a partial write left the file without a final newline
+        # (rule, action) -> (reason, first block time, repeats not written)
+        self._blocks: dict[tuple[str, str], tuple[str, float, int]] = {}
+        self._closed = False
+
+    # --- writing ---------------------------------------------------------------------------------
+
+    def record(
+        self,
+        cmd: Command,
+        *,
+        allowed: bool,
+        reason: str = "",
+        outcome: Outcome | None = None,
+        actuator: str = "",
+    ) -> None:
+        """Write one attempt: ``allowed`` with its ``outcome`` (after the action ran), or
+        blocked with the ``reason``. Never raises."""
+        try:
+            line = self._line(cmd, allowed, reason, outcome, actuator)
+        except (TypeError, ValueError, msgspec.EncodeError) as exc:  # an unencodable param
+            self._fail(f"record of {cmd.action!r} could not be encoded: {exc}")
+            return
+        if line is not None:
+            self._write(line)
+
+    def _line(
+        self, cmd: Command, allowed: bool, reason: str, outcome: Outcome | None, actuator: str
+    ) -> bytes | None:
+        now = self._clock()
+        key = (cmd.rule, cmd.action)
+        suppressed = 0
+        prev = self._blocks.get(key)
+        if not allowed:
+            if prev is not None and prev[0] == reason and now - prev[1] < self.suppress_window:
+                self._blocks[key] = (prev[0], prev[1], prev[2] + 1)
+                self.stats.suppressed += 1
+                return None
+            self._blocks[key] = (reason, now, 0)
+        else:
+            self._blocks.pop(key, None)
+        if prev is not None:
+            suppressed = prev[2]
+        m = cmd.cause
+        cause = (
+            None
+            if m is None
+            else {
+                "device": m.device,
+                "name": m.name,
+                "value": m.value,
+                "quality": m.quality,
+                "ts": m.ts,
+                "unit": m.unit,
+            }
+        )
+        result: dict[str, Any] | None = None
+        if outcome is not None:
+            result = {
+                "ok": outcome.ok,
+                "verified": outcome.verified,
+                "error": outcome.error,
+                "latency_ms": round(outcome.latency_s * 1000, 3),
+            }
+        rec = {
+            "ts": iso_utc(now),
+            "unix": round(now, 6),
+            "rule": cmd.rule,
+            "action": cmd.action,
+            "actuator": actuator,
+            "params": cmd.params,
+            "cause": cause,
+            "decision": "allowed" if allowed else "blocked",
+            "reason": reason,
+            "outcome": result,
+            "suppressed": suppressed,
+        }
+        return _encoder.encode(rec) + b"\n"
+
+    def _write(self, line: bytes) -> None:
+        if self._closed:
+            self._fail("record after close()")
+            return
+        try:
+            if self._fd < 0:
+                self._open()
+            data = b"\n" + line if self._broken_line else line
+            if self._size > 0 and self._size + len(data) > self.max_size:
+                self._rotate()
+                data = line
+            n = os.write(self._fd, data)
+            self._size += max(n, 0)
+            if n != len(data):
+                self._broken_line = True
+                raise OSError(f"short write: {n} of {len(data)} bytes (disk full?)")
+            self._broken_line = False
+            self._dirty = True
+            if self._mono() - self._last_sync >= self.fsync_interval:
+                self._sync()
+        except OSError as exc:
+            self._fail(f"cannot write {self.path}: {exc.strerror or exc}")
+            self._close_fd()
+            return
+        self.stats.written += 1
+        if self._failing:
+            self._failing = False
+            log.warning("audit log %s: writing works again (%d record(s) lost)",
+                        self.path, self.stats.errors)
+
+    def _fail(self, message: str) -> None:
+        self.stats.errors += 1
+        self.stats.last_error = message
+        if not self._failing:
+            self._failing = True
+            log.warning("audit log: %s; records are counted but lost until this works", message)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._size = os.fstat(self._fd).st_size
+        # a power cut during a write may have left a partial last line
+        self._broken_line = self._size > 0 and os.pread(self._fd, 1, self._size - 1) != b"\n"
+
+    def _sync(self) -> None:
+        if self._fd >= 0 and self._dirty:
+            os.fsync(self._fd)
+            self.stats.fsyncs += 1
+            self._dirty = False
+        self._last_sync = self._mono()
+
+    def _rotate(self) -> None:
+        self._sync()
+        self._close_fd()
+        if self.keep == 0:
+            self.path.unlink(missing_ok=True)
+        else:
+            for i in range(self.keep - 1, 0, -1):
+                older = rotated_path(self.path, i)
+                if older.exists():
+                    os.replace(older, rotated_path(self.path, i + 1))
+            os.replace(self.path, rotated_path(self.path, 1))
+        self.stats.rotations += 1
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._size = 0
+        self._broken_line = False
+
+    def _close_fd(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = -1
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """fsync now if anything was written since the last one. Never raises."""
+        try:
+            self._sync()
+        except OSError as exc:
+            self._fail(f"cannot fsync {self.path}: {exc.strerror or exc}")
+
+    def close(self) -> None:
+        """fsync and close; later records are counted as errors. Idempotent."""
+        if self._closed:
+            return
+        self.sync()
+        self._close_fd()
+        self._closed = True

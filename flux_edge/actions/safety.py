@@ -183,6 +183,10 @@ class SafetyLayer:
         """Whether commands to ``action`` pass through this layer."""
         return action in self._by_action
 
+    def actuators_of(self, action: str) -> tuple[str, ...]:
+        """The actuators ``action`` drives (usually one; none for other actions)."""
+        return tuple(act.name for act, _ in self._by_action.get(action, ()))
+
     def state(self, actuator: str) -> State | None:
         """The actuator's last known state (None: unknown)."""
         return self._actuators[actuator].state

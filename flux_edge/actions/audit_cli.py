@@ -15,6 +15,7 @@ before the rename is printed first, then the new file from its start. Lines that
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -24,8 +25,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from flux_edge.actions.audit import rotated_path
+from flux_edge.config import Config
 
-__all__ = ["audit_tail", "format_record"]
+__all__ = ["add_audit_parser", "audit_path", "audit_tail", "cmd_audit_tail", "format_record"]
 
 _MAX_ROTATED = 1000  # how far back rotated files are looked for
 
@@ -217,3 +219,45 @@ def _rotated(path: Path, fh: Any) -> bool:
         return False  # mid-rotation (renamed, not yet re-created): keep reading the old one
     old = os.fstat(fh.fileno())
     return (now.st_ino, now.st_dev) != (old.st_ino, old.st_dev)
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def audit_path(config: Config) -> Path:
+    """Where the daemon writes its audit log: ``daemon.audit_file`` (relative to the config
+    file's directory), default ``<state_dir>/audit.jsonl`` (state_dir as given, like the
+    daemon uses it)."""
+    if config.daemon.audit_file:
+        return config.base_dir / config.daemon.audit_file
+    return Path(config.daemon.state_dir) / "audit.jsonl"
+
+
+def cmd_audit_tail(args: argparse.Namespace) -> int:
+    """``flux-edge audit tail [-n N] [-f] [--json] (--config PATH | --file PATH)``."""
+    if args.file:
+        path = Path(args.file)
+    else:
+        from flux_edge.config import load_config
+        from flux_edge.errors import ConfigError
+
+        try:
+            path = audit_path(load_config(args.config))
+        except ConfigError as exc:
+            sys.stderr.write(f"{exc}\n")
+            return 78
+    return audit_tail(path, args.lines, args.follow, raw=args.json)
+
+
+def add_audit_parser(sub: Any) -> None:
+    """Add ``audit tail`` to the CLI's subparsers (``sub`` from ``add_subparsers``)."""
+    audit = sub.add_parser("audit", help="read the audit log of actuation attempts")
+    asub = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
+    tail = asub.add_parser("tail", help="show the last records; -f follows new ones")
+    where = tail.add_mutually_exclusive_group(required=True)
+    where.add_argument("--config", "-c", help="the daemon's config (finds its audit file)")
+    where.add_argument("--file", help="an audit file (audit.jsonl)")
+    tail.add_argument("-n", "--lines", type=int, default=20, help="records to show (20)")
+    tail.add_argument("-f", "--follow", action="store_true", help="keep showing new records")
+    tail.add_argument("--json", action="store_true", help="print the raw JSON lines")
+    tail.set_defaults(func=cmd_audit_tail)

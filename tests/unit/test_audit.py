@@ -340,3 +340,30 @@ def test_tail_follow_waits_for_the_file(tmp_path: Path) -> None:
         stop.set()
         follower.join(10)
     assert not follower.is_alive()
+
+
+def test_cli_parser_and_audit_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from flux_edge.actions.audit_cli import add_audit_parser, audit_path
+    from flux_edge.config import load_config_text
+
+    parser = argparse.ArgumentParser(prog="flux-edge")
+    add_audit_parser(parser.add_subparsers(dest="command", required=True))
+    path = tmp_path / "audit.jsonl"
+    audit = AuditLog(path, max_size=1 << 20, keep=1)
+    write_n(audit, 0, 3)
+    audit.close()
+    args = parser.parse_args(["audit", "tail", "--file", str(path), "-n", "2", "--json"])
+    assert args.func(args) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert [json.loads(x)["cause"]["value"] for x in shown] == [1, 2]
+    cfg_file = tmp_path / "flux.toml"
+    cfg_file.write_text('[daemon]\nstate_dir = "/var/lib/x"\n')
+    assert audit_path(load_config_text(cfg_file.read_text(), str(cfg_file))) == Path(
+        "/var/lib/x/audit.jsonl"
+    )
+    text = '[daemon]\naudit_file = "logs/audit.jsonl"\n'
+    assert audit_path(load_config_text(text, str(cfg_file))) == tmp_path / "logs/audit.jsonl"
+    args = parser.parse_args(["audit", "tail", "--config", str(cfg_file)])
+    assert args.func(args) == 1  # /var/lib/x/audit.jsonl does not exist

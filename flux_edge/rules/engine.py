@@ -408,6 +408,7 @@ class _Device:
         self.any: dict[str, Value] = {}  # latest value of any quality (allow_stale rules only)
 
 
+_NUMBERS: Final = (int, float)
 _SKIP: Final = object()  # an input was never seen: leave the rule alone
 _UNKNOWN: Final = object()  # stale/bad/too old/error: unknown
 
@@ -583,27 +584,32 @@ class RuleEngine:
                 if now - ts.get(n, now) > r.max_age:
                     return _UNKNOWN
         if c.maps:
+            ts = dev.ts
+            prev = dev.prev
             for map_name, keys in c.maps:
-                wanted = keys if keys is not None else values.keys()
+                wanted = keys if keys is not None else tuple(values)
+                out: dict[str, Any] = {}
                 if map_name == "age":
-                    ts = dev.ts
-                    data[map_name] = {k: now - ts[k] for k in wanted if k in ts}
-                    if keys is not None and any(k not in values for k in keys):
-                        return _SKIP
-                    continue
-                prev = dev.prev
-                if keys is not None and any(k not in prev or k not in values for k in keys):
-                    return _SKIP  # no previous value yet
-                if map_name == "previous":
-                    data[map_name] = {k: prev[k] for k in wanted if k in prev}
-                else:
-                    data[map_name] = {
-                        k: float(values[k]) - float(prev[k])
-                        for k in wanted
-                        if k in prev
-                        and type(values[k]) in (int, float)
-                        and type(prev[k]) in (int, float)
-                    }
+                    for k in wanted:
+                        if k in values:
+                            out[k] = now - ts[k]
+                        elif keys is not None:
+                            return _SKIP
+                elif map_name == "previous":
+                    for k in wanted:
+                        if k in prev and k in values:
+                            out[k] = prev[k]
+                        elif keys is not None:
+                            return _SKIP  # no previous value yet
+                else:  # delta: numbers only
+                    for k in wanted:
+                        if k in prev and k in values:
+                            a, b = values[k], prev[k]
+                            if type(a) in _NUMBERS and type(b) in _NUMBERS:
+                                out[k] = float(a) - float(b)
+                        elif keys is not None:
+                            return _SKIP
+                data[map_name] = out
         if c.uses_device:
             data["device"] = m.device
         if c.uses_name:

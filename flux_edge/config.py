@@ -2561,6 +2561,25 @@ def _check_conditions(v: _Validator, data: dict[str, Any]) -> None:
             line, col = v.pos.in_string(path, column - 1) or (line, col)
         v.problems.append(Problem(v.file, _fmt_path(path), str(err), line, col))
         v.dirty.add(path)
+    _check_rule_tests_run(v, config)
+
+
+def _check_rule_tests_run(v: _Validator, config: Config) -> None:
+    """Run the rules' own test cases (in simulated time; no device is touched)."""
+    tested = {
+        name: rule for name, rule in config.rules.items() if rule.tests and v.clean(("rules", name))
+    }
+    if not tested:
+        return
+    try:
+        replay = importlib.import_module("flux_edge.rules.replay")
+    except ImportError as exc:
+        v.report((), f"rule test cases were not run: {exc}", warning=True)
+        return
+    run: Callable[[Config], list[Any]] = replay.check_rule_tests
+    for result in run(msgspec.structs.replace(config, rules=tested)):
+        if not result.ok:
+            v.report(("rules", result.rule, "tests", result.index), str(result), at="key")
 
 
 # --- entry points -------------------------------------------------------------------------------

@@ -417,7 +417,8 @@ class RuleEngine:
     """Evaluates the rules of a ``Config`` against a stream of measurements.
 
     ``clock`` returns wall-clock seconds (deadlines are wall-clock, so they survive restarts).
-    ``store`` (optional) makes rule state durable. Not thread-safe: call ``on_measurement`` and
+    ``store`` (optional) makes rule state durable. ``log_firings=False`` silences the "rule X
+    fired" lines (rule test cases run by check-config). Not thread-safe: call ``on_measurement`` and
     ``tick`` from one task.
     """
 
@@ -427,8 +428,10 @@ class RuleEngine:
         *,
         clock: Callable[[], float] = time.time,
         store: RuleStore | None = None,
+        log_firings: bool = True,
     ) -> None:
         self._clock = clock
+        self._log_firings = log_firings
         self._store = store
         registers = _registers_by_device(config)
         rules: list[_Rule] = []
@@ -701,7 +704,7 @@ class RuleEngine:
         stats = r.stats
         stats.firings += 1
         stats.last_fired_ts = now
-        if log.isEnabledFor(r.level):
+        if self._log_firings and log.isEnabledFor(r.level):
             why = f" after {cause.name}={cause.value!r}" if cause is not None else ""
             log.log(
                 r.level,
@@ -713,8 +716,8 @@ class RuleEngine:
             )
         self._emit(r, r.actions, device, now=now, cause=cause, state="on", out=out)
 
-    @staticmethod
     def _emit(
+        self,
         r: _Rule,
         actions: tuple[str, ...],
         device: str,
@@ -724,7 +727,7 @@ class RuleEngine:
         state: str,
         out: list[Command],
     ) -> None:
-        if state == "off" and actions and log.isEnabledFor(logging.INFO):
+        if state == "off" and actions and self._log_firings and log.isEnabledFor(logging.INFO):
             log.info("rule %r re-armed for device %r: %s", r.name, device, ", ".join(actions))
         for a in actions:
             out.append(

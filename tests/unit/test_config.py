@@ -1664,3 +1664,50 @@ def test_audit_keys(site: Path) -> None:
     assert (cfg.daemon.audit_max_size, cfg.daemon.audit_keep) == (2**20, 3)
     bad = '[daemon]\naudit_max_size = "1 parsec"\n' + RULES4
     assert by_path(errors(site, bad), "daemon.audit_max_size")
+
+
+RULE_WITH_TESTS = RULES4.replace(
+    """[rules.overheat]
+when = "temperature > 80"
+actions = ["burner_off"]""",
+    """[rules.overheat]
+when = "temperature > 85.0"
+device = "boiler"
+for = "30s"
+off_when = "temperature < 70.0"
+actions = ["burner_off"]
+off_actions = ["burner_on"]
+
+[[rules.overheat.tests]]
+name = "hot for 30 s"
+given = [
+  { t = "0s", name = "temperature", value = 90.0 },
+  { t = "20s", name = "temperature", value = 91.0 },
+]
+at = 30
+expect = ["burner_off"]
+
+[[rules.overheat.tests]]
+name = "hot, then cool"
+given = [
+  { t = 0, name = "temperature", value = 90.0 },
+  { t = 40, name = "temperature", value = 75.0 },
+  { t = 50, name = "temperature", value = 60.0 },
+  { t = 60, name = "temperature", value = 10.0, quality = "bad" },
+]
+expect = ["burner_off", "burner_on"]""",
+)
+
+
+def test_rule_test_cases_pass(site: Path) -> None:
+    assert check(site, RULE_WITH_TESTS) == []
+
+
+def test_failing_rule_test_case_is_an_error(site: Path) -> None:
+    text = RULE_WITH_TESTS.replace("at = 30", "at = 29")
+    p = only(errors(site, text))
+    assert p.path == "rules.overheat.tests[0]"
+    assert p.message == (
+        "rule 'overheat' test 'hot for 30 s' failed: expected [burner_off], the rule asked for []"
+    )
+    assert p.line > 0

@@ -729,3 +729,45 @@ def test_hostile_off_when_is_rejected_with_its_key(expr: str) -> None:
     )
     with pytest.raises(RuleError):
         RuleEngine(cfg)
+
+
+# --- replay in simulated time ------------------------------------------------------------------
+
+
+def test_replay_fires_timers_between_measurements_at_their_time() -> None:
+    from flux_edge.rules.replay import SimClock, replay
+
+    clock = SimClock()
+    cfg = config(
+        {
+            "slow": rule("temperature > 80.0", "slow", for_=30.0, device="boiler"),
+            "now": rule("temperature > 80.0", "now", device="boiler"),
+        }
+    )
+    engine = RuleEngine(cfg, clock=clock)
+    ms = [
+        Measurement(device="boiler", name="temperature", value=v, ts=t)
+        for t, v in [(0.0, 90.0), (10.0, 91.0), (100.0, 50.0), (110.0, 95.0)]
+    ]
+    out = [(t, acts(c)) for t, c in replay(engine, clock, ms, until=200.0)]
+    assert out == [(0.0, ["now"]), (30.0, ["slow"]), (110.0, ["now"]), (140.0, ["slow"])]
+
+
+def test_run_rule_test_runs_the_rule_alone() -> None:
+    from flux_edge.config import RuleTest, RuleTestStep
+    from flux_edge.rules.replay import check_rule_tests
+
+    case = RuleTest(
+        name="c",
+        given=(RuleTestStep(name="temperature", value=90.0),),
+        expect=("a",),
+    )
+    cfg = config(
+        {
+            "r": rule("temperature > 80.0", "a", device="boiler", tests=(case,)),
+            "other": rule("temperature > 0.0", "b", device="boiler"),
+        }
+    )
+    (result,) = check_rule_tests(cfg)
+    assert result.ok and result.got == ("a",)
+    assert str(result) == "rule 'r' test 'c': ok"

@@ -698,9 +698,10 @@ class RuleEngine:
         cause: Measurement | None,
         out: list[Command],
     ) -> None:
+        if not st.on or r.cooldown:  # a level rule firing again changes nothing durable
+            self._dirty[(r.order, device)] = None
         st.on = True
         st.last_fire = now
-        self._dirty[(r.order, device)] = None
         stats = r.stats
         stats.firings += 1
         stats.last_fired_ts = now

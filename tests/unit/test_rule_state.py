@@ -245,3 +245,18 @@ def test_in_state_dir_creates_the_directory(tmp_path: Path) -> None:
     store = RuleStore.in_state_dir(tmp_path / "state")
     assert store.path == tmp_path / "state" / STATE_FILE
     assert store.path.exists()
+
+
+def test_a_level_rule_firing_again_writes_nothing(tmp_path: Path) -> None:
+    store = CountingStore(tmp_path / STATE_FILE)
+    clock = Now()
+    e = RuleEngine(cfg(l=hot(mode="level")), clock=clock, store=store)
+    for t in range(10):
+        assert acts(e.on_measurement(at(clock, float(t), 90.0))) == ["fan_on"]
+    assert len(store.saves) == 1
+    # with a cooldown the last firing time matters, so it is written
+    store2 = CountingStore(tmp_path / "c.sqlite")
+    e2 = RuleEngine(cfg(l=hot(mode="level", cooldown=1.0)), clock=clock, store=store2)
+    for t in range(10):
+        e2.on_measurement(at(clock, float(t), 90.0))
+    assert len(store2.saves) == 10

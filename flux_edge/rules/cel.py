@@ -174,7 +174,7 @@ class Condition:
     def __repr__(self) -> str:
         return f"Condition(rule={self.rule!r}, expression={self.expression!r})"
 
-    def evaluate(self, values: Mapping[str, bool | int | float | str]) -> bool:
+    def evaluate(self, values: Mapping[str, Any]) -> bool:
         """Evaluate against ``values`` (at least every name in ``variables``).
 
         An int (or bool) given for a double variable is converted. Raises ``RuleError`` when a
@@ -182,7 +182,7 @@ class Condition:
         the caller decides what that means.
         """
         data = values
-        converted: dict[str, bool | int | float | str] | None = None
+        converted: dict[str, Any] | None = None
         for name, want in self._checks:
             v = values.get(name, _MISSING)
             got = type(v)
@@ -191,7 +191,7 @@ class Condition:
             if want is float and (got is int or got is bool):
                 if converted is None:
                     data = converted = dict(values)
-                converted[name] = float(v)  # type: ignore[arg-type]
+                converted[name] = float(v)
             elif v is _MISSING:
                 raise RuleError(self.rule, f"evaluation failed: no value for {name!r}")
             else:

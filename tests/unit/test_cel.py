@@ -354,3 +354,58 @@ def test_garbage_only_ever_raises_rule_error(expr: str) -> None:
         assert cond.evaluate(values) in (True, False)
     except RuleError as err:
         assert err.rule == "r1"
+
+
+# --- map variables (the engine's previous/delta/age) -------------------------------------------
+
+MAPS = {
+    "temperature": "double",
+    "pressure": "double",
+    "previous": "map(dyn)",
+    "delta": "map(double)",
+    "age": "map(double)",
+}
+
+
+def test_map_variables_type_check_and_record_their_keys() -> None:
+    cond = compile_condition("r", "delta.temperature > 5 && age.pressure < 60.0", MAPS)
+    assert cond.variables == {"delta", "age"}
+    assert cond.fields == {"delta": {"temperature"}, "age": {"pressure"}}
+    data: dict[str, object] = {"delta": {"temperature": 6.0}, "age": {"pressure": 1.0}}
+    assert cond.evaluate(data) is True
+    data["delta"] = {"temperature": 4.0}
+    assert cond.evaluate(data) is False
+
+
+def test_previous_is_dyn() -> None:
+    cond = compile_condition("r", "previous.temperature < temperature", MAPS)
+    assert cond.fields == {"previous": {"temperature"}}
+    assert cond.evaluate({"temperature": 2.0, "previous": {"temperature": 1.0}})
+
+
+def test_map_used_whole_records_none() -> None:
+    cond = compile_condition("r", '"temperature" in delta || delta["pressure"] > 1.0', MAPS)
+    assert cond.fields == {"delta": None}
+    cond = compile_condition("r", "has(age.temperature) && temperature > 1.0", MAPS)
+    assert cond.fields == {"age": None}
+
+
+@pytest.mark.parametrize(
+    ("expr", "message"),
+    [
+        ('delta.temperature > "5"', "no matching overload"),
+        ("age.pressure + 1 > 2.0", "no matching overload"),
+        ("delta > 1.0", "no matching overload"),
+    ],
+)
+def test_map_type_errors(expr: str, message: str) -> None:
+    with pytest.raises(RuleError, match=message):
+        compile_condition("r", expr, MAPS)
+
+
+def test_missing_map_key_is_an_evaluation_error() -> None:
+    cond = compile_condition("r", "delta.temperature > 5.0", MAPS)
+    with pytest.raises(RuleError, match="evaluation failed"):
+        cond.evaluate({"delta": {}})
+    with pytest.raises(RuleError, match="'delta' is list"):
+        cond.evaluate({"delta": []})

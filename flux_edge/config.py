@@ -653,7 +653,7 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (RuleTestStep, "device"): _Rule(check=_check_name),
     (RuleTestStep, "name"): _Rule(nonempty=True),
     (RuleTestStep, "t"): _Rule(kind="duration", min=0),
-    (RuleTest, "at"): _Rule(min=-1),
+    (RuleTest, "at"): _Rule(kind="duration", min=0),
     (ActuatorConfig, "on"): _Rule(nonempty=True),
     (ActuatorConfig, "off"): _Rule(nonempty=True),
     (ActuatorConfig, "min_on"): _Rule(kind="duration", min=0),

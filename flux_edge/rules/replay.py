@@ -1,78 +1,206 @@
-"""Rules in simulated time: a rule's own test cases, and replays of recorded measurements.
+"""Rules in simulated time: dry runs over recorded measurements, and the rules' own test cases.
 
-Nothing here touches a device: the engine runs on a clock that jumps from one measurement's time
-to the next, and its ``tick`` fires the ``for`` periods and cooldowns that end in between, at
-their exact times.
+Nothing here touches a device or writes state: the engine gets no store, and its clock is
+simulated. The clock stands at the current measurement's ``ts``; before each measurement the
+``for`` periods and cooldowns that end in between are fired by ``tick`` at their exact deadlines
+(``next_deadline`` in a loop), and after the last one up to its ``ts`` (or ``until``). What the
+rules asked for is returned (``ReplayResult``), never executed.
+
+* ``replay(config, measurements, until=None) -> ReplayResult``
+* ``read_replay_file(path) -> list[Measurement]``: JSON Lines, one measurement a line:
+  ``{"device": "boiler", "name": "temperature", "value": 81.2, "ts": 1764331200.5,
+  "unit": "°C", "quality": "good"}``; ``ts`` is unix seconds or ISO 8601 (without an offset:
+  UTC); ``unit``, ``quality`` (good, stale, bad) and ``source`` are optional. Blank lines and
+  lines starting with ``#`` are skipped. Every bad line is reported (``ReplayFileError``).
+* ``run_rule_tests(config) -> list[RuleTestResult]``: each rule's ``tests`` cases, each rule
+  run alone from a fresh state; ``check_rule_tests`` is the same for the config loader
+  (check-config).
+* ``cmd_rules_test(config_path, replay_path, out, err, json=False) -> int``: the report of
+  ``flux-edge rules test --config PATH [--replay FILE.jsonl] [--json]``; exit 0 when every rule
+  test passes, 1 when one fails, 78 for an invalid config, 2 for an unreadable replay file.
+  ``python -m flux_edge.rules.replay --config PATH ...`` runs it too (``main``).
+
+Times in reports are UTC. Measurements are replayed in ``ts`` order (a stable sort: equal times
+keep the file's order), so the simulated clock never goes back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import argparse
+import contextlib
+import contextvars
+import logging
+import math
+import sys
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
 
 import msgspec
 
-from flux_edge.config import Config, RuleTest
-from flux_edge.errors import RuleError
-from flux_edge.model import Command, Measurement
+from flux_edge.config import Config, check_config
+from flux_edge.errors import FluxError, Problem, RuleError
+from flux_edge.model import Command, Measurement, Value
 from flux_edge.rules.engine import RuleEngine
 
-__all__ = ["RuleTestResult", "SimClock", "check_rule_tests", "replay", "run_rule_test"]
+__all__ = [
+    "EX_CONFIG",
+    "EX_FAILED",
+    "EX_OK",
+    "EX_UNREADABLE",
+    "Firing",
+    "ReplayFileError",
+    "ReplayResult",
+    "RuleSummary",
+    "RuleTestResult",
+    "add_rules_parser",
+    "check_rule_tests",
+    "cmd_rules_test",
+    "format_report",
+    "main",
+    "read_replay_file",
+    "replay",
+    "run_rule_test",
+    "run_rule_tests",
+]
 
-#: simulated wall-clock time of a test case's t = 0 (any fixed value would do)
+EX_OK = 0
+EX_FAILED = 1  # a rule test case failed
+EX_UNREADABLE = 2  # the replay file cannot be read or has bad lines
+EX_CONFIG = 78  # the configuration is invalid
+
+#: simulated wall-clock time of a rule test case's t = 0 (reports show offsets from it)
 CASE_EPOCH = 1_700_000_000.0
 
+_MAX_TS = 253_402_300_799.0  # 9999-12-31T23:59:59Z: later times cannot be shown
+_KEYS = ("device", "name", "value", "ts", "unit", "quality", "source")
+_QUALITIES = ("good", "stale", "bad")
+_MAX_SHOWN_PROBLEMS = 20
 
-class SimClock:
+_rules_log = logging.getLogger("flux_edge.rules")
+
+
+class _SimClock:
     """A clock that moves only when told."""
 
-    def __init__(self, now: float = 0.0) -> None:
+    __slots__ = ("now",)
+
+    def __init__(self, now: float) -> None:
         self.now = now
 
     def __call__(self) -> float:
         return self.now
 
 
+# --- results --------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
-class RuleTestResult:
+class Firing:
+    """A rule asked for its actions (``state`` "on") or its off_actions (``state`` "off")."""
+
+    ts: float  # simulated time
     rule: str
-    index: int  # position in the rule's ``tests``
-    name: str
-    expected: tuple[str, ...]
-    got: tuple[str, ...]
+    device: str
+    state: str  # "on" | "off"
+    severity: str  # the rule's severity when it fired; "info" when it went off
+    actions: tuple[str, ...]  # what WOULD run, in order
+    cause: Measurement | None  # what made the condition true (off: false) - may be earlier
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSummary:
+    """What one rule did during a replay."""
+
+    rule: str
+    fired: int  # times it asked for its actions
+    went_off: int  # times it asked for its off_actions
+    evaluations: int
+    errors: int  # evaluation errors (treated as unknown: the rule did not fire)
+    skipped: int  # triggered while a measurement it reads had no value yet
+    suppressed: int  # would have fired within its cooldown
+    last_error: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    firings: tuple[Firing, ...]  # in simulated-time order
+    rules: dict[str, RuleSummary]  # every rule of the config, in config order
+    measurements: int
+    start: float | None  # ts of the first measurement
+    end: float | None  # the simulated time the replay ran to
 
     @property
-    def ok(self) -> bool:
-        return self.expected == self.got
+    def errors(self) -> int:
+        """Evaluation errors, all rules together."""
+        return sum(s.errors for s in self.rules.values())
 
-    def __str__(self) -> str:
-        label = f" {self.name!r}" if self.name else ""
-        if self.ok:
-            return f"rule {self.rule!r} test{label}: ok"
-        return (
-            f"rule {self.rule!r} test{label} failed: expected "
-            f"[{', '.join(self.expected)}], the rule asked for [{', '.join(self.got)}]"
+
+class ReplayFileError(FluxError):
+    """A replay file could not be read, or some of its lines are not measurements: ``problems``
+    holds one ``Problem`` per bad line (``line`` is 1-based)."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        shown = [str(p) for p in problems[:_MAX_SHOWN_PROBLEMS]]
+        if len(problems) > _MAX_SHOWN_PROBLEMS:
+            shown.append(f"... and {len(problems) - _MAX_SHOWN_PROBLEMS} more bad line(s)")
+        super().__init__("\n".join(shown) or "unreadable replay file")
+
+
+# --- replay ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_rules_log() -> Iterator[None]:
+    """The engine logs each firing at the rule's severity: in a simulation those are results,
+    not events (check-config would otherwise print "rule fired" errors)."""
+    was = _rules_log.disabled
+    _rules_log.disabled = True
+    try:
+        yield
+    finally:
+        _rules_log.disabled = was
+
+
+def _group(ts: float, commands: list[Command], severity: dict[str, str], out: list[Firing]) -> None:
+    """Commands of one engine call -> firings: consecutive commands of one rule, device and
+    state are one firing (the engine emits a rule's actions together, in config order)."""
+    current: list[Command] = []
+
+    def flush() -> None:
+        if not current:
+            return
+        first = current[0]
+        state = str(first.params.get("rule_state", "on"))
+        out.append(
+            Firing(
+                ts=ts,
+                rule=first.rule,
+                device=str(first.params.get("device", "")),
+                state=state,
+                severity=severity.get(first.rule, "info") if state == "on" else "info",
+                actions=tuple(c.action for c in current),
+                cause=first.cause,
+            )
         )
+        current.clear()
+
+    for c in commands:
+        if current and (
+            c.rule != current[0].rule
+            or c.params.get("device") != current[0].params.get("device")
+            or c.params.get("rule_state") != current[0].params.get("rule_state")
+        ):
+            flush()
+        current.append(c)
+    flush()
 
 
-def replay(
-    engine: RuleEngine, clock: SimClock, measurements: Iterable[Measurement], *, until: float = -1
-) -> Iterator[tuple[float, list[Command]]]:
-    """Feed ``measurements`` (in time order, by ``ts``) to ``engine`` in simulated time; yield
-    ``(time, commands)`` for every moment something fired: at measurements, and at the timers
-    that end between them (and up to ``until``, when it is later than the last measurement)."""
-    for m in measurements:
-        yield from _tick_until(engine, clock, m.ts)
-        clock.now = max(clock.now, m.ts)
-        commands = engine.on_measurement(m)
-        if commands:
-            yield clock.now, commands
-    yield from _tick_until(engine, clock, until)
-
-
-def _tick_until(
-    engine: RuleEngine, clock: SimClock, t: float
-) -> Iterator[tuple[float, list[Command]]]:
+def _tick_until(engine: RuleEngine, clock: _SimClock, t: float, out: list[list[Command]]) -> None:
+    """Fire every timer due up to ``t``, each at its own deadline."""
     while True:
         deadline = engine.next_deadline()
         if deadline is None or deadline > t:
@@ -80,18 +208,225 @@ def _tick_until(
         clock.now = max(clock.now, deadline)
         commands = engine.tick(clock.now)
         if commands:
-            yield clock.now, commands
+            out.append(commands)
+
+
+def replay(
+    config: Config, measurements: Iterable[Measurement], *, until: float | None = None
+) -> ReplayResult:
+    """Feed ``measurements`` through a fresh ``RuleEngine`` (no store) in simulated time and
+    return what fired. Timers are run up to the last measurement's ``ts``, or to ``until`` when
+    given. Raises ``RuleError`` if a rule does not compile (a loaded config's rules do)."""
+    ordered = sorted(measurements, key=lambda m: m.ts)
+    clock = _SimClock(ordered[0].ts if ordered else (until or 0.0))
+    engine = RuleEngine(config, clock=clock, store=None)
+    severity: dict[str, str] = {name: rule.severity for name, rule in config.rules.items()}
+    firings: list[Firing] = []
+    batches: list[list[Command]] = []
+    with _quiet_rules_log():
+        for m in ordered:
+            _tick_until(engine, clock, m.ts, batches)
+            for batch in batches:
+                _group(batch[0].ts, batch, severity, firings)
+            batches.clear()
+            clock.now = max(clock.now, m.ts)
+            commands = engine.on_measurement(m)
+            if commands:
+                _group(clock.now, commands, severity, firings)
+        end = until if until is not None else (ordered[-1].ts if ordered else None)
+        if end is not None:
+            _tick_until(engine, clock, end, batches)
+            for batch in batches:
+                _group(batch[0].ts, batch, severity, firings)
+            clock.now = max(clock.now, end)
+    counts: dict[str, list[int]] = {name: [0, 0] for name in config.rules}
+    for f in firings:
+        counts[f.rule][0 if f.state == "on" else 1] += 1
+    rules = {
+        name: RuleSummary(
+            rule=name,
+            fired=counts[name][0],
+            went_off=counts[name][1],
+            evaluations=stats.evaluations,
+            errors=stats.errors,
+            skipped=stats.skipped,
+            suppressed=stats.suppressed,
+            last_error=stats.last_error,
+        )
+        for name, stats in engine.stats.items()
+    }
+    return ReplayResult(
+        firings=tuple(firings),
+        rules=rules,
+        measurements=len(ordered),
+        start=ordered[0].ts if ordered else None,
+        end=clock.now if (ordered or until is not None) else None,
+    )
+
+
+# --- replay files ---------------------------------------------------------------------------------
+
+
+def _parse_ts(value: Any) -> float | str:
+    """unix seconds or ISO 8601 -> float seconds; or a message saying what is wrong."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return f"ts must be unix seconds or an ISO 8601 time, got {_json(value)}"
+    if isinstance(value, str):
+        try:
+            when = datetime.fromisoformat(value)
+        except ValueError:
+            return (
+                f'ts {_json(value)} is not an ISO 8601 time (like "2026-11-28T12:00:30Z") '
+                "nor a number of unix seconds"
+            )
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        ts = when.timestamp()
+    else:
+        ts = float(value)
+    if not math.isfinite(ts) or not 0 <= ts <= _MAX_TS:
+        return f"ts {_json(value)} is out of range (1970 to 9999)"
+    return ts
+
+
+def _json(value: Any) -> str:
+    try:
+        text = msgspec.json.encode(value).decode()
+    except (TypeError, msgspec.EncodeError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _measurement(record: Any) -> Measurement | str:
+    if not isinstance(record, dict):
+        return f"expected a JSON object (one measurement), got {_json(record)}"
+    unknown = [k for k in record if k not in _KEYS]
+    if unknown:
+        return f"unknown key {_json(unknown[0])}; the keys are: {', '.join(_KEYS)}"
+    missing = [k for k in ("device", "name", "value", "ts") if k not in record]
+    if missing:
+        return f"missing {', '.join(missing)} (each line needs device, name, value and ts)"
+    for key in ("device", "name"):
+        if not isinstance(record[key], str) or not record[key]:
+            return f"{key} must be a non-empty string, got {_json(record[key])}"
+    value = record["value"]
+    if not isinstance(value, bool | int | float | str):
+        return f"value must be a number, true/false or a string, got {_json(value)}"
+    ts = _parse_ts(record["ts"])
+    if isinstance(ts, str):
+        return ts
+    unit = record.get("unit", "")
+    source = record.get("source", "")
+    if not isinstance(unit, str):
+        return f"unit must be a string, got {_json(unit)}"
+    if not isinstance(source, str):
+        return f"source must be a string, got {_json(source)}"
+    quality = record.get("quality", "good")
+    if quality not in _QUALITIES:
+        return f"quality must be one of {', '.join(_QUALITIES)}, got {_json(quality)}"
+    return Measurement(
+        device=record["device"],
+        name=record["name"],
+        value=value,
+        ts=ts,
+        unit=unit,
+        quality=quality,
+        source=source,
+    )
+
+
+def read_replay_file(path: str | Path) -> list[Measurement]:
+    """The measurements of a JSON Lines replay file, in file order. Raises ``ReplayFileError``
+    when it cannot be read or any line is bad (every bad line is reported, with its number)."""
+    file = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ReplayFileError(
+            [Problem(file, "", f"cannot read the replay file: {exc.strerror or exc}")]
+        ) from None
+    out: list[Measurement] = []
+    problems: list[Problem] = []
+    for number, raw in enumerate(data.splitlines(), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append(Problem(file, "", "not UTF-8 text", number, exc.start + 1))
+            continue
+        text = line.strip()
+        if not text or text.startswith("#"):
+            continue
+        try:
+            record = msgspec.json.decode(text)
+        except msgspec.DecodeError as exc:
+            problems.append(Problem(file, "", f"not a JSON object: {exc}", number))
+            continue
+        m = _measurement(record)
+        if isinstance(m, str):
+            problems.append(Problem(file, "", m, number))
+        else:
+            out.append(m)
+    if problems:
+        raise ReplayFileError(problems)
+    return out
+
+
+# --- rule test cases ------------------------------------------------------------------------------
+
+
+def _secs(t: float) -> str:
+    return f"{t:g}s"
+
+
+@dataclass(frozen=True, slots=True)
+class RuleTestResult:
+    """The outcome of one test case of one rule."""
+
+    rule: str
+    index: int  # position in the rule's ``tests`` (the config key rules.NAME.tests[index])
+    name: str  # the case's name, "" if it has none
+    expected: tuple[str, ...]
+    got: tuple[str, ...]  # the actions the rule asked for, in order
+    happened: tuple[str, ...] = ()  # the same with their times: "burner_off at 30s"
+    note: str = ""  # evaluation errors, a condition never evaluated, a case that cannot run
+
+    @property
+    def ok(self) -> bool:
+        return not self.note.startswith("cannot run") and self.expected == self.got
+
+    @property
+    def label(self) -> str:
+        """How reports name the case: its name, else its position."""
+        return repr(self.name) if self.name else f"tests[{self.index}]"
+
+    def __str__(self) -> str:
+        head = f"rule {self.rule!r}, test {self.label}"
+        if self.ok:
+            return f"{head}: ok"
+        if self.note.startswith("cannot run"):
+            return f"{head}: {self.note}"
+        expected = f"[{', '.join(self.expected)}]" if self.expected else "no action"
+        got = f"[{', '.join(self.happened)}]" if self.happened else "nothing"
+        text = f"{head} failed: expected {expected}, but the rule asked for {got}"
+        return f"{text} ({self.note})" if self.note else text
 
 
 def run_rule_test(config: Config, rule_name: str, index: int) -> RuleTestResult:
-    """Run test case ``index`` of rule ``rule_name`` alone (no other rule, no stored state).
-    Raises ``RuleError`` if the rule does not compile."""
+    """Run test case ``index`` of rule ``rule_name``: the rule alone (no other rule, no stored
+    state), its ``given`` steps at CASE_EPOCH + t, timers run up to ``at`` (default: the last
+    step's t). Raises ``RuleError`` if the rule does not compile."""
     rule = config.rules[rule_name]
-    case: RuleTest = rule.tests[index]
-    alone = msgspec.structs.replace(config, rules={rule_name: rule})
-    clock = SimClock(CASE_EPOCH)
-    engine = RuleEngine(alone, clock=clock, log_firings=False)
+    case = rule.tests[index]
+    expected = tuple(case.expect)
     steps = sorted(case.given, key=lambda s: s.t)
+    for position, step in enumerate(case.given):
+        if not (step.device or rule.device):
+            note = (
+                f"cannot run: given[{position}] names no device and the rule watches every "
+                'device (set device = "...")'
+            )
+            return RuleTestResult(rule_name, index, case.name, expected, (), note=note)
+    alone = msgspec.structs.replace(config, rules={rule_name: rule})
     ms = [
         Measurement(
             device=s.device or rule.device,
@@ -103,20 +438,291 @@ def run_rule_test(config: Config, rule_name: str, index: int) -> RuleTestResult:
         for s in steps
     ]
     end = case.at if case.at >= 0 else (steps[-1].t if steps else 0.0)
+    result = replay(alone, ms, until=CASE_EPOCH + end)
     got: list[str] = []
-    for _, commands in replay(engine, clock, ms, until=CASE_EPOCH + end):
-        got.extend(c.action for c in commands)
-    return RuleTestResult(rule_name, index, case.name, tuple(case.expect), tuple(got))
+    happened: list[str] = []
+    for f in result.firings:
+        for action in f.actions:
+            got.append(action)
+            happened.append(f"{action} at {_secs(f.ts - CASE_EPOCH)}")
+    summary = result.rules[rule_name]
+    note = ""
+    if summary.errors:
+        note = f"{summary.errors} evaluation error(s), the last: {summary.last_error}"
+    elif summary.evaluations == 0 and ms:
+        note = (
+            "its condition was never evaluated: a measurement it reads never had a good value "
+            "(or none of the given names triggers it)"
+        )
+    return RuleTestResult(rule_name, index, case.name, expected, tuple(got), tuple(happened), note)
+
+
+def run_rule_tests(config: Config) -> list[RuleTestResult]:
+    """Run every test case of every rule, in config order. A rule that does not compile gives
+    one failed result per case, saying so."""
+    results: list[RuleTestResult] = []
+    for name, rule in config.rules.items():
+        for index, case in enumerate(rule.tests):
+            try:
+                results.append(run_rule_test(config, name, index))
+            except RuleError as exc:
+                results.append(
+                    RuleTestResult(
+                        name, index, case.name, tuple(case.expect), (), note=f"cannot run: {exc}"
+                    )
+                )
+    return results
+
+
+#: set while cmd_rules_test loads the config: it runs and reports the tests itself
+_tests_deferred: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "flux_edge_rule_tests_deferred", default=False
+)
 
 
 def check_rule_tests(config: Config) -> list[RuleTestResult]:
-    """Run every rule's test cases; return every result (failed ones have ``ok`` False). Rules
-    that do not compile are skipped (their errors are reported by ``check_rules``)."""
-    results: list[RuleTestResult] = []
-    for name, rule in config.rules.items():
-        for index in range(len(rule.tests)):
-            try:
-                results.append(run_rule_test(config, name, index))
-            except RuleError:
-                break
-    return results
+    """``run_rule_tests`` for the config loader (check-config reports failed cases as problems
+    at rules.NAME.tests[i]). Returns nothing while ``cmd_rules_test`` loads a config, which
+    reports them as test results instead."""
+    if _tests_deferred.get():
+        return []
+    return run_rule_tests(config)
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+
+def _show(value: Value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _json(value)
+    return repr(value)
+
+
+class _Times:
+    """UTC times for a report: HH:MM:SS when the replay stays within one day, else with the
+    date; milliseconds when a time has a fraction."""
+
+    def __init__(self, start: float | None, end: float | None) -> None:
+        one_day = True
+        if start is not None and end is not None:
+            one_day = _utc(start).date() == _utc(end).date()
+        self._fmt = "%H:%M:%S" if one_day else "%Y-%m-%d %H:%M:%S"
+
+    def __call__(self, ts: float) -> str:
+        when = _utc(ts)
+        text = when.strftime(self._fmt)
+        if ts != math.floor(ts):
+            text += f".{when.microsecond // 1000:03d}"
+        return text
+
+
+def _utc(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def _describe(f: Firing, show: _Times) -> str:
+    c = f.cause
+    if c is None:
+        why = f"device {f.device}"
+    else:
+        unit = f" {c.unit}" if c.unit else ""
+        quality = "" if c.quality == "good" else f" ({c.quality})"
+        why = f"{c.device}.{c.name}={_show(c.value)}{unit}{quality}"
+        if c.ts < f.ts:
+            why += f" since {show(c.ts)}"
+    verb = "fired" if f.state == "on" else "off"
+    return (
+        f"{show(f.ts)}  {f.severity:<7}  {f.rule} {verb} ({why}) -> "
+        f"{', '.join(f.actions)} [would run]"
+    )
+
+
+def format_report(
+    result: ReplayResult | None, tests: Sequence[RuleTestResult], replay_name: str = ""
+) -> str:
+    """The text ``flux-edge rules test`` prints."""
+    lines: list[str] = []
+    if result is not None:
+        show = _Times(result.start, result.end)
+        if result.start is not None and result.end is not None:
+            span = (
+                f", {_utc(result.start):%Y-%m-%d %H:%M:%S} to "
+                f"{_utc(result.end):%Y-%m-%d %H:%M:%S} UTC"
+            )
+        else:
+            span = ""
+        lines.append(f"replay of {replay_name}: {result.measurements} measurement(s){span}")
+        lines.extend(_describe(f, show) for f in result.firings)
+        if not result.firings:
+            lines.append("no rule fired")
+        lines.append("rules:")
+        quiet = 0
+        width = max((len(n) for n in result.rules), default=0)
+        for s in result.rules.values():
+            if not (s.fired or s.went_off or s.errors):
+                quiet += 1
+                continue
+            parts = [f"fired {s.fired}"]
+            if s.went_off:
+                parts.append(f"off {s.went_off}")
+            if s.suppressed:
+                parts.append(f"{s.suppressed} suppressed by cooldown")
+            if s.errors:
+                parts.append(f"{s.errors} evaluation error(s), the last: {s.last_error}")
+            lines.append(f"  {s.rule:<{width}}  {', '.join(parts)}")
+        if quiet:
+            lines.append(f"  ({quiet} other rule(s) never fired)")
+    if tests:
+        lines.append("rule tests:")
+        for t in tests:
+            text = f"rule {t.rule!r}, test {t.label}" if t.ok else str(t)
+            lines.append(f"  {'ok' if t.ok else 'FAILED':<6}  {text}")
+        failed = sum(1 for t in tests if not t.ok)
+        lines.append(f"{len(tests)} rule test(s): {len(tests) - failed} passed, {failed} failed")
+    elif result is not None:
+        lines.append("no rule test cases")
+    if not lines:
+        lines.append("no replay file and no rule test cases: nothing to run")
+    return "\n".join(lines) + "\n"
+
+
+def _firing_json(f: Firing) -> dict[str, Any]:
+    return {
+        "ts": f.ts,
+        "time": _utc(f.ts).isoformat().replace("+00:00", "Z"),
+        "rule": f.rule,
+        "device": f.device,
+        "state": f.state,
+        "severity": f.severity,
+        "actions": list(f.actions),
+        "cause": f.cause,
+    }
+
+
+def _report_json(
+    result: ReplayResult | None, tests: Sequence[RuleTestResult], replay_name: str
+) -> bytes:
+    doc: dict[str, Any] = {"replay": None}
+    if result is not None:
+        doc["replay"] = {
+            "file": replay_name,
+            "measurements": result.measurements,
+            "start": result.start,
+            "end": result.end,
+            "firings": [_firing_json(f) for f in result.firings],
+            "rules": {
+                name: {
+                    "fired": s.fired,
+                    "off": s.went_off,
+                    "evaluations": s.evaluations,
+                    "errors": s.errors,
+                    "skipped": s.skipped,
+                    "suppressed": s.suppressed,
+                    "last_error": s.last_error,
+                }
+                for name, s in result.rules.items()
+            },
+        }
+    doc["tests"] = [
+        {
+            "rule": t.rule,
+            "index": t.index,
+            "name": t.name,
+            "ok": t.ok,
+            "expected": list(t.expected),
+            "got": list(t.got),
+            "message": str(t),
+        }
+        for t in tests
+    ]
+    doc["ok"] = all(t.ok for t in tests)
+    return msgspec.json.encode(doc)
+
+
+def cmd_rules_test(
+    config_path: str | Path,
+    replay_path: str | Path | None,
+    out: TextIO,
+    err: TextIO,
+    json: bool = False,
+) -> int:
+    """``flux-edge rules test``: replay a file (if given) and run the rules' test cases; print
+    the report on ``out`` (problems on ``err``). Exit status: 0 every rule test passed (or there
+    are none), 1 one failed, 78 the config is invalid, 2 the replay file is unreadable."""
+    token = _tests_deferred.set(True)
+    try:
+        config, problems = check_config(config_path)
+    finally:
+        _tests_deferred.reset(token)
+    for p in problems:
+        err.write(f"{p}\n")
+    if config is None or any(p.severity == "error" for p in problems):
+        errors = sum(1 for p in problems if p.severity == "error")
+        err.write(f"{config_path}: invalid configuration ({errors} error(s))\n")
+        return EX_CONFIG
+    result = None
+    name = str(replay_path) if replay_path is not None else ""
+    if replay_path is not None:
+        try:
+            measurements = read_replay_file(replay_path)
+        except ReplayFileError as exc:
+            err.write(f"{exc}\n")
+            return EX_UNREADABLE
+        result = replay(config, measurements)
+    tests = run_rule_tests(config)
+    if json:
+        out.write(_report_json(result, tests, name).decode() + "\n")
+    else:
+        out.write(format_report(result, tests, name))
+    return EX_OK if all(t.ok for t in tests) else EX_FAILED
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    return cmd_rules_test(args.config, args.replay, sys.stdout, sys.stderr, json=args.json)
+
+
+def _add_test_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", required=True, help="the daemon's config (TOML)")
+    parser.add_argument(
+        "--replay", metavar="FILE.jsonl", help="recorded measurements to replay (JSON Lines)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(func=_cmd)
+
+
+def add_rules_parser(sub: Any) -> None:
+    """Add ``rules test`` to the CLI's subparsers (``sub`` from ``add_subparsers``); the parsed
+    namespace's ``func(args)`` returns the exit status."""
+    rules = sub.add_parser("rules", help="dry-run the rules: replay recordings, run rule tests")
+    rsub = rules.add_subparsers(dest="rules_command", required=True, metavar="SUBCOMMAND")
+    test = rsub.add_parser(
+        "test",
+        help="replay recorded measurements in simulated time and run the rules' test cases; "
+        "no device is touched",
+    )
+    _add_test_arguments(test)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flux_edge.rules.replay --config PATH [--replay FILE.jsonl] [--json]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flux_edge.rules.replay",
+        description="Replay recorded measurements through the rules in simulated time and run "
+        "the rules' test cases; no device is touched.",
+    )
+    _add_test_arguments(parser)
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    # run the module's own instance (the one the config loader imports), not this __main__ copy
+    from flux_edge.rules.replay import main as _main
+
+    sys.exit(_main())

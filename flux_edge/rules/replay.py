@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, overload
 
 import msgspec
 
@@ -55,6 +55,7 @@ __all__ = [
     "ReplayResult",
     "RuleSummary",
     "RuleTestResult",
+    "SimClock",
     "add_rules_parser",
     "check_rule_tests",
     "cmd_rules_test",
@@ -62,6 +63,7 @@ __all__ = [
     "main",
     "read_replay_file",
     "replay",
+    "replay_engine",
     "run_rule_test",
     "run_rule_tests",
 ]
@@ -82,12 +84,12 @@ _MAX_SHOWN_PROBLEMS = 20
 _rules_log = logging.getLogger("flux_edge.rules")
 
 
-class _SimClock:
-    """A clock that moves only when told."""
+class SimClock:
+    """A clock that moves only when told (set ``now``)."""
 
     __slots__ = ("now",)
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float = 0.0) -> None:
         self.now = now
 
     def __call__(self) -> float:
@@ -199,7 +201,7 @@ def _group(ts: float, commands: list[Command], severity: dict[str, str], out: li
     flush()
 
 
-def _tick_until(engine: RuleEngine, clock: _SimClock, t: float, out: list[list[Command]]) -> None:
+def _tick_until(engine: RuleEngine, clock: SimClock, t: float, out: list[list[Command]]) -> None:
     """Fire every timer due up to ``t``, each at its own deadline."""
     while True:
         deadline = engine.next_deadline()
@@ -211,34 +213,85 @@ def _tick_until(engine: RuleEngine, clock: _SimClock, t: float, out: list[list[C
             out.append(commands)
 
 
+def replay_engine(
+    engine: RuleEngine,
+    clock: SimClock,
+    measurements: Iterable[Measurement],
+    *,
+    until: float = -1.0,
+) -> Iterator[tuple[float, list[Command]]]:
+    """The lower level of ``replay``: feed ``measurements`` (in the given order; the clock never
+    goes back) to ``engine``, whose clock is ``clock``; yield ``(time, commands)`` at every
+    moment something fired, at measurements and at the timers due between them (and up to
+    ``until`` when it is later than the last measurement)."""
+    batches: list[list[Command]] = []
+    for m in measurements:
+        _tick_until(engine, clock, m.ts, batches)
+        for batch in batches:
+            yield batch[0].ts, batch
+        batches.clear()
+        clock.now = max(clock.now, m.ts)
+        commands = engine.on_measurement(m)
+        if commands:
+            yield clock.now, commands
+    _tick_until(engine, clock, until, batches)
+    for batch in batches:
+        yield batch[0].ts, batch
+    clock.now = max(clock.now, until)
+
+
+@overload
 def replay(
     config: Config, measurements: Iterable[Measurement], *, until: float | None = None
-) -> ReplayResult:
+) -> ReplayResult: ...
+
+
+@overload
+def replay(
+    config: RuleEngine,
+    measurements: SimClock,
+    clock_measurements: Iterable[Measurement],
+    *,
+    until: float = -1.0,
+) -> Iterator[tuple[float, list[Command]]]: ...
+
+
+def replay(
+    config: Config | RuleEngine,
+    measurements: Iterable[Measurement] | SimClock,
+    clock_measurements: Iterable[Measurement] = (),
+    *,
+    until: float | None = None,
+) -> ReplayResult | Iterator[tuple[float, list[Command]]]:
     """Feed ``measurements`` through a fresh ``RuleEngine`` (no store) in simulated time and
     return what fired. Timers are run up to the last measurement's ``ts``, or to ``until`` when
-    given. Raises ``RuleError`` if a rule does not compile (a loaded config's rules do)."""
+    given. Raises ``RuleError`` if a rule does not compile (a loaded config's rules do).
+
+    (``replay(engine, clock, measurements, until=...)`` is ``replay_engine``, kept for callers
+    of the first version of this module.)"""
+    if isinstance(config, RuleEngine):
+        if not isinstance(measurements, SimClock):
+            raise TypeError("replay(engine, clock, measurements): clock must be a SimClock")
+        return replay_engine(
+            config, measurements, clock_measurements, until=-1.0 if until is None else until
+        )
+    if isinstance(measurements, SimClock):
+        raise TypeError("replay(config, measurements): measurements, not a clock")
+    return _replay(config, measurements, until)
+
+
+def _replay(
+    config: Config, measurements: Iterable[Measurement], until: float | None
+) -> ReplayResult:
     ordered = sorted(measurements, key=lambda m: m.ts)
-    clock = _SimClock(ordered[0].ts if ordered else (until or 0.0))
+    clock = SimClock(ordered[0].ts if ordered else (until or 0.0))
     engine = RuleEngine(config, clock=clock, store=None)
     severity: dict[str, str] = {name: rule.severity for name, rule in config.rules.items()}
+    end = until if until is not None else (ordered[-1].ts if ordered else -1.0)
     firings: list[Firing] = []
-    batches: list[list[Command]] = []
     with _quiet_rules_log():
-        for m in ordered:
-            _tick_until(engine, clock, m.ts, batches)
-            for batch in batches:
-                _group(batch[0].ts, batch, severity, firings)
-            batches.clear()
-            clock.now = max(clock.now, m.ts)
-            commands = engine.on_measurement(m)
-            if commands:
-                _group(clock.now, commands, severity, firings)
-        end = until if until is not None else (ordered[-1].ts if ordered else None)
-        if end is not None:
-            _tick_until(engine, clock, end, batches)
-            for batch in batches:
-                _group(batch[0].ts, batch, severity, firings)
-            clock.now = max(clock.now, end)
+        for ts, commands in replay_engine(engine, clock, ordered, until=end):
+            _group(ts, commands, severity, firings)
     counts: dict[str, list[int]] = {name: [0, 0] for name in config.rules}
     for f in firings:
         counts[f.rule][0 if f.state == "on" else 1] += 1
@@ -400,14 +453,15 @@ class RuleTestResult:
         return repr(self.name) if self.name else f"tests[{self.index}]"
 
     def __str__(self) -> str:
-        head = f"rule {self.rule!r}, test {self.label}"
+        head = f"rule {self.rule!r} test {self.label}"
         if self.ok:
             return f"{head}: ok"
         if self.note.startswith("cannot run"):
             return f"{head}: {self.note}"
-        expected = f"[{', '.join(self.expected)}]" if self.expected else "no action"
-        got = f"[{', '.join(self.happened)}]" if self.happened else "nothing"
-        text = f"{head} failed: expected {expected}, but the rule asked for {got}"
+        text = (
+            f"{head} failed: expected [{', '.join(self.expected)}], "
+            f"the rule asked for [{', '.join(self.happened)}]"
+        )
         return f"{text} ({self.note})" if self.note else text
 
 
@@ -577,7 +631,7 @@ def format_report(
     if tests:
         lines.append("rule tests:")
         for t in tests:
-            text = f"rule {t.rule!r}, test {t.label}" if t.ok else str(t)
+            text = f"rule {t.rule!r} test {t.label}" if t.ok else str(t)
             lines.append(f"  {'ok' if t.ok else 'FAILED':<6}  {text}")
         failed = sum(1 for t in tests if not t.ok)
         lines.append(f"{len(tests)} rule test(s): {len(tests) - failed} passed, {failed} failed")

@@ -125,7 +125,9 @@ class RuleStore:
             return None
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        # a short busy timeout: the engine runs on the event loop, and only a second daemon on
+        # the same state directory (a misconfiguration) would hold the write lock
+        db = sqlite3.connect(self.path, timeout=0.2, isolation_level=None, check_same_thread=False)
         try:
             app = db.execute("PRAGMA application_id").fetchone()[0]
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}

@@ -61,6 +61,7 @@ __all__ = [
     "cmd_rules_test",
     "format_report",
     "main",
+    "parse_replay",
     "read_replay_file",
     "replay",
     "replay_engine",
@@ -398,6 +399,11 @@ def read_replay_file(path: str | Path) -> list[Measurement]:
         raise ReplayFileError(
             [Problem(file, "", f"cannot read the replay file: {exc.strerror or exc}")]
         ) from None
+    return parse_replay(data, file)
+
+
+def parse_replay(data: bytes, file: str = "<replay>") -> list[Measurement]:
+    """``read_replay_file`` for bytes in memory; ``file`` names them in problems."""
     out: list[Measurement] = []
     problems: list[Problem] = []
     for number, raw in enumerate(data.splitlines(), 1):
@@ -502,7 +508,8 @@ def run_rule_test(config: Config, rule_name: str, index: int) -> RuleTestResult:
     summary = result.rules[rule_name]
     note = ""
     if summary.errors:
-        note = f"{summary.errors} evaluation error(s), the last: {summary.last_error}"
+        last = summary.last_error.removeprefix(f"rule {rule_name!r}: ")
+        note = f"{summary.errors} evaluation error(s), the last: {last}"
     elif summary.evaluations == 0 and ms:
         note = (
             "its condition was never evaluated: a measurement it reads never had a good value "
@@ -556,20 +563,20 @@ def _show(value: Value) -> str:
 
 class _Times:
     """UTC times for a report: HH:MM:SS when the replay stays within one day, else with the
-    date; milliseconds when a time has a fraction."""
+    date; with milliseconds (all of them, to keep the columns) when a time has a fraction."""
 
-    def __init__(self, start: float | None, end: float | None) -> None:
+    def __init__(self, start: float | None, end: float | None, times: Iterable[float]) -> None:
         one_day = True
         if start is not None and end is not None:
             one_day = _utc(start).date() == _utc(end).date()
         self._fmt = "%H:%M:%S" if one_day else "%Y-%m-%d %H:%M:%S"
+        self._millis = any(round(t * 1000) % 1000 for t in times)
 
     def __call__(self, ts: float) -> str:
-        when = _utc(ts)
-        text = when.strftime(self._fmt)
-        if ts != math.floor(ts):
-            text += f".{when.microsecond // 1000:03d}"
-        return text
+        if not self._millis:
+            return _utc(ts).strftime(self._fmt)
+        ms = round(ts * 1000)
+        return f"{_utc(ms // 1000).strftime(self._fmt)}.{ms % 1000:03d}"
 
 
 def _utc(ts: float) -> datetime:
@@ -599,12 +606,13 @@ def format_report(
     """The text ``flux-edge rules test`` prints."""
     lines: list[str] = []
     if result is not None:
-        show = _Times(result.start, result.end)
+        times = [f.ts for f in result.firings]
+        times += [f.cause.ts for f in result.firings if f.cause is not None]
+        show = _Times(result.start, result.end, times)
         if result.start is not None and result.end is not None:
-            span = (
-                f", {_utc(result.start):%Y-%m-%d %H:%M:%S} to "
-                f"{_utc(result.end):%Y-%m-%d %H:%M:%S} UTC"
-            )
+            first, last = _utc(result.start), _utc(result.end)
+            to = f"{last:%H:%M:%S}" if first.date() == last.date() else f"{last:%Y-%m-%d %H:%M:%S}"
+            span = f", {first:%Y-%m-%d %H:%M:%S} to {to} UTC"
         else:
             span = ""
         lines.append(f"replay of {replay_name}: {result.measurements} measurement(s){span}")
@@ -624,7 +632,8 @@ def format_report(
             if s.suppressed:
                 parts.append(f"{s.suppressed} suppressed by cooldown")
             if s.errors:
-                parts.append(f"{s.errors} evaluation error(s), the last: {s.last_error}")
+                error = s.last_error.removeprefix(f"rule {s.rule!r}: ")
+                parts.append(f"{s.errors} evaluation error(s), the last: {error}")
             lines.append(f"  {s.rule:<{width}}  {', '.join(parts)}")
         if quiet:
             lines.append(f"  ({quiet} other rule(s) never fired)")

@@ -561,3 +561,29 @@ def test_golden_replay_case(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     code = cmd_rules_test("config.toml", "input.jsonl", out, err)
     assert (code, err.getvalue()) == (EX_OK, "")
     assert out.getvalue() == (here / "expected.txt").read_text(encoding="utf-8")
+
+
+def test_add_rules_parser_wires_rules_test(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from flux_edge.rules.replay import add_rules_parser
+
+    (tmp_path / "flux.toml").write_text(CONFIG, encoding="utf-8")
+    (tmp_path / "rec.jsonl").write_text(REPLAY, encoding="utf-8")
+    parser = argparse.ArgumentParser(prog="flux-edge")
+    add_rules_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(
+        [
+            "rules",
+            "test",
+            "--config",
+            str(tmp_path / "flux.toml"),
+            "--replay",
+            str(tmp_path / "rec.jsonl"),
+            "--json",
+        ]
+    )
+    assert args.func(args) == EX_OK
+    assert json.loads(capsys.readouterr().out)["replay"]["rules"]["overheat"]["fired"] == 1

@@ -204,10 +204,12 @@ def _group(ts: float, commands: list[Command], severity: dict[str, str], out: li
 
 def _tick_until(engine: RuleEngine, clock: SimClock, t: float, out: list[list[Command]]) -> None:
     """Fire every timer due up to ``t``, each at its own deadline."""
+    last = None
     while True:
         deadline = engine.next_deadline()
-        if deadline is None or deadline > t:
-            return
+        if deadline is None or deadline > t or deadline == last:
+            return  # (a deadline that survives its tick is left to the next measurement)
+        last = deadline
         clock.now = max(clock.now, deadline)
         commands = engine.tick(clock.now)
         if commands:

@@ -587,3 +587,35 @@ def test_add_rules_parser_wires_rules_test(
     )
     assert args.func(args) == EX_OK
     assert json.loads(capsys.readouterr().out)["replay"]["rules"]["overheat"]["fired"] == 1
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    readings=st.dictionaries(st.integers(0, 200), st.sampled_from([70.0, 90.0]), max_size=12),
+    for_=st.sampled_from([0.0, 10.0, 30.0]),
+    cooldown=st.sampled_from([0.0, 25.0]),
+    mode=st.sampled_from(["edge", "level"]),
+    extra=st.integers(0, 60),
+)
+def test_replay_matches_a_second_by_second_simulation(
+    readings: dict[int, float], for_: float, cooldown: float, mode: str, extra: int
+) -> None:
+    """Firing at exact deadlines gives what ticking every second would (integer times)."""
+    from flux_edge.rules.engine import RuleEngine
+    from flux_edge.rules.replay import SimClock
+
+    cfg = config(hot=rule("temperature > 80.0", "a", for_=for_, cooldown=cooldown, mode=mode))
+    ms = [m(t, v) for t, v in sorted(readings.items())]
+    end = (max(readings) if readings else 0) + extra
+    got = fired(cfg, *ms, until=end)
+
+    clock = SimClock(T0)
+    engine = RuleEngine(cfg, clock=clock)
+    want: list[tuple[float, str]] = []
+    for second in range(end + 1):
+        clock.now = T0 + second
+        commands = engine.tick(clock.now)
+        if second in readings:
+            commands += engine.on_measurement(m(second, readings[second]))
+        want += [(float(second), f"{c.rule}:{c.action}") for c in commands]
+    assert got == want

@@ -260,7 +260,18 @@ class SerialWriteAction(_S, frozen=True, tag="serial_write", tag_field="type"):
     timeout: float = 1.0
 
 
-ActionConfig = ModbusWriteAction | SerialWriteAction
+class MqttPublishAction(_S, frozen=True, tag="mqtt_publish", tag_field="type"):
+    """Publish a message rendered from the command over an MQTT source's broker connection."""
+
+    source: str  # an MQTT source whose broker connection is used
+    topic: str  # template: {device} {name} {value} {unit} {quality} {rule} {action} {ts}
+    payload: str  # template; {value:json} etc. render JSON values
+    qos: int = 1  # 0, 1 or 2
+    retain: bool = False
+    timeout: float = 5.0  # seconds: connection wait + publish + broker acknowledgement
+
+
+ActionConfig = ModbusWriteAction | SerialWriteAction | MqttPublishAction
 
 
 class ProfileInfo(_S, frozen=True):
@@ -672,6 +683,10 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (SerialWriteAction, "source"): _Rule(nonempty=True),
     (SerialWriteAction, "data"): _Rule(nonempty=True),
     (SerialWriteAction, "timeout"): _Rule(kind="duration", positive=True),
+    (MqttPublishAction, "source"): _Rule(nonempty=True),
+    (MqttPublishAction, "topic"): _Rule(nonempty=True),
+    (MqttPublishAction, "qos"): _Rule(min=0, max=2),
+    (MqttPublishAction, "timeout"): _Rule(kind="duration", positive=True),
     (Config, "plugins"): _Rule(keys=_check_name),
     (Config, "sources"): _Rule(keys=_check_name),
     (Config, "rules"): _Rule(keys=_check_name),
@@ -1716,6 +1731,30 @@ def _serial_write_checks(v: _Validator, out: dict[str, Any], path: Key, clean: b
         )
 
 
+def _mqtt_publish_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> None:
+    from flux_edge.actions.templates import TemplateError, compile_template
+    from flux_edge.mqtt import check_topic
+
+    for field in ("topic", "payload"):
+        text = out.get(field)
+        if not isinstance(text, str) or not v.clean((*path, field)):
+            continue
+        try:
+            template = compile_template(text)
+        except TemplateError as exc:
+            where = (*path, field)
+            line, col = v.pos.value(where)
+            if exc.column > 0:
+                line, col = v.pos.in_string(where, exc.column - 1) or (line, col)
+            v.problems.append(Problem(v.file, _fmt_path(where), exc.message, line, col))
+            v.dirty.add(where)
+            continue
+        if field == "topic":  # the literal parts, each placeholder standing for one character
+            problem = check_topic(template.render(dict.fromkeys(template.names, "x")))
+            if problem:
+                v.report((*path, field), problem)
+
+
 def _plugin_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> None:
     if out.get("file") and out.get("module"):
         v.report(
@@ -1756,6 +1795,7 @@ _STRUCT_CHECKS: dict[type, Callable[[_Validator, dict[str, Any], Key, bool], Non
     PluginConfig: _plugin_checks,
     ModbusWriteAction: _action_checks,
     SerialWriteAction: _serial_write_checks,
+    MqttPublishAction: _mqtt_publish_checks,
     RuleConfig: _rule_checks,
 }
 
@@ -2133,6 +2173,14 @@ def _check_action_targets(v: _Validator, data: dict[str, Any], sources: list[str
         if src is None:
             continue  # the source itself is broken: already reported
         kind = src.get("type")
+        if action.get("type") == "mqtt_publish":
+            if kind != "mqtt":
+                v.report(
+                    (*path, "source"),
+                    f'source "{target}" is a {kind} source: mqtt_publish needs an mqtt source '
+                    "(its broker connection is used)",
+                )
+            continue
         if action.get("type") == "serial_write":
             if kind != "serial":
                 v.report(

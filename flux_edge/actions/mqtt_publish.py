@@ -23,32 +23,13 @@ import logging
 import time
 from collections.abc import Callable
 
-import msgspec
-
 from flux_edge.actions.templates import Template, TemplateError, command_context, compile_template
+from flux_edge.config import MqttPublishAction
 from flux_edge.errors import ActionError
 from flux_edge.model import Command, Outcome
 from flux_edge.mqtt import MqttClient, MqttError, check_topic
 
 __all__ = ["MqttPublishAction", "MqttPublishExecutor", "check_templates"]
-
-
-class MqttPublishAction(
-    msgspec.Struct,
-    frozen=True,
-    kw_only=True,
-    forbid_unknown_fields=True,
-    tag="mqtt_publish",
-    tag_field="type",
-):
-    """Publish a message rendered from the command (config schema; moves to config.py)."""
-
-    source: str  # an MQTT source whose broker connection is used
-    topic: str  # template: {device} {name} {value} {unit} {quality} {rule} {action} {ts}
-    payload: str  # template; {value:json} etc. render JSON values
-    qos: int = 1  # 0, 1 or 2
-    retain: bool = False
-    timeout: float = 5.0  # seconds: connection wait + publish + broker acknowledgement
 
 
 def check_templates(cfg: MqttPublishAction) -> list[tuple[str, str, int]]:

@@ -134,7 +134,8 @@ def compile_template(text: str) -> Template:
                 what = "an empty field" if not inner else f"{{{inner}}} is not a placeholder"
                 raise TemplateError(
                     f"{what}: use {{name}} or {{name:json}} with name one of "
-                    + ", ".join(PLACEHOLDERS),
+                    + ", ".join(PLACEHOLDERS)
+                    + "; write '{{' and '}}' for literal braces (JSON payloads)",
                     i + 1,
                 )
             name, fmt = m.group(1), m.group(2)

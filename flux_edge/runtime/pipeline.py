@@ -13,6 +13,7 @@ import asyncio
 import collections
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,15 +22,20 @@ from typing import Any, Protocol
 
 import msgspec
 
+from flux_edge.actions.audit import AuditLog
+from flux_edge.actions.audit_cli import audit_path
+from flux_edge.actions.guarded import Guarded
+from flux_edge.actions.safety import SafetyLayer
 from flux_edge.config import (
+    ActionConfig,
     Config,
     ModbusDeviceConfig,
     ModbusRtuSource,
     ModbusTcpSource,
     ModbusWriteAction,
+    MqttPublishAction,
     MqttSource,
     SerialSource,
-    SerialWriteAction,
     SourceConfig,
     resolve_plugin_path,
 )
@@ -37,6 +43,7 @@ from flux_edge.errors import FluxError, PluginError
 from flux_edge.model import Command, ErrorRecord, Measurement, Outcome, Quality, Reading
 from flux_edge.plugins.host import Plugin, PluginHost, PluginLimits
 from flux_edge.rules.engine import RuleEngine
+from flux_edge.rules.state import RuleStore
 from flux_edge.runtime.queues import BoundedQueue
 from flux_edge.runtime.supervisor import Supervisor
 from flux_edge.sources import Emit, Source, SourceHealth, StatusCallback
@@ -55,6 +62,7 @@ class Observers:
     measurements: list[Callable[[str, list[Measurement]], None]] = field(default_factory=list)
     errors: list[Callable[[ErrorRecord], None]] = field(default_factory=list)
     outcomes: list[Callable[[Outcome], None]] = field(default_factory=list)
+    blocked: list[Callable[[Command], None]] = field(default_factory=list)  # by the safety layer
 
 
 @dataclass(slots=True)
@@ -155,7 +163,18 @@ class Pipeline:
         self.executors: dict[str, Executor] = {}
         # the last measurement of each (device, name): marked bad when its device stops answering
         self.latest: dict[str, dict[str, Measurement]] = {}
-        self.engine = RuleEngine(config, clock=clock)
+        state_dir = Path(config.daemon.state_dir)
+        self.store = RuleStore.in_state_dir(state_dir)
+        self.engine = RuleEngine(config, clock=clock, store=self.store)
+        self.safety = SafetyLayer(config, clock=clock)
+        self._safety_file = state_dir / "safety.json"
+        self._restore_safety()
+        self.audit = AuditLog(
+            audit_path(config),
+            max_size=config.daemon.audit_max_size,
+            keep=config.daemon.audit_keep,
+        )
+        self.guard = Guarded(self.safety, self.audit, wall=clock)
         self._supervisor = Supervisor()
         self._in_flight: set[asyncio.Task[None]] = set()
         self._action_locks: dict[str, asyncio.Lock] = {}
@@ -198,15 +217,38 @@ class Pipeline:
             self.executors[aname] = self._make_executor(aname, acfg)
             self._action_locks[aname] = asyncio.Lock()
 
-    def _make_executor(self, name: str, cfg: ModbusWriteAction | SerialWriteAction) -> Executor:
+    def _make_executor(self, name: str, cfg: ActionConfig) -> Executor:
         source = self.sources[cfg.source]
         if isinstance(cfg, ModbusWriteAction):
             from flux_edge.actions.modbus_write import ModbusWriteExecutor
 
             return ModbusWriteExecutor(name, cfg, source)  # type: ignore[arg-type]
+        if isinstance(cfg, MqttPublishAction):
+            from flux_edge.actions.mqtt_publish import MqttPublishExecutor
+
+            return MqttPublishExecutor(name, cfg, source.client)  # type: ignore[attr-defined]
         from flux_edge.actions.serial_write import SerialWriteExecutor
 
         return SerialWriteExecutor(name, cfg, source)  # type: ignore[arg-type]
+
+    # --- safety state: last switch times survive a restart (min_on/min_off, rate limits) ---
+
+    def _restore_safety(self) -> None:
+        try:
+            data = msgspec.json.decode(self._safety_file.read_bytes())
+            self.safety.restore(data)
+        except FileNotFoundError:
+            return
+        except (OSError, msgspec.DecodeError, ValueError, TypeError, KeyError) as exc:
+            log.warning("%s unreadable (%s): actuator timers start fresh", self._safety_file, exc)
+
+    def _save_safety(self) -> None:
+        tmp = self._safety_file.with_suffix(".tmp")
+        try:
+            tmp.write_bytes(msgspec.json.encode(self.safety.snapshot()))
+            os.replace(tmp, self._safety_file)
+        except OSError as exc:
+            log.warning("cannot save actuator state to %s: %s", self._safety_file, exc)
 
     def _on_status(self, source: str, device: str, quality: Quality, error: str) -> None:
         """A source says a device stopped answering (or is back). Its last measurements are
@@ -245,6 +287,8 @@ class Pipeline:
         sup.spawn("actions", self._action_stage)
         sup.spawn("rules", self._rule_stage)
         sup.spawn("plugins", self._plugin_stage)
+        if self.config.actuators:
+            sup.spawn("safety", self._safety_loop)
         for name, source in self.sources.items():
             sup.spawn(f"source:{name}", source.run)
         self._started = True
@@ -280,7 +324,14 @@ class Pipeline:
                 len(self.commands),
                 len(self._in_flight),
             )
+        await sup.cancel("safety")
+        safe = self.safety.safe_commands("shutdown")
+        if safe:
+            log.info("shutdown: putting %d actuator(s) in their safe state", len(safe))
+            await asyncio.gather(*(self._run_action(cmd) for cmd in safe))
         await sup.cancel_all()
+        self.audit.close()
+        self.store.close()
         for source in self.sources.values():
             try:
                 await source.close()
@@ -356,15 +407,37 @@ class Pipeline:
             self.readings.task_done_if_empty()
 
     async def _rule_stage(self) -> None:
+        """Measurements through the rules; between them, wake exactly when a `for` timer is due
+        (get_batch is cancellation-safe: nothing is taken before its only await)."""
         stats = self.stats["rules"]
+        engine = self.engine
         while True:
-            batch = await self.measurements.get_batch(1024)
+            deadline = engine.next_deadline()
+            if deadline is None:
+                batch = await self.measurements.get_batch(1024)
+            else:
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - self._clock())):
+                        batch = await self.measurements.get_batch(1024)
+                except TimeoutError:
+                    for cmd in engine.tick():
+                        await self.commands.put(cmd)
+                    stats.last_progress = time.monotonic()
+                    continue
             for m in batch:
-                for cmd in self.engine.on_measurement(m):
+                for cmd in engine.on_measurement(m):
                     await self.commands.put(cmd)
             stats.processed += len(batch)
             stats.last_progress = time.monotonic()
             self.measurements.task_done_if_empty()
+
+    async def _safety_loop(self, period: float = 1.0) -> None:
+        """Once a second: actuators whose inputs went stale, or whose interlock holds, are driven
+        to their safe state."""
+        while True:
+            for cmd in self.safety.enforce(self.latest):
+                await self.commands.put(cmd)
+            await asyncio.sleep(period)
 
     async def _action_stage(self) -> None:
         stats = self.stats["actions"]
@@ -389,7 +462,13 @@ class Pipeline:
             )
             return
         async with self._action_locks[cmd.action]:
-            outcome = await executor.execute(cmd)
+            outcome = await self.guard.run(cmd, executor, self.latest)
+        if outcome is None:  # blocked by the safety layer, which logged and audited why
+            for blocked_cb in self.observers.blocked:
+                blocked_cb(cmd)
+            return
+        if outcome.ok and self.safety.actuators_of(cmd.action):
+            self._save_safety()
         if outcome.ok:
             log.info(
                 "action %s (rule %s): ok%s in %.1f ms",

@@ -190,7 +190,8 @@ def test_bad_templates_are_refused_at_construction() -> None:
     cfg = msgspec.structs.replace(ALARM, payload='{"v": {value}}')
     assert check_templates(cfg) == [
         ("payload", "{\"v\": {value} is not a placeholder: use {name} or {name:json} with name "
-         "one of device, name, value, unit, quality, rule, action, ts", 1)
+         "one of device, name, value, unit, quality, rule, action, ts; write '{{' and '}}' for "
+         "literal braces (JSON payloads)", 1)
     ]
     with pytest.raises(ActionError, match=r"payload: .* \(column 1\)"):
         MqttPublishExecutor("x", cfg, MqttClient("unused", "127.0.0.1", 1))

@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log", help="log filter (default: warn)")
     demo.set_defaults(func=cmd_demo)
 
+    from flux_edge.actions.audit_cli import add_audit_parser
+
+    add_audit_parser(sub)
+
     plugin = sub.add_parser("plugin", help="create, build and try Wasm plugins")
     psub = plugin.add_subparsers(dest="plugin_command", required=True, metavar="SUBCOMMAND")
     new = psub.add_parser("new", help="scaffold a plugin folder")

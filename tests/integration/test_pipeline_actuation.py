@@ -154,3 +154,19 @@ def test_min_on_blocks_an_early_off_but_never_the_safe_state(tmp_path: Path) -> 
     blocked = [rec for rec in records if rec["rule"] == "warm"]
     assert blocked and "min_on" in json.dumps(blocked[0])
     assert any(rec["rule"] == "safety" for rec in records)
+
+
+def test_audit_tail_shows_what_the_pipeline_did(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    run(tmp_path, interval="30s", hold="0s", min_on="0s")
+    out = subprocess.run(
+        [sys.executable, "-m", "flux_edge", "audit", "tail", "--file",
+         str(tmp_path / "state" / "audit.jsonl")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert any("warm" in line and "burner_off" in line for line in lines), out.stdout
+    assert any("safety" in line for line in lines), out.stdout

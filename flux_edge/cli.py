@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flux_edge.actions.audit_cli import add_audit_parser
 
     add_audit_parser(sub)
+    from flux_edge.rules.replay import add_rules_parser
+
+    add_rules_parser(sub)
 
     plugin = sub.add_parser("plugin", help="create, build and try Wasm plugins")
     psub = plugin.add_subparsers(dest="plugin_command", required=True, metavar="SUBCOMMAND")

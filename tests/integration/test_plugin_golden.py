@@ -361,31 +361,84 @@ def test_golden_through_the_host(wasm: dict[str, Path], plugin: str, case: Path)
 
 # --- modbus_decode: property tests against an independent encoder ---------------------------------
 
-TYPES = ("bool", "int16", "uint16", "int32", "uint32", "float32")
-WIDTH = {"bool": 1, "int16": 1, "uint16": 1, "int32": 2, "uint32": 2, "float32": 2}
+TYPES = (
+    "bool",
+    "int16",
+    "uint16",
+    "int32",
+    "uint32",
+    "float32",
+    "int64",
+    "uint64",
+    "float64",
+    "string",
+)
+WIDTH = {
+    "bool": 1,
+    "int16": 1,
+    "uint16": 1,
+    "int32": 2,
+    "uint32": 2,
+    "float32": 2,
+    "int64": 4,
+    "uint64": 4,
+    "float64": 4,
+}  # a string: its count
 FUNCTIONS = {"holding": 3, "input": 4}
+I64_MAX = 2**63 - 1
 
 
-def _raw_value(draw: st.DrawFn, ty: str) -> int | float | bool:
+def _raw_value(draw: st.DrawFn, ty: str, count: int = 0) -> int | float | bool | bytes:
     if ty == "bool":
         return draw(st.integers(0, 0xFFFF))  # any non-zero word is true
+    if ty == "string":  # `count` registers of bytes: text, damaged UTF-8, NUL/space padding
+        text = st.text(max_size=2 * count).map(lambda t: t.encode()[: 2 * count])
+        data = draw(text | st.binary(max_size=2 * count))
+        pad = draw(st.sampled_from([b"\x00", b" "]))
+        return data + pad * (2 * count - len(data))
     lo, hi = {
         "int16": (-(2**15), 2**15 - 1),
         "uint16": (0, 2**16 - 1),
         "int32": (-(2**31), 2**31 - 1),
         "uint32": (0, 2**32 - 1),
+        "int64": (-(2**63), I64_MAX),
+        "uint64": (0, 2**64 - 1),
     }.get(ty, (0, 0))
     if ty == "float32":
         return draw(st.floats(width=32, allow_nan=False, allow_infinity=False))
+    if ty == "float64":  # bounded so that raw * scale + offset stays finite
+        return draw(st.floats(-1e300, 1e300))
+    if ty in ("int64", "uint64"):  # the edges, 2^53 +- 1 and the rest
+        edges = st.sampled_from([lo, hi, 2**53 - 1, 2**53, 2**53 + 1, I64_MAX, I64_MAX + 1])
+        return draw(st.integers(lo, hi) | edges.filter(lambda v: lo <= v <= hi))
     return draw(st.integers(lo, hi))
 
 
-def _words(ty: str, raw: int | float | bool, byte_order: str, word_order: str) -> list[int]:
+def _expected(reg: dict[str, Any], raw: int | float | bool | bytes) -> Any:
+    """What the plugin must emit for one register (the spec, written independently)."""
+    ty = reg["type"]
+    if ty == "bool":
+        return raw != 0
+    if isinstance(raw, bytes):  # string: trailing NULs and spaces go, bad UTF-8 is replaced
+        return raw.rstrip(b"\x00 ").decode("utf-8", "replace")
+    exact = reg["scale"] == 1.0 and reg["offset"] == 0.0
+    if ty in ("int64", "uint64") and exact and int(raw) <= I64_MAX:
+        return int(raw)  # the exact integer, even beyond 2^53
+    return float(raw) * reg["scale"] + reg["offset"]
+
+
+def _words(ty: str, raw: int | float | bool | bytes, byte_order: str, word_order: str) -> list[int]:
     """Python's own encoding: the device's big-endian words, then the configured orders."""
     fmt = {"int16": ">h", "uint16": ">H", "int32": ">i", "uint32": ">I", "float32": ">f"}
-    data = struct.pack(">H", int(raw)) if ty == "bool" else struct.pack(fmt[ty], raw)
+    fmt |= {"int64": ">q", "uint64": ">Q", "float64": ">d"}
+    if isinstance(raw, bytes):
+        data = raw  # a string: first character in the high byte of the first register
+    elif ty == "bool":
+        data = struct.pack(">H", int(raw))
+    else:
+        data = struct.pack(fmt[ty], raw)
     words = [data[i : i + 2] for i in range(0, len(data), 2)]
-    if word_order == "little":
+    if word_order == "little" and ty != "string":  # word order means nothing for a string
         words.reverse()
     if byte_order == "little":
         words = [w[::-1] for w in words]
@@ -414,14 +467,16 @@ def register_blocks(draw: st.DrawFn) -> tuple[list[dict[str, Any]], dict[str, An
             "offset": draw(st.sampled_from([0.0, -40.0, 273.15, 0.5])),
             "unit": draw(st.sampled_from(["", "°C", "kWh"])),
         }
-        raw = _raw_value(draw, ty)
+        if ty in ("int64", "uint64"):  # exact integers need scale 1 and offset 0: often
+            reg |= draw(st.sampled_from([{"scale": 1.0, "offset": 0.0}, {}]))
+        width = WIDTH.get(ty, 0)
+        if ty == "string":
+            width = reg["count"] = draw(st.integers(1, 8))
+        raw = _raw_value(draw, ty, width)
         words += _words(ty, raw, reg["byte_order"], reg["word_order"])
-        if ty == "bool":
-            expected.append(raw != 0)
-        else:
-            expected.append(float(raw) * reg["scale"] + reg["offset"])
+        expected.append(_expected(reg, raw))
         regs.append(reg)
-        address += WIDTH[ty] + draw(st.integers(0, 2))
+        address += width + draw(st.integers(0, 2))
         words += [draw(st.integers(0, 0xFFFF)) for _ in range(address - base - len(words))]
     # a decoy of the other function at the same addresses must not be decoded
     other = "input" if function == "holding" else "holding"
@@ -456,17 +511,18 @@ def test_modbus_decode_matches_python_encoding(
 
 @PROPS
 @given(
-    ty=st.sampled_from(["int32", "uint32", "float32"]),
+    ty=st.sampled_from(["int32", "uint32", "float32", "int64", "uint64", "float64", "string"]),
     start=st.integers(0, 10),
-    length=st.integers(0, 12),
+    length=st.integers(0, 16),
 )
 def test_modbus_decode_needs_the_whole_span(
     wasm: dict[str, Path], ty: str, start: int, length: int
 ) -> None:
-    regs = [{"name": "x", "address": 5, "type": ty}]
+    regs = [{"name": "x", "address": 5, "type": ty, "count": 3}]
+    width = WIDTH.get(ty, 3)
     line = {"registers": [0] * length, "function": 3, "address": start}
     got = _Runner(wasm["modbus_decode"], {"registers": regs}).records([line])
-    if start <= 5 and start + length >= 5 + 2:
+    if start <= 5 and start + length >= 5 + width:
         assert [r["name"] for r in got] == ["x"]
     else:
         assert len(got) == 1 and "no register of the map lies within" in got[0]["error"]
@@ -493,7 +549,7 @@ def test_modbus_decode_coils_are_bools(wasm: dict[str, Path]) -> None:
         ({}, "no register map"),
         ({"registers": []}, "registers is empty"),
         (
-            {"source": {"registers": [{"name": "t", "address": 1, "type": "float64"}]}},
+            {"source": {"registers": [{"name": "t", "address": 1, "type": "float16"}]}},
             'source.registers[0] ("t"): type must be one of',
         ),
         (
@@ -501,6 +557,32 @@ def test_modbus_decode_coils_are_bools(wasm: dict[str, Path]) -> None:
             'registers[1] ("b"): address must be an integer 0..65535',
         ),
         ({"registers": [{"name": "a", "address": 65535, "type": "uint32"}]}, "runs past register"),
+        ({"registers": [{"name": "a", "address": 65533, "type": "int64"}]}, "runs past register"),
+        (
+            {"registers": [{"name": "s", "address": 65530, "type": "string", "count": 7}]},
+            "runs past register",
+        ),
+        (
+            {
+                "registers": [
+                    {"name": "a", "address": 0},
+                    {"name": "sn", "type": "string", "address": 1},
+                ]
+            },
+            'registers[1] ("sn"): a string needs count 1..125 (registers, 2 bytes each), got none',
+        ),
+        (
+            {"registers": [{"name": "sn", "type": "string", "address": 1, "count": 0}]},
+            'registers[0] ("sn"): a string needs count 1..125',
+        ),
+        (
+            {"registers": [{"name": "sn", "type": "string", "address": 1, "count": 126}]},
+            'registers[0] ("sn"): a string needs count 1..125 (registers, 2 bytes each), got 126',
+        ),
+        (
+            {"registers": [{"name": "sn", "type": "string", "address": 1, "count": "4"}]},
+            'registers[0] ("sn"): a string needs count',
+        ),
         ({"registers": [{"name": "a", "address": 1, "word_order": "middle"}]}, "word_order"),
         ({"registers": [{"name": "a", "address": 1, "function": "write"}]}, "function must be"),
         ({"registers": [{"address": 1}]}, "name is missing"),

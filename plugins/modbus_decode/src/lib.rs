@@ -14,9 +14,17 @@ enum Type {
     Int32,
     Uint32,
     Float32,
+    Int64,
+    Uint64,
+    Float64,
+    /// `count` registers of text, two bytes each.
+    String,
 }
 
-const TYPES: &str = "bool|int16|uint16|int32|uint32|float32";
+const TYPES: &str = "bool|int16|uint16|int32|uint32|float32|int64|uint64|float64|string";
+
+/// Most registers one read request returns (Modbus limit): the longest string a block can hold.
+const MAX_STRING_REGISTERS: u64 = 125;
 
 impl Type {
     fn parse(s: &str) -> Option<Type> {
@@ -27,6 +35,10 @@ impl Type {
             "int32" => Type::Int32,
             "uint32" => Type::Uint32,
             "float32" => Type::Float32,
+            "int64" => Type::Int64,
+            "uint64" => Type::Uint64,
+            "float64" => Type::Float64,
+            "string" => Type::String,
             _ => return None,
         })
     }
@@ -55,6 +67,10 @@ pub struct Register {
     low_word_first: bool,
     scale: f64,
     offset: f64,
+    /// scale == 1 and offset == 0: int64/uint64 values are written as exact integers.
+    exact: bool,
+    /// registers of a string (0 for the other types)
+    count: u16,
 }
 
 impl Register {
@@ -67,6 +83,8 @@ impl Register {
         match self.ty {
             _ if self.is_bool() => 1,
             Type::Int32 | Type::Uint32 | Type::Float32 => 2,
+            Type::Int64 | Type::Uint64 | Type::Float64 => 4,
+            Type::String => u32::from(self.count),
             _ => 1,
         }
     }
@@ -134,6 +152,24 @@ fn parse_register(obj: &Map<String, Json>) -> Result<Register, String> {
     let ty_name = get_str(obj, "type", "uint16")?;
     let ty = Type::parse(ty_name).ok_or_else(|| format!("type must be one of {}, got {:?}", TYPES, ty_name))?;
     let unit = get_str(obj, "unit", "")?;
+    let bits = function == FN_COIL || function == FN_DISCRETE;
+    let count = if ty == Type::String && !bits {
+        let bad = || {
+            format!(
+                "a string needs count 1..{} (registers, 2 bytes each), got {}",
+                MAX_STRING_REGISTERS,
+                obj.get("count").map_or_else(|| "none".to_string(), Json::to_string)
+            )
+        };
+        match obj.get("count").and_then(Json::as_u64) {
+            Some(c @ 1..=MAX_STRING_REGISTERS) => c as u16,
+            _ => return Err(bad()),
+        }
+    } else {
+        0 // count means nothing for other types (the host passes 0)
+    };
+    let scale = get_f64(obj, "scale", 1.0)?;
+    let offset = get_f64(obj, "offset", 0.0)?;
     let reg = Register {
         key: Key::new(name, unit),
         function,
@@ -141,8 +177,10 @@ fn parse_register(obj: &Map<String, Json>) -> Result<Register, String> {
         ty,
         swap_bytes: get_order(obj, "byte_order")?,
         low_word_first: get_order(obj, "word_order")?,
-        scale: get_f64(obj, "scale", 1.0)?,
-        offset: get_f64(obj, "offset", 0.0)?,
+        scale,
+        offset,
+        exact: scale == 1.0 && offset == 0.0,
+        count,
     };
     if u32::from(reg.address) + reg.width() > 65536 {
         return Err(format!("a {} at address {} runs past register 65535", ty_name, address));
@@ -228,8 +266,8 @@ fn process(d: &mut Decoder, m: &Message, out: &mut Output) -> Result<(), String>
         }
         let raw = match r.ty {
             Type::Int16 => f64::from(word(0) as i16),
-            Type::Uint16 => f64::from(word(0)),
-            _ => {
+            Type::Uint16 | Type::Bool => f64::from(word(0)),
+            Type::Int32 | Type::Uint32 | Type::Float32 => {
                 let (hi, lo) = if r.low_word_first { (word(1), word(0)) } else { (word(0), word(1)) };
                 let bits = (u32::from(hi) << 16) | u32::from(lo);
                 match r.ty {
@@ -237,6 +275,36 @@ fn process(d: &mut Decoder, m: &Message, out: &mut Output) -> Result<(), String>
                     Type::Uint32 => f64::from(bits),
                     _ => f64::from(f32::from_bits(bits)),
                 }
+            }
+            Type::Int64 | Type::Uint64 | Type::Float64 => {
+                let w = |k: usize| u64::from(word(if r.low_word_first { 3 - k } else { k }));
+                let bits = (w(0) << 48) | (w(1) << 32) | (w(2) << 16) | w(3);
+                match r.ty {
+                    Type::Int64 if r.exact => {
+                        out.put(&r.key, bits as i64);
+                        continue;
+                    }
+                    Type::Int64 => bits as i64 as f64,
+                    // above i64::MAX the SDK has no exact integer: a float it is
+                    Type::Uint64 if r.exact && bits <= i64::MAX as u64 => {
+                        out.put(&r.key, bits as i64);
+                        continue;
+                    }
+                    Type::Uint64 => bits as f64,
+                    _ => f64::from_bits(bits),
+                }
+            }
+            Type::String => {
+                let mut text = [0u8; 2 * MAX_STRING_REGISTERS as usize];
+                let n = 2 * usize::from(r.count);
+                for k in 0..usize::from(r.count) {
+                    // a register holds its first character in its high byte (after byte_order)
+                    text[2 * k..2 * k + 2].copy_from_slice(&word(k).to_be_bytes());
+                }
+                let used = text[..n].iter().rposition(|&b| b != 0 && b != b' ').map_or(0, |p| p + 1);
+                let text = String::from_utf8_lossy(&text[..used]);
+                out.put(&r.key, text.as_ref());
+                continue;
             }
         };
         out.put(&r.key, raw * r.scale + r.offset);

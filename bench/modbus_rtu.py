@@ -18,9 +18,11 @@ the loss is 1 - (healthy reads/s with the silent slave) / (reads/s without). Tar
 
 The line and its slaves run in a child process each (tests/support/serial_line.py), so the
 poller shares no interpreter lock with them. The simulated slave answers 3.5 characters after
-the request (as the spec requires) plus its own turnaround, reported below; it counts against
-the poller. Not simulated: USB adapter latency (an FTDI adapter's latency timer adds 1-16 ms
-per transaction unless set low). This machine's ptys refuse parity bits, so lines run 8N1.
+the request left the wire (as the spec requires; timed like a slave's hardware timer, from the
+relay's wire times) plus its own turnaround, reported below; it counts against the poller, as
+do the relay's hand-over latencies. Not simulated: USB adapter latency (an FTDI adapter's
+latency timer adds 1-16 ms per transaction unless set low). This machine's ptys refuse parity
+bits, so lines run 8N1.
 """
 
 from __future__ import annotations

@@ -274,12 +274,18 @@ class _Client:
         timeout = per_request or self.timeout
         limit = self._call_timeout(timeout, *frame)
         task = asyncio.current_task()
+        cancelling = task.cancelling() if task is not None else 0
         self._waiting, self._lost = task, False
         try:
             await self._before_request()
             async with asyncio.timeout(limit) as deadline:
                 self._waiting_for(deadline, timeout, frame[1])
                 response = await request(client)
+            if task is not None and task.cancelling() > cancelling:
+                # pymodbus awaits the answer with asyncio.wait_for, which in Python 3.11 drops
+                # a cancellation that comes with the answer (the task would poll on, and never
+                # stop): deliver it here.
+                raise asyncio.CancelledError
         except TimeoutError as exc:
             if self.drop_on_timeout:
                 self._drop()
@@ -789,7 +795,10 @@ class ModbusBusPoller:
                 push(dev, gi, start)
         if not heap:
             await asyncio.Event().wait()  # nothing to poll (write-only devices): idle
+        me = asyncio.current_task()
         while True:
+            if me is not None and me.cancelling():
+                raise asyncio.CancelledError  # a cancellation something below swallowed
             due, _, dev, gi, epoch = heap[0]
             if epoch != dev.epoch:
                 heapq.heappop(heap)

@@ -19,7 +19,7 @@ import pytest
 from flux_edge.config import ModbusDeviceConfig, ModbusRtuSource, RegisterConfig
 from flux_edge.errors import SourceError
 from flux_edge.model import FN_COIL, FN_DISCRETE, FN_HOLDING, FN_INPUT
-from flux_edge.sources.modbus import ModbusBusPoller
+from flux_edge.sources.modbus import ModbusBusPoller, ModbusRtuClient
 from tests.support import Collector, StatusLog, run, stop_task
 from tests.support.serial_line import (
     LineProcess,
@@ -308,5 +308,38 @@ def test_a_port_that_cannot_be_opened_marks_every_device_bad(tmp_path: Any) -> N
         await stop_task(task)
         h = poller.health["a"]
         assert h.quality == "bad" and "cannot open" in h.last_error
+
+    run(scenario())
+
+
+def test_a_cancellation_that_comes_with_an_answer_still_stops_the_poller(
+    line38400: SimulatedLine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Python 3.11's asyncio.wait_for (pymodbus awaits answers with it) drops a cancellation
+    that arrives in the same loop iteration as the answer. The poller must stop anyway, or a
+    daemon's shutdown would hang on it. The cancel is made from inside the client's receive
+    path, just before pymodbus completes the answer: exactly that race."""
+    line = line38400
+    armed: list[asyncio.Task[None]] = []
+    receive = ModbusRtuClient._trace_packet
+
+    def cancel_with_the_answer(self: ModbusRtuClient, sending: bool, data: bytes) -> bytes:
+        if not sending and len(data) >= 25 and armed:  # a whole 10-register answer
+            armed.pop().cancel()
+        return receive(self, sending, data)
+
+    monkeypatch.setattr(ModbusRtuClient, "_trace_packet", cancel_with_the_answer)
+
+    async def scenario() -> None:
+        with RtuSlaves.on(line, (1,)):
+            out = Collector()
+            poller = ModbusBusPoller("rs485", bus(line, ten_registers("a", 1), interval=0.01), out)
+            task = asyncio.create_task(poller.run())
+            await out.wait_for(2)
+            armed.append(task)
+            done, _ = await asyncio.wait({task}, timeout=2.0)
+            assert done, "the poller went on polling after it was cancelled"
+            assert task.cancelled()
+            assert not poller.health["a"].total_errors
 
     run(scenario())

@@ -105,6 +105,9 @@ class SimulatedLine:
         self.gap = frame_gap(baudrate, bytesize, parity, stopbits)
         self.frames: list[WireFrame] = []
         self.collisions = 0  # characters sent while the other side was transmitting
+        # when the last character each side sent leaves the wire (monotonic): what a device's
+        # silence timer (a hardware timer in a real slave's UART) starts from
+        self.sent_end: dict[Direction, float] = {"master": 0.0, "slave": 0.0}
         self.dropped = 0  # characters the receiving pty could not take (nobody reading)
         self.record = True  # keep ``frames`` (turn off for long benchmarks)
         # Received bytes are handed over like a UART's: in bursts of ``fifo`` (its trigger
@@ -230,6 +233,7 @@ class SimulatedLine:
                     pending[fd].append((start + ct, byte))
                     frame.data.append(byte)
                 frame.end = busy_until[fd]
+                self.sent_end[who[fd]] = busy_until[fd]
 
     def _deliver(self, fd: int, data: bytes) -> None:
         try:
@@ -314,6 +318,7 @@ class RtuSlaves:
         self.units = tuple(units)
         self.gap = gap
         self.turnaround = turnaround
+        self.line: SimulatedLine | None = None  # set by ``on``: wire times from the relay
         self.size = size
         self._tables = {u: _Unit(size) for u in self.units}
         self.silent: set[int] = set()
@@ -330,7 +335,12 @@ class RtuSlaves:
 
     @classmethod
     def on(cls, line: SimulatedLine, units: Iterable[int], **kw: Any) -> RtuSlaves:
-        return cls(line.slave_port, units, gap=line.gap, **kw)
+        """Slaves on ``line``: they time the silence after a request from the moment its last
+        character left the wire (as a slave's hardware timer would), not from the moment the
+        pty handed it over, so the relay's own latency does not count as their turnaround."""
+        slaves = cls(line.slave_port, units, gap=line.gap, **kw)
+        slaves.line = line
+        return slaves
 
     # -- tables (thread-safe enough: single list item assignments under the GIL) --
 
@@ -419,8 +429,13 @@ class RtuSlaves:
         fine_timer_slack()
         buf = bytearray()
         first = last = 0.0
+        line = self.line
+
+        def silent_since() -> float:
+            return line.sent_end["master"] if line is not None else last
+
         while not self._stop:
-            timeout = max(0.0, last + self.gap - time.monotonic()) if buf else 0.5
+            timeout = max(0.0, silent_since() + self.gap - time.monotonic()) if buf else 0.5
             try:
                 ready, _, _ = select.select([self._fd, self._wake_r], [], [], timeout)
             except InterruptedError:
@@ -434,12 +449,13 @@ class RtuSlaves:
                     buf += data
                     last = now
                 continue
-            if buf and now >= last + self.gap:  # the silence ends the frame
+            end = silent_since()
+            if buf and now >= end + self.gap:  # the silence ends the frame
                 frame = bytes(buf)
                 buf.clear()
-                self._handle(frame, first, last)
+                self._handle(frame, first, last, end)
 
-    def _handle(self, frame: bytes, first: float, last: float) -> None:
+    def _handle(self, frame: bytes, first: float, last: float, end: float) -> None:
         if len(frame) < 4 or crc16(frame[:-2]) != frame[-2:]:
             self.crc_errors += 1
             return
@@ -455,14 +471,14 @@ class RtuSlaves:
             return
         reply = self._respond(self._tables[unit], pdu)
         if self.turnaround > 0:
-            time.sleep(max(0.0, last + self.gap + self.turnaround - time.monotonic()))
+            time.sleep(max(0.0, end + self.gap + self.turnaround - time.monotonic()))
         adu = bytes([unit]) + reply
         adu += crc16(adu)
         now = time.monotonic()
         with contextlib.suppress(BlockingIOError):
             os.write(self._fd, adu)
         req.answered, req.reply_at, req.reply_bytes = True, now, len(adu)
-        self.turnarounds.append(now - (last + self.gap + self.turnaround))
+        self.turnarounds.append(now - (end + self.gap + self.turnaround))
 
     def _respond(self, t: _Unit, pdu: bytes) -> bytes:
         fn = pdu[0]

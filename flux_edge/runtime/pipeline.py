@@ -47,6 +47,7 @@ from flux_edge.rules.state import RuleStore
 from flux_edge.runtime.queues import BoundedQueue
 from flux_edge.runtime.supervisor import Supervisor
 from flux_edge.sources import Emit, Source, SourceHealth, StatusCallback
+from flux_edge.sources.modbus_plan import bus_devices
 
 log = logging.getLogger("flux_edge.runtime")
 
@@ -89,16 +90,6 @@ class _RateLimitedLog:
             self._last[key] = now
         else:
             self._suppressed[key] += 1
-
-
-def modbus_devices(cfg: ModbusTcpSource | ModbusRtuSource, name: str) -> list[ModbusDeviceConfig]:
-    """The devices of a Modbus source (the loader fills ``devices``; shorthand kept for structs
-    built in code)."""
-    if cfg.devices:
-        return list(cfg.devices)
-    assert isinstance(cfg, ModbusTcpSource)
-    return [ModbusDeviceConfig(name=cfg.device or name, unit_id=cfg.unit_id,
-                               registers=cfg.registers)]
 
 
 def source_context(
@@ -205,7 +196,7 @@ class Pipeline:
         cfg = self.config
         for sname, scfg in cfg.sources.items():
             if isinstance(scfg, ModbusTcpSource | ModbusRtuSource):
-                for dev in modbus_devices(scfg, sname):
+                for dev in bus_devices(scfg, sname):
                     self.chains[(sname, dev.name)] = self._load_chain(sname, scfg, dev)
             else:
                 self.chains[(sname, "")] = self._load_chain(sname, scfg, None)

@@ -45,8 +45,15 @@ from wasmtime import _bindings as _wb
 from wasmtime import _func as _wfunc
 
 from flux_edge.config import PluginConfig
-from flux_edge.errors import PluginABIError, PluginLoadError
-from flux_edge.model import ErrorRecord, Measurement, Reading
+from flux_edge.errors import (
+    PluginABIError,
+    PluginError,
+    PluginLoadError,
+    PluginQuarantined,
+    PluginTimeout,
+    PluginTrap,
+)
+from flux_edge.model import Command, ErrorRecord, Measurement, Reading
 from flux_edge.plugins.abi import (
     ABI_VERSION,
     BatchEncodeError,
@@ -245,7 +252,11 @@ _EXPORTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "flux_alloc": (("i32",), ("i32",)),
     "flux_dealloc": (("i32", "i32"), ()),
     "flux_init": (("i32", "i32"), ("i32",)),
+}
+# A plugin exports at least one of these: flux_process (normalize batches), flux_act (actions).
+_ENTRY_EXPORTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "flux_process": (("i32", "i32"), ("i64",)),
+    "flux_act": (("i32", "i32"), ("i64",)),
 }
 
 
@@ -499,11 +510,17 @@ def _check_exports(name: str, module: wasmtime.Module) -> None:
         problems.append("missing export `memory` (the guest's linear memory)")
     elif not isinstance(mem, wasmtime.MemoryType):
         problems.append("export `memory` is not a memory")
-    for fname, (params, results) in _EXPORTS.items():
+    if not any(f in found for f in _ENTRY_EXPORTS):
+        problems.append(
+            "missing export `flux_process` (i32, i32) -> (i64) or `flux_act` (i32, i32) -> (i64) "
+            "(a plugin exports at least one of them)"
+        )
+    for fname, (params, results) in {**_EXPORTS, **_ENTRY_EXPORTS}.items():
         ty = found.get(fname)
         want = _sig(params, results)
         if ty is None:
-            problems.append(f"missing export `{fname}` {want}")
+            if fname not in _ENTRY_EXPORTS:
+                problems.append(f"missing export `{fname}` {want}")
         elif not isinstance(ty, wasmtime.FuncType):
             problems.append(f"export `{fname}` is not a function (expected {want})")
         else:
@@ -547,6 +564,7 @@ class _Instance:
 
     __slots__ = (
         "ctx",
+        "f_act",
         "f_alloc",
         "f_dealloc",
         "f_init",
@@ -569,8 +587,10 @@ class _Instance:
         assert isinstance(memory, wasmtime.Memory)
         self.memory = memory
         funcs: dict[str, wasmtime.Func] = {}
-        for fname in _EXPORTS:
-            f = exports[fname]
+        for fname in (*_EXPORTS, *_ENTRY_EXPORTS):
+            f = exports.get(fname) if fname in _ENTRY_EXPORTS else exports[fname]
+            if f is None:
+                continue
             assert isinstance(f, wasmtime.Func)
             funcs[fname] = f
         self.funcs = funcs  # keeps the wasmtime_func_t structs the refs below point to alive
@@ -578,7 +598,10 @@ class _Instance:
         self.f_alloc = _byref(funcs["flux_alloc"]._func)
         self.f_dealloc = _byref(funcs["flux_dealloc"]._func)
         self.f_init = _byref(funcs["flux_init"]._func)
-        self.f_process = _byref(funcs["flux_process"]._func)
+        # None when the module does not export it (checked at load: at least one of the two)
+        f_process, f_act = funcs.get("flux_process"), funcs.get("flux_act")
+        self.f_process: Any = _byref(f_process._func) if f_process is not None else None
+        self.f_act: Any = _byref(f_act._func) if f_act is not None else None
         self.in_ptr = 0
         self.in_cap = 0
         self.view: memoryview = memoryview(b"")
@@ -639,6 +662,9 @@ class Plugin:
         self._last_failure = ""
         self._quarantined_until: float | None = None
         self._closed = False
+        exported = {e.name for e in module.exports}
+        self.has_process = "flux_process" in exported  # can normalize batches (process)
+        self.has_act = "flux_act" in exported  # can answer commands (act)
         linker = wasmtime.Linker(host.engine)
         if wasi:
             linker.define_wasi()
@@ -691,6 +717,10 @@ class Plugin:
         stats.messages += n
         if self._closed:
             return self._fail_all(messages, "plugin is closed", indices)
+        if not self.has_process:
+            return self._fail_all(
+                messages, "the plugin does not export flux_process (it only acts)", indices
+            )
         until = self._quarantined_until
         if until is not None:
             now = self._host.clock()
@@ -722,6 +752,56 @@ class Plugin:
         stats.last_call_s = dt
         stats.total_call_s += dt
         return result
+
+    def act(self, command: Command) -> bytes:
+        """Ask the plugin what to send for ``command``: ONE ``flux_act`` call.
+
+        Returns the bytes the guest produced. Unlike :meth:`process` this raises:
+        :class:`PluginTimeout`, :class:`PluginTrap`, :class:`PluginABIError` (the instance is
+        recycled and the failure counts toward quarantine), :class:`PluginQuarantined`, or
+        :class:`PluginError` when the guest refused (negative return; the message carries its
+        last error-level log) or the plugin is closed / does not export ``flux_act``.
+        """
+        if self._closed:
+            raise PluginError(self.name, "plugin is closed")
+        if not self.has_act:
+            raise PluginError(
+                self.name, "the plugin does not export flux_act, so it cannot run an action"
+            )
+        until = self._quarantined_until
+        if until is not None:
+            now = self._host.clock()
+            if now < until:
+                raise PluginQuarantined(self.name, self._quarantine_text(until - now))
+        stats = self.stats
+        t0 = time.perf_counter()
+        try:
+            data = encode_command(command)
+        except (TypeError, msgspec.EncodeError) as exc:
+            raise PluginError(self.name, f"cannot pass the command to the plugin: {exc}") from None
+        try:
+            inst = self._inst
+            if inst is None:
+                inst = self._recycle()
+            out = self._call_entry(inst, inst.f_act, "flux_act", data, "the command")
+        except _Fault as f:
+            msg = self._record_failure(f)
+            if f.kind == "timeout":
+                raise PluginTimeout(self.name, msg) from None
+            if f.kind == "trap":
+                raise PluginTrap(self.name, msg) from None
+            if f.kind == "abi":
+                raise PluginABIError(self.name, msg) from None
+            raise PluginError(self.name, msg) from None
+        finally:
+            dt = time.perf_counter() - t0
+            stats.last_call_s = dt
+            stats.total_call_s += dt
+        self._failures = 0
+        if until is not None:
+            self._quarantined_until = None
+            self._logger.info("plugin %r works again after its quarantine", self.name)
+        return out
 
     def close(self) -> None:
         """Free the input buffer and drop the instance. Later calls give error records."""
@@ -830,6 +910,9 @@ class Plugin:
         self._invoke(inst, inst.f_dealloc, args, self._ticks)
 
     def _call_process(self, inst: _Instance, data: bytes) -> bytes:
+        return self._call_entry(inst, inst.f_process, "flux_process", data, "the batch")
+
+    def _call_entry(self, inst: _Instance, fref: Any, fname: str, data: bytes, what: str) -> bytes:
         need = len(data)
         if need > inst.in_cap:
             self._grow_input(inst, need)
@@ -840,13 +923,13 @@ class Plugin:
         args[1].i32 = need
         self.stats.calls += 1
         self._sink.last_error = None
-        self._invoke(inst, inst.f_process, args, self._ticks)
+        self._invoke(inst, fref, args, self._ticks)
         r: int = args[0].i64
         if r < 0:
             last = self._sink.last_error
             raise _Fault(
                 "refused",
-                f"flux_process failed the batch (returned {r})" + (f": {last}" if last else ""),
+                f"{fname} failed {what} (returned {r})" + (f": {last}" if last else ""),
             )
         out_ptr = r >> 32
         out_len = r & 0xFFFFFFFF
@@ -952,6 +1035,12 @@ class Plugin:
         mark: int,
     ) -> list[Measurement | ErrorRecord]:
         """A whole call failed: discard the instance, count, maybe quarantine."""
+        if indices is not None:
+            del indices[mark:]
+        return self._fail_all(messages, self._record_failure(fault), indices)
+
+    def _record_failure(self, fault: _Fault) -> str:
+        """Discard the instance, count the failure, maybe quarantine; returns the message."""
         stats = self.stats
         stats.failures += 1
         if fault.kind == "trap":
@@ -964,8 +1053,6 @@ class Plugin:
         self._inst = None
         if inst is not None:
             inst.drop()
-        if indices is not None:
-            del indices[mark:]
         msg = str(fault)
         self._failures += 1
         self._last_failure = msg
@@ -983,7 +1070,7 @@ class Plugin:
             )
         else:
             self._logger.warning("plugin %r: call failed: %s", self.name, msg)
-        return self._fail_all(messages, msg, indices)
+        return msg
 
     def _quarantine_text(self, remaining: float) -> str:
         until = time.strftime("%H:%M:%S", time.gmtime(time.time() + remaining))
@@ -1050,6 +1137,24 @@ class Plugin:
         if indices is not None:
             indices.extend(i for i, _ in pairs)
         return [r for _, r in pairs]
+
+
+def encode_command(command: Command) -> bytes:
+    """The JSON object ``flux_act`` receives (docs/plugin-abi.md, "Actions")."""
+    cause = command.cause
+    return msgspec.json.encode(
+        {
+            "rule": command.rule,
+            "action": command.action,
+            "ts": command.ts,
+            "device": cause.device if cause is not None else "",
+            "name": cause.name if cause is not None else "",
+            "value": cause.value if cause is not None else None,
+            "unit": cause.unit if cause is not None else "",
+            "quality": cause.quality if cause is not None else "",
+            "params": command.params,
+        }
+    )
 
 
 def _first_line(exc: BaseException) -> str:

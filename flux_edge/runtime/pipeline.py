@@ -39,7 +39,7 @@ from flux_edge.config import (
     SourceConfig,
     resolve_plugin_path,
 )
-from flux_edge.errors import FluxError, PluginError
+from flux_edge.errors import FluxError, PluginError, PluginLoadError
 from flux_edge.model import Command, ErrorRecord, Measurement, Outcome, Quality, Reading
 from flux_edge.plugins.host import Plugin, PluginHost, PluginLimits
 from flux_edge.rules.engine import RuleEngine
@@ -181,15 +181,21 @@ class Pipeline:
             pcfg = self.config.plugins[pname]
             init_cfg = dict(pcfg.config)
             init_cfg["source"] = source_context(sname, scfg, device)
-            chain.append(
-                self.host.load(
-                    pname,
-                    Path(resolve_plugin_path(self.config, pname)),
-                    PluginLimits.from_config(pcfg),
-                    init_cfg,
-                    wasi=pcfg.wasi,
-                )
+            plugin = self.host.load(
+                pname,
+                Path(resolve_plugin_path(self.config, pname)),
+                PluginLimits.from_config(pcfg),
+                init_cfg,
+                wasi=pcfg.wasi,
             )
+            if not plugin.has_process:
+                plugin.close()
+                raise PluginLoadError(
+                    pname,
+                    f"it is in the chain of source {sname!r} but does not export flux_process "
+                    "(it only answers wasm actions, with flux_act)",
+                )
+            chain.append(plugin)
         return chain
 
     def _build(self) -> None:

@@ -271,7 +271,16 @@ class MqttPublishAction(_S, frozen=True, tag="mqtt_publish", tag_field="type"):
     timeout: float = 5.0  # seconds: connection wait + publish + broker acknowledgement
 
 
-ActionConfig = ModbusWriteAction | SerialWriteAction | MqttPublishAction
+class WasmAction(_S, frozen=True, tag="wasm", tag_field="type"):
+    """Ask a plugin (its ``flux_act`` export) what to send, and send those bytes through another
+    action's transport: a serial_write's port or an mqtt_publish's broker, topic, qos, retain."""
+
+    plugin: str  # a declared [plugins.NAME] that exports flux_act
+    target: str  # the serial_write or mqtt_publish action whose transport carries the bytes
+    timeout: float = 1.0  # seconds for the send (the plugin call has the plugin's own timeout)
+
+
+ActionConfig = ModbusWriteAction | SerialWriteAction | MqttPublishAction | WasmAction
 
 
 class ProfileInfo(_S, frozen=True):
@@ -687,6 +696,9 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (MqttPublishAction, "topic"): _Rule(nonempty=True),
     (MqttPublishAction, "qos"): _Rule(min=0, max=2),
     (MqttPublishAction, "timeout"): _Rule(kind="duration", positive=True),
+    (WasmAction, "plugin"): _Rule(nonempty=True),
+    (WasmAction, "target"): _Rule(nonempty=True),
+    (WasmAction, "timeout"): _Rule(kind="duration", positive=True),
     (Config, "plugins"): _Rule(keys=_check_name),
     (Config, "sources"): _Rule(keys=_check_name),
     (Config, "rules"): _Rule(keys=_check_name),
@@ -1883,6 +1895,14 @@ def _cross_check(v: _Validator, raw: dict[str, Any], data: dict[str, Any], base_
     actions = _names(raw, "actions")
     src_data: dict[str, Any] = data.get("sources", {})
     used_plugins: set[str] = set()
+    act_data: dict[str, Any] = data.get("actions", {})
+    for aname, action in act_data.items():
+        if action.get("type") != "wasm" or not isinstance(action.get("plugin"), str):
+            continue
+        pname = action["plugin"]
+        used_plugins.add(pname)
+        if plugins is not None and pname and pname not in plugins:
+            v.report(("actions", aname, "plugin"), _missing_ref("plugin", pname, plugins))
 
     for sname, src in src_data.items():
         for index, pname in enumerate(src.get("chain", [])):
@@ -2161,7 +2181,11 @@ def _source_device_names(sname: str, src: dict[str, Any]) -> list[str]:
 
 def _check_action_targets(v: _Validator, data: dict[str, Any], sources: list[str] | None) -> None:
     src_data: dict[str, Any] = data.get("sources", {})
-    for aname, action in data.get("actions", {}).items():
+    act_data: dict[str, Any] = data.get("actions", {})
+    for aname, action in act_data.items():
+        if action.get("type") == "wasm":
+            _check_wasm_target(v, aname, action, act_data)
+            continue
         target = action.get("source")
         if sources is None or not isinstance(target, str) or not target:
             continue
@@ -2212,6 +2236,25 @@ def _check_action_targets(v: _Validator, data: dict[str, Any], sources: list[str
                 f'source "{target}" has no device named "{device}"; '
                 f"{_suggest(device, names)}its devices: {listed}",
             )
+
+
+def _check_wasm_target(
+    v: _Validator, aname: str, action: dict[str, Any], act_data: dict[str, Any]
+) -> None:
+    target = action.get("target")
+    if not isinstance(target, str) or not target:
+        return
+    where: Key = ("actions", aname, "target")
+    if target not in act_data:
+        v.report(where, _missing_ref("action", target, list(act_data)))
+        return
+    kind = act_data[target].get("type")
+    if kind not in ("serial_write", "mqtt_publish"):
+        v.report(
+            where,
+            f'action "{target}" is a {kind} action: a wasm action sends its plugin\'s bytes '
+            "through a serial_write or mqtt_publish action",
+        )
 
 
 # --- device profiles and normalization ----------------------------------------------------------

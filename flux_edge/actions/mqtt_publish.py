@@ -78,16 +78,27 @@ class MqttPublishExecutor:
         self._topic: Template = compile_template(cfg.topic)
         self._payload: Template = compile_template(cfg.payload)
 
-    async def _publish(self, cmd: Command) -> None:
+    async def send(self, data: bytes, cmd: Command, limit: float | None = None) -> None:
+        """Publish ``data`` as the payload (instead of the payload template) to this action's
+        topic, with its qos and retain: what a ``wasm`` action targeting it sends.
+        ``limit`` (seconds) defaults to this action's timeout. Raises ActionError."""
+        await self._publish(cmd, data, self.cfg.timeout if limit is None else limit)
+
+    async def _publish(
+        self, cmd: Command, payload: bytes | None = None, limit: float | None = None
+    ) -> None:
         cfg = self.cfg
         context = command_context(cmd)
         topic = self._topic.render(context)
-        payload = self._payload.render(context).encode("utf-8")
+        if payload is None:
+            payload = self._payload.render(context).encode("utf-8")
+        if limit is None:
+            limit = cfg.timeout
         problem = check_topic(topic)
         if problem:
             raise ActionError(self.name, f"rendered topic {topic!r} is not publishable: {problem}")
         try:
-            async with asyncio.timeout(cfg.timeout):
+            async with asyncio.timeout(limit):
                 await self.client.publish(topic, payload, cfg.qos, cfg.retain)
         except TimeoutError as exc:
             if self.client.connected:
@@ -98,7 +109,7 @@ class MqttPublishExecutor:
             raise ActionError(
                 self.name,
                 f"publishing to {topic!r} on {self.client.broker} took longer than "
-                f"{cfg.timeout:g} s (timeout; {why})",
+                f"{limit:g} s (timeout; {why})",
             ) from exc
         except MqttError as exc:
             raise ActionError(self.name, f"publishing to {topic!r} failed: {exc}") from exc

@@ -91,6 +91,15 @@ class SerialWriteExecutor:
         except ValueError as exc:
             raise ActionError(name, str(exc)) from None
 
+    async def send(self, data: bytes, cmd: Command, limit: float | None = None) -> None:
+        """Write ``data`` (not the configured bytes) on this action's port: what a ``wasm``
+        action targeting it sends. ``limit`` (seconds) defaults to its timeout.
+        Raises ActionError."""
+        try:
+            await self.reader.write(data, self.cfg.timeout if limit is None else limit)
+        except SourceError as exc:
+            raise ActionError(self.name, f"sending {_preview(data)} failed: {exc}") from exc
+
     async def execute(self, cmd: Command) -> Outcome:
         started = time.perf_counter()
         error = ""

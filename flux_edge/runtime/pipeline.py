@@ -37,9 +37,10 @@ from flux_edge.config import (
     MqttSource,
     SerialSource,
     SourceConfig,
+    WasmAction,
     resolve_plugin_path,
 )
-from flux_edge.errors import FluxError, PluginError, PluginLoadError
+from flux_edge.errors import ActionError, FluxError, PluginError, PluginLoadError
 from flux_edge.model import Command, ErrorRecord, Measurement, Outcome, Quality, Reading
 from flux_edge.plugins.host import Plugin, PluginHost, PluginLimits
 from flux_edge.rules.engine import RuleEngine
@@ -210,11 +211,15 @@ class Pipeline:
                 sname, scfg, self._emit, functools.partial(self._on_status, sname),
                 cfg.daemon.name,
             )
-        for aname, acfg in cfg.actions.items():
+        # wasm actions send through other actions' executors: build those first
+        ordered = sorted(cfg.actions.items(), key=lambda item: isinstance(item[1], WasmAction))
+        for aname, acfg in ordered:
             self.executors[aname] = self._make_executor(aname, acfg)
             self._action_locks[aname] = asyncio.Lock()
 
     def _make_executor(self, name: str, cfg: ActionConfig) -> Executor:
+        if isinstance(cfg, WasmAction):
+            return self._make_wasm_executor(name, cfg)
         source = self.sources[cfg.source]
         if isinstance(cfg, ModbusWriteAction):
             from flux_edge.actions.modbus_write import ModbusWriteExecutor
@@ -227,6 +232,33 @@ class Pipeline:
         from flux_edge.actions.serial_write import SerialWriteExecutor
 
         return SerialWriteExecutor(name, cfg, source)  # type: ignore[arg-type]
+
+    def _make_wasm_executor(self, name: str, cfg: WasmAction) -> Executor:
+        from flux_edge.actions.mqtt_publish import MqttPublishExecutor
+        from flux_edge.actions.serial_write import SerialWriteExecutor
+        from flux_edge.actions.wasm_action import WasmActionExecutor
+
+        target = self.executors.get(cfg.target)
+        if not isinstance(target, SerialWriteExecutor | MqttPublishExecutor):
+            raise ActionError(
+                name,
+                f"target {cfg.target!r} is not a serial_write or mqtt_publish action",
+            )
+        pcfg = self.config.plugins[cfg.plugin]
+        init_cfg = dict(pcfg.config)
+        init_cfg["source"] = {"name": name, "type": "action"}
+        plugin = self.host.load(
+            cfg.plugin,
+            Path(resolve_plugin_path(self.config, cfg.plugin)),
+            PluginLimits.from_config(pcfg),
+            init_cfg,
+            wasi=pcfg.wasi,
+        )
+        try:
+            return WasmActionExecutor(name, cfg, plugin, target, wall=self._clock)
+        except ActionError:
+            plugin.close()
+            raise
 
     # --- safety state: last switch times survive a restart (min_on/min_off, rate limits) ---
 

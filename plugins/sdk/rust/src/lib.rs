@@ -27,11 +27,18 @@
 //! | `{ state: T, init: i, process: p }` | `fn(&[u8]) -> Result<T, E>` | `fn(&mut T, &Message, &mut Output) -> R` |
 //! | `{ state: T, init_json: i, process: p }` (feature `json`) | `fn(&serde_json::Value) -> Result<T, E>` | same |
 //!
+//! With the `json` feature a stateful plugin may also answer `wasm` actions (the optional
+//! `flux_act` export): add `act: a` after `process: p`, or give `act: a` instead of
+//! `process: p` for a plugin that only acts. `a` is `fn(&mut T, &Command) -> Result<Vec<u8>,
+//! String>`: the bytes to send, or the reason to refuse the command (logged at error level).
+//!
 //! `I` is `()` or `Result<(), E>`, `R` is `()` or `Result<(), E>`, with `E: Display`. An init
 //! error is logged at error level and refuses the config (`flux_init` returns 1); a process
 //! error becomes an error line for that message. A panic aborts: the call traps and the host
 //! turns the batch into error records (build with `panic = "abort"`).
 
+#[cfg(feature = "json")]
+pub mod act;
 pub mod log;
 pub mod message;
 pub mod output;
@@ -45,10 +52,14 @@ pub use message::{Message, Registers, FN_COIL, FN_DISCRETE, FN_HOLDING, FN_INPUT
 pub use output::{Key, Output, Quality, Value};
 
 #[cfg(feature = "json")]
+pub use act::Command;
+#[cfg(feature = "json")]
 pub use serde_json;
 
 #[doc(hidden)]
 pub mod __rt {
+    #[cfg(feature = "json")]
+    pub use crate::act::run_act;
     pub use crate::rt::*;
 }
 
@@ -98,7 +109,23 @@ macro_rules! flux_plugin {
         }
     };
 
-    (@stateful $t:ty, $init:expr, $process:expr) => {
+    (@act $act:expr) => {
+        #[no_mangle]
+        pub extern "C" fn flux_act(ptr: *const u8, len: usize) -> i64 {
+            unsafe {
+                $crate::__rt::run_act(ptr, len, |cmd| {
+                    match (*::core::ptr::addr_of_mut!(__FLUX_PLUGIN_STATE)).as_mut() {
+                        ::core::option::Option::Some(state) => ($act)(state, cmd),
+                        ::core::option::Option::None => ::core::result::Result::Err(::std::string::String::from(
+                            "plugin is not initialised (flux_init was not called or refused its config)",
+                        )),
+                    }
+                })
+            }
+        }
+    };
+
+    (@stateful_init $t:ty, $init:expr) => {
         static mut __FLUX_PLUGIN_STATE: ::core::option::Option<$t> = ::core::option::Option::None;
 
         $crate::flux_plugin!(@common);
@@ -113,6 +140,10 @@ macro_rules! flux_plugin {
                 })
             }
         }
+    };
+
+    (@stateful $t:ty, $init:expr, $process:expr) => {
+        $crate::flux_plugin!(@stateful_init $t, $init);
 
         #[no_mangle]
         pub extern "C" fn flux_process(ptr: *const u8, len: usize) -> i64 {
@@ -147,6 +178,29 @@ macro_rules! flux_plugin {
 
     (state: $t:ty, init: $init:expr, process: $process:expr $(,)?) => {
         $crate::flux_plugin!(@stateful $t, |cfg: &[u8]| $crate::__rt::state_result(($init)(cfg)), $process);
+    };
+
+    (state: $t:ty, init: $init:expr, process: $process:expr, act: $act:expr $(,)?) => {
+        $crate::flux_plugin!(state: $t, init: $init, process: $process);
+        $crate::flux_plugin!(@act $act);
+    };
+
+    (state: $t:ty, init_json: $init:expr, process: $process:expr, act: $act:expr $(,)?) => {
+        $crate::flux_plugin!(state: $t, init_json: $init, process: $process);
+        $crate::flux_plugin!(@act $act);
+    };
+
+    (state: $t:ty, init: $init:expr, act: $act:expr $(,)?) => {
+        $crate::flux_plugin!(@stateful_init $t, |cfg: &[u8]| $crate::__rt::state_result(($init)(cfg)));
+        $crate::flux_plugin!(@act $act);
+    };
+
+    (state: $t:ty, init_json: $init:expr, act: $act:expr $(,)?) => {
+        $crate::flux_plugin!(@stateful_init $t, |cfg: &[u8]| -> Result<$t, String> {
+            let value = $crate::__rt::parse_json(cfg)?;
+            $crate::__rt::state_result(($init)(&value))
+        });
+        $crate::flux_plugin!(@act $act);
     };
 
     (state: $t:ty, init_json: $init:expr, process: $process:expr $(,)?) => {

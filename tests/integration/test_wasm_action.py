@@ -16,6 +16,7 @@ from flux_edge.model import Outcome
 from flux_edge.runtime.daemon import run_pipeline
 from flux_edge.runtime.pipeline import Observers
 from tests.conftest import bundled_wasm
+from tests.support.mosquitto import Mosquitto, mosquitto  # noqa: F401 - the fixture
 from tests.support.serial_device import SerialDevice
 
 pytestmark = pytest.mark.integration
@@ -137,3 +138,59 @@ def test_the_sample_config_is_valid() -> None:
     config = load_config_text(text, str(folder / "site.toml"))
     action = config.actions["boiler_frame"]
     assert isinstance(action, WasmAction) and action.target == "boiler_port"
+
+
+def test_a_wasm_action_publishes_the_frame_through_an_mqtt_publish_action(
+    mosquitto: Mosquitto,  # noqa: F811
+) -> None:
+    from flux_edge.actions.mqtt_publish import MqttPublishAction, MqttPublishExecutor
+    from flux_edge.actions.wasm_action import WasmActionExecutor
+    from flux_edge.model import Command, Measurement
+    from flux_edge.mqtt import MqttClient
+    from flux_edge.plugins.host import PluginHost, PluginLimits
+
+    wasm = bundled_wasm("vendor_frame")
+    target_cfg = MqttPublishAction(
+        source="site", topic="site/{device}/cmd", payload="not this", qos=1
+    )
+    cause = Measurement(device="boiler1", name="temp", value=81.5, ts=1.0)
+    cmd = Command(rule="overheat", action="cool_frame", ts=2.0, cause=cause)
+    got: list[tuple[str, bytes, int, bool]] = []
+
+    async def scenario() -> None:
+        arrived = asyncio.Event()
+
+        def on_message(topic: str, payload: bytes, qos: int, retain: bool) -> None:
+            got.append((topic, payload, qos, retain))
+            arrived.set()
+
+        sub = MqttClient("watcher", mosquitto.host, mosquitto.port)
+        sub.subscribe("site/#", 1, on_message)
+        gw = MqttClient("gw", mosquitto.host, mosquitto.port)
+        with PluginHost(None) as host:
+            plugin = host.load("vendor_frame", wasm, PluginLimits(), {})
+            try:
+                await sub.connect(timeout=10)
+                await sub.wait_subscribed("site/#")
+                await gw.connect(timeout=10)
+                target = MqttPublishExecutor("site_cmd", target_cfg, gw)
+                ex = WasmActionExecutor(
+                    "cool_frame", WasmAction(plugin="vendor_frame", target="site_cmd"),
+                    plugin, target,
+                )
+                outcome = await ex.execute(cmd)
+                assert outcome.ok, outcome.error
+                await asyncio.wait_for(arrived.wait(), 10)
+                # no device: the plugin refuses, and the outcome says it was the plugin step
+                refused = await ex.execute(Command(rule="r", action="cool_frame", ts=3.0))
+                assert not refused.ok
+                assert "the plugin step failed" in refused.error
+                assert "has no device to address" in refused.error
+            finally:
+                await gw.close()
+                await sub.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    topic, payload, qos, _retain = got[0]
+    assert topic == "site/boiler1/cmd" and qos == 1
+    assert payload == expected_frame("boiler1:cool_frame:81.5")

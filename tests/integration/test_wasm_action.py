@@ -194,3 +194,24 @@ def test_a_wasm_action_publishes_the_frame_through_an_mqtt_publish_action(
     topic, payload, qos, _retain = got[0]
     assert topic == "site/boiler1/cmd" and qos == 1
     assert payload == expected_frame("boiler1:cool_frame:81.5")
+
+
+def test_an_act_only_plugin_in_a_chain_is_refused(tmp_path: Path) -> None:
+    from flux_edge.errors import PluginLoadError
+
+    wasm = bundled_wasm("vendor_frame")
+    text = f"""
+[daemon]
+state_dir = "{tmp_path / 'state'}"
+
+[plugins.vendor_frame]
+file = "{wasm}"
+
+[sources.link]
+type = "serial"
+port = "/dev/null"
+chain = ["vendor_frame"]
+"""
+    config = load_config_text(text, str(tmp_path / "site.toml"))
+    with pytest.raises(PluginLoadError, match="does not export flux_process"):
+        asyncio.run(asyncio.wait_for(run_pipeline(config, stop=asyncio.Event()), 10))

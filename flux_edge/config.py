@@ -250,6 +250,7 @@ class ModbusWriteAction(_S, frozen=True, tag="modbus_write", tag_field="type"):
     function: Literal["coil", "holding"] = "coil"
     device: str = ""  # the device (unit id) on that source; required when it has several
     verify: bool = True  # read back and compare
+    retries: int = 1  # further attempts after a failed or unverified write, within `timeout`
     timeout: float = 1.0
 
 
@@ -685,6 +686,7 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (ActuatorConfig, "stale_after"): _Rule(kind="duration", min=0),
     (DaemonConfig, "audit_max_size"): _Rule(kind="size", min=4096, max=2**40),
     (DaemonConfig, "audit_keep"): _Rule(min=0, max=1000),
+    (ModbusWriteAction, "retries"): _Rule(min=0, max=10),
     (ModbusWriteAction, "source"): _Rule(nonempty=True),
     (ModbusWriteAction, "address"): _Rule(min=0, max=65535),
     (ModbusWriteAction, "timeout"): _Rule(kind="duration", positive=True),

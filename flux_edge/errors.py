@@ -120,7 +120,9 @@ class ActionError(FluxError):
 
 
 class ActionVerifyError(ActionError):
-    """The device accepted a write but reads back a different value."""
+    """The device accepted a write but reads back a different value (``read``)."""
+
+    read: bool | int | None = None
 
 
 # --- uplink -------------------------------------------------------------------------------------

@@ -67,22 +67,45 @@ class ModbusWriteExecutor:
             return read - 0x10000
         return read
 
+    async def _attempt(self) -> bool | int:
+        """One write (+ read-back). Raises ActionError, ActionVerifyError on a mismatch."""
+        cfg = self.cfg
+        try:
+            read = await self.poller.write(
+                cfg.device, cfg.function, cfg.address, self._value, cfg.verify
+            )
+        except SourceError as exc:
+            raise ActionError(
+                self.name, f"writing {self._value!r} to {self._target()} failed: {exc}"
+            ) from exc
+        if cfg.verify and read != self._expected():
+            err = ActionVerifyError(
+                self.name,
+                f"read-back mismatch: wrote {self._value!r}, read {self._shown(read)!r} "
+                f"({self._target()} accepted the write but did not take the value)",
+            )
+            err.read = self._shown(read)
+            raise err
+        return read
+
     async def _write(self) -> bool | int:
+        """Up to 1 + retries attempts, all within the action's timeout; the last error wins."""
         cfg = self.cfg
         try:
             async with asyncio.timeout(cfg.timeout):
-                return await self.poller.write(
-                    cfg.device, cfg.function, cfg.address, self._value, cfg.verify
-                )
+                for attempt in range(cfg.retries + 1):
+                    try:
+                        return await self._attempt()
+                    except ActionError as exc:
+                        if attempt == cfg.retries:
+                            raise
+                        self._log.debug("attempt %d failed, retrying: %s", attempt + 1, exc)
+                raise AssertionError("unreachable")
         except TimeoutError as exc:
             raise ActionError(
                 self.name,
                 f"writing {self._value!r} to {self._target()} took longer than "
                 f"{cfg.timeout:g} s (timeout)",
-            ) from exc
-        except SourceError as exc:
-            raise ActionError(
-                self.name, f"writing {self._value!r} to {self._target()} failed: {exc}"
             ) from exc
 
     async def execute(self, cmd: Command) -> Outcome:
@@ -93,12 +116,9 @@ class ModbusWriteExecutor:
             read = await self._write()
             if self.cfg.verify:
                 verified = self._shown(read)
-                if read != self._expected():
-                    raise ActionVerifyError(
-                        self.name,
-                        f"read-back mismatch: wrote {self._value!r}, read {verified!r} "
-                        f"({self._target()} accepted the write but did not take the value)",
-                    )
+        except ActionVerifyError as exc:
+            error = str(exc)
+            verified = exc.read
         except ActionError as exc:
             error = str(exc)
         except Exception as exc:  # noqa: BLE001 - an action never takes the pipeline down

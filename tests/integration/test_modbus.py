@@ -501,6 +501,28 @@ def test_write_accepted_but_not_taken_is_a_failure() -> None:
             assert "read-back mismatch: wrote True, read False" in outcome.error
             assert outcome.verified is False
             assert srv.writes[-1].requested == (1,)  # the device did receive the write
+            assert len(srv.writes) == 2  # tried again (retries = 1), then reported
+
+    run(scenario())
+
+
+def test_a_write_that_does_not_take_is_retried() -> None:
+    async def scenario() -> None:
+        async with SimulatedModbusServer(HOST, 0) as srv:
+            srv.ignore_writes("coil", 0)  # the first write is acknowledged but not applied ...
+
+            def applied_from_now_on(_write: object) -> None:
+                srv._ignored.clear()  # ... the retry is
+
+            srv.on_write = applied_from_now_on
+            ex, poller = executor(srv.port, address=0, value=True, function="coil")
+            try:
+                outcome = await ex.execute(CMD)
+            finally:
+                await poller.close()
+            assert outcome.ok, outcome.error
+            assert outcome.verified is True and srv.get_coil(0) is True
+            assert len(srv.writes) == 2
 
     run(scenario())
 

@@ -7,10 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # What the project needs from Debian: Python, the offline Wasm toolchains (Rust 1.63 with its wasm32
-# std and the serde_json crate; clang/lld for C plugins), wabt for inspecting modules, and mosquitto
+# std and the serde_json and ryu crates; clang/lld for C plugins), wabt for inspecting modules, and mosquitto
 # for the integration tests' real broker.
 PKGS=(python3 python3-venv python3-dev gcc
-      rustc cargo libstd-rust-dev-wasm32 librust-serde-json-dev
+      rustc cargo libstd-rust-dev-wasm32 librust-serde-json-dev librust-ryu-dev
       clang-14 lld-14 wabt mosquitto)
 
 missing=()

@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 
 from flux_edge.errors import PluginError
 from flux_edge.plugins.tooling import build_plugin, sdk_dir
+from tests.support.plugin_output import records_as_json
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +46,6 @@ GOLDEN_PLUGINS = {
 }
 
 try:
-    from flux_edge.model import ErrorRecord, Measurement
     from flux_edge.plugins.host import PluginHost, PluginLimits
     from flux_edge.plugins.run import parse_input_line
 
@@ -258,23 +258,7 @@ class _Runner:
         indices: list[int] = []
         records = plugin.process(msgs, indices=indices)
         plugin.close()
-        out: list[dict[str, Any]] = []
-        for i, r in zip(indices, records, strict=True):
-            if isinstance(r, Measurement):
-                out.append(
-                    {
-                        "device": r.device,
-                        "name": r.name,
-                        "value": r.value,
-                        "unit": r.unit,
-                        "quality": r.quality,
-                        "ts": r.ts,
-                    }
-                )
-            else:
-                assert isinstance(r, ErrorRecord)
-                out.append({"index": i, "device": r.device, "error": r.error})
-        return out
+        return records_as_json(records, indices)
 
     def _mini(self, lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
         p = _MiniPlugin(self.path, self.config)

@@ -17,6 +17,7 @@ import pytest
 from flux_edge.errors import PluginError
 from flux_edge.plugins import tooling
 from flux_edge.plugins.tooling import build_plugin, new_plugin
+from tests.support.plugin_output import records_as_json
 
 ABI_EXPORTS = {
     "memory",
@@ -88,23 +89,7 @@ def _run_example(wasm: Path, folder: Path) -> list[dict[str, Any]]:
         indices: list[int] = []
         records = plugin.process(msgs, indices=indices)
         plugin.close()
-    out: list[dict[str, Any]] = []
-    for i, r in zip(indices, records, strict=True):
-        if isinstance(r, Measurement):
-            out.append(
-                {
-                    "device": r.device,
-                    "name": r.name,
-                    "value": r.value,
-                    "unit": r.unit,
-                    "quality": r.quality,
-                    "ts": r.ts,
-                }
-            )
-        else:
-            assert isinstance(r, ErrorRecord)
-            out.append({"index": i, "device": r.device, "error": r.error})
-    return out
+    return records_as_json(records, indices)
 
 
 @pytest.fixture(scope="session")

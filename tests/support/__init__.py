@@ -108,3 +108,13 @@ async def stop_task(task: asyncio.Task[None]) -> None:
     except asyncio.CancelledError:
         return
     raise AssertionError("run() returned instead of being cancelled")
+
+
+class FakeClock:
+    """A clock tests set by hand: ``clock.now = ...``."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now

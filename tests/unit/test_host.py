@@ -10,7 +10,6 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from flux_edge.plugins.host import (
     PluginLimits,
 )
 from flux_edge.plugins.run import run_plugin_cli
+from tests.support import FakeClock
 
 WAT = Path(__file__).resolve().parent.parent / "fixtures" / "wat"
 ECHO = WAT / "echo.wat"
@@ -70,25 +70,6 @@ def values(records: list[Measurement | ErrorRecord]) -> list[object]:
 def calls_counter(records: list[Measurement | ErrorRecord]) -> object:
     (n,) = [r.value for r in records if isinstance(r, Measurement) and r.name == "calls"]
     return n
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def host(clock: FakeClock) -> Iterator[PluginHost]:
-    with PluginHost(None, clock=clock) as h:
-        yield h
 
 
 def load_echo(host: PluginHost, **limits: float) -> Plugin:

@@ -7,7 +7,6 @@ misbehave (see the comment at its top).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,27 +20,9 @@ from flux_edge.errors import (
 )
 from flux_edge.model import Command, Measurement, Reading
 from flux_edge.plugins.host import Plugin, PluginHost, PluginLimits, encode_command
+from tests.support import FakeClock
 
 WAT = Path(__file__).resolve().parent.parent / "fixtures" / "wat"
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def host(clock: FakeClock) -> Iterator[PluginHost]:
-    with PluginHost(None, clock=clock) as h:
-        yield h
 
 
 def load_act(host: PluginHost, **limits: float) -> Plugin:

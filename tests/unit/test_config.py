@@ -10,7 +10,6 @@ from pathlib import Path
 
 import msgspec
 import pytest
-from conftest import bundled_wasm  # tests/conftest.py
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,6 +35,7 @@ from flux_edge.config import (
     resolve_plugin_path,
 )
 from flux_edge.errors import ConfigError, Problem
+from tests.conftest import bundled_wasm
 
 ROOT = Path(__file__).resolve().parents[2]
 

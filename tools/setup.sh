@@ -8,10 +8,10 @@ cd "$(dirname "$0")/.."
 
 # What the project needs from Debian: Python, the offline Wasm toolchains (Rust 1.63 with its wasm32
 # std and the serde_json and ryu crates; clang/lld for C plugins), wabt for inspecting modules, and mosquitto
-# for the integration tests' real broker.
+# for the integration tests' real broker (openssl makes their TLS test certificates).
 PKGS=(python3 python3-venv python3-dev gcc
       rustc cargo libstd-rust-dev-wasm32 librust-serde-json-dev librust-ryu-dev
-      clang-14 lld-14 wabt mosquitto)
+      clang-14 lld-14 wabt mosquitto openssl)
 
 missing=()
 for p in "${PKGS[@]}"; do

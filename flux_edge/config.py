@@ -35,6 +35,7 @@ import importlib
 import logging
 import math
 import re
+import string
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,6 +73,10 @@ class DaemonConfig(_S, frozen=True):
     audit_file: str = ""  # default: <state_dir>/audit.jsonl
     audit_max_size: int = 4 * 1024 * 1024  # rotate the audit log past this size
     audit_keep: int = 5  # rotated audit files kept
+    # a stage busy with one unit of work longer than this counts as stuck: the systemd watchdog
+    # is no longer fed, /healthz answers 503 and systemd restarts the service
+    stall_timeout: float = 30.0
+    shutdown_timeout: float = 20.0  # SIGTERM: longest drain (queues, actions, uplink flush)
 
 
 class PluginConfig(_S, frozen=True):
@@ -319,8 +324,47 @@ class ActuatorConfig(_S, frozen=True):
     stale_after: float = 0.0  # an input older than this counts as stale; 0 = quality only
 
 
+class MetricsConfig(_S, frozen=True):
+    """Prometheus metrics (GET /metrics) and a health check (GET /healthz) over local HTTP."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"  # "0.0.0.0" exposes them to the network: mind the firewall
+    port: int = 9180
+
+
+class UplinkConfig(_S, frozen=True):
+    """Every measurement forwarded to an upstream MQTT broker through a durable outbox."""
+
+    host: str
+    port: int = 1883
+    client_id: str = ""  # default: flux-edge-<daemon.name>-uplink
+    username: str = ""
+    password: str = ""
+    keepalive: float = 30.0
+    protocol: Literal["5", "3.1.1"] = "5"
+    tls: TlsConfig | None = None  # set (even empty: tls = {}) to connect with TLS
+    qos: int = 1  # 1 or 2: the outbox deletes a record only when the broker acknowledged it
+    # topic of each publish; {gateway}, {source}, {device} and {name} are filled in
+    topic: str = "flux-edge/{gateway}/{device}/{name}"
+    # "single": one JSON object per publish; "batch": a JSON array of up to batch_max records
+    # that share a topic (use a topic without {name}, e.g. "flux-edge/{gateway}/{device}")
+    format: Literal["single", "batch"] = "single"
+    batch_max: int = 100
+    # retained "online"; the broker publishes "offline" (last will) when the link dies
+    status_topic: str = "flux-edge/{gateway}/status"
+    max_inflight: int = 100  # publishes awaiting the broker's acknowledgement
+    reconnect_min: float = 1.0
+    reconnect_max: float = 60.0
+    outbox_file: str = ""  # default: <state_dir>/outbox.sqlite
+    outbox_max_size: int = 64 * 1024 * 1024  # when full, the oldest records are dropped (counted)
+    commit_interval: float = 0.02  # group commit: at most one SQLite commit per this interval
+    sync_interval: float = 1.0  # fsync (WAL checkpoint) at most this often: power-loss window
+
+
 class Config(_S, frozen=True):
     daemon: DaemonConfig = DaemonConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    uplink: UplinkConfig | None = None
     plugins: dict[str, PluginConfig] = {}
     sources: dict[str, SourceConfig] = {}
     rules: dict[str, RuleConfig] = {}
@@ -532,6 +576,26 @@ def _check_topic_filter(value: str) -> str | None:
 _DEVICE_LEVEL = "{device}"
 
 
+UPLINK_TOPIC_FIELDS = ("gateway", "source", "device", "name")
+
+
+def _check_uplink_topic(value: str) -> str | None:
+    """A publish topic with {gateway}/{source}/{device}/{name} placeholders."""
+    try:
+        names = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+    except ValueError as exc:
+        return f"bad placeholder in {_got(value)}: {exc}"
+    for field in names:
+        if field not in UPLINK_TOPIC_FIELDS:
+            return (
+                f"unknown placeholder {{{field}}} in {_got(value)}; placeholders: "
+                + ", ".join("{" + f + "}" for f in UPLINK_TOPIC_FIELDS)
+            )
+    if "+" in value or "#" in value:
+        return f"{_got(value)}: a publish topic cannot contain the wildcards + or #"
+    return None
+
+
 def _check_device_pattern(value: str) -> str | None:
     from flux_edge.mqtt import DevicePattern
 
@@ -701,6 +765,23 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (WasmAction, "plugin"): _Rule(nonempty=True),
     (WasmAction, "target"): _Rule(nonempty=True),
     (WasmAction, "timeout"): _Rule(kind="duration", positive=True),
+    (DaemonConfig, "stall_timeout"): _Rule(kind="duration", min=1, max=3600),
+    (DaemonConfig, "shutdown_timeout"): _Rule(kind="duration", min=0.1, max=3600),
+    (MetricsConfig, "host"): _Rule(nonempty=True, check=_check_host),
+    (MetricsConfig, "port"): _Rule(min=0, max=65535),
+    (UplinkConfig, "host"): _Rule(nonempty=True, check=_check_host),
+    (UplinkConfig, "port"): _Rule(min=1, max=65535),
+    (UplinkConfig, "keepalive"): _Rule(kind="duration", min=0, max=65535),
+    (UplinkConfig, "qos"): _Rule(min=1, max=2),
+    (UplinkConfig, "topic"): _Rule(nonempty=True, check=_check_uplink_topic),
+    (UplinkConfig, "status_topic"): _Rule(check=_check_uplink_topic),
+    (UplinkConfig, "batch_max"): _Rule(min=1, max=10_000),
+    (UplinkConfig, "max_inflight"): _Rule(min=1, max=65535),
+    (UplinkConfig, "reconnect_min"): _Rule(kind="duration", positive=True),
+    (UplinkConfig, "reconnect_max"): _Rule(kind="duration", positive=True),
+    (UplinkConfig, "outbox_max_size"): _Rule(kind="size", min=64 * 1024, max=2**40),
+    (UplinkConfig, "commit_interval"): _Rule(kind="duration", min=0, max=10),
+    (UplinkConfig, "sync_interval"): _Rule(kind="duration", min=0, max=3600),
     (Config, "plugins"): _Rule(keys=_check_name),
     (Config, "sources"): _Rule(keys=_check_name),
     (Config, "rules"): _Rule(keys=_check_name),
@@ -1938,6 +2019,7 @@ def _cross_check(v: _Validator, raw: dict[str, Any], data: dict[str, Any], base_
             )
 
     _check_mqtt_clients(v, src_data, base_dir)
+    _check_uplink(v, data, base_dir)
     _check_action_targets(v, data, sources)
     declared, dynamic = _declared_devices(data)
     _check_device_names(v, declared)
@@ -2155,6 +2237,46 @@ def _check_mqtt_clients(v: _Validator, src_data: dict[str, Any], base_dir: Path)
                 v.report(("sources", sname, "tls", key), f"no such file: {path}")
             else:
                 tls[key] = str(path)
+
+
+def _check_uplink(v: _Validator, data: dict[str, Any], base_dir: Path) -> None:
+    """TLS files must exist; reconnect bounds in order; a batch topic should not name a
+    measurement (each publish carries many)."""
+    up = data.get("uplink")
+    if not isinstance(up, dict):
+        return
+    tls = up.get("tls")
+    if isinstance(tls, dict):
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = tls.get(key, "")
+            if not isinstance(value, str) or not value:
+                continue
+            path = Path(value) if Path(value).is_absolute() else base_dir / value
+            if not path.is_file():
+                v.report(("uplink", "tls", key), f"no such file: {path}")
+            else:
+                tls[key] = str(path)
+    lo, hi = up.get("reconnect_min", 1.0), up.get("reconnect_max", 60.0)
+    if _is_number(lo) and _is_number(hi) and lo > hi:
+        v.report(("uplink", "reconnect_max"),
+                 f"must be >= reconnect_min ({lo} s), got {hi} s")
+    topic = up.get("topic", "")
+    if up.get("format") == "batch" and isinstance(topic, str) and "{name}" in topic:
+        v.report(
+            ("uplink", "topic"),
+            "format = \"batch\" groups records by topic, and {name} makes one topic per "
+            "measurement, so batches would hold one record each; use a topic without {name}, "
+            'e.g. "flux-edge/{gateway}/{device}"',
+            warning=True,
+        )
+    src_ids = {
+        src.get("client_id") for src in data.get("sources", {}).values()
+        if src.get("type") == "mqtt" and src.get("client_id")
+    }
+    cid = up.get("client_id")
+    if cid and cid in src_ids:
+        v.report(("uplink", "client_id"),
+                 f'client id "{cid}" is already used by an MQTT source; give the uplink its own')
 
 
 def _check_ports(v: _Validator, src_data: dict[str, Any]) -> None:

@@ -33,9 +33,10 @@ import re
 import threading
 import time
 import weakref
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,22 @@ TRUNCATED = "…[truncated]"
 LOG_RATE = 20  # guest log messages per second per plugin, on average
 LOG_BURST = 200  # ... and in a burst; the rest is counted and reported as suppressed
 INIT_TIMEOUT_MIN = 1.0  # seconds: flux_init and instantiation get max(timeout, this)
+# upper bounds (seconds, inclusive) of the per-call wall-time histogram in PluginStats.call_counts
+CALL_BUCKETS: tuple[float, ...] = (
+    50e-6,
+    100e-6,
+    250e-6,
+    500e-6,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    10e-3,
+    25e-3,
+    50e-3,
+    100e-3,
+    250e-3,
+    1.0,
+)
 
 _WASI_MODULE = "wasi_snapshot_preview1"
 _WASI_ENOSYS = 52
@@ -120,6 +137,9 @@ class PluginStats:
     quarantines: int = 0
     last_call_s: float = 0.0  # wall time of the last process() (encode + call + decode)
     total_call_s: float = 0.0
+    # calls per CALL_BUCKETS bucket (not cumulative): call_counts[i] counts calls that took at
+    # most CALL_BUCKETS[i] and more than the bound before it; the last entry counts the rest
+    call_counts: list[int] = field(default_factory=lambda: [0] * (len(CALL_BUCKETS) + 1))
 
 
 # --- guest faults (internal) ----------------------------------------------------------------------
@@ -751,6 +771,7 @@ class Plugin:
         dt = time.perf_counter() - t0
         stats.last_call_s = dt
         stats.total_call_s += dt
+        stats.call_counts[bisect_left(CALL_BUCKETS, dt)] += 1
         return result
 
     def act(self, command: Command) -> bytes:
@@ -797,6 +818,7 @@ class Plugin:
             dt = time.perf_counter() - t0
             stats.last_call_s = dt
             stats.total_call_s += dt
+            stats.call_counts[bisect_left(CALL_BUCKETS, dt)] += 1
         self._failures = 0
         if until is not None:
             self._quarantined_until = None

@@ -1,0 +1,385 @@
+"""The uplink: measurements into the durable outbox, and from there to the upstream broker.
+
+    add() -> staged (memory) --commit()--> outbox.sqlite --sender--> MqttClient --PUBACK--> deleted
+
+The sender is one asyncio task. While connected it keeps at most ``max_inflight`` publishes
+awaiting the broker's acknowledgement (QoS 1, or 2 if configured), taking rows in ``seq`` order
+from the outbox; an acknowledged publish marks its rows for deletion (carried by the next commit,
+or by the sync task when no commit comes). A QoS 1/2 message handed to paho is re-sent by paho
+after a reconnect, so a dropped link needs nothing from us; a publish that fails (the broker
+refused it, or the client closed) leaves its rows in the outbox: once nothing is in flight the
+sender reads again from the oldest row, after a pause that doubles up to ``reconnect_max``.
+While disconnected it waits for the connection (no polling). Delivery is at-least-once: a record
+acknowledged but not yet deleted when the process dies is sent again; consumers de-duplicate on
+``id`` (``"<outbox_id>-<seq>"``).
+
+The sync task runs a WAL checkpoint (the fsync) in a worker thread at most every
+``sync_interval`` seconds when something was written, so the event loop never waits for the SD
+card; that interval is the power-loss window. A crash of the process loses nothing committed.
+
+Status: with a ``status_topic``, the broker holds a retained "offline" as our last will, and we
+publish a retained "online" on every (re)connect and a retained "offline" on ``close()`` before
+the clean DISCONNECT (which suppresses the will).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flux_edge.errors import UplinkError
+from flux_edge.model import Measurement
+from flux_edge.mqtt import MqttClient, MqttError, TlsSettings, Will, check_topic
+from flux_edge.uplink.outbox import Outbox, Unit, UplinkStats, record
+
+if TYPE_CHECKING:
+    from flux_edge.config import UplinkConfig
+
+__all__ = ["Uplink"]
+
+log = logging.getLogger("flux_edge.uplink")
+
+_STATUS_TIMEOUT = 2.0  # close(): longest wait for the broker to take the "offline" status
+_LOG_EVERY = 30.0  # seconds between two warnings of the same kind
+
+
+class _RateLog:
+    """One warning per key per ``every`` seconds; the others are counted into the next one."""
+
+    def __init__(self, every: float = _LOG_EVERY) -> None:
+        self.every = every
+        self._last: dict[str, float] = {}
+        self._skipped: dict[str, int] = {}
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -float("inf")) < self.every:
+            self._skipped[key] = self._skipped.get(key, 0) + 1
+            return
+        self._last[key] = now
+        skipped = self._skipped.pop(key, 0)
+        if skipped:
+            msg += f" ({skipped} similar message(s) suppressed)"
+        log.warning(msg, *args)
+
+    def reset(self, key: str) -> None:
+        self._last.pop(key, None)
+        self._skipped.pop(key, None)
+
+
+class Uplink:
+    """Every measurement forwarded to the upstream broker through a durable outbox.
+
+    The outbox is ``cfg.outbox_file`` (relative to ``state_dir`` unless absolute) or
+    ``state_dir/outbox.sqlite``. Raises UplinkError when it cannot be written, when another
+    process uses it, or when the TLS files or the status topic are unusable.
+    """
+
+    def __init__(
+        self,
+        cfg: UplinkConfig,
+        *,
+        gateway: str,
+        state_dir: Path,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.gateway = gateway
+        if cfg.outbox_file:
+            path, where = Path(state_dir) / cfg.outbox_file, "uplink.outbox_file"
+        else:
+            path, where = Path(state_dir) / "outbox.sqlite", "daemon.state_dir"
+        self.status_topic = _render_status(cfg.status_topic, gateway)
+        if self.status_topic:
+            problem = check_topic(self.status_topic)
+            if problem:
+                raise UplinkError(f"uplink.status_topic: {problem}")
+        self.stats = UplinkStats()
+        self._out = Outbox(
+            path, max_size=cfg.outbox_max_size, gateway=gateway, topic=cfg.topic, where=where,
+            stats=self.stats, clock=clock,
+        )
+        self.outbox_id: str = self._out.outbox_id
+        self._oid = self.outbox_id.encode()
+        self.client_id = cfg.client_id or f"flux-edge-{gateway}-uplink"
+        tls = None
+        if cfg.tls is not None:
+            tls = TlsSettings(
+                ca_file=cfg.tls.ca_file, cert_file=cfg.tls.cert_file, key_file=cfg.tls.key_file,
+                verify_hostname=cfg.tls.verify_hostname,
+            )
+        will = Will(self.status_topic, b"offline", qos=1, retain=True) if self.status_topic \
+            else None
+        try:
+            self._client = MqttClient(
+                self.client_id, cfg.host, cfg.port,
+                username=cfg.username, password=cfg.password, keepalive=cfg.keepalive,
+                tls=tls, will=will,
+                # + the status messages, so they never wait behind a full window
+                max_inflight=cfg.max_inflight + 2, max_queued=cfg.max_inflight + 8,
+                reconnect_min=cfg.reconnect_min, reconnect_max=cfg.reconnect_max,
+                protocol=cfg.protocol, on_connection_change=self._on_connection,
+            )
+        except ValueError as exc:
+            self._out.close()
+            key = "uplink.tls" if tls is not None and "TLS" in str(exc) else "uplink"
+            raise UplinkError(f"{key}: {exc}") from exc
+        self._rows_per_publish = cfg.batch_max if cfg.format == "batch" else 1
+        self._inflight: dict[asyncio.Task[None], Unit] = {}
+        self._status_tasks: set[asyncio.Task[None]] = set()
+        self._sender: asyncio.Task[None] | None = None
+        self._syncer: asyncio.Task[None] | None = None
+        self._ckpt_job: asyncio.Future[bool] | None = None
+        self._wake = asyncio.Event()  # something for the sender to do
+        self._sync_wake = asyncio.Event()  # something written or acknowledged
+        self._progress = asyncio.Event()  # an acknowledgement came (flush waits for these)
+        self._failed = False  # a publish failed: rewind once nothing is in flight
+        self._failures = 0  # consecutive rounds that ended in a failed publish
+        self._connects = 0
+        self._started = False
+        self._closing = False
+        self._closed = False
+        self._ratelog = _RateLog()
+
+    # --- public API -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start connecting and sending in the background; never waits for the broker."""
+        if self._started or self._closing:
+            return
+        self._started = True
+        loop = asyncio.get_running_loop()
+        self._client.start()
+        self._sender = loop.create_task(self._send_loop(), name="uplink:sender")
+        self._syncer = loop.create_task(self._sync_loop(), name="uplink:sync")
+        log.info(
+            "uplink: outbox %s (id %s, %d record(s) waiting), broker %s as %r",
+            self._out.path, self.outbox_id, self._out.depth(), self._client.broker,
+            self.client_id,
+        )
+
+    def add(self, measurements: Sequence[Measurement]) -> None:
+        """Stage measurements for the next commit (no I/O)."""
+        self._out.add(measurements)
+
+    def commit(self) -> int:
+        """Write what is staged (and delete what was acknowledged) in one transaction; returns
+        the records committed. Raises UplinkError when the outbox cannot be written."""
+        n = self._out.commit()
+        if n:
+            self._wake.set()
+        if self._out.dirty:
+            self._sync_wake.set()
+        return n
+
+    async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109
+        """Commit, then wait until every record is acknowledged or ``timeout`` passes. True if
+        the outbox is empty."""
+        try:
+            self.commit()
+        except UplinkError as exc:
+            log.error("uplink flush: %s", exc)
+            return False
+        try:
+            async with asyncio.timeout(timeout):
+                while self._out.depth() > 0:
+                    self._progress.clear()
+                    await self._progress.wait()
+        except TimeoutError:
+            pass
+        return self._out.depth() == 0
+
+    async def close(self) -> None:
+        """Stop sending, publish the retained "offline" status, disconnect cleanly, delete what
+        was acknowledged, checkpoint and close the outbox. Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        for task in (self._sender, self._syncer):
+            if task is not None:
+                task.cancel()
+        for task in (self._sender, self._syncer):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        pending = list(self._inflight) + list(self._status_tasks)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self.status_topic and self._client.connected:
+            try:
+                async with asyncio.timeout(_STATUS_TIMEOUT):
+                    await self._client.publish(self.status_topic, b"offline", 1, retain=True)
+            except (MqttError, TimeoutError) as exc:
+                log.debug("uplink: offline status not sent: %s", exc)
+        await self._client.close()
+        if self._ckpt_job is not None and not self._ckpt_job.done():
+            await asyncio.wait({self._ckpt_job})
+        try:
+            self._out.commit()
+            self._out.delete_acked()
+        except UplinkError as exc:
+            log.error("uplink close: %s", exc)
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, self._out.checkpoint, "TRUNCATE"
+            )
+        except Exception as exc:  # noqa: BLE001 - sqlite3.Error; a close must finish
+            log.warning("uplink close: final checkpoint of %s failed: %s", self._out.path, exc)
+        self._out.close()
+        self._closed = True
+        log.info("uplink closed: %d record(s) left in the outbox", self._out.depth())
+
+    @property
+    def connected(self) -> bool:
+        return self._client.connected
+
+    def depth(self) -> int:
+        """Records waiting: committed, not yet acknowledged."""
+        return self._out.depth()
+
+    def depth_bytes(self) -> int:
+        return self._out.depth_bytes()
+
+    def oldest_ts(self) -> float | None:
+        """Measurement time of the oldest waiting record (the outbox's age), None when empty."""
+        if self._closed:
+            return None
+        return self._out.oldest_ts()
+
+    # --- sending --------------------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        out = self._out
+        window = self.cfg.max_inflight
+        rows = self._rows_per_publish
+        while True:
+            self._wake.clear()
+            if self._failed and not self._inflight:
+                self._failed = False
+                out.rewind()
+                self._failures += 1
+                delay = min(
+                    self.cfg.reconnect_max,
+                    self.cfg.reconnect_min * 2.0 ** min(self._failures - 1, 32),
+                )
+                await asyncio.sleep(delay)
+                continue
+            if self._client.connected and not self._failed:
+                while len(self._inflight) < window:
+                    unit = out.take(rows)
+                    if unit is None:
+                        break
+                    self._publish(unit)
+            await self._wake.wait()
+
+    def _publish(self, unit: Unit) -> None:
+        oid = self._oid
+        if len(unit.rows) == 1 and self.cfg.format == "single":
+            payload = record(oid, unit.rows[0])
+        else:
+            payload = b"[" + b",".join([record(oid, r) for r in unit.rows]) + b"]"
+        task = asyncio.get_running_loop().create_task(
+            self._client.publish(unit.rows[0].topic, payload, self.cfg.qos)
+        )
+        self._inflight[task] = unit
+        task.add_done_callback(self._published)
+
+    def _published(self, task: asyncio.Task[None]) -> None:
+        unit = self._inflight.pop(task, None)
+        if unit is None or task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            self._out.acked(unit)
+            self.stats.published += 1
+            self._failures = 0
+        elif isinstance(exc, ValueError):  # a topic the broker can never take
+            self._out.discard(unit, str(exc))
+        elif not self._closing:
+            self.stats.publish_errors += 1
+            self.stats.last_error = str(exc)
+            self._failed = True
+            if isinstance(exc, MqttError):
+                self._ratelog.warning(
+                    "publish", "uplink: publish of %d record(s) failed, they stay in the "
+                    "outbox and are sent again: %s", len(unit.rows), exc,
+                )
+            else:
+                log.error("uplink: publish failed unexpectedly: %r", exc, exc_info=exc)
+        self._progress.set()
+        self._sync_wake.set()
+        self._wake.set()
+
+    def _on_connection(self, connected: bool, reason: str) -> None:
+        if connected:
+            self._connects += 1
+            if self._connects > 1:
+                self.stats.reconnects += 1
+            self._ratelog.reset("down")
+            log.info("uplink: connected to %s (%d record(s) waiting)", self._client.broker,
+                     self._out.depth())
+            if self.status_topic and not self._closing:
+                task = asyncio.get_running_loop().create_task(self._publish_status(b"online"))
+                self._status_tasks.add(task)
+                task.add_done_callback(self._status_tasks.discard)
+            self._wake.set()
+        elif not self._closing:
+            self.stats.last_error = reason
+            self._ratelog.warning(
+                "down", "uplink: broker %s not reachable: %s; %d record(s) wait in the outbox",
+                self._client.broker, reason, self._out.depth(),
+            )
+
+    async def _publish_status(self, status: bytes) -> None:
+        try:
+            await self._client.publish(self.status_topic, status, 1, retain=True)
+        except MqttError as exc:  # sent again at the next connection
+            log.debug("uplink: status %r not sent: %s", status, exc)
+
+    # --- durability -----------------------------------------------------------------------------
+
+    async def _sync_loop(self) -> None:
+        """Delete acknowledged rows that no commit carried, and checkpoint (fsync) the WAL in a
+        worker thread, at most every ``sync_interval`` seconds."""
+        out = self._out
+        loop = asyncio.get_running_loop()
+        interval = max(self.cfg.sync_interval, 0.01)
+        while True:
+            await self._sync_wake.wait()
+            self._sync_wake.clear()
+            if out.has_acked:
+                try:
+                    out.delete_acked()
+                except UplinkError as exc:
+                    self._ratelog.warning("delete", "%s", exc)
+            if out.dirty:
+                out.dirty = False
+                job: asyncio.Future[bool] = loop.run_in_executor(None, out.checkpoint, "PASSIVE")
+                self._ckpt_job = job
+                try:
+                    complete = await asyncio.shield(job)
+                except Exception as exc:  # noqa: BLE001 - sqlite3.Error from the thread
+                    complete = False
+                    self._ratelog.warning("checkpoint", "uplink: checkpoint of %s failed: %s",
+                                          out.path, exc)
+                if not complete:  # readers held part of it back: again next round
+                    out.dirty = True
+                    self._sync_wake.set()
+            await asyncio.sleep(interval)
+
+
+def _render_status(template: str, gateway: str) -> str:
+    if not template:
+        return ""
+    fields: dict[str, Any] = {"gateway": gateway, "source": "", "device": "", "name": ""}
+    try:
+        return template.format(**fields)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UplinkError(f"uplink.status_topic {template!r}: bad placeholder ({exc})") from exc

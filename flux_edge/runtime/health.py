@@ -161,8 +161,7 @@ class WatchdogFeeder:
             lag = max(0.0, loop.time() - wake)
             monitor = self._monitor
             monitor.loop_lag = lag
-            if lag > monitor.loop_lag_max:
-                monitor.loop_lag_max = lag
+            monitor.loop_lag_max = max(monitor.loop_lag_max, lag)
 
     def _tick(self, watchdog: bool) -> None:
         problems = self._monitor.check()

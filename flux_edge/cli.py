@@ -51,8 +51,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
     from flux_edge.config import check_config
+    from flux_edge.errors import PluginLoadError
     from flux_edge.logs import setup_logging
-    from flux_edge.runtime.daemon import run_pipeline
+    from flux_edge.runtime.daemon import Daemon
 
     config, problems = check_config(Path(args.config))
     _print_problems(list(problems), sys.stderr)
@@ -60,7 +61,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EX_CONFIG
     # precedence: --log, then $FLUX_EDGE_LOG, then daemon.log_level from the file
     setup_logging(args.log or os.environ.get("FLUX_EDGE_LOG") or config.daemon.log_level)
-    asyncio.run(run_pipeline(config))
+    try:
+        asyncio.run(Daemon(config, serve_metrics=True).run())
+    except PluginLoadError as exc:  # a restart cannot fix a broken .wasm: like a bad config
+        _err(f"{exc}; fix the plugin or the config, then restart")
+        return EX_CONFIG
     return EX_OK
 
 

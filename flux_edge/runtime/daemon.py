@@ -1,17 +1,46 @@
-"""`flux-edge run`: load the config, start the pipeline, stop cleanly on SIGTERM/SIGINT."""
+"""`flux-edge run`: the daemon's lifecycle around one pipeline at a time.
+
+    start: state dir -> plugin host -> uplink (outbox opened, connects in the background)
+           -> pipeline (plugins compiled or loaded from cache, every stage running)
+           -> metrics endpoint -> READY=1
+    SIGHUP: RELOADING=1 -> check the file -> load its plugins on the side -> only if all is well,
+           drain the old pipeline (no safe state: actuators keep their state) and start the new
+           one -> READY=1. A bad file or plugin leaves the running pipeline untouched; the error
+           is logged and shown in STATUS until the next good reload.
+    SIGTERM/SIGINT: STOPPING=1 -> sources stop -> queues drain through rules, actions and into
+           the outbox -> actuators to their safe state -> the outbox is flushed upstream while
+           time allows (what remains stays on disk for the next start) -> exit 0, all within
+           daemon.shutdown_timeout.
+
+The watchdog (WATCHDOG=1) is fed by ``WatchdogFeeder`` only while every critical stage shows
+progress (``HealthMonitor``), and since it runs on the event loop a blocked loop starves it too.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flux_edge.config import Config
-from flux_edge.errors import FluxError
-from flux_edge.plugins.host import PluginHost
-from flux_edge.runtime.pipeline import Observers, Pipeline
+from flux_edge.config import (
+    Config,
+    ModbusRtuSource,
+    ModbusTcpSource,
+    WasmAction,
+    check_config,
+    resolve_plugin_path,
+)
+from flux_edge.errors import FluxError, Problem
+from flux_edge.plugins.host import Plugin, PluginHost, PluginLimits
+from flux_edge.runtime.health import HealthMonitor, WatchdogFeeder
+from flux_edge.runtime.pipeline import Observers, Pipeline, source_context
+from flux_edge.runtime.systemd import Notifier
+from flux_edge.sources.modbus_plan import bus_devices
+from flux_edge.uplink import Uplink
 
 log = logging.getLogger("flux_edge.runtime")
 
@@ -29,34 +58,281 @@ def prepare_state_dir(config: Config) -> Path:
     return cache
 
 
+def gateway_name(config: Config) -> str:
+    return config.daemon.name or socket.gethostname()
+
+
+def preload_plugins(config: Config, host: PluginHost) -> None:
+    """Load (compile, or take from the cache) and initialise every plugin instance ``config``
+    needs, then release them: a reload learns that a changed or broken .wasm fails *before*
+    the running pipeline is touched. Raises PluginError/FluxError."""
+    loaded: list[Plugin] = []
+    try:
+        for sname, scfg in config.sources.items():
+            devices = (
+                list(bus_devices(scfg, sname))
+                if isinstance(scfg, ModbusTcpSource | ModbusRtuSource) else [None]
+            )
+            for dev in devices:
+                for pname in scfg.chain:
+                    pcfg = config.plugins[pname]
+                    init_cfg = dict(pcfg.config)
+                    init_cfg["source"] = source_context(sname, scfg, dev)
+                    loaded.append(host.load(
+                        pname, Path(resolve_plugin_path(config, pname)),
+                        PluginLimits.from_config(pcfg), init_cfg, wasi=pcfg.wasi,
+                    ))
+        for aname, acfg in config.actions.items():
+            if isinstance(acfg, WasmAction):
+                pcfg = config.plugins[acfg.plugin]
+                init_cfg = dict(pcfg.config)
+                init_cfg["source"] = {"name": aname, "type": "action"}
+                loaded.append(host.load(
+                    acfg.plugin, Path(resolve_plugin_path(config, acfg.plugin)),
+                    PluginLimits.from_config(pcfg), init_cfg, wasi=pcfg.wasi,
+                ))
+    finally:
+        for plugin in loaded:
+            plugin.close()
+
+
+class Daemon:
+    """One running flux-edge: owns the plugin host, the uplink, the metrics endpoint, the health
+    monitor and the current pipeline (replaced on reload)."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        observers: Observers | None = None,
+        serve_metrics: bool = False,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.config = config
+        self.observers = observers
+        self.serve_metrics = serve_metrics
+        self.notifier = notifier or Notifier()
+        self.monitor = HealthMonitor(config.daemon.stall_timeout)
+        self.host: PluginHost | None = None
+        self.uplink: Uplink | None = None
+        self.pipeline: Pipeline | None = None
+        self.metrics: object | None = None  # MetricsServer, imported only when served
+        self.started_at = time.time()
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+        self.reload_error = ""  # first problem of the last failed reload; "" after a good one
+        self.stopping = False
+
+    # --- start / stop ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.config
+        self.host = PluginHost(cache_dir=prepare_state_dir(config))
+        if config.uplink is not None:
+            self.uplink = Uplink(
+                config.uplink, gateway=gateway_name(config),
+                state_dir=Path(config.daemon.state_dir),
+            )
+            await self.uplink.start()
+        self.pipeline = self._new_pipeline(config)
+        await self.pipeline.start()
+        if self.serve_metrics and config.metrics.enabled:
+            await self._start_metrics(config)
+
+    def _new_pipeline(self, config: Config) -> Pipeline:
+        assert self.host is not None
+        return Pipeline(
+            config, host=self.host, observers=self.observers, uplink=self.uplink,
+            monitor=self.monitor,
+        )
+
+    async def _start_metrics(self, config: Config) -> None:
+        from flux_edge.runtime.metrics import MetricsServer
+        from flux_edge.runtime.observe import health_report, render_metrics
+
+        server = MetricsServer(
+            config.metrics.host, config.metrics.port,
+            render=lambda: render_metrics(self), health=lambda: health_report(self),
+        )
+        try:
+            await server.start()
+        except FluxError as exc:  # the pipeline matters more than its metrics: keep running
+            log.error("%s; running without metrics", exc)
+            return
+        self.metrics = server
+        log.info("metrics on http://%s:%d/metrics (health: /healthz)",
+                 config.metrics.host, server.port)
+
+    async def _stop_metrics(self) -> None:
+        server, self.metrics = self.metrics, None
+        if server is not None:
+            from flux_edge.runtime.metrics import MetricsServer
+
+            assert isinstance(server, MetricsServer)
+            await server.close()
+
+    async def shutdown(self) -> None:
+        """Drain, safe state, flush the outbox: within daemon.shutdown_timeout in all."""
+        self.stopping = True
+        budget = self.config.daemon.shutdown_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + budget
+        self.notifier.stopping("stopping: draining queues")
+        if self.pipeline is not None:
+            # leave the uplink at least a third of the budget to flush
+            await self.pipeline.stop(drain_timeout=budget * 2 / 3, safe_state=True)
+        if self.uplink is not None:
+            remaining = max(deadline - loop.time(), 0.0)
+            flushed = await self.uplink.flush(remaining)
+            if not flushed:
+                log.warning(
+                    "stop: %d record(s) not yet acknowledged upstream stay in the outbox and "
+                    "are sent after the next start", self.uplink.depth(),
+                )
+            await self.uplink.close()
+        await self._stop_metrics()
+        if self.host is not None:
+            self.host.close()
+
+    # --- reload --------------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Re-read the config file; swap pipelines only if the new one checks and loads."""
+        self.notifier.reloading()
+        path = self.config.path
+        log.info("reload: reading %s", path)
+        new, problems = check_config(path)
+        errors = [p for p in problems if p.severity == "error"]
+        for p in problems:
+            (log.error if p.severity == "error" else log.warning)("reload: %s", p)
+        if new is None or errors:
+            return self._reload_failed(errors[0] if errors else "the configuration is invalid")
+        assert self.host is not None and self.pipeline is not None
+        try:
+            prepare_state_dir(new)
+            preload_plugins(new, self.host)
+        except FluxError as exc:
+            return self._reload_failed(str(exc))
+        old = self.pipeline
+        uplink_changed = new.uplink != self.config.uplink
+        await old.stop(drain_timeout=new.daemon.shutdown_timeout, safe_state=False)
+        if uplink_changed:
+            await self._swap_uplink(new)
+        if new.daemon.stall_timeout != self.monitor.stall_timeout:
+            self.monitor.stall_timeout = new.daemon.stall_timeout
+        pipeline = self._new_pipeline(new)
+        try:
+            await pipeline.start()
+        except FluxError as exc:
+            log.error("reload: the new pipeline did not start (%s); restarting the old one", exc)
+            await pipeline.stop(safe_state=False)
+            if uplink_changed:
+                await self._swap_uplink(self.config)
+            self.pipeline = self._new_pipeline(self.config)
+            await self.pipeline.start()
+            return self._reload_failed(str(exc))
+        self.pipeline = pipeline
+        metrics_changed = new.metrics != self.config.metrics
+        self.config = new
+        if metrics_changed and self.serve_metrics:
+            await self._stop_metrics()
+            if new.metrics.enabled:
+                await self._start_metrics(new)
+        self.reloads_ok += 1
+        self.reload_error = ""
+        log.info("reload: done")
+        self.notifier.ready(self.status_line())
+        return True
+
+    async def _swap_uplink(self, config: Config) -> None:
+        if self.uplink is not None:
+            await self.uplink.close()  # its outbox keeps whatever was not acknowledged
+            self.uplink = None
+        if config.uplink is not None:
+            self.uplink = Uplink(
+                config.uplink, gateway=gateway_name(config),
+                state_dir=Path(config.daemon.state_dir),
+            )
+            await self.uplink.start()
+
+    def _reload_failed(self, problem: Problem | str) -> bool:
+        self.reloads_failed += 1
+        if isinstance(problem, Problem):  # short enough for STATUS: key path first, then line
+            where = f"{problem.path} (line {problem.line})" if problem.line else problem.path
+            self.reload_error = f"{where}: {problem.message}" if where else problem.message
+        else:
+            self.reload_error = problem
+        log.error("reload failed, still running the previous configuration: %s", problem)
+        self.notifier.ready(self.status_line())
+        return False
+
+    # --- status --------------------------------------------------------------------------------
+
+    def status_line(self) -> str:
+        from flux_edge.runtime.observe import status_line
+
+        return status_line(self)
+
+    async def run(
+        self,
+        stop: asyncio.Event | None = None,
+        started: Callable[[Pipeline], None] | None = None,
+    ) -> None:
+        """Start, serve until ``stop`` is set or SIGTERM/SIGINT arrives (SIGHUP reloads), then
+        shut down cleanly."""
+        stop = stop or asyncio.Event()
+        reload_requested = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        installed: list[signal.Signals] = []
+        handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set,
+                    signal.SIGHUP: reload_requested.set}
+        for sig, handler in handlers.items():
+            try:
+                loop.add_signal_handler(sig, handler)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                pass
+        feeder: asyncio.Task[None] | None = None
+        try:
+            await self.start()
+            assert self.pipeline is not None
+            if started is not None:
+                started(self.pipeline)
+            self.notifier.ready(self.status_line())
+            feeder = loop.create_task(
+                WatchdogFeeder(self.notifier, self.monitor, self.status_line).run(),
+                name="watchdog",
+            )
+            while not stop.is_set():
+                waits = {loop.create_task(stop.wait()), loop.create_task(reload_requested.wait())}
+                _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for task in pending:
+                    task.cancel()
+                if stop.is_set():
+                    break
+                reload_requested.clear()
+                await self.reload()
+            log.info("stopping: draining queues")
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            # the feeder keeps feeding while the drain makes progress
+            try:
+                await self.shutdown()
+            finally:
+                if feeder is not None:
+                    feeder.cancel()
+        log.info("stopped")
+
+
 async def run_pipeline(
     config: Config,
     *,
     observers: Observers | None = None,
     stop: asyncio.Event | None = None,
     started: Callable[[Pipeline], None] | None = None,
+    serve_metrics: bool = False,
 ) -> None:
-    """Run until ``stop`` is set or SIGTERM/SIGINT arrives; then drain and stop."""
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError):  # not the main thread
-            pass
-    host = PluginHost(cache_dir=prepare_state_dir(config))
-    pipeline = Pipeline(config, host=host, observers=observers)
-    try:
-        await pipeline.start()
-        if started is not None:
-            started(pipeline)
-        await stop.wait()
-        log.info("stopping: draining queues")
-    finally:
-        await pipeline.stop()
-        host.close()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-    log.info("stopped")
+    """Run ``config`` until ``stop`` is set or SIGTERM/SIGINT arrives; then drain and stop."""
+    daemon = Daemon(config, observers=observers, serve_metrics=serve_metrics)
+    await daemon.run(stop=stop, started=started)

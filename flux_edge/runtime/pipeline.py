@@ -1,10 +1,20 @@
-"""Wires the stages of one configuration together and runs them under the supervisor.
+r"""Wires the stages of one configuration together and runs them under the supervisor.
 
     sources --readings--> plugin stage --measurements--> rule stage --commands--> action stage
+                                       \--uplink queue--> uplink stage (durable outbox, upstream)
 
 Every queue is bounded. Sources block when the plugin stage falls behind (a poller then polls
 late, which it counts), so nothing between stages is dropped; anything that cannot be processed
 becomes an ErrorRecord (dead letter) that is counted, logged and handed to observers.
+
+Durability: with an uplink, the plugin stage follows the measurements of each batch of readings
+with a marker (the count of readings taken so far); the uplink stage commits them to its outbox and
+then moves ``durable_seq`` up to the marker. A source that can have its data re-sent (MQTT QoS 1/2)
+acknowledges a message only once the readings up to it are durable (``durable_after``), so a
+process killed at any moment loses nothing: the broker redelivers what was not yet on disk.
+
+Health: each stage stamps a ``Heartbeat`` (begin/done) around every unit of work; the daemon's
+watchdog feeder stops feeding systemd when a critical stage stays busy past ``stall_timeout``.
 """
 
 from __future__ import annotations
@@ -45,10 +55,12 @@ from flux_edge.model import Command, ErrorRecord, Measurement, Outcome, Quality,
 from flux_edge.plugins.host import Plugin, PluginHost, PluginLimits
 from flux_edge.rules.engine import RuleEngine
 from flux_edge.rules.state import RuleStore
+from flux_edge.runtime.health import HealthMonitor, Heartbeat
 from flux_edge.runtime.queues import BoundedQueue
 from flux_edge.runtime.supervisor import Supervisor
 from flux_edge.sources import Emit, Source, SourceHealth, StatusCallback
 from flux_edge.sources.modbus_plan import bus_devices
+from flux_edge.uplink import Uplink
 
 log = logging.getLogger("flux_edge.runtime")
 
@@ -111,7 +123,13 @@ def source_context(
 
 
 def make_source(
-    name: str, cfg: SourceConfig, emit: Emit, on_status: StatusCallback, gateway: str = ""
+    name: str,
+    cfg: SourceConfig,
+    emit: Emit,
+    on_status: StatusCallback,
+    gateway: str = "",
+    *,
+    durable: Callable[[], asyncio.Future[None] | None] | None = None,
 ) -> Source:
     """The source object for one config entry; each protocol's module is imported only if used."""
     if isinstance(cfg, ModbusTcpSource | ModbusRtuSource):
@@ -124,7 +142,9 @@ def make_source(
         return SerialReader(name, cfg, emit, on_status=on_status)
     from flux_edge.sources.mqtt_in import MqttSourceClient
 
-    return MqttSourceClient(name, cfg, emit, on_status=on_status, gateway_name=gateway)
+    return MqttSourceClient(
+        name, cfg, emit, on_status=on_status, gateway_name=gateway, durable=durable
+    )
 
 
 class Pipeline:
@@ -135,18 +155,35 @@ class Pipeline:
         host: PluginHost,
         observers: Observers | None = None,
         clock: Callable[[], float] = time.time,
+        uplink: Uplink | None = None,
+        monitor: HealthMonitor | None = None,
     ) -> None:
         self.config = config
         self.host = host
         self.observers = observers or Observers()
         self._clock = clock
+        self.uplink = uplink
         qsize = config.daemon.queue_size
         self.readings: BoundedQueue[Reading] = BoundedQueue("readings", qsize)
         self.measurements: BoundedQueue[Measurement] = BoundedQueue("measurements", qsize)
         self.commands: BoundedQueue[Command] = BoundedQueue("commands", qsize)
+        # measurements bound upstream, and int markers: "readings up to this count are in here"
+        self.upstream: BoundedQueue[Measurement | int] = BoundedQueue("uplink", qsize)
         self.stats: dict[str, StageStats] = {
-            s: StageStats() for s in ("sources", "plugins", "rules", "actions")
+            s: StageStats() for s in ("sources", "plugins", "rules", "actions", "uplink")
         }
+        self.monitor = monitor or HealthMonitor(config.daemon.stall_timeout)
+        self._owns_monitor = monitor is None
+        self.beats: dict[str, Heartbeat] = {}
+        # readings emitted / taken by the plugin stage / durable in the outbox (counts)
+        self.emitted_seq = 0
+        self.taken_seq = 0
+        self.durable_seq = 0
+        self._durable_waiters: collections.deque[tuple[int, asyncio.Future[None]]] = (
+            collections.deque()
+        )
+        # per action: [ok, failed, blocked by the safety layer]
+        self.action_counts: dict[str, list[int]] = {a: [0, 0, 0] for a in config.actions}
         self.dead_letters: collections.deque[ErrorRecord] = collections.deque(maxlen=1000)
         self.dead_letter_total = 0
         # plugin chains by (source, device); device "" = the source's chain for every device
@@ -210,6 +247,7 @@ class Pipeline:
             self.sources[sname] = make_source(
                 sname, scfg, self._emit, functools.partial(self._on_status, sname),
                 cfg.daemon.name,
+                durable=self.durable_after if self.uplink is not None else None,
             )
         # wasm actions send through other actions' executors: build those first
         ordered = sorted(cfg.actions.items(), key=lambda item: isinstance(item[1], WasmAction))
@@ -296,6 +334,9 @@ class Pipeline:
             if not self.measurements.offer(m):
                 log.warning("measurement queue full: quality change of %s.%s not delivered",
                             device, m.name)
+            if self.uplink is not None and not self.upstream.offer(m):
+                log.warning("uplink queue full: quality change of %s.%s not forwarded",
+                            device, m.name)
         for cb in self.observers.measurements:
             cb(source, marked)
 
@@ -304,17 +345,40 @@ class Pipeline:
 
     async def _emit(self, reading: Reading) -> None:
         await self.readings.put(reading)
+        self.emitted_seq += 1  # no await since the put: the count matches the queue's order
         self.stats["sources"].processed += 1
         self.stats["sources"].last_progress = time.monotonic()
+
+    def durable_after(self) -> asyncio.Future[None] | None:
+        """A future that completes once every reading emitted so far is durable in the outbox
+        (or was a dead letter); None if that is already so. Sources call it right after emit."""
+        seq = self.emitted_seq
+        if seq <= self.durable_seq:
+            return None
+        fut = asyncio.get_running_loop().create_future()
+        self._durable_waiters.append((seq, fut))
+        return fut
+
+    def _made_durable(self, seq: int) -> None:
+        self.durable_seq = max(self.durable_seq, seq)
+        waiters = self._durable_waiters
+        while waiters and waiters[0][0] <= self.durable_seq:
+            fut = waiters.popleft()[1]
+            if not fut.done():
+                fut.set_result(None)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Load every plugin, then start consumers before producers."""
         self._build()
+        for stage in ("plugins", "rules", "actions") + (("uplink",) if self.uplink else ()):
+            self.beats[stage] = self.monitor.register(stage)
         sup = self._supervisor
         sup.spawn("actions", self._action_stage)
         sup.spawn("rules", self._rule_stage)
+        if self.uplink is not None:
+            sup.spawn("uplink", self._uplink_stage)
         sup.spawn("plugins", self._plugin_stage)
         if self.config.actuators:
             sup.spawn("safety", self._safety_loop)
@@ -329,36 +393,51 @@ class Pipeline:
             len(self.executors),
         )
 
-    async def stop(self, drain_timeout: float = 10.0) -> None:
-        """Stop sources, let queued data flow through every stage, then stop the stages."""
+    async def stop(self, drain_timeout: float = 10.0, *, safe_state: bool = True) -> bool:
+        """Stop sources, let queued data flow through every stage (into the outbox, if there is
+        an uplink), then stop the stages. ``safe_state``: put actuators in their configured safe
+        state (shutdown); a reload keeps them as they are. True if everything drained."""
         if not self._started:
-            return
+            return True
         self._started = False
         sup = self._supervisor
         await sup.cancel(*[f"source:{n}" for n in self.sources])
+        drained = True
         try:
             async with asyncio.timeout(drain_timeout):
                 await self.readings.join()
                 await self.measurements.join()
+                await self.upstream.join()
                 await self.commands.join()
                 while self._in_flight:
                     await asyncio.wait(set(self._in_flight))
         except TimeoutError:
+            drained = False
             log.warning(
                 "stop: queues not drained within %.0f s (readings %d, measurements %d, "
-                "commands %d, actions in flight %d)",
+                "uplink %d, commands %d, actions in flight %d)",
                 drain_timeout,
                 len(self.readings),
                 len(self.measurements),
+                len(self.upstream),
                 len(self.commands),
                 len(self._in_flight),
             )
         await sup.cancel("safety")
-        safe = self.safety.safe_commands("shutdown")
+        safe = self.safety.safe_commands("shutdown") if safe_state else []
         if safe:
             log.info("shutdown: putting %d actuator(s) in their safe state", len(safe))
             await asyncio.gather(*(self._run_action(cmd) for cmd in safe))
         await sup.cancel_all()
+        if self.uplink is not None and self.upstream:  # left over after a timed-out drain
+            self.uplink.add([m for m in self.upstream.drain() if not isinstance(m, int)])
+            self.uplink.commit()
+        for name in self.beats:
+            self.monitor.unregister(name)
+        self.beats.clear()
+        for _seq, fut in self._durable_waiters:
+            fut.cancel()  # never acknowledged: the broker redelivers it
+        self._durable_waiters.clear()
         self.audit.close()
         self.store.close()
         for source in self.sources.values():
@@ -369,6 +448,11 @@ class Pipeline:
         for chain in self.chains.values():
             for plugin in chain:
                 plugin.close()
+        for executor in self.executors.values():
+            owned = getattr(executor, "plugin", None)
+            if isinstance(owned, Plugin):
+                owned.close()
+        return drained
 
     # --- stages ------------------------------------------------------------------------------
 
@@ -403,9 +487,13 @@ class Pipeline:
 
     async def _plugin_stage(self) -> None:
         stats = self.stats["plugins"]
+        beat = self.beats["plugins"]
         batch_max = self.config.daemon.batch_max
+        upstream = self.upstream if self.uplink is not None else None
         while True:
             batch = await self.readings.get_batch(batch_max)
+            beat.begin()
+            self.taken_seq += len(batch)
             groups: dict[tuple[str, str], list[Reading]] = {}
             for r in batch:
                 groups.setdefault((r.source, r.device), []).append(r)
@@ -431,14 +519,22 @@ class Pipeline:
                         by_name = latest[m.device] = {}
                     by_name[m.name] = m
                     await self.measurements.put(m)
+                    if upstream is not None:
+                        await upstream.put(m)
                 stats.processed += len(readings)
+            if upstream is not None:
+                await upstream.put(self.taken_seq)
+            else:
+                self._made_durable(self.taken_seq)
             stats.last_progress = time.monotonic()
+            beat.done()
             self.readings.task_done_if_empty()
 
     async def _rule_stage(self) -> None:
         """Measurements through the rules; between them, wake exactly when a `for` timer is due
         (get_batch is cancellation-safe: nothing is taken before its only await)."""
         stats = self.stats["rules"]
+        beat = self.beats["rules"]
         engine = self.engine
         while True:
             deadline = engine.next_deadline()
@@ -449,15 +545,19 @@ class Pipeline:
                     async with asyncio.timeout(max(0.0, deadline - self._clock())):
                         batch = await self.measurements.get_batch(1024)
                 except TimeoutError:
+                    beat.begin()
                     for cmd in engine.tick():
                         await self.commands.put(cmd)
                     stats.last_progress = time.monotonic()
+                    beat.done()
                     continue
+            beat.begin()
             for m in batch:
                 for cmd in engine.on_measurement(m):
                     await self.commands.put(cmd)
             stats.processed += len(batch)
             stats.last_progress = time.monotonic()
+            beat.done()
             self.measurements.task_done_if_empty()
 
     async def _safety_loop(self, period: float = 1.0) -> None:
@@ -468,16 +568,63 @@ class Pipeline:
                 await self.commands.put(cmd)
             await asyncio.sleep(period)
 
+    async def _uplink_stage(self) -> None:
+        """Measurements into the outbox, one SQLite transaction per ``commit_interval`` at most
+        (group commit: an SD card is not written per message); then the readings they came from
+        are durable and their sources may acknowledge them."""
+        uplink = self.uplink
+        assert uplink is not None and self.config.uplink is not None
+        interval = self.config.uplink.commit_interval
+        stats = self.stats["uplink"]
+        beat = self.beats["uplink"]
+        queue = self.upstream
+        loop = asyncio.get_running_loop()
+        last_commit = -float("inf")
+        while True:
+            batch = await queue.get_batch(4096)
+            beat.begin()
+            mark = 0
+            while True:
+                ms = [m for m in batch if not isinstance(m, int)]
+                if len(ms) != len(batch):
+                    mark = max(m for m in batch if isinstance(m, int))
+                if ms:
+                    uplink.add(ms)
+                    stats.processed += len(ms)
+                delay = last_commit + interval - loop.time()
+                if delay > 0:  # committed a moment ago: gather more for this transaction
+                    beat.done()
+                    await asyncio.sleep(delay)
+                    beat.begin()
+                if not queue:
+                    break
+                batch = await queue.get_batch(4096)
+            try:
+                uplink.commit()
+            except FluxError as exc:  # disk full, I/O error: counted, logged, retried next time
+                stats.errors += 1
+                self._ratelog.warning("uplink-commit", f"uplink outbox: {exc}")
+            else:
+                if mark:
+                    self._made_durable(mark)
+            last_commit = loop.time()
+            stats.last_progress = time.monotonic()
+            beat.done()
+            queue.task_done_if_empty()
+
     async def _action_stage(self) -> None:
         stats = self.stats["actions"]
+        beat = self.beats["actions"]
         while True:
             batch = await self.commands.get_batch(256)
+            beat.begin()
             for cmd in batch:
                 task = asyncio.get_running_loop().create_task(self._run_action(cmd))
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
             stats.processed += len(batch)
             stats.last_progress = time.monotonic()
+            beat.done()
             self.commands.task_done_if_empty()
 
     async def _run_action(self, cmd: Command) -> None:
@@ -493,12 +640,14 @@ class Pipeline:
         async with self._action_locks[cmd.action]:
             outcome = await self.guard.run(cmd, executor, self.latest)
         if outcome is None:  # blocked by the safety layer, which logged and audited why
+            self.action_counts[cmd.action][2] += 1
             for blocked_cb in self.observers.blocked:
                 blocked_cb(cmd)
             return
         if outcome.ok and self.safety.actuators_of(cmd.action):
             self._save_safety()
         if outcome.ok:
+            self.action_counts[cmd.action][0] += 1
             log.info(
                 "action %s (rule %s): ok%s in %.1f ms",
                 cmd.action, cmd.rule,
@@ -506,6 +655,7 @@ class Pipeline:
                 outcome.latency_s * 1000,
             )
         else:
+            self.action_counts[cmd.action][1] += 1
             self.stats["actions"].errors += 1
             log.warning("action %s (rule %s) failed: %s", cmd.action, cmd.rule, outcome.error)
         for cb in self.observers.outcomes:

@@ -110,6 +110,16 @@ class BoundedQueue(Generic[T]):
         self._not_full.set()
         return batch
 
+    def drain(self) -> list[T]:
+        """Take every item without waiting (after the consumer has stopped)."""
+        batch = list(self._items)
+        self._items.clear()
+        self.got_total += len(batch)
+        self._not_empty.clear()
+        self._not_full.set()
+        self._empty.set()
+        return batch
+
     def task_done_if_empty(self) -> None:
         """Called by the consumer after it finished processing a batch."""
         if not self._items:

@@ -21,10 +21,15 @@ each message becomes a ``Reading`` in a local buffer that one task drains into `
   and counted (``stats.overflow``, ``health.total_errors``), logged at most once per
   ``log_every`` seconds.
 
-Sessions: the client starts clean on its first connection and resumes its session on reconnects
-(MQTT 5, session expiry ``SESSION_EXPIRY`` when any subscription has QoS > 0), so QoS 1/2 messages
-published during a network outage are delivered once the link is back; a broker restart without
-persistence loses them, as it loses everything else.
+Sessions: with any QoS 1/2 subscription the client resumes its broker session, on reconnects and
+across daemon restarts (MQTT 5 session expiry ``SESSION_EXPIRY``; MQTT 3.1.1 a persistent
+session), so QoS 1/2 messages published while the link or the daemon was down are delivered
+afterwards; a broker restart without persistence loses them, as it loses everything else. With
+QoS 0 only, every connection starts clean.
+
+Durability (``durable``, given by the pipeline when an uplink is configured): a QoS 1/2 message
+is acknowledged only once the pipeline has stored what came of it in the uplink outbox, so a
+daemon killed at any moment loses nothing (the broker redelivers the rest; at-least-once).
 
 Health: one entry, keyed by the source name. ``quality`` is "good" while connected with every
 subscription granted; ``last_success_ts`` is the last message; ``polls`` counts messages
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import socket
 import time
@@ -85,6 +91,15 @@ class _Throttle:
         self._log.warning(msg + suffix, *args)
 
 
+def _pass_on(acked: asyncio.Future[None], durable: asyncio.Future[None]) -> None:
+    if acked.done():
+        return
+    if durable.cancelled():
+        acked.cancel()  # the pipeline stopped first: no acknowledgement, the broker redelivers
+    else:
+        acked.set_result(None)
+
+
 def default_client_id(gateway_name: str, source: str) -> str:
     return f"flux-edge-{gateway_name or socket.gethostname()}-{source}"
 
@@ -103,6 +118,7 @@ class MqttSourceClient:
         gateway_name: str = "",
         buffer_size: int | None = None,
         log_every: float = 10.0,
+        durable: Callable[[], asyncio.Future[None] | None] | None = None,
     ) -> None:
         if not cfg.topics:
             raise SourceError(name, "no topics to subscribe to")
@@ -116,6 +132,7 @@ class MqttSourceClient:
         self.health: dict[str, SourceHealth] = {name: SourceHealth()}
         self.stats = MqttSourceStats()
         self._emit = emit
+        self._durable = durable
         self._on_status = on_status
         self._wall = wall
         self._buffer: collections.deque[tuple[Reading, asyncio.Future[None] | None]] = (
@@ -151,7 +168,9 @@ class MqttSourceClient:
                     key_file=cfg.tls.key_file,
                     verify_hostname=cfg.tls.verify_hostname,
                 ),
-                clean_start="first_only",
+                # QoS 1/2: resume the broker session even across daemon restarts, so messages
+                # that arrived while the daemon was down (or unacknowledged when it died) come in
+                clean_start=not qos1,
                 session_expiry=SESSION_EXPIRY if qos1 else 0.0,
                 on_connection_change=self._on_connection,
                 on_subscribe_error=self._on_refused,
@@ -184,7 +203,11 @@ class MqttSourceClient:
                     self._throttle.warning("emit", "emit failed: %r", exc)
                 buf.popleft()
                 if acked is not None and not acked.done():
-                    acked.set_result(None)
+                    durable = self._durable() if self._durable is not None else None
+                    if durable is None:
+                        acked.set_result(None)
+                    else:  # acknowledge once the pipeline has it on disk (the uplink outbox)
+                        durable.add_done_callback(functools.partial(_pass_on, acked))
                 if len(buf) <= self._resume_at and self.client.reading_paused:
                     self.client.resume_reading()
         finally:

@@ -1,0 +1,206 @@
+"""What the daemon tells the outside: the STATUS line, /healthz and the Prometheus metrics.
+
+Everything here reads counters the stages keep anyway; nothing on the data path waits for it.
+Metric names follow Prometheus conventions (``flux_edge_`` prefix, ``_total`` counters,
+base units). The list, with meanings, is in docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+from flux_edge import __version__
+from flux_edge.plugins.host import CALL_BUCKETS, Plugin
+from flux_edge.runtime.metrics import MetricsWriter
+from flux_edge.runtime.queues import BoundedQueue
+
+if TYPE_CHECKING:
+    from flux_edge.runtime.daemon import Daemon
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _count(n: int) -> str:
+    return f"{n:,}"
+
+
+def status_line(daemon: Daemon) -> str:
+    """One short line for `systemctl status`: what runs and whether data flows."""
+    parts: list[str] = []
+    if daemon.reload_error:
+        parts.append(f"reload failed, old config kept: {daemon.reload_error[:80]}")
+    p = daemon.pipeline
+    if p is None:
+        return "; ".join([*parts, "starting"])
+    devices = [h for src in p.sources.values() for h in src.health.values()]
+    bad = sum(1 for h in devices if h.quality != "good")
+    dev = f"{len(devices)} device(s)" + (f", {bad} not answering" if bad else "")
+    parts.append(f"{dev}; {_count(p.stats['plugins'].processed)} readings")
+    up = daemon.uplink
+    if up is not None:
+        link = "uplink up" if up.connected else "uplink DOWN"
+        parts.append(f"{link}, outbox {_count(up.depth())}"
+                     + (f", {_count(up.stats.dropped)} dropped" if up.stats.dropped else ""))
+    stuck = daemon.monitor.check()
+    if stuck:
+        parts.append("STUCK: " + stuck[0])
+    return "; ".join(parts)
+
+
+def health_report(daemon: Daemon) -> tuple[bool, dict[str, object]]:
+    """/healthz: healthy while no critical stage is stuck (what the watchdog checks)."""
+    problems = daemon.monitor.check()
+    body: dict[str, object] = {
+        "status": "ok" if not problems else "stuck",
+        "problems": problems,
+        "stages": daemon.monitor.snapshot(),
+        "loop_lag_s": round(daemon.monitor.loop_lag, 6),
+    }
+    if daemon.reload_error:
+        body["reload_error"] = daemon.reload_error
+    if daemon.uplink is not None:
+        body["uplink"] = {"connected": daemon.uplink.connected,
+                          "outbox": daemon.uplink.depth(),
+                          "dropped": daemon.uplink.stats.dropped}
+    return not problems, body
+
+
+def _plugins(daemon: Daemon) -> dict[str, list[Plugin]]:
+    by_name: dict[str, list[Plugin]] = defaultdict(list)
+    p = daemon.pipeline
+    if p is None:
+        return by_name
+    for chain in p.chains.values():
+        for plugin in chain:
+            by_name[plugin.name].append(plugin)
+    for executor in p.executors.values():
+        owned = getattr(executor, "plugin", None)
+        if isinstance(owned, Plugin):
+            by_name[owned.name].append(owned)
+    return by_name
+
+
+def render_metrics(daemon: Daemon) -> str:
+    w = MetricsWriter()
+    p = daemon.pipeline
+    gateway = daemon.config.daemon.name or os.uname().nodename
+    w.gauge("flux_edge_info", "Version and gateway name.",
+            [({"version": __version__, "gateway": gateway}, 1)])
+    w.gauge("flux_edge_start_time_seconds", "Unix time the daemon started.",
+            [({}, daemon.started_at)])
+    w.gauge("flux_edge_process_resident_memory_bytes", "Resident set size.", [({}, _rss_bytes())])
+    t = os.times()
+    w.counter("flux_edge_process_cpu_seconds_total", "User + system CPU time.",
+              [({}, t.user + t.system)])
+    w.counter("flux_edge_reloads_total", "Configuration reloads, by result.",
+              [({"result": "ok"}, daemon.reloads_ok),
+               ({"result": "failed"}, daemon.reloads_failed)])
+    w.gauge("flux_edge_event_loop_lag_seconds", "How late the watchdog feeder woke last time.",
+            [({}, daemon.monitor.loop_lag)])
+    snap = daemon.monitor.snapshot()
+    now = time.monotonic()
+    busy = []
+    for stage, info in snap.items():
+        since = info.get("busy_since")
+        busy.append(({"stage": stage}, now - since if isinstance(since, float) else 0.0))
+    w.gauge("flux_edge_stage_busy_seconds",
+            "How long each stage has been on its current unit of work (0 = idle).", busy)
+    w.gauge("flux_edge_healthy", "1 while no critical stage is stuck (the watchdog is fed).",
+            [({}, 0 if daemon.monitor.check() else 1)])
+    if p is not None:
+        w.counter("flux_edge_stage_processed_total", "Units processed per stage.",
+                  [({"stage": s}, st.processed) for s, st in p.stats.items()])
+        w.counter("flux_edge_stage_errors_total", "Errors per stage.",
+                  [({"stage": s}, st.errors) for s, st in p.stats.items()])
+        queues: list[BoundedQueue[Any]] = [p.readings, p.measurements, p.commands, p.upstream]
+        w.gauge("flux_edge_queue_depth", "Items waiting between stages.",
+                [({"queue": q.name}, len(q)) for q in queues])
+        w.gauge("flux_edge_queue_capacity", "Capacity of each queue.",
+                [({"queue": q.name}, q.capacity) for q in queues])
+        w.counter("flux_edge_queue_blocked_total",
+                  "Times a producer waited for room (back-pressure).",
+                  [({"queue": q.name}, q.blocked_total) for q in queues])
+        w.counter("flux_edge_queue_dropped_total", "Items dropped by a full queue.",
+                  [({"queue": q.name}, q.dropped_total) for q in queues])
+        w.counter("flux_edge_dead_letters_total",
+                  "Messages that could not be processed (logged with the reason).",
+                  [({}, p.dead_letter_total)])
+        polls, errors, up, last_ok = [], [], [], []
+        for sname, src in p.sources.items():
+            for dev, h in src.health.items():
+                labels = {"source": sname, "device": dev}
+                polls.append((labels, h.polls))
+                errors.append((labels, h.total_errors))
+                up.append((labels, 1 if h.quality == "good" else 0))
+                if h.last_success_ts is not None:
+                    last_ok.append((labels, h.last_success_ts))
+        w.counter("flux_edge_device_polls_total", "Polls (or messages) per device.", polls)
+        w.counter("flux_edge_device_errors_total", "Failed polls/errors per device.", errors)
+        w.gauge("flux_edge_device_up", "1 while the device answers (quality good).", up)
+        w.gauge("flux_edge_device_last_success_timestamp_seconds",
+                "Unix time of the device's last good poll or message.", last_ok)
+        rules = p.engine.stats
+        w.counter("flux_edge_rule_evaluations_total", "Condition evaluations per rule.",
+                  [({"rule": r}, st.evaluations) for r, st in rules.items()])
+        w.counter("flux_edge_rule_firings_total", "Times each rule fired.",
+                  [({"rule": r}, st.firings) for r, st in rules.items()])
+        w.counter("flux_edge_rule_errors_total", "Evaluation errors per rule.",
+                  [({"rule": r}, st.errors) for r, st in rules.items()])
+        w.counter("flux_edge_action_outcomes_total",
+                  "Action runs by result (blocked = refused by the safety layer).",
+                  [({"action": a, "result": res}, n)
+                   for a, counts in p.action_counts.items()
+                   for res, n in zip(("ok", "failed", "blocked"), counts, strict=True)])
+    plugins = _plugins(daemon)
+    calls, msgs, perr, touts, traps, quar, hist = [], [], [], [], [], [], []
+    for name, instances in sorted(plugins.items()):
+        labels = {"plugin": name}
+        calls.append((labels, sum(i.stats.calls for i in instances)))
+        msgs.append((labels, sum(i.stats.messages for i in instances)))
+        perr.append((labels, sum(i.stats.errors for i in instances)))
+        touts.append((labels, sum(i.stats.timeouts for i in instances)))
+        traps.append((labels, sum(i.stats.traps for i in instances)))
+        quar.append((labels, sum(i.stats.quarantines for i in instances)))
+        counts = [sum(c) for c in zip(*(i.stats.call_counts for i in instances), strict=True)]
+        hist.append((labels, counts, sum(i.stats.total_call_s for i in instances), sum(counts)))
+    w.counter("flux_edge_plugin_calls_total", "Plugin calls (one call carries a batch).", calls)
+    w.counter("flux_edge_plugin_messages_total", "Messages passed to plugins.", msgs)
+    w.counter("flux_edge_plugin_errors_total", "Messages a plugin rejected or failed.", perr)
+    w.counter("flux_edge_plugin_timeouts_total", "Calls stopped at their time limit.", touts)
+    w.counter("flux_edge_plugin_traps_total", "Calls that trapped (crashed) in the guest.", traps)
+    w.counter("flux_edge_plugin_quarantines_total", "Times a plugin was quarantined.", quar)
+    w.histogram("flux_edge_plugin_call_seconds", "Wall time per plugin call.", CALL_BUCKETS, hist)
+    up_link = daemon.uplink
+    if up_link is not None:
+        st = up_link.stats
+        oldest = up_link.oldest_ts()
+        w.gauge("flux_edge_uplink_connected", "1 while connected to the upstream broker.",
+                [({}, 1 if up_link.connected else 0)])
+        w.gauge("flux_edge_outbox_records", "Records waiting in the outbox.",
+                [({}, up_link.depth())])
+        w.gauge("flux_edge_outbox_bytes", "Bytes the waiting records take (payload estimate).",
+                [({}, up_link.depth_bytes())])
+        w.gauge("flux_edge_outbox_oldest_age_seconds",
+                "Age of the oldest waiting measurement (0 = empty).",
+                [({}, max(time.time() - oldest, 0.0) if oldest is not None else 0.0)])
+        w.counter("flux_edge_uplink_acked_total",
+                  "Records the upstream broker acknowledged.", [({}, st.acked)])
+        w.counter("flux_edge_uplink_published_total", "Publishes sent upstream.",
+                  [({}, st.published)])
+        w.counter("flux_edge_uplink_dropped_total",
+                  "Records dropped because the outbox was full (oldest first).",
+                  [({}, st.dropped)])
+        w.counter("flux_edge_uplink_publish_errors_total", "Failed publishes (retried).",
+                  [({}, st.publish_errors)])
+    return w.text()

@@ -2256,6 +2256,9 @@ def _check_uplink(v: _Validator, data: dict[str, Any], base_dir: Path) -> None:
                 v.report(("uplink", "tls", key), f"no such file: {path}")
             else:
                 tls[key] = str(path)
+    outbox = up.get("outbox_file", "")
+    if isinstance(outbox, str) and outbox and not Path(outbox).is_absolute():
+        up["outbox_file"] = str(base_dir / outbox)
     lo, hi = up.get("reconnect_min", 1.0), up.get("reconnect_max", 60.0)
     if _is_number(lo) and _is_number(hi) and lo > hi:
         v.report(("uplink", "reconnect_max"),

@@ -8,7 +8,9 @@ from the outbox; an acknowledged publish marks its rows for deletion (carried by
 or by the sync task when no commit comes). A QoS 1/2 message handed to paho is re-sent by paho
 after a reconnect, so a dropped link needs nothing from us; a publish that fails (the broker
 refused it, or the client closed) leaves its rows in the outbox: once nothing is in flight the
-sender reads again from the oldest row, after a pause that doubles up to ``reconnect_max``.
+sender reads again from the oldest row, after a pause that doubles up to ``reconnect_max``, and
+sends one publish at a time until one succeeds (then the whole window again), so the records
+held back arrive in order.
 While disconnected it waits for the connection (no polling). Delivery is at-least-once: a record
 acknowledged but not yet deleted when the process dies is sent again; consumers de-duplicate on
 ``id`` (``"<outbox_id>-<seq>"``).
@@ -200,6 +202,13 @@ class Uplink:
         if self._closing:
             return
         self._closing = True
+        try:
+            await self._stop_sending()
+        finally:  # whatever happened above, the file is left consistent and unlocked
+            await self._close_outbox()
+        log.info("uplink closed: %d record(s) left in the outbox", self._out.depth())
+
+    async def _stop_sending(self) -> None:
         for task in (self._sender, self._syncer):
             if task is not None:
                 task.cancel()
@@ -219,6 +228,8 @@ class Uplink:
             except (MqttError, TimeoutError) as exc:
                 log.debug("uplink: offline status not sent: %s", exc)
         await self._client.close()
+
+    async def _close_outbox(self) -> None:
         if self._ckpt_job is not None and not self._ckpt_job.done():
             await asyncio.wait({self._ckpt_job})
         try:
@@ -232,9 +243,9 @@ class Uplink:
             )
         except Exception as exc:  # noqa: BLE001 - sqlite3.Error; a close must finish
             log.warning("uplink close: final checkpoint of %s failed: %s", self._out.path, exc)
-        self._out.close()
-        self._closed = True
-        log.info("uplink closed: %d record(s) left in the outbox", self._out.depth())
+        finally:
+            self._out.close()
+            self._closed = True
 
     @property
     def connected(self) -> bool:
@@ -272,7 +283,10 @@ class Uplink:
                 await asyncio.sleep(delay)
                 continue
             if self._client.connected and not self._failed:
-                while len(self._inflight) < window:
+                # after a failure one publish goes alone until it succeeds, so what was held
+                # back arrives in order
+                limit = 1 if self._failures else window
+                while len(self._inflight) < limit:
                     unit = out.take(rows)
                     if unit is None:
                         break

@@ -48,6 +48,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
 
@@ -139,6 +140,10 @@ CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, size INTEGER NOT NUL
                      ts REAL NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL);
 """
 _TABLES = {"meta", "counters", "outbox"}
+_INSERTS = [
+    (n, "INSERT INTO outbox (size, ts, topic, payload) VALUES " + ",".join(["(?,?,?,?)"] * n))
+    for n in (64, 32, 16, 8, 4, 2, 1)
+]
 _CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 
 
@@ -433,10 +438,7 @@ class Outbox:
                     keep_from += 1
             if keep_from:
                 new_bytes -= sum(r[0] for r in staged[:keep_from])
-            self._db.executemany(
-                "INSERT INTO outbox (size, ts, topic, payload) VALUES (?, ?, ?, ?)",
-                staged[keep_from:] if keep_from else staged,
-            )
+            self._insert(staged[keep_from:] if keep_from else staged)
             db_rows = self._db_rows + n - keep_from - rows - dropped_rows
             db_bytes = self._db_bytes + new_bytes - size - freed
             self._write_counters(db_rows, db_bytes)
@@ -480,6 +482,17 @@ class Outbox:
         self._db_bytes -= size
         self._acked_done()
         self.dirty = True
+
+    def _insert(self, rows: list[tuple[int, float, str, bytes]]) -> None:
+        """Multi-row INSERTs of 64, 32, ... 1 rows: AUTOINCREMENT updates sqlite_sequence once
+        per statement, so this costs about 60 % of one statement per row (executemany)."""
+        db = self._db
+        n = len(rows)
+        i = 0
+        for size, sql in _INSERTS:
+            while n - i >= size:
+                db.execute(sql, list(chain.from_iterable(rows[i:i + size])))
+                i += size
 
     def _begin(self) -> None:
         self._db.execute("BEGIN")

@@ -48,6 +48,7 @@ log = logging.getLogger("flux_edge.uplink")
 
 _STATUS_TIMEOUT = 2.0  # close(): longest wait for the broker to take the "offline" status
 _LOG_EVERY = 30.0  # seconds between two warnings of the same kind
+_FILL_BURST = 16  # publishes started before the sender yields to the event loop
 
 
 class _RateLog:
@@ -286,11 +287,18 @@ class Uplink:
                 # after a failure one publish goes alone until it succeeds, so what was held
                 # back arrives in order
                 limit = 1 if self._failures else window
-                while len(self._inflight) < limit:
+                started = 0
+                while len(self._inflight) < limit and self._client.connected:
                     unit = out.take(rows)
                     if unit is None:
                         break
                     self._publish(unit)
+                    started += 1
+                    if started % _FILL_BURST == 0:
+                        # let the loop run those (and any I/O) before starting more
+                        await asyncio.sleep(0)
+                if started % _FILL_BURST == 0 and started:
+                    continue  # the window may have room again: look once more
             await self._wake.wait()
 
     def _publish(self, unit: Unit) -> None:

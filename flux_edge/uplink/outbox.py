@@ -216,8 +216,8 @@ class Outbox:
         ).fetchone()[0]
         self._oid = self.outbox_id.encode()
         if self._db_bytes > max_size:  # the bound was lowered since the last run
-            self._begin()
             try:
+                self._begin()
                 dropped, freed, _last = self._drop_oldest(self._db_bytes - max_size)
                 self._write_counters(self._db_rows - dropped, self._db_bytes - freed)
                 self._db.execute("COMMIT")

@@ -156,6 +156,19 @@ def test_full_outbox_drops_the_oldest_exactly_and_says_so(
     box.close()
 
 
+def test_a_lowered_bound_trims_the_backlog_at_open(tmp_path: Path) -> None:
+    size = row_size(tmp_path)
+    path = tmp_path / "o.sqlite"
+    box = open_outbox(path, max_size=100 * size)
+    box.add(ms(0, 50))
+    box.commit()
+    box.close()
+    box = open_outbox(path, max_size=20 * size)
+    assert box.stats.dropped == 30 and box.depth() == 20
+    assert values(take_all(box), box._oid) == list(range(30, 50))
+    box.close()
+
+
 def test_rows_in_flight_are_never_dropped(tmp_path: Path) -> None:
     size = row_size(tmp_path)
     box = open_outbox(tmp_path / "o.sqlite", max_size=4 * size)

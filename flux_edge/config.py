@@ -363,13 +363,13 @@ class UplinkConfig(_S, frozen=True):
 
 class Config(_S, frozen=True):
     daemon: DaemonConfig = DaemonConfig()
-    metrics: MetricsConfig = MetricsConfig()
-    uplink: UplinkConfig | None = None
     plugins: dict[str, PluginConfig] = {}
     sources: dict[str, SourceConfig] = {}
     rules: dict[str, RuleConfig] = {}
     actions: dict[str, ActionConfig] = {}
     actuators: dict[str, ActuatorConfig] = {}
+    uplink: UplinkConfig | None = None
+    metrics: MetricsConfig = MetricsConfig()
     # Set by the loader, not by the file:
     path: str = ""  # the file it was loaded from
 
@@ -2263,7 +2263,7 @@ def _check_uplink(v: _Validator, data: dict[str, Any], base_dir: Path) -> None:
     if _is_number(lo) and _is_number(hi) and lo > hi:
         v.report(("uplink", "reconnect_max"),
                  f"must be >= reconnect_min ({lo} s), got {hi} s")
-    topic = up.get("topic", "")
+    topic = up.get("topic", _default(UplinkConfig, "topic"))
     if up.get("format") == "batch" and isinstance(topic, str) and "{name}" in topic:
         v.report(
             ("uplink", "topic"),

@@ -1711,3 +1711,49 @@ def test_failing_rule_test_case_is_an_error(site: Path) -> None:
         "rule 'overheat' test 'hot for 30 s' failed: expected [burner_off], the rule asked for []"
     )
     assert p.line > 0
+
+
+# --- [uplink] and [metrics] ----------------------------------------------------------------------
+
+
+def test_uplink_and_metrics_load_with_defaults_and_conversions(site: Path) -> None:
+    text = BASE + (
+        '\n[uplink]\nhost = "broker.example"\noutbox_max_size = "1MiB"\n'
+        'commit_interval = "50ms"\noutbox_file = "box/outbox.sqlite"\n'
+        '\n[metrics]\nport = 9999\n'
+    )
+    cfg = load_config_text(text, str(site / "flux.toml"))
+    assert cfg.uplink is not None
+    assert cfg.uplink.outbox_max_size == 2**20
+    assert cfg.uplink.commit_interval == pytest.approx(0.05)
+    assert cfg.uplink.qos == 1 and cfg.uplink.format == "single"
+    assert cfg.uplink.outbox_file == str(site / "box" / "outbox.sqlite")  # next to the file
+    assert cfg.metrics.port == 9999 and cfg.metrics.host == "127.0.0.1"
+    assert cfg.daemon.stall_timeout == 30.0 and cfg.daemon.shutdown_timeout == 20.0
+    assert load_config_text(BASE, str(site / "flux.toml")).uplink is None
+
+
+def test_uplink_problems_are_named_with_their_positions(site: Path) -> None:
+    text = BASE + (
+        '\n[uplink]\nhost = "broker.example"\ntopic = "gw/{gatway}/{device}"\nqos = 0\n'
+        'reconnect_min = "10s"\nreconnect_max = "1s"\ntls = { ca_file = "missing-ca.pem" }\n'
+        'client_id = "same"\n'
+        '\n[sources.feed]\ntype = "mqtt"\nclient_id = "same"\n'
+        'topics = [{ topic = "a/b" }]\nchain = ["dec"]\n'
+    )
+    probs = errors(site, text)
+    topic = by_path(probs, "uplink.topic")
+    assert "{gatway}" in topic.message and "{gateway}" in topic.message and topic.line > 0
+    assert by_path(probs, "uplink.qos").line > 0
+    assert "reconnect_min" in by_path(probs, "uplink.reconnect_max").message
+    assert "missing-ca.pem" in by_path(probs, "uplink.tls.ca_file").message
+    assert "already used" in by_path(probs, "uplink.client_id").message
+
+
+def test_batch_format_with_a_per_measurement_topic_is_a_warning(site: Path) -> None:
+    text = BASE + '\n[uplink]\nhost = "b"\nformat = "batch"\n'  # default topic has {name}
+    probs = check(site, text)
+    warn = by_path(probs, "uplink.topic")
+    assert warn.severity == "warning" and "{name}" in warn.message
+    text = BASE + '\n[uplink]\nhost = "b"\ntopic = "x/+/y"\n'
+    assert "wildcards" in by_path(errors(site, text), "uplink.topic").message

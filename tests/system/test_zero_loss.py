@@ -12,6 +12,7 @@ mosquitto, where a collector with a persistent session counts them.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 import time
@@ -81,6 +82,7 @@ class Rig:
         self.notify = NotifySocket(tmp / "notify.sock")
         self.daemon: DaemonProcess | None = None
         self.seqs: dict[int, int] = {}  # seq -> times received upstream
+        self.order: list[int] = []  # seqs in arrival order, duplicates included
         self.ids: set[str] = set()
         self.arrived: asyncio.Event | None = None  # set on every upstream message
 
@@ -116,6 +118,7 @@ class Rig:
             if r["name"] == "seq":
                 seq = int(r["value"])
                 self.seqs[seq] = self.seqs.get(seq, 0) + 1
+                self.order.append(seq)
 
     async def collector(self) -> MqttClient:
         c = MqttClient("collector", HOST, self.upstream.port, clean_start=False,
@@ -293,3 +296,42 @@ def test_reloads_under_load_lose_nothing(rig: Rig) -> None:
     assert rig.daemon is not None
     rig.daemon.signal(signal.SIGTERM)
     assert rig.daemon.wait(40) == 0
+
+
+def test_sigterm_with_the_uplink_down_exits_in_time_and_sends_the_backlog_after_restart(
+    rig: Rig,
+) -> None:
+    """The flush cannot finish without a broker: the daemon still exits 0 within
+    daemon.shutdown_timeout, and the next start sends what the outbox kept, in order."""
+    n = 2000
+    rig.config.write_text(rig.config.read_text().replace(
+        'state_dir = ', 'shutdown_timeout = "3s"\nstate_dir = ', 1))
+
+    async def go() -> None:
+        collector = await rig.collector()
+        await asyncio.to_thread(rig.start_daemon)
+        rig.upstream.stop()
+        await rig.publish(n, rate=2000.0)
+        deadline = time.monotonic() + 60
+        while True:  # every message has reached the outbox (another process: poll its metrics)
+            body = await asyncio.to_thread(rig.metrics)
+            if metric(body, "flux_edge_outbox_records") >= n:
+                break
+            assert time.monotonic() < deadline, "the daemon did not take every message"
+            await asyncio.sleep(0.1)
+        assert rig.daemon is not None
+        t0 = time.monotonic()
+        rig.daemon.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(rig.daemon.wait, 30) == 0
+        assert time.monotonic() - t0 < 3 + 2.5, "shutdown_timeout not kept"
+        assert "stay in the outbox" in rig.daemon.log_text()
+        rig.upstream.start()
+        await asyncio.to_thread(rig.start_daemon)
+        await rig.wait_all(n, timeout=60)
+        await collector.close()
+        firsts = list(dict.fromkeys(rig.order))  # first arrival of each seq
+        assert sorted(firsts) == list(range(n))
+        # sent oldest first: in outbox order, which is publish order up to one plugin batch
+        assert all(b > a - 256 for a, b in itertools.pairwise(firsts))
+
+    run(go(), timeout=200)

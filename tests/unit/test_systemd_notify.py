@@ -32,6 +32,7 @@ class NotifyReceiver:
         self.sock.bind(bind_to)
         self.sock.settimeout(0.05)
         self.messages: list[tuple[float, str]] = []
+        self._cursor = 0  # messages already returned by next_text
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._read, daemon=True)
@@ -62,8 +63,11 @@ class NotifyReceiver:
         return texts
 
     def next_text(self, timeout: float = 5.0) -> str:
-        n = len(self.texts())
-        return self.wait(lambda t: len(t) > n, timeout)[n]
+        """The next datagram not yet returned by next_text (it may have arrived already)."""
+        n = self._cursor
+        text = self.wait(lambda t: len(t) > n, timeout)[n]
+        self._cursor = n + 1
+        return text
 
     def close(self) -> None:
         self._stop = True

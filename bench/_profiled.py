@@ -1,0 +1,246 @@
+"""Run ``flux-edge`` with bench-only instrumentation: ``python bench/_profiled.py run --config X``.
+
+Environment switches (all optional; nothing in flux_edge/ is changed, only wrapped):
+
+- ``FLUX_BENCH_PROFILE=FILE``: cProfile of the main thread (the event loop: everything but
+  wasmtime's epoch ticker), written to FILE when the daemon exits (SIGTERM ends it cleanly).
+  Read it with ``python -m pstats FILE`` (sort tottime / cumulative).
+- ``FLUX_BENCH_GC=1``: time every garbage collection (gc.callbacks); at exit print, per
+  generation, the count, total and longest pause, and the objects tracked.
+- ``FLUX_BENCH_STALLS=MS``: a sampling thread looks at the main thread's stack about every
+  millisecond (as often as the GIL lets it: 5 ms switch interval); a run of samples outside
+  the selector (the loop busy) longer than MS milliseconds is a stall (counted from READY on).
+  At exit it prints the number of stalls, their total and longest length, and the functions
+  (file:line name) found most often in the stalls' samples: a poor man's py-spy.
+- ``FLUX_BENCH_MEM=1``: at exit, pymalloc's arena statistics (sys._debugmallocstats, to
+  stderr): how much of the resident memory is Python objects.
+- ``FLUX_BENCH_SLOW=MS``: asyncio debug mode with ``slow_callback_duration`` = MS: asyncio logs
+  every callback or task step that held the loop longer (WARNING "Executing <...> took ...").
+  Debug mode itself slows the loop down: use it to find culprits, not to measure.
+- ``FLUX_BENCH_SKIP=rulestate,audit``: experiments that measure what a part costs by skipping
+  it (NOT a configuration: durability is lost): ``rulestate`` makes RuleStore.save a no-op (the
+  per-firing SQLite transaction on the event loop), ``audit`` AuditLog.record (the per-command
+  JSON line), ``actionlock`` the per-action lock in Pipeline._run_action (commands of one action
+  then overlap: what a pipelined mqtt_publish would do), ``ticker`` the wasmtime epoch ticker
+  thread (plugin time-outs then never fire: it measures what the thread's GIL hand-offs cost).
+- ``FLUX_BENCH_TRACE=FILE``: for every command, how late (now - the cause measurement's ts, which
+  the bench sets to the device's send time) it was when the rule fired, when the action started
+  and when its publish completed; one line per command in FILE at exit.
+- ``FLUX_BENCH_GC_FREEZE=1``: an experiment for a candidate fix: ``gc.freeze()`` when the
+  daemon signals READY (Notifier.ready is wrapped), so the objects of the start-up (modules,
+  plugins, config) leave the collector's generations and a full collection only walks what the
+  pipeline allocated since.
+"""
+
+from __future__ import annotations
+
+import collections
+import cProfile
+import gc
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from flux_edge.cli import main
+from flux_edge.runtime import systemd
+
+_gc_start = [0.0]
+_gc_stats: dict[int, list[float]] = {0: [], 1: [], 2: []}
+
+
+def _gc_callback(phase: str, info: dict[str, Any]) -> None:
+    if phase == "start":
+        _gc_start[0] = time.perf_counter()
+    else:
+        _gc_stats[info["generation"]].append(time.perf_counter() - _gc_start[0])
+
+
+def _gc_report() -> None:
+    for gen, pauses in _gc_stats.items():
+        if pauses:
+            print(f"bench-gc: gen{gen}: {len(pauses)} collections, total "
+                  f"{sum(pauses) * 1000:.1f} ms, longest {max(pauses) * 1000:.1f} ms",
+                  file=sys.stderr)
+    print(f"bench-gc: tracked objects {len(gc.get_objects())}, frozen {gc.get_freeze_count()}",
+          file=sys.stderr)
+
+
+class StallSampler:
+    def __init__(self, threshold_ms: float) -> None:
+        self.threshold = threshold_ms / 1000
+        self.main = threading.main_thread().ident
+        self.stalls: list[float] = []
+        self.frames: collections.Counter[str] = collections.Counter()
+        self.leaf: collections.Counter[str] = collections.Counter()
+        self.samples = 0
+        self.armed = False  # set at READY: start-up (imports, plugin loading) is not counted
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, name="bench-stalls", daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        busy_since: float | None = None
+        run: list[list[str]] = []
+        while not self._stop.wait(0.001):
+            if not self.armed:
+                continue
+            frame = sys._current_frames().get(self.main)
+            now = time.perf_counter()
+            if frame is None:
+                continue
+            idle = frame.f_code.co_name in ("select", "poll") and "selectors" in \
+                frame.f_code.co_filename
+            if idle:
+                if busy_since is not None and now - busy_since >= self.threshold:
+                    self.stalls.append(now - busy_since)
+                    for stack in run:
+                        self.samples += 1
+                        for name in set(stack):
+                            self.frames[name] += 1
+                        self.leaf[stack[0]] += 1
+                busy_since = None
+                run = []
+                continue
+            if busy_since is None:
+                busy_since = now
+            stack = []
+            f: Any = frame
+            while f is not None and len(stack) < 40:
+                code = f.f_code
+                stack.append(f"{Path(code.co_filename).name}:{f.f_lineno} {code.co_name}")
+                f = f.f_back
+            run.append(stack)
+
+    def report(self) -> None:
+        self._stop.set()
+        self._t.join(1)
+        if not self.stalls:
+            print("bench-stalls: none", file=sys.stderr)
+            return
+        print(f"bench-stalls: {len(self.stalls)} stalls >= {self.threshold * 1000:g} ms, total "
+              f"{sum(self.stalls) * 1000:.0f} ms, longest {max(self.stalls) * 1000:.0f} ms, "
+              f"{self.samples} samples", file=sys.stderr)
+        for name, n in self.leaf.most_common(12):
+            print(f"bench-stalls: leaf {n:5d} {name}", file=sys.stderr)
+        for name, n in self.frames.most_common(40):
+            print(f"bench-stalls: in   {n:5d} {name}", file=sys.stderr)
+
+
+sampler = StallSampler(float(os.environ["FLUX_BENCH_STALLS"])) \
+    if os.environ.get("FLUX_BENCH_STALLS") else None
+
+_skip = set(filter(None, os.environ.get("FLUX_BENCH_SKIP", "").split(",")))
+if "rulestate" in _skip:
+    from flux_edge.rules.state import RuleStore
+
+    RuleStore.save = lambda self, records: None  # type: ignore[method-assign]
+if "audit" in _skip:
+    from flux_edge.actions.audit import AuditLog
+
+    AuditLog.record = lambda self, *a, **k: None  # type: ignore[method-assign]
+
+_trace: list[tuple[str, float, float, str]] = []
+if os.environ.get("FLUX_BENCH_TRACE"):
+    from flux_edge.actions.mqtt_publish import MqttPublishExecutor
+    from flux_edge.rules.engine import RuleEngine
+
+    _on_m = RuleEngine.on_measurement
+    _exec = MqttPublishExecutor.execute
+
+    def _traced_on_measurement(self: Any, m: Any) -> Any:
+        cmds = _on_m(self, m)
+        if cmds:
+            _trace.append(("fired", m.ts, time.time(), f"{m.device}/{m.value}"))
+        return cmds
+
+    async def _traced_execute(self: Any, cmd: Any) -> Any:
+        c = cmd.cause
+        _trace.append(("start", c.ts, time.time(), f"{c.device}/{c.value}"))
+        out = await _exec(self, cmd)
+        _trace.append(("done", c.ts, time.time(), f"{c.device}/{c.value}"))
+        return out
+
+    RuleEngine.on_measurement = _traced_on_measurement  # type: ignore[method-assign]
+    MqttPublishExecutor.execute = _traced_execute  # type: ignore[method-assign]
+
+if "ticker" in _skip:
+    from flux_edge.plugins.host import PluginHost
+
+    def _no_ticks(self: Any) -> None:
+        while not self._stopping:
+            time.sleep(0.5)
+
+    PluginHost._tick_loop = _no_ticks  # type: ignore[method-assign]
+
+if "actionlock" in _skip:
+    import contextlib
+
+    from flux_edge.runtime.pipeline import Pipeline
+
+    _start = Pipeline.start
+
+    async def _start_unlocked(self: Any) -> None:
+        for name in list(self._action_locks):
+            self._action_locks[name] = contextlib.nullcontext()
+        await _start(self)
+
+    Pipeline.start = _start_unlocked  # type: ignore[method-assign]
+
+_ready = systemd.Notifier.ready
+
+
+def _on_ready(self: systemd.Notifier, status: str = "") -> None:
+    if os.environ.get("FLUX_BENCH_GC_FREEZE"):
+        gc.collect()
+        gc.freeze()
+    if sampler is not None:
+        sampler.armed = True
+    _ready(self, status)
+
+
+systemd.Notifier.ready = _on_ready  # type: ignore[method-assign]
+
+if os.environ.get("FLUX_BENCH_GC"):
+    gc.callbacks.append(_gc_callback)
+
+if os.environ.get("FLUX_BENCH_SLOW"):
+    import asyncio
+
+    _run = asyncio.run
+    _slow = float(os.environ["FLUX_BENCH_SLOW"]) / 1000
+
+    def _debug_run(main: Any, *, debug: bool | None = None) -> Any:
+        async def wrapped() -> Any:
+            asyncio.get_running_loop().slow_callback_duration = _slow
+            return await main
+
+        return _run(wrapped(), debug=True)
+
+    asyncio.run = _debug_run
+
+profile_to = os.environ.get("FLUX_BENCH_PROFILE")
+prof = cProfile.Profile() if profile_to else None
+if prof is not None:
+    prof.enable()
+try:
+    rc = main(sys.argv[1:])
+finally:
+    if prof is not None and profile_to:
+        prof.disable()
+        prof.dump_stats(profile_to)
+    if os.environ.get("FLUX_BENCH_GC"):
+        _gc_report()
+    if sampler is not None:
+        sampler.report()
+    if os.environ.get("FLUX_BENCH_TRACE"):
+        with open(os.environ["FLUX_BENCH_TRACE"], "w") as f:
+            for stage, ts, now, key in _trace:
+                f.write(f"{stage} {key} {ts!r} {now!r}\n")
+    if os.environ.get("FLUX_BENCH_MEM"):
+        sys._debugmallocstats()
+raise SystemExit(rc)

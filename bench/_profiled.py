@@ -26,6 +26,9 @@ Environment switches (all optional; nothing in flux_edge/ is changed, only wrapp
 - ``FLUX_BENCH_TRACE=FILE``: for every command, how late (now - the cause measurement's ts, which
   the bench sets to the device's send time) it was when the rule fired, when the action started
   and when its publish completed; one line per command in FILE at exit.
+- ``FLUX_BENCH_LINGER=MS``: the plugin stage waits MS milliseconds after the first reading
+  arrives before taking its batch (BoundedQueue.get_batch of the "readings" queue), so one
+  plugin call carries more messages at low rates: the candidate "linger" change, measured.
 - ``FLUX_BENCH_GC_FREEZE=1``: an experiment for a candidate fix: ``gc.freeze()`` when the
   daemon signals READY (Notifier.ready is wrapped), so the objects of the start-up (modules,
   plugins, config) leave the collector's generations and a full collection only walks what the
@@ -185,11 +188,29 @@ if "actionlock" in _skip:
     _start = Pipeline.start
 
     async def _start_unlocked(self: Any) -> None:
+        await _start(self)  # builds the locks; no command runs before this returns
         for name in list(self._action_locks):
             self._action_locks[name] = contextlib.nullcontext()
-        await _start(self)
 
     Pipeline.start = _start_unlocked  # type: ignore[method-assign]
+
+if os.environ.get("FLUX_BENCH_LINGER"):
+    import asyncio
+
+    from flux_edge.runtime.queues import BoundedQueue
+
+    _get_batch = BoundedQueue.get_batch
+    _linger = float(os.environ["FLUX_BENCH_LINGER"]) / 1000
+
+    async def _lingering_get_batch(self: Any, max_items: int) -> Any:
+        if self.name == "readings":
+            while not self._items:
+                await self._not_empty.wait()
+            if len(self._items) < max_items:
+                await asyncio.sleep(_linger)
+        return await _get_batch(self, max_items)
+
+    BoundedQueue.get_batch = _lingering_get_batch  # type: ignore[method-assign]
 
 _ready = systemd.Notifier.ready
 

@@ -20,10 +20,11 @@ Durability and the SD card: every record is one ``os.write`` of a complete line 
 ``O_APPEND``, so a record is never interleaved with another and a crash of the daemon loses
 nothing that was written (the kernel holds it). A *power cut* loses what the kernel had not yet
 written back. ``fsync`` after every record would close that gap, but on an SD card each fsync
-forces a flash page program (wear; 10-100 ms stalls of the event loop on cheap cards), so fsync
-is batched: at most one per ``fsync_interval`` seconds (default 5 s) when a record arrives, plus
-on rotation and ``close()``; ``sync()`` can be called from a periodic timer to bound the window
-when no further record comes. So a power cut loses at most the records of the last
+forces a flash page program (wear; 10-100 ms stalls on cheap cards), so fsync is batched: at
+most one per ``fsync_interval`` seconds (default 5 s) when a record arrives, run in a short-lived
+worker thread on a duplicate of the descriptor so the event loop never waits for the card; plus
+on rotation and ``close()`` (inline); ``sync()`` can be called from a periodic timer to bound
+the window when no further record comes. So a power cut loses at most the records of the last
 ``fsync_interval`` seconds (or the kernel's writeback delay, typically 30 s, if no record follows);
 ``fsync_interval = 0`` syncs every record. A power cut in the middle of a write can leave a
 partial last line: ``audit tail`` shows it as unreadable, and the next record starts on a new
@@ -43,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -107,6 +109,7 @@ class AuditLog:
         # (rule, action) -> (reason, first block time, repeats not written)
         self._blocks: dict[tuple[str, str], tuple[str, float, int]] = {}
         self._closed = False
+        self._syncing: threading.Thread | None = None  # a background fsync in progress
 
     # --- writing ---------------------------------------------------------------------------------
 
@@ -201,7 +204,10 @@ class AuditLog:
             self._broken_line = False
             self._dirty = True
             if self._mono() - self._last_sync >= self.fsync_interval:
-                self._sync()
+                if self.fsync_interval > 0:
+                    self._sync_in_background()
+                else:
+                    self._sync()
         except OSError as exc:
             self._fail(f"cannot write {self.path}: {exc.strerror or exc}")
             self._close_fd()
@@ -232,6 +238,27 @@ class AuditLog:
             self.stats.fsyncs += 1
             self._dirty = False
         self._last_sync = self._mono()
+
+    def _sync_in_background(self) -> None:
+        self._last_sync = self._mono()
+        if self._fd < 0 or not self._dirty or self._syncing is not None:
+            return
+        fd = os.dup(self._fd)  # rotation or close may close ours meanwhile
+        self._dirty = False
+
+        def work() -> None:
+            try:
+                os.fsync(fd)
+                self.stats.fsyncs += 1
+            except OSError as exc:
+                self._dirty = True  # retried with the next record
+                log.warning("audit log: cannot fsync %s: %s", self.path, exc.strerror or exc)
+            finally:
+                os.close(fd)
+                self._syncing = None
+
+        self._syncing = threading.Thread(target=work, name="audit-fsync", daemon=True)
+        self._syncing.start()
 
     def _rotate(self) -> None:
         self._sync()
@@ -268,6 +295,9 @@ class AuditLog:
         """fsync and close; later records are counted as errors. Idempotent."""
         if self._closed:
             return
+        syncing = self._syncing
+        if syncing is not None:
+            syncing.join(10.0)
         self.sync()
         self._close_fd()
         self._closed = True

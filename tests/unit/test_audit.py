@@ -109,12 +109,20 @@ def test_fsync_is_batched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     audit = AuditLog(tmp_path / "a.jsonl", max_size=1 << 20, keep=1, fsync_interval=5.0,
                      monotonic=lambda: mono[0])
     c = command()
+
+    def settle() -> None:  # the periodic fsync runs in a worker thread (off the event loop)
+        t = audit._syncing
+        if t is not None:
+            t.join(5)
+
     for _ in range(10):  # 10 records within 1 s: the first syncs, the others wait
         audit.record(c, allowed=True, outcome=outcome(c))
+        settle()
         mono[0] += 0.1
     assert len(syncs) == 1
     mono[0] = 5.1
     audit.record(c, allowed=True, outcome=outcome(c))
+    settle()
     assert len(syncs) == 2
     audit.record(c, allowed=True, outcome=outcome(c))
     audit.sync()  # a periodic timer bounds the window

@@ -196,6 +196,29 @@ def test_wal_mode(tmp_path: Path) -> None:
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+def test_checkpoints_are_left_to_the_runtime_and_copy_the_wal(tmp_path: Path) -> None:
+    """No automatic checkpoint (an fsync on the event loop); checkpoint() does it, from any
+    thread, and afterwards the database file alone holds the state."""
+    store = RuleStore(tmp_path / STATE_FILE)
+    assert store._db is not None
+    assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    clock = Now()
+    e = RuleEngine(cfg(b=hot(when="temperature > 60.0")), clock=clock, store=store)
+    e.on_measurement(at(clock, 0.0, 90.0))
+    assert store.writes == 1
+    wal = tmp_path / (STATE_FILE + "-wal")
+    assert wal.stat().st_size > 0
+    import threading
+
+    t = threading.Thread(target=store.checkpoint)
+    t.start()
+    t.join()
+    # a reader that ignores the WAL (immutable) sees the row: it is in the database file now
+    db = sqlite3.connect(f"file:{tmp_path / STATE_FILE}?immutable=1", uri=True)
+    assert db.execute("SELECT count(*) FROM rule_state").fetchone()[0] == 1
+    store.close()
+
+
 @pytest.mark.parametrize(
     "content",
     [

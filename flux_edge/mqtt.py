@@ -305,6 +305,7 @@ _STABLE_AFTER = 10.0  # a connection that lasted this long resets the backoff
 _MISC_INTERVAL = 1.0  # loop_misc (keepalive) period
 _DISPATCH_CACHE_MAX = 4096
 _READ_BURST = 64  # packets read per readiness event while they keep carrying messages
+_RECV_CHUNK = 65536  # bytes taken from the socket per recv (paho asks for 1 byte, then the rest)
 
 
 class _PahoErrors(logging.Logger):
@@ -443,6 +444,13 @@ class MqttClient:
             **kwargs,
         )
         self._paho: Client = c
+        # paho reads each packet with 2-3 recv() calls (command byte, length bytes, body): a
+        # syscall each. Serve them from one large recv instead (paho 2.x calls _sock_recv for
+        # every socket read; pinned below 3).
+        self._recv_raw = c._sock_recv
+        self._rbuf = b""
+        self._rpos = 0
+        c._sock_recv = self._buffered_recv  # type: ignore[method-assign]
         c.suppress_exceptions = False
         c.enable_logger(_PahoErrors())
         if username:
@@ -657,6 +665,8 @@ class MqttClient:
         self._paused = False
         if self._attached and self._loop is not None:
             self._loop.add_reader(self._fd, self._on_readable)
+            if self._buffered:
+                self._loop.call_soon(self._on_readable)
 
     def abort_connection(self, reason: str = "connection aborted") -> None:
         """Drop the current connection as a network failure would (no DISCONNECT, so the broker
@@ -819,6 +829,7 @@ class MqttClient:
 
     def _on_socket_open(self, client: Client, userdata: object, sock: Any) -> None:
         # Runs in the connect worker thread: only touch the socket, not the loop.
+        self._rbuf, self._rpos = b"", 0  # nothing of an old connection is read on a new one
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(self.tcp_nodelay))
         except (OSError, AttributeError) as exc:
@@ -885,16 +896,35 @@ class MqttClient:
     def _on_readable(self) -> None:
         self._guarded("read", self._read)
 
+    def _buffered_recv(self, bufsize: int) -> bytes:
+        buf, pos = self._rbuf, self._rpos
+        if pos >= len(buf):
+            buf = self._recv_raw(max(bufsize, _RECV_CHUNK))  # BlockingIOError when none
+            if not buf:
+                return buf  # end of stream
+            pos = 0
+        end = pos + bufsize
+        self._rbuf, self._rpos = buf, min(end, len(buf))
+        return buf[pos:end] if pos or end < len(buf) else buf
+
+    @property
+    def _buffered(self) -> bool:
+        return self._rpos < len(self._rbuf)
+
     def _read(self) -> None:
         c = self._paho
         stats = self.stats
-        # paho reads one packet per call. While calls keep delivering messages, read on
-        # (up to _READ_BURST) instead of going back to the selector per message; the first
-        # call that delivers none ends the burst (it costs one recv that finds nothing).
+        # paho reads one packet per call. While calls keep delivering messages (or bytes wait
+        # in our buffer, which the selector cannot see), read on, up to _READ_BURST packets;
+        # the first call that delivers none ends the burst.
         for _ in range(_READ_BURST):
             before = stats.received
-            if c.loop_read() != 0 or self._paused or stats.received == before:
+            if c.loop_read() != 0 or self._paused:
                 break
+            if not self._buffered and stats.received == before:
+                break
+        if self._buffered and not self._paused and self._attached and self._loop is not None:
+            self._loop.call_soon(self._on_readable)  # the rest of the buffer, after others ran
         sock = c.socket()
         # TLS: OpenSSL may hold decrypted bytes the fd no longer signals.
         while not self._paused and isinstance(sock, ssl.SSLSocket) and sock.pending():

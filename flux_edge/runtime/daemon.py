@@ -19,6 +19,7 @@ progress (``HealthMonitor``), and since it runs on the event loop a blocked loop
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -299,6 +300,9 @@ class Daemon:
             if started is not None:
                 started(self.pipeline)
             self.notifier.ready(self.status_line())
+            # what exists now (modules, config, plugin instances) lives as long as the process:
+            # keep it out of the collector's full passes (shorter pauses on the loop)
+            gc.freeze()
             feeder = loop.create_task(
                 WatchdogFeeder(self.notifier, self.monitor, self.status_line).run(),
                 name="watchdog",

@@ -23,7 +23,9 @@ import asyncio
 import collections
 import functools
 import logging
+import operator
 import os
+import string
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -147,6 +149,13 @@ def make_source(
     )
 
 
+def _topic_key(template: str) -> Callable[[Measurement], Any] | None:
+    """What distinguishes the uplink topics of measurements (None: they all share one)."""
+    used = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+    fields = [f for f in ("source", "device", "name") if f in used]
+    return operator.attrgetter(*fields) if fields else None
+
+
 class Pipeline:
     def __init__(
         self,
@@ -206,7 +215,10 @@ class Pipeline:
         self.guard = Guarded(self.safety, self.audit, wall=clock)
         self._supervisor = Supervisor()
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._action_locks: dict[str, asyncio.Lock] = {}
+        # one command at a time per action, except MQTT publishes that drive no actuator: the
+        # client keeps their order and waiting for each PUBACK in turn would cap them at one
+        # round trip each (None = no lock)
+        self._action_locks: dict[str, asyncio.Lock | None] = {}
         self._ratelog = _RateLimitedLog()
         self._started = False
 
@@ -253,7 +265,8 @@ class Pipeline:
         ordered = sorted(cfg.actions.items(), key=lambda item: isinstance(item[1], WasmAction))
         for aname, acfg in ordered:
             self.executors[aname] = self._make_executor(aname, acfg)
-            self._action_locks[aname] = asyncio.Lock()
+            free = isinstance(acfg, MqttPublishAction) and not self.safety.actuators_of(aname)
+            self._action_locks[aname] = None if free else asyncio.Lock()
 
     def _make_executor(self, name: str, cfg: ActionConfig) -> Executor:
         if isinstance(cfg, WasmAction):
@@ -382,6 +395,8 @@ class Pipeline:
         sup.spawn("plugins", self._plugin_stage)
         if self.config.actuators:
             sup.spawn("safety", self._safety_loop)
+        if self.config.rules:
+            sup.spawn("checkpoint", self._checkpoint_loop)
         for name, source in self.sources.items():
             sup.spawn(f"source:{name}", source.run)
         self._started = True
@@ -560,6 +575,15 @@ class Pipeline:
             beat.done()
             self.measurements.task_done_if_empty()
 
+    async def _checkpoint_loop(self, period: float = 5.0) -> None:
+        """Rule-state WAL checkpoints (they fsync) in a worker thread, never on the loop."""
+        done = self.store.writes
+        while True:
+            await asyncio.sleep(period)
+            if self.store.writes != done:
+                done = self.store.writes
+                await asyncio.to_thread(self.store.checkpoint)
+
     async def _safety_loop(self, period: float = 1.0) -> None:
         """Once a second: actuators whose inputs went stale, or whose interlock holds, are driven
         to their safe state."""
@@ -574,7 +598,11 @@ class Pipeline:
         are durable and their sources may acknowledge them."""
         uplink = self.uplink
         assert uplink is not None and self.config.uplink is not None
-        interval = self.config.uplink.commit_interval
+        ucfg = self.config.uplink
+        interval = ucfg.commit_interval
+        # format "batch" sends runs of records that share a topic: within one commit, put each
+        # topic's records together (their own order kept) so devices that interleave still batch
+        group = _topic_key(ucfg.topic) if ucfg.format == "batch" else None
         stats = self.stats["uplink"]
         beat = self.beats["uplink"]
         queue = self.upstream
@@ -584,13 +612,12 @@ class Pipeline:
             batch = await queue.get_batch(4096)
             beat.begin()
             mark = 0
+            window: list[Measurement] = []
             while True:
                 ms = [m for m in batch if not isinstance(m, int)]
                 if len(ms) != len(batch):
                     mark = max(m for m in batch if isinstance(m, int))
-                if ms:
-                    uplink.add(ms)
-                    stats.processed += len(ms)
+                window += ms
                 delay = last_commit + interval - loop.time()
                 if delay > 0:  # committed a moment ago: gather more for this transaction
                     beat.done()
@@ -599,6 +626,11 @@ class Pipeline:
                 if not queue:
                     break
                 batch = await queue.get_batch(4096)
+            if window:
+                if group is not None:
+                    window.sort(key=group)
+                uplink.add(window)
+                stats.processed += len(window)
             try:
                 uplink.commit()
             except FluxError as exc:  # disk full, I/O error: counted, logged, retried next time
@@ -637,18 +669,26 @@ class Pipeline:
                 )
             )
             return
-        async with self._action_locks[cmd.action]:
+        lock = self._action_locks.get(cmd.action)
+        if lock is None:
             outcome = await self.guard.run(cmd, executor, self.latest)
+        else:
+            async with lock:
+                outcome = await self.guard.run(cmd, executor, self.latest)
         if outcome is None:  # blocked by the safety layer, which logged and audited why
             self.action_counts[cmd.action][2] += 1
             for blocked_cb in self.observers.blocked:
                 blocked_cb(cmd)
             return
-        if outcome.ok and self.safety.actuators_of(cmd.action):
+        actuates = bool(self.safety.actuators_of(cmd.action))
+        if outcome.ok and actuates:
             self._save_safety()
         if outcome.ok:
             self.action_counts[cmd.action][0] += 1
-            log.info(
+            # actuator switches belong in the journal; routine publishes/writes only in debug
+            # (the audit log and the metrics count every one)
+            device_write = isinstance(self.config.actions.get(cmd.action), ModbusWriteAction)
+            (log.info if actuates or device_write else log.debug)(
                 "action %s (rule %s): ok%s in %.1f ms",
                 cmd.action, cmd.rule,
                 f", read back {outcome.verified!r}" if outcome.verified is not None else "",

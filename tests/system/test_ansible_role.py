@@ -11,7 +11,8 @@ source on a pty reading under the unit's DevicePolicy (enforced in the container
 mosquitto and the uplink with its password from ansible-vault, a second run that changes nothing,
 a config change applied by reload (same process), a broken config that fails the play at
 validation and leaves the service and its file alone, and a SIGSTOPped daemon restarted by
-systemd's watchdog.
+systemd's watchdog. Finally the role applied to a copy of the rootfs through a chroot with
+flux_edge_manage_service false, as the image build does.
 """
 
 from __future__ import annotations
@@ -148,11 +149,10 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 
 def test_the_example_inventory_renders_a_configuration_flux_edge_accepts(tmp_path: Path) -> None:
     yaml = pytest.importorskip("yaml") if not os.environ.get("CI") else __import__("yaml")
-    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
     site = yaml.safe_load((EXAMPLE / "group_vars" / "plant_a" / "main.yml").read_text())
     host = yaml.safe_load((EXAMPLE / "host_vars" / "gw1.yml").read_text())
-    config = _merge(_merge(defaults["flux_edge_config_base"], site["flux_edge_config"]),
-                    host["flux_edge_config_host"])
+    base = {"daemon": {"name": "gw1", "plugin_dirs": ["plugins"]}}  # the role's template
+    config = _merge(_merge(base, site["flux_edge_config"]), host["flux_edge_config_host"])
     config = _merge(config, {"uplink": {"password": "from-the-vault"}})
     (tmp_path / "tls").mkdir()
     for item in site["flux_edge_tls_files"]:  # what the role installs before validating
@@ -229,6 +229,21 @@ all:
               ansible_nsenter_pid: {pid}
               ansible_become: false
               ansible_python_interpreter: /usr/bin/python3
+"""
+
+CHROOT_INVENTORY = """\
+all:
+  children:
+    flux_edge_gateways:
+      children:
+        test_site:
+          hosts:
+            {root}:
+              ansible_connection: community.general.chroot
+              ansible_become: false
+              ansible_python_interpreter: /usr/bin/python3
+              flux_edge_manage_service: false
+              flux_edge_gateway_name: ""
 """
 
 SITE_VARS = """\
@@ -337,6 +352,8 @@ def test_the_role_provisions_a_booted_bookworm_system(tmp_path: Path) -> None:
             except subprocess.CalledProcessError as e:
                 pytest.fail(f"build-wheelhouse.sh failed:\n{e.stdout}{e.stderr}")
         (root / "root" / "fakegps.py").write_text(FAKE_GPS)
+        image_root = tmp_path / "image-root"  # a pristine copy, provisioned as an image build does
+        subprocess.run(["cp", "-a", str(root), str(image_root)], check=True)
 
         # 2. boot it
         box = Container(root, name=f"flux-ansible-{os.getpid()}", log=tmp_path / "console.log")
@@ -369,9 +386,10 @@ def test_the_role_provisions_a_booted_bookworm_system(tmp_path: Path) -> None:
         def apply(*extra: str) -> tuple[int, str]:
             nonlocal runs
             runs += 1
+            inventory = [] if "-i" in extra else ["-i", str(inv)]
             r = subprocess.run(
-                [playbook, "-i", str(inv), "site.yml", "--vault-password-file",
-                 str(password_file), *extra],
+                [playbook, *inventory, "site.yml", "--vault-password-file", str(password_file),
+                 *extra],
                 cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=300,
                 check=False)
             out = r.stdout + r.stderr
@@ -418,6 +436,7 @@ def test_the_role_provisions_a_booted_bookworm_system(tmp_path: Path) -> None:
         assert state["WatchdogUSec"] not in ("0", "infinity", ""), state  # armed
         assert state["NRestarts"] == "0"
         pid = state["MainPID"]
+        assert "mosquitto.service" in show("After")["After"]  # the role's drop-in
         status, body = http("/healthz")
         assert status == 200, body
         assert '"status": "ok"' in body
@@ -499,7 +518,7 @@ def test_the_role_provisions_a_booted_bookworm_system(tmp_path: Path) -> None:
         # 8. watchdog: a stopped daemon is killed and restarted by systemd. Test-only drop-in:
         #    WatchdogSec=5s instead of the unit's 45 s, so the test waits seconds, not a minute.
         dropin = root / "etc" / "systemd" / "system" / "flux-edge.service.d"
-        dropin.mkdir(parents=True)
+        dropin.mkdir(parents=True, exist_ok=True)  # the role made it (local mosquitto)
         (dropin / "zz-test-watchdog.conf").write_text("[Service]\nWatchdogSec=5s\n")
         box.run("systemctl", "daemon-reload")
         box.run("systemctl", "restart", "flux-edge.service")
@@ -520,8 +539,25 @@ def test_the_role_provisions_a_booted_bookworm_system(tmp_path: Path) -> None:
         journal = box.run("journalctl", "-u", "flux-edge", "--no-pager", "-o", "cat").stdout
         assert "Watchdog timeout" in journal
         assert http("/healthz")[0] == 200
+
+        # 9. the image build's way: a chroot (no systemd running), flux_edge_manage_service false;
+        #    the unit ends enabled, nothing is started, and the name is left to the host name
+        chroot_inv = tmp_path / "inventory-chroot"
+        chroot_inv.mkdir()
+        (chroot_inv / "group_vars").symlink_to(inv / "group_vars")
+        (chroot_inv / "hosts.yml").write_text(CHROOT_INVENTORY.format(root=image_root))
+        rc, out = timed(times, "chroot run", lambda: apply("-i", str(chroot_inv)))
+        assert rc == 0, out[-6000:]
+        assert not re.search(r"RUNNING HANDLER \[flux_edge : (Restart|Reload) [^]]*\] \*+\nchanged",
+                             out)
+        wants = image_root / "etc" / "systemd" / "system" / "multi-user.target.wants"
+        assert os.readlink(wants / "flux-edge.service") == "/etc/systemd/system/flux-edge.service"
+        image_config = tomllib.loads((image_root / "etc/flux-edge/flux-edge.toml").read_text())
+        assert "name" not in image_config["daemon"]
+        assert (image_root / "opt/flux-edge/venv/bin/flux-edge").is_file()
     finally:
         if box is not None:
             timed(times, "stop", box.stop)
         shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(tmp_path / "image-root", ignore_errors=True)
         print("timings:", ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))

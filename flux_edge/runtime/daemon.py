@@ -184,7 +184,10 @@ class Daemon:
             await self.pipeline.stop(drain_timeout=budget * 2 / 3, safe_state=True)
         if self.uplink is not None:
             remaining = max(deadline - loop.time(), 0.0)
-            flushed = await self.uplink.flush(remaining)
+            # with the link down there is nobody to flush to: the outbox keeps the records, and
+            # a reboot should not wait out the budget for a broker that is not there
+            up = self.uplink
+            flushed = await up.flush(remaining if up.connected else 0.0)
             if not flushed:
                 log.warning(
                     "stop: %d record(s) not yet acknowledged upstream stay in the outbox and "

@@ -323,7 +323,8 @@ def test_sigterm_with_the_uplink_down_exits_in_time_and_sends_the_backlog_after_
         t0 = time.monotonic()
         rig.daemon.signal(signal.SIGTERM)
         assert await asyncio.to_thread(rig.daemon.wait, 30) == 0
-        assert time.monotonic() - t0 < 3 + 2.5, "shutdown_timeout not kept"
+        # nobody to flush to: it does not wait out shutdown_timeout (3 s) for an absent broker
+        assert time.monotonic() - t0 < 2.5, "waited for a broker that is not there"
         assert "stay in the outbox" in rig.daemon.log_text()
         rig.upstream.start()
         await asyncio.to_thread(rig.start_daemon)

@@ -174,6 +174,8 @@ fi
 
 log "rootfs: mmdebstrap $SUITE $ARCH (initramfs MODULES=$INITRAMFS_MODE)"
 comp=main,non-free-firmware
+# merged-usr hooks: /usr merged by directory links as debootstrap does, so the usrmerge package
+# (and the perl it needs, slow to install under emulation) is not pulled in
 mmdebstrap --mode=root --arch="$ARCH" --variant=minbase --format=directory \
     --include="$(IFS=,; echo "${PACKAGES[*]}")" \
     --dpkgopt='path-exclude=/usr/share/man/*' \
@@ -181,6 +183,7 @@ mmdebstrap --mode=root --arch="$ARCH" --variant=minbase --format=directory \
     --dpkgopt='path-include=/usr/share/locale/locale.alias' \
     --dpkgopt='path-exclude=/usr/share/doc/*' \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+    --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
     --essential-hook="'$HERE/hooks/essential.sh' \"\$1\" $INITRAMFS_MODE $INITRAMFS_MODULES" \
     "$SUITE" "$ROOT" \
     "deb $MIRROR $SUITE ${comp//,/ }" \
@@ -240,6 +243,10 @@ log "rootfs: done in ${T_ROOTFS}s"
 # --- 2. the image's own system settings -------------------------------------------------------
 log "system: overlay, fstab, host name, users, units"
 cp -a --no-preserve=ownership "$HERE/rootfs/." "$ROOT/"
+# modes as a package would set them, whatever the checkout's umask made of them
+(cd "$HERE/rootfs" && find . -type f) | while read -r f; do
+    if [ -x "$HERE/rootfs/$f" ]; then chmod 0755 "$ROOT/$f"; else chmod 0644 "$ROOT/$f"; fi
+done
 chmod 0440 "$ROOT/etc/sudoers.d/50-flux-edge-admin"
 mkdir -p "$ROOT/usr/local/share/doc/flux-edge-image"
 cp "$HERE/README.md" "$ROOT/usr/local/share/doc/flux-edge-image/README.md"

@@ -173,7 +173,9 @@ check "wifi.txt: country DE" grep -qx "country=DE" $wpa
 check "wifi.txt: no plain passphrase kept" \
     bash -c "! grep -rq '{WIFI_PASSPHRASE}' $wpa /boot/firmware"
 check "wifi.txt: file mode 0600" test "$(stat -c %a $wpa)" = 600
-check "wpa_supplicant@wlan0 enabled" systemctl is-enabled wpa_supplicant@wlan0.service
+wants=/etc/systemd/system/sys-subsystem-net-devices-wlan0.device.wants
+check "wpa_supplicant@wlan0 started by wlan0 when it appears" \
+    test -L $wants/wpa_supplicant@wlan0.service
 check "host name from hostname.txt" \
     test "$(hostname)" = {HOSTNAME} -a "$(cat /etc/hostname)" = {HOSTNAME}
 
@@ -316,8 +318,9 @@ sif /etc/systemd/system/{TEST_UNIT} mode 0100644
 
     # --- boot ---------------------------------------------------------------------------------
     console = workdir / "console.log"
-    cmdline = (f"root=LABEL=RASPIROOT rw console=ttyAMA0 panic=-1 "
-               f"systemd.wants={TEST_UNIT}")
+    # as the image's cmdline.txt, with the console on the virt board's UART
+    cmdline = ("root=LABEL=RASPIROOT rw fsck.repair=yes net.ifnames=0 rootwait console=ttyAMA0 "
+               f"panic=-1 systemd.wants={TEST_UNIT}")
     qemu_cmd = [
         "qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", "-smp", "2", "-m", "1024",
         "-accel", "tcg,thread=multi", "-display", "none", "-monitor", "none",

@@ -1,5 +1,8 @@
 """The arm64 appliance image, built by image/build.sh, boots under QEMU to a READY flux-edge.
 
+(FLUX_EDGE_IMAGE_TEST_ARCHS=arm64,amd64 also builds and boots the amd64 twin, under
+qemu-system-x86_64; by default, and in CI, only the arm64 image is tested.)
+
 A real build (mmdebstrap through qemu-user, the Ansible role through a chroot connection,
 genimage) with ``--test-initramfs``, then a real boot of a copy of the image with its own kernel
 and initrd under ``qemu-system-aarch64 -M virt`` (software emulation). The copy is made 256 MiB
@@ -36,10 +39,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.system]
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SH = REPO / "image" / "build.sh"
 DEFAULT_CONFIG = REPO / "image" / "config" / "flux-edge.toml"
-ARCH = "arm64"
-NAME = f"flux-edge-bookworm-{ARCH}"
-TOOLS = ("mmdebstrap", "genimage", "mke2fs", "mkfs.vfat", "mcopy", "mdir", "debugfs", "zstd",
-         "update-binfmts", "qemu-system-aarch64")
+ARCHS = os.environ.get("FLUX_EDGE_IMAGE_TEST_ARCHS", "arm64").split(",")
+TOOLS = ("mmdebstrap", "genimage", "mke2fs", "mkfs.vfat", "mcopy", "mdir", "debugfs", "zstd")
+# how each image boots in QEMU (software emulation: TCG), and its serial console
+QEMU = {
+    "arm64": (["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72"], "ttyAMA0"),
+    "amd64": (["qemu-system-x86_64", "-M", "q35", "-cpu", "max"], "ttyS0"),
+}
 GROW = 256 * 1024 * 1024
 BUILD_TIMEOUT = 900.0
 BOOT_TIMEOUT = 420.0
@@ -51,11 +57,12 @@ TEST_KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILepAJ59ZbkuMvPNUYpDKmxLzV9KC4v
             "flux-edge-image-test")
 
 
-def _require_tools() -> None:
+def _require_tools(arch: str) -> None:
     problems = []
     if os.geteuid() != 0:
         problems.append("not root")
-    problems += [f"{t} missing" for t in TOOLS if shutil.which(t) is None]
+    tools = [*TOOLS, QEMU[arch][0][0]] + (["update-binfmts"] if arch == "arm64" else [])
+    problems += [f"{t} missing" for t in tools if shutil.which(t) is None]
     if not os.access("/proc/sys/fs/binfmt_misc", os.F_OK):
         problems.append("no binfmt_misc")
     if problems:
@@ -163,6 +170,8 @@ u.urlopen("http://127.0.0.1:{METRICS_PORT}/healthz", timeout=10)'
 check "authorized_keys installed for admin" \
     grep -q 'flux-edge-image-test' /home/admin/.ssh/authorized_keys
 check "sshd enabled by the key" systemctl is-enabled ssh.service
+# sshd makes its host keys first (RSA takes a while under emulation): give it a minute
+for _ in $(seq 60); do [ "$(show ssh.service ActiveState)" = activating ] || break; sleep 1; done
 check "sshd started (host keys made on the device)" \
     test "$(show ssh.service ActiveState)" = active -a -s /etc/ssh/ssh_host_ed25519_key
 # first boot (c): wifi.txt turned into wpa_supplicant-wlan0.conf (passphrase hashed), enabled
@@ -223,14 +232,14 @@ def _debugfs(image: Path, offset: int, commands: str, workdir: Path) -> str:
     return res.stdout
 
 
-def _build(workdir: Path) -> tuple[Path, float]:
+def _build(workdir: Path, arch: str) -> tuple[Path, float]:
     """Run image/build.sh; returns its output directory and how long it took."""
     out = workdir / "out"
     t0 = time.monotonic()
     build_log = workdir / "build.log"
     with build_log.open("w") as log:
         proc = subprocess.Popen(
-            [str(BUILD_SH), "--arch", ARCH, "--test-initramfs", "--out", str(out)],
+            [str(BUILD_SH), "--arch", arch, "--test-initramfs", "--out", str(out)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
         try:
@@ -252,19 +261,21 @@ def _build(workdir: Path) -> tuple[Path, float]:
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT + BOOT_TIMEOUT + 180)
-def test_arm64_image_boots_to_ready_flux_edge(workdir: Path) -> None:
-    _require_tools()
+@pytest.mark.parametrize("arch", ARCHS)
+def test_image_boots_to_ready_flux_edge(workdir: Path, arch: str) -> None:
+    _require_tools(arch)
+    name = f"flux-edge-bookworm-{arch}"
     # FLUX_EDGE_TEST_IMAGE_DIR: boot an image built before (an image/build.sh --test-initramfs
     # output directory, left unchanged) instead of building one; for iterating on the checks
     prebuilt = os.environ.get("FLUX_EDGE_TEST_IMAGE_DIR")
     if prebuilt:
         out, build_s = Path(prebuilt), float("nan")
     else:
-        out, build_s = _build(workdir)
-    image = out / f"{NAME}.img"
-    assert image.is_file() and (out / f"{NAME}.img.zst").is_file(), sorted(out.iterdir())
+        out, build_s = _build(workdir, arch)
+    image = out / f"{name}.img"
+    assert image.is_file() and (out / f"{name}.img.zst").is_file(), sorted(out.iterdir())
     raw_size = image.stat().st_size
-    zst_size = (out / f"{NAME}.img.zst").stat().st_size
+    zst_size = (out / f"{name}.img.zst").stat().st_size
 
     # --- a larger copy, with the test's files on its FAT and its unit in its root ---------------
     disk = workdir / "disk.img"
@@ -318,11 +329,12 @@ sif /etc/systemd/system/{TEST_UNIT} mode 0100644
 
     # --- boot ---------------------------------------------------------------------------------
     console = workdir / "console.log"
-    # as the image's cmdline.txt, with the console on the virt board's UART
-    cmdline = ("root=LABEL=RASPIROOT rw fsck.repair=yes net.ifnames=0 rootwait console=ttyAMA0 "
+    # as the image's cmdline.txt, with the console on the emulated board's UART
+    machine, tty = QEMU[arch]
+    cmdline = (f"root=LABEL=RASPIROOT rw fsck.repair=yes net.ifnames=0 rootwait console={tty} "
                f"panic=-1 systemd.wants={TEST_UNIT}")
     qemu_cmd = [
-        "qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72", "-smp", "2", "-m", "1024",
+        *machine, "-smp", "2", "-m", "1024",
         "-accel", "tcg,thread=multi", "-display", "none", "-monitor", "none",
         "-serial", "stdio", "-no-reboot",
         "-kernel", str(workdir / "vmlinuz"), "-initrd", str(workdir / "initrd.img"),
@@ -364,7 +376,8 @@ sif /etc/systemd/system/{TEST_UNIT} mode 0100644
     assert not left, f"imported files left on the FAT: {left}"
 
     ready = re.search(r"ready_us=(\d+)", verdict)
-    print(f"\nimage: build {build_s:.0f}s, raw {raw_size} bytes ({raw_size / 2**20:.0f} MiB), "
+    print(f"\n{arch} image: build {build_s:.0f}s, "
+          f"raw {raw_size} bytes ({raw_size / 2**20:.0f} MiB), "
           f"zstd {zst_size} bytes ({zst_size / 2**20:.0f} MiB); boot: READY at "
           f"{int(ready.group(1)) / 1e6 if ready else float('nan'):.1f}s after kernel start, "
           f"verdict {verdict_at or float('nan'):.0f}s and poweroff {boot_s:.0f}s after qemu start")

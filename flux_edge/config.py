@@ -2208,6 +2208,22 @@ def _port_identity(port: str) -> str:
     return port
 
 
+def _resolve_tls_files(v: _Validator, tls: object, where: Key, base_dir: Path) -> None:
+    """TLS files (MQTT sources, uplink) must exist; relative paths become absolute, next to the
+    config file."""
+    if not isinstance(tls, dict):
+        return
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = tls.get(key, "")
+        if not isinstance(value, str) or not value:
+            continue
+        path = Path(value) if Path(value).is_absolute() else base_dir / value
+        if not path.is_file():
+            v.report((*where, key), f"no such file: {path}")
+        else:
+            tls[key] = str(path)
+
+
 def _check_mqtt_clients(v: _Validator, src_data: dict[str, Any], base_dir: Path) -> None:
     """Two sources with one client id would keep kicking each other off the broker; TLS files
     must exist."""
@@ -2225,18 +2241,7 @@ def _check_mqtt_clients(v: _Validator, src_data: dict[str, Any], base_dir: Path)
                 )
             else:
                 ids[cid] = sname
-        tls = src.get("tls")
-        if not isinstance(tls, dict):
-            continue
-        for key in ("ca_file", "cert_file", "key_file"):
-            value = tls.get(key, "")
-            if not isinstance(value, str) or not value:
-                continue
-            path = Path(value) if Path(value).is_absolute() else base_dir / value
-            if not path.is_file():
-                v.report(("sources", sname, "tls", key), f"no such file: {path}")
-            else:
-                tls[key] = str(path)
+        _resolve_tls_files(v, src.get("tls"), ("sources", sname, "tls"), base_dir)
 
 
 def _check_uplink(v: _Validator, data: dict[str, Any], base_dir: Path) -> None:
@@ -2245,17 +2250,7 @@ def _check_uplink(v: _Validator, data: dict[str, Any], base_dir: Path) -> None:
     up = data.get("uplink")
     if not isinstance(up, dict):
         return
-    tls = up.get("tls")
-    if isinstance(tls, dict):
-        for key in ("ca_file", "cert_file", "key_file"):
-            value = tls.get(key, "")
-            if not isinstance(value, str) or not value:
-                continue
-            path = Path(value) if Path(value).is_absolute() else base_dir / value
-            if not path.is_file():
-                v.report(("uplink", "tls", key), f"no such file: {path}")
-            else:
-                tls[key] = str(path)
+    _resolve_tls_files(v, up.get("tls"), ("uplink", "tls"), base_dir)
     outbox = up.get("outbox_file", "")
     if isinstance(outbox, str) and outbox and not Path(outbox).is_absolute():
         up["outbox_file"] = str(base_dir / outbox)

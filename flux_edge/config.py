@@ -792,8 +792,9 @@ _RULES: dict[tuple[type, str], _Rule] = {
 # Fields the loader sets; a file may not.
 _LOADER_ONLY: frozenset[tuple[type, str]] = frozenset({(Config, "path")})
 
-# Registers (16-bit words) each register type takes; a "string" takes its ``count``.
-_TYPE_WORDS: dict[str, int] = {
+# Registers (16-bit words) each register type takes; a "string" takes its ``count``. The one
+# table of these widths: sources/modbus_plan.py reads it too.
+REGISTER_WORDS: dict[str, int] = {
     "bool": 1,
     "int16": 1,
     "uint16": 1,
@@ -1552,7 +1553,7 @@ def _register_words(register: dict[str, Any]) -> int:
     type_ = register.get("type", "uint16")
     if type_ == "string":
         return max(1, int(register.get("count", 1)))
-    return _TYPE_WORDS.get(type_, 1)
+    return REGISTER_WORDS.get(type_, 1)
 
 
 def _register_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> None:

@@ -17,7 +17,13 @@ import collections
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from flux_edge.config import ModbusDeviceConfig, ModbusRtuSource, ModbusTcpSource, RegisterConfig
+from flux_edge.config import (
+    REGISTER_WORDS,
+    ModbusDeviceConfig,
+    ModbusRtuSource,
+    ModbusTcpSource,
+    RegisterConfig,
+)
 from flux_edge.model import FN_COIL, FN_DISCRETE, FN_HOLDING, FN_INPUT
 
 # --- read planning ------------------------------------------------------------------------------
@@ -31,17 +37,7 @@ _FUNCTION_CODES: dict[str, int] = {
     "holding": FN_HOLDING,
     "input": FN_INPUT,
 }
-_WORDS: dict[str, int] = {
-    "bool": 1,
-    "int16": 1,
-    "uint16": 1,
-    "int32": 2,
-    "uint32": 2,
-    "float32": 2,
-    "int64": 4,
-    "uint64": 4,
-    "float64": 4,
-}
+_WORDS = REGISTER_WORDS  # registers per type: one table, in config
 _TABLE_NAMES = {
     FN_COIL: "coils",
     FN_DISCRETE: "discrete inputs",

@@ -6,19 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# What the project needs from Debian: Python, the offline Wasm toolchains (Rust 1.63 with its wasm32
-# std and the serde_json and ryu crates; clang/lld for C plugins), wabt for inspecting modules, and mosquitto
-# for the integration tests' real broker (openssl makes their TLS test certificates).
-# Provisioning (ansible/, image/) and its tests: mmdebstrap builds Debian root filesystems,
-# systemd-container boots one (nspawn) for the Ansible role test, qemu-user-static + binfmt-support
-# run arm64 binaries while the Pi image is built, genimage/e2fsprogs/dosfstools/mtools assemble
-# the partitioned image without loop devices, zstd/xz compress it, qemu-system-arm boots it in the
-# image test. Ansible itself comes from pip (the "provision" extra).
-PKGS=(python3 python3-venv python3-dev gcc
-      rustc cargo libstd-rust-dev-wasm32 librust-serde-json-dev librust-ryu-dev
-      clang-14 lld-14 wabt mosquitto openssl
-      mmdebstrap systemd-container qemu-user-static binfmt-support qemu-system-arm
-      genimage e2fsprogs dosfstools mtools zstd xz-utils)
+# What the project needs from Debian, with the reason for each: tools/debian-packages.txt.
+mapfile -t PKGS < <(sed 's/#.*//' tools/debian-packages.txt | tr -s ' \t' '\n' | grep -v '^$')
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -10,10 +10,14 @@ from pathlib import Path
 
 import msgspec
 import pytest
+import tomlkit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import flux_edge.config as config_mod
+import flux_edge.config.plugin_files as config_plugin_files
+import flux_edge.config.positions as config_positions
+import flux_edge.config.validate as config_validate
+import flux_edge.config.values as config_values
 from flux_edge.config import (
     Config,
     ModbusDeviceConfig,
@@ -502,7 +506,7 @@ def test_position_of_a_dotted_key_inside_a_table(site: Path) -> None:
 
 
 def test_position_falls_back_to_the_enclosing_key() -> None:
-    positions = config_mod._scan("[daemon]\nname = 'x'\n\n  [ sources . a ]\nhost = 1\n")
+    positions = config_positions._scan("[daemon]\nname = 'x'\n\n  [ sources . a ]\nhost = 1\n")
     assert positions.key(("daemon", "nope", 3)) == (1, 2)
     assert positions.value(("sources", "a", "registers")) == (4, 15)
     assert positions.value(("sources", "a", "host")) == (5, 8)
@@ -585,7 +589,7 @@ def test_plugin_lookup_order(site: Path, tmp_path: Path, monkeypatch: pytest.Mon
     (site / "extra").mkdir()
     (site / "extra" / "dec.wasm").write_bytes(b"")
     (site / "own.wasm").write_bytes(b"")
-    monkeypatch.setattr(config_mod, "bundled_plugin_dir", lambda: bundled)
+    monkeypatch.setattr(config_plugin_files, "bundled_plugin_dir", lambda: bundled)
     text = (
         '[daemon]\nplugin_dirs = ["extra", "plugins"]\n'
         + BASE
@@ -694,9 +698,9 @@ def test_demo_config_contents() -> None:
 
 def _without_plugin_check(text: str, path: str) -> dict[str, object]:
     """The validated data of a config, whether or not its plugins are built yet."""
-    positions = config_mod._scan(text)
-    v = config_mod._Validator(path, positions)
-    data: dict[str, object] = v.check(config_mod.tomlkit.parse(text).unwrap(), Config, ())
+    positions = config_positions._scan(text)
+    v = config_validate._Validator(path, positions)
+    data: dict[str, object] = v.check(tomlkit.parse(text).unwrap(), Config, ())
     assert v.problems == []
     return data
 
@@ -741,10 +745,10 @@ def test_numbers_are_seconds(value: float) -> None:
     assert parse_duration(value) == float(value)
 
 
-@given(st.integers(0, 10**7), st.sampled_from(sorted(config_mod._SIZE_UNITS)), st.booleans())
+@given(st.integers(0, 10**7), st.sampled_from(sorted(config_values._SIZE_UNITS)), st.booleans())
 def test_size_strings_parse_to_bytes(number: int, unit: str, space: bool) -> None:
     text = f"{number}{' ' if space else ''}{unit}"
-    assert parse_size(text) == number * config_mod._SIZE_UNITS[unit]
+    assert parse_size(text) == number * config_values._SIZE_UNITS[unit]
     assert parse_size(number) == number
 
 

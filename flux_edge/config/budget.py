@@ -1,0 +1,165 @@
+"""The RTU bus budget: how much of a line's time its poll plan needs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flux_edge.config.profiles import source_devices
+from flux_edge.config.schema import Config, ModbusRtuSource
+from flux_edge.config.validate import _Validator
+from flux_edge.config.values import Key
+
+# --- RTU bus budget -----------------------------------------------------------------------------
+
+WARN_UTILISATION = 0.8  # a bus busier than this gets a warning; above 1.0 it is an error
+
+
+@dataclass(frozen=True, slots=True)
+class BusRequest:
+    """One read request of an RTU bus's poll plan and what it costs on the line."""
+
+    device: str
+    unit_id: int
+    read: str  # what it reads, like "read input registers 0..75"
+    interval: float  # seconds between two of these requests
+    request_bytes: int
+    response_bytes: int
+    wire: float  # seconds both frames take on the line
+    seconds: float  # bus time of the transaction: both frames, two gaps, the turnaround
+
+
+@dataclass(frozen=True, slots=True)
+class BusBudget:
+    """How much of an RTU line's time its poll plan needs (see docs/configuration.md)."""
+
+    source: str
+    baudrate: int
+    framing: str  # like "8E1"
+    bits_per_char: int  # 1 start + data bits + parity bit + stop bits
+    gap: float  # silence after each frame, seconds
+    turnaround: float  # assumed slave response delay, seconds
+    requests: tuple[BusRequest, ...]
+    utilisation: float  # seconds of traffic per second: 1.0 = the line never rests
+    lines: tuple[str, ...]  # the plan, for people
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f} ms"
+
+
+def _every(seconds: float) -> str:
+    return f"{seconds * 1000:g} ms" if seconds < 1 else f"{seconds:g} s"
+
+
+def _pct(fraction: float) -> str:
+    return f"{fraction * 100:.1f}%" if fraction < 0.1 else f"{fraction * 100:.0f}%"
+
+
+def bus_budget(config: Config, source_name: str) -> BusBudget:
+    """The line time the poll plan of RTU source ``source_name`` needs.
+
+    Per request: request and response frames at ``1 + bytesize + parity + stopbits`` bits per
+    byte, a gap of 3.5 characters (1.75 ms above 19200 baud, or ``inter_frame``) after each
+    frame, and the slave's ``turnaround``. Utilisation = the sum over requests of time / interval.
+    Retries, timeouts of silent devices and writes come on top. Raises ``KeyError`` for an
+    unknown source, ``ValueError`` if it is not a modbus_rtu source or cannot be planned.
+    """
+    from flux_edge.sources import modbus_plan as plan  # lazy: modbus_plan imports this module
+
+    source = config.sources[source_name]
+    if not isinstance(source, ModbusRtuSource):
+        raise ValueError(f"source {source_name!r} is not a modbus_rtu source")
+    framing = f"{source.bytesize}{source.parity}{source.stopbits}"
+    bits = plan.char_bits(source.bytesize, source.parity, source.stopbits)
+    char = plan.char_time(source.baudrate, source.bytesize, source.parity, source.stopbits)
+    gap = plan.inter_frame_gap(
+        source.baudrate, source.bytesize, source.parity, source.stopbits, source.inter_frame
+    )
+    if source.inter_frame > 0:
+        gap_how = "inter_frame"
+    elif source.baudrate > plan.RTU_FAST_BAUD:
+        gap_how = f"fixed above {plan.RTU_FAST_BAUD} baud"
+    else:
+        gap_how = "3.5 characters"
+    requests: list[BusRequest] = []
+    for device in source_devices(source_name, source):
+        for group in plan.plan_device(device, source.interval, source.max_gap):
+            for block in group.blocks:
+                wire = plan.transaction_time(block, char, 0.0)
+                requests.append(
+                    BusRequest(
+                        device=device.name,
+                        unit_id=device.unit_id,
+                        read=block.describe(),
+                        interval=group.interval,
+                        request_bytes=plan.request_bytes(block),
+                        response_bytes=plan.response_bytes(block),
+                        wire=wire,
+                        seconds=plan.transaction_time(block, char, gap) + source.turnaround,
+                    )
+                )
+    utilisation = sum(r.seconds / r.interval for r in requests)
+    lines = [
+        f"bus {source_name} ({source.port}): {source.baudrate} baud {framing} = {bits} bits "
+        f"per byte, {char * 1000:.3f} ms each; gap after each frame {_ms(gap)} ({gap_how}); "
+        f"slave turnaround {_ms(source.turnaround)} (assumed: set turnaround)"
+    ]
+    for r in requests:
+        total = r.request_bytes + r.response_bytes
+        lines.append(
+            f"  {r.device} unit {r.unit_id}: {r.read} every {_every(r.interval)}: "
+            f"{r.request_bytes} B + {r.response_bytes} B = {total} B -> {_ms(r.wire)} "
+            f"+ {_ms(r.seconds - r.wire)} gaps and turnaround = {_ms(r.seconds)} "
+            f"({_pct(r.seconds / r.interval)})"
+        )
+    verdict = " > 100%" if utilisation > 1 else " > 80%" if utilisation > WARN_UTILISATION else ""
+    lines.append(
+        f"bus {source_name}: {source.baudrate} baud {framing}: {utilisation:.3g} s of traffic "
+        f"per 1 s = {_pct(utilisation)}{verdict}"
+    )
+    return BusBudget(
+        source=source_name,
+        baudrate=source.baudrate,
+        framing=framing,
+        bits_per_char=bits,
+        gap=gap,
+        turnaround=source.turnaround,
+        requests=tuple(requests),
+        utilisation=utilisation,
+        lines=tuple(lines),
+    )
+
+
+def _check_budgets(v: _Validator, config: Config) -> None:
+    for name, source in config.sources.items():
+        if not isinstance(source, ModbusRtuSource):
+            continue
+        path: Key = ("sources", name)
+        try:
+            budget = bus_budget(config, name)
+        except ValueError as exc:
+            v.report(path, f"the bus's read plan cannot be made: {exc}", at="key")
+            continue
+        plan = "\n".join("    " + line for line in budget.lines)
+        share = _pct(budget.utilisation)
+        if budget.utilisation > 1:
+            v.report(
+                path,
+                f"the RTU bus is overcommitted: its polls need {share} of the line's time "
+                "(more than 100%), so polls would fall behind their intervals; poll less "
+                "often, read fewer registers, raise the baud rate or split the devices over "
+                f"two lines. The plan:\n{plan}",
+                at="key",
+            )
+        elif budget.utilisation > WARN_UTILISATION:
+            v.report(
+                path,
+                f"the RTU bus is busy: its polls need {share} of the line's time (more than "
+                f"80%), leaving little for retries, a silent device's timeouts and writes. "
+                f"The plan:\n{plan}",
+                at="key",
+                warning=True,
+            )

@@ -1,0 +1,480 @@
+"""The schema pass: the document walked against the Structs, every problem collected with its
+key path, line and column."""
+
+from __future__ import annotations
+
+import math
+from datetime import date, datetime, time
+from decimal import InvalidOperation
+from typing import Any, Literal, Union, get_args, get_origin
+
+import msgspec
+
+from flux_edge.config.positions import _Positions
+from flux_edge.config.schema import (
+    ActuatorConfig,
+    Config,
+    DaemonConfig,
+    MetricsConfig,
+    ModbusDeviceConfig,
+    ModbusRtuSource,
+    ModbusTcpSource,
+    ModbusWriteAction,
+    MqttPublishAction,
+    MqttSource,
+    MqttSubscription,
+    PluginConfig,
+    RegisterConfig,
+    RuleConfig,
+    RuleTest,
+    RuleTestStep,
+    SerialSource,
+    SerialWriteAction,
+    UplinkConfig,
+    WasmAction,
+)
+from flux_edge.config.tables import _STRUCT_CHECKS
+from flux_edge.config.values import (
+    _LOG_LEVELS,
+    Key,
+    _check_cel_ident,
+    _check_device_pattern,
+    _check_host,
+    _check_input_ref,
+    _check_module,
+    _check_name,
+    _check_profile_ref,
+    _check_topic_filter,
+    _check_uplink_topic,
+    _desc,
+    _fmt_path,
+    _got,
+    _is_number,
+    _is_tagged,
+    _is_union,
+    _num,
+    _plural,
+    _Rule,
+    _suggest,
+    parse_duration,
+    parse_size,
+)
+from flux_edge.errors import Problem
+
+_RULES: dict[tuple[type, str], _Rule] = {
+    (DaemonConfig, "name"): _Rule(check=_check_name),
+    (DaemonConfig, "state_dir"): _Rule(nonempty=True),
+    (DaemonConfig, "plugin_dirs"): _Rule(nonempty=True),
+    (DaemonConfig, "queue_size"): _Rule(min=1, max=10_000_000),
+    (DaemonConfig, "batch_max"): _Rule(min=1, max=65_536),
+    (DaemonConfig, "log_level"): _Rule(choices=_LOG_LEVELS),
+    (PluginConfig, "module"): _Rule(check=_check_module),
+    (PluginConfig, "timeout"): _Rule(kind="duration", positive=True, max=3600),
+    (PluginConfig, "memory_limit"): _Rule(kind="size", min=64 * 1024, max=2**30),
+    (PluginConfig, "max_failures"): _Rule(min=1, max=1_000_000),
+    (PluginConfig, "quarantine"): _Rule(kind="duration", min=0),
+    (DaemonConfig, "profile_dirs"): _Rule(nonempty=True),
+    (RegisterConfig, "name"): _Rule(nonempty=True, check=_check_cel_ident),
+    (RegisterConfig, "address"): _Rule(min=0, max=65535),
+    (RegisterConfig, "count"): _Rule(min=1, max=125),
+    (RegisterConfig, "interval"): _Rule(kind="duration", positive=True),
+    (ModbusDeviceConfig, "name"): _Rule(nonempty=True, check=_check_name),
+    (ModbusDeviceConfig, "unit_id"): _Rule(min=0, max=247),
+    (ModbusDeviceConfig, "profile"): _Rule(check=_check_profile_ref),
+    (ModbusDeviceConfig, "interval"): _Rule(kind="duration", min=0),
+    (ModbusDeviceConfig, "timeout"): _Rule(kind="duration", min=0),
+    (ModbusTcpSource, "host"): _Rule(nonempty=True, check=_check_host),
+    (ModbusTcpSource, "port"): _Rule(min=1, max=65535),
+    (ModbusTcpSource, "unit_id"): _Rule(min=0, max=247),
+    (ModbusTcpSource, "interval"): _Rule(kind="duration", positive=True),
+    (ModbusTcpSource, "timeout"): _Rule(kind="duration", positive=True),
+    (ModbusTcpSource, "device"): _Rule(check=_check_name),
+    (ModbusTcpSource, "max_gap"): _Rule(min=0, max=123),
+    (ModbusTcpSource, "chain"): _Rule(nonempty=True),
+    (ModbusTcpSource, "retries"): _Rule(min=0, max=100),
+    (ModbusTcpSource, "backoff_max"): _Rule(kind="duration", positive=True),
+    (ModbusRtuSource, "port"): _Rule(nonempty=True),
+    (ModbusRtuSource, "baudrate"): _Rule(min=300, max=4_000_000),
+    (ModbusRtuSource, "stopbits"): _Rule(min=1, max=2),
+    (ModbusRtuSource, "bytesize"): _Rule(min=7, max=8),
+    (ModbusRtuSource, "interval"): _Rule(kind="duration", positive=True),
+    (ModbusRtuSource, "timeout"): _Rule(kind="duration", positive=True),
+    (ModbusRtuSource, "retries"): _Rule(min=0, max=100),
+    (ModbusRtuSource, "backoff_max"): _Rule(kind="duration", positive=True),
+    (ModbusRtuSource, "max_gap"): _Rule(min=0, max=123),
+    (ModbusRtuSource, "inter_frame"): _Rule(kind="duration", min=0, max=1),
+    (ModbusRtuSource, "turnaround"): _Rule(kind="duration", min=0, max=10),
+    (ModbusRtuSource, "chain"): _Rule(nonempty=True),
+    (SerialSource, "port"): _Rule(nonempty=True),
+    (SerialSource, "baudrate"): _Rule(min=300, max=4_000_000),
+    (SerialSource, "stopbits"): _Rule(min=1, max=2),
+    (SerialSource, "bytesize"): _Rule(min=7, max=8),
+    (SerialSource, "device"): _Rule(check=_check_name),
+    (SerialSource, "frame_length"): _Rule(min=0, max=16 * 2**20),
+    (SerialSource, "length_offset"): _Rule(min=0, max=65535),
+    (SerialSource, "length_adjust"): _Rule(min=-65535, max=65535),
+    (SerialSource, "idle"): _Rule(kind="duration", positive=True, max=60),
+    (SerialSource, "max_frame"): _Rule(kind="size", min=1, max=16 * 2**20),
+    (SerialSource, "chain"): _Rule(nonempty=True),
+    (MqttSubscription, "topic"): _Rule(nonempty=True, check=_check_topic_filter),
+    (MqttSubscription, "qos"): _Rule(min=0, max=2),
+    (MqttSource, "host"): _Rule(nonempty=True, check=_check_host),
+    (MqttSource, "port"): _Rule(min=1, max=65535),
+    (MqttSource, "keepalive"): _Rule(kind="duration", min=0, max=65535),
+    (MqttSource, "device"): _Rule(check=_check_name),
+    (MqttSource, "device_from_topic"): _Rule(check=_check_device_pattern),
+    (MqttSource, "reconnect_min"): _Rule(kind="duration", positive=True),
+    (MqttSource, "reconnect_max"): _Rule(kind="duration", positive=True),
+    (MqttSource, "max_inflight"): _Rule(min=1, max=65535),
+    (MqttSource, "buffer_size"): _Rule(min=1, max=1_000_000),
+    (MqttSource, "chain"): _Rule(nonempty=True),
+    (RuleConfig, "when"): _Rule(nonempty=True),
+    (RuleConfig, "actions"): _Rule(nonempty=True),
+    (RuleConfig, "inputs"): _Rule(keys=_check_cel_ident),
+    (RuleConfig, "for"): _Rule(kind="duration", min=0),
+    (RuleConfig, "cooldown"): _Rule(kind="duration", min=0),
+    (RuleConfig, "max_age"): _Rule(kind="duration", min=0),
+    (RuleConfig, "off_actions"): _Rule(nonempty=True),
+    (RuleTestStep, "device"): _Rule(check=_check_name),
+    (RuleTestStep, "name"): _Rule(nonempty=True),
+    (RuleTestStep, "t"): _Rule(kind="duration", min=0),
+    (RuleTest, "at"): _Rule(kind="duration", min=0),
+    (ActuatorConfig, "on"): _Rule(nonempty=True),
+    (ActuatorConfig, "off"): _Rule(nonempty=True),
+    (ActuatorConfig, "min_on"): _Rule(kind="duration", min=0),
+    (ActuatorConfig, "min_off"): _Rule(kind="duration", min=0),
+    (ActuatorConfig, "max_switches"): _Rule(min=0, max=1_000_000),
+    (ActuatorConfig, "window"): _Rule(kind="duration", positive=True),
+    (ActuatorConfig, "interlock_device"): _Rule(check=_check_name),
+    (ActuatorConfig, "inputs"): _Rule(nonempty=True, check=_check_input_ref),
+    (ActuatorConfig, "stale_after"): _Rule(kind="duration", min=0),
+    (DaemonConfig, "audit_max_size"): _Rule(kind="size", min=4096, max=2**40),
+    (DaemonConfig, "audit_keep"): _Rule(min=0, max=1000),
+    (ModbusWriteAction, "retries"): _Rule(min=0, max=10),
+    (ModbusWriteAction, "source"): _Rule(nonempty=True),
+    (ModbusWriteAction, "address"): _Rule(min=0, max=65535),
+    (ModbusWriteAction, "timeout"): _Rule(kind="duration", positive=True),
+    (ModbusWriteAction, "device"): _Rule(check=_check_name),
+    (SerialWriteAction, "source"): _Rule(nonempty=True),
+    (SerialWriteAction, "data"): _Rule(nonempty=True),
+    (SerialWriteAction, "timeout"): _Rule(kind="duration", positive=True),
+    (MqttPublishAction, "source"): _Rule(nonempty=True),
+    (MqttPublishAction, "topic"): _Rule(nonempty=True),
+    (MqttPublishAction, "qos"): _Rule(min=0, max=2),
+    (MqttPublishAction, "timeout"): _Rule(kind="duration", positive=True),
+    (WasmAction, "plugin"): _Rule(nonempty=True),
+    (WasmAction, "target"): _Rule(nonempty=True),
+    (WasmAction, "timeout"): _Rule(kind="duration", positive=True),
+    (DaemonConfig, "stall_timeout"): _Rule(kind="duration", min=1, max=3600),
+    (DaemonConfig, "shutdown_timeout"): _Rule(kind="duration", min=0.1, max=3600),
+    (MetricsConfig, "host"): _Rule(nonempty=True, check=_check_host),
+    (MetricsConfig, "port"): _Rule(min=0, max=65535),
+    (UplinkConfig, "host"): _Rule(nonempty=True, check=_check_host),
+    (UplinkConfig, "port"): _Rule(min=1, max=65535),
+    (UplinkConfig, "keepalive"): _Rule(kind="duration", min=0, max=65535),
+    (UplinkConfig, "qos"): _Rule(min=1, max=2),
+    (UplinkConfig, "topic"): _Rule(nonempty=True, check=_check_uplink_topic),
+    (UplinkConfig, "status_topic"): _Rule(check=_check_uplink_topic),
+    (UplinkConfig, "batch_max"): _Rule(min=1, max=10_000),
+    (UplinkConfig, "max_inflight"): _Rule(min=1, max=65535),
+    (UplinkConfig, "reconnect_min"): _Rule(kind="duration", positive=True),
+    (UplinkConfig, "reconnect_max"): _Rule(kind="duration", positive=True),
+    (UplinkConfig, "outbox_max_size"): _Rule(kind="size", min=64 * 1024, max=2**40),
+    (UplinkConfig, "commit_interval"): _Rule(kind="duration", min=0, max=10),
+    (UplinkConfig, "sync_interval"): _Rule(kind="duration", min=0, max=3600),
+    (Config, "plugins"): _Rule(keys=_check_name),
+    (Config, "sources"): _Rule(keys=_check_name),
+    (Config, "rules"): _Rule(keys=_check_name),
+    (Config, "actions"): _Rule(keys=_check_name),
+    (Config, "actuators"): _Rule(keys=_check_name),
+}
+
+# Fields the loader sets; a file may not.
+_LOADER_ONLY: frozenset[tuple[type, str]] = frozenset({(Config, "path")})
+# --- schema validation --------------------------------------------------------------------------
+
+_BAD: Any = object()  # "this value was rejected" (a Problem has been recorded)
+
+
+class _Validator:
+    """Walks the document against the Structs, collecting every problem.
+
+    Returns plain data (lists, dicts, scalars, durations as float seconds, sizes as int bytes) in
+    which rejected values are left out, so later passes can still look at the valid parts.
+    """
+
+    def __init__(self, file: str, positions: _Positions) -> None:
+        self.file = file
+        self.pos = positions
+        self.problems: list[Problem] = []
+        self.dirty: set[Key] = set()
+
+    @property
+    def errors(self) -> int:
+        return sum(1 for p in self.problems if p.severity == "error")
+
+    def report(
+        self,
+        path: Key,
+        message: str,
+        *,
+        at: Literal["key", "value"] = "value",
+        where: Key | None = None,
+        warning: bool = False,
+    ) -> None:
+        loc = path if where is None else where
+        line, column = self.pos.key(loc) if at == "key" else self.pos.value(loc)
+        severity = "warning" if warning else "error"
+        self.problems.append(Problem(self.file, _fmt_path(path), message, line, column, severity))
+        if not warning:
+            self.dirty.add(path)
+
+    def clean(self, path: Key) -> bool:
+        n = len(path)
+        return not any(d[:n] == path for d in self.dirty)
+
+    # one value against one type
+    def check(self, value: Any, tp: Any, path: Key, rule: _Rule | None = None) -> Any:
+        if rule is not None and rule.kind:
+            return self._measure(value, path, rule)
+        origin = get_origin(tp)
+        if tp is Any:
+            self._jsonable(value, path)
+            return value
+        if origin is Literal:
+            return self._literal(value, get_args(tp), path)
+        if origin is tuple:
+            return self._array(value, get_args(tp)[0], path, rule)
+        if origin is dict:
+            return self._table(value, get_args(tp)[1], path, rule)
+        if origin is Union or _is_union(tp):
+            if all(_is_tagged(a) for a in get_args(tp)):
+                return self._tagged(value, get_args(tp), path)
+            for alternative in get_args(tp):
+                if self._is(value, alternative):
+                    return self.check(value, alternative, path, rule)
+            self.report(path, f"expected {_desc(tp)}, got {_got(value)}")
+            return _BAD
+        if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+            return self._struct(value, tp, path)
+        if not self._is(value, tp):
+            self.report(path, f"expected {_desc(tp, rule)}, got {_got(value)}")
+            return _BAD
+        if tp is float:
+            value = float(value)
+            if not math.isfinite(value):
+                self.report(path, f"expected a finite number, got {value}")
+                return _BAD
+        if rule is not None and not self._apply(value, path, rule):
+            return _BAD
+        return value
+
+    @staticmethod
+    def _is(value: Any, tp: Any) -> bool:
+        if tp is bool:
+            return isinstance(value, bool)
+        if tp is int:
+            return isinstance(value, int) and not isinstance(value, bool)
+        if tp is float:
+            return _is_number(value)
+        if tp is str:
+            return isinstance(value, str)
+        if isinstance(tp, type) and issubclass(tp, msgspec.Struct):  # an optional table
+            return isinstance(value, dict)
+        return False
+
+    def _apply(self, value: Any, path: Key, rule: _Rule) -> bool:
+        """Range, choice and name rules on an already well-typed value."""
+        message = None
+        if isinstance(value, str):
+            if rule.nonempty and not value:
+                message = "must not be empty"
+            elif rule.choices and value not in rule.choices:
+                hint = _suggest(value, rule.choices).strip()
+                message = f"expected one of {', '.join(rule.choices)}, got {_got(value)}"
+                message += f"; {hint}" if hint else ""
+            elif rule.check is not None and value:
+                message = rule.check(value)
+        elif _is_number(value):
+            if rule.positive and value <= 0:
+                message = f"must be greater than 0, got {_got(value)}"
+            elif (
+                rule.min is not None
+                and rule.max is not None
+                and not (rule.min <= value <= rule.max)
+            ):
+                message = (
+                    f"must be between {_num(rule.min)} and {_num(rule.max)}, got {_got(value)}"
+                )
+            elif rule.min is not None and value < rule.min:
+                message = f"must be at least {_num(rule.min)}, got {_got(value)}"
+            elif rule.max is not None and value > rule.max:
+                message = f"must be at most {_num(rule.max)}, got {_got(value)}"
+        if message:
+            self.report(path, message)
+            return False
+        return True
+
+    def _measure(self, value: Any, path: Key, rule: _Rule) -> Any:
+        """A duration (-> float seconds) or a size (-> int bytes)."""
+        try:
+            result: float | int = (
+                parse_duration(value) if rule.kind == "duration" else parse_size(value)
+            )
+        except ValueError as exc:
+            self.report(path, str(exc))
+            return _BAD
+        except (InvalidOperation, OverflowError):
+            self.report(path, f"expected {_desc(None, rule)}, got {_got(value)}")
+            return _BAD
+        unit = "s" if rule.kind == "duration" else " bytes"
+        if rule.positive and result <= 0:
+            self.report(path, f"must be greater than 0, got {_got(value)}")
+            return _BAD
+        if rule.min is not None and result < rule.min:
+            self.report(path, f"must be at least {_num(rule.min)}{unit}, got {_got(value)}")
+            return _BAD
+        if rule.max is not None and result > rule.max:
+            self.report(path, f"must be at most {_num(rule.max)}{unit}, got {_got(value)}")
+            return _BAD
+        return result
+
+    def _tagged(self, value: Any, alternatives: tuple[Any, ...], path: Key) -> Any:
+        """A table of one of several tagged Structs, chosen by its tag field ("type")."""
+        if not isinstance(value, dict):
+            self.report(path, f"expected a table, got {_got(value)}")
+            return _BAD
+        tag_field = alternatives[0].__struct_config__.tag_field
+        by_tag = {str(a.__struct_config__.tag): a for a in alternatives}
+        names = ", ".join(by_tag)
+        if tag_field not in value:
+            self.report(
+                (*path, tag_field),
+                f'missing required key "{tag_field}" (expected one of {names})',
+                at="key",
+                where=path,
+            )
+            return _BAD
+        tag = value[tag_field]
+        cls = by_tag.get(tag) if isinstance(tag, str) else None
+        if cls is None:
+            hint = _suggest(tag, list(by_tag)) if isinstance(tag, str) else ""
+            self.report(
+                (*path, tag_field), f"expected one of {names}, got {_got(tag)}; {hint}".rstrip("; ")
+            )
+            return _BAD
+        return self._struct(value, cls, path)
+
+    def _literal(self, value: Any, choices: tuple[Any, ...], path: Key) -> Any:
+        if isinstance(value, str) and value in choices:
+            return value
+        names = [str(c) for c in choices]
+        hint = _suggest(value, names).strip() if isinstance(value, str) else ""
+        got = f"expected one of {', '.join(names)}, got {_got(value)}"
+        self.report(path, got + (f"; {hint}" if hint else ""))
+        return _BAD
+
+    def _array(self, value: Any, item: Any, path: Key, rule: _Rule | None) -> Any:
+        if not isinstance(value, list):
+            self.report(
+                path, f"expected an array of {_plural(_desc(item, rule))}, got {_got(value)}"
+            )
+            return _BAD
+        out = []
+        for index, element in enumerate(value):
+            checked = self.check(element, item, (*path, index), rule)
+            if checked is not _BAD:
+                out.append(checked)
+        return out
+
+    def _table(self, value: Any, item: Any, path: Key, rule: _Rule | None) -> Any:
+        if not isinstance(value, dict):
+            self.report(path, f"expected a table, got {_got(value)}")
+            return _BAD
+        out = {}
+        for key, element in value.items():
+            if rule is not None and rule.keys is not None:
+                message = rule.keys(key)
+                if message:
+                    self.report((*path, key), message, at="key")
+                    continue
+            checked = self.check(element, item, (*path, key))
+            if checked is not _BAD:
+                out[key] = checked
+        return out
+
+    def _jsonable(self, value: Any, path: Key) -> None:
+        """Plugin config goes to the guest as JSON: no dates, no inf/nan."""
+        if isinstance(value, datetime | date | time):
+            self.report(
+                path,
+                f"{_got(value)} cannot be passed to a plugin (its config is JSON): "
+                "quote it as a string",
+            )
+        elif isinstance(value, float) and not math.isfinite(value):
+            self.report(path, f"{value} cannot be passed to a plugin (its config is JSON)")
+        elif isinstance(value, list):
+            for index, element in enumerate(value):
+                self._jsonable(element, (*path, index))
+        elif isinstance(value, dict):
+            for key, element in value.items():
+                self._jsonable(element, (*path, key))
+
+    def _struct(self, value: Any, cls: type[msgspec.Struct], path: Key) -> Any:
+        if not isinstance(value, dict):
+            self.report(path, f"expected a table, got {_got(value)}")
+            return _BAD
+        # keyed by the TOML key: msgspec's encoded name (RuleConfig.for_ is "for")
+        fields = {
+            f.encode_name: f
+            for f in msgspec.structs.fields(cls)
+            if (cls, f.name) not in _LOADER_ONLY
+        }
+        conf = cls.__struct_config__
+        tag_field, tag = conf.tag_field, conf.tag
+        allowed = list(fields) + ([tag_field] if tag_field else [])
+        out: dict[str, Any] = {}
+        before = self.errors
+        for key, element in value.items():
+            kpath = (*path, key)
+            if tag_field is not None and key == tag_field:
+                if element != tag:
+                    hint = _suggest(element, [str(tag)]) if isinstance(element, str) else ""
+                    self.report(
+                        kpath, f"expected one of {tag}, got {_got(element)}; {hint}".rstrip("; ")
+                    )
+                continue
+            field = fields.get(key)
+            if field is None:
+                self.report(
+                    kpath,
+                    f'unknown key "{key}"; {_suggest(key, allowed)}'
+                    f"allowed here: {', '.join(allowed)}",
+                    at="key",
+                )
+                continue
+            checked = self.check(element, field.type, kpath, _RULES.get((cls, key)))
+            if checked is not _BAD:
+                out[key] = checked
+        if tag_field is not None:
+            if tag_field not in value:
+                self.report(
+                    (*path, tag_field),
+                    f'missing required key "{tag_field}" (expected one of {tag})',
+                    at="key",
+                    where=path,
+                )
+            out[tag_field] = tag
+        for field in fields.values():
+            if field.required and field.encode_name not in value:
+                rule = _RULES.get((cls, field.encode_name))
+                self.report(
+                    (*path, field.encode_name),
+                    f'missing required key "{field.encode_name}" ({_desc(field.type, rule)})',
+                    at="key",
+                    where=path,
+                )
+        check = _STRUCT_CHECKS.get(cls)
+        if check is not None:
+            check(self, out, path, self.errors == before)
+        return out

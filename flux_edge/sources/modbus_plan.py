@@ -17,7 +17,7 @@ import collections
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from flux_edge.config import (
+from flux_edge.config.schema import (  # the schema only: config's budget check plans with this
     REGISTER_WORDS,
     ModbusDeviceConfig,
     ModbusRtuSource,

@@ -29,18 +29,14 @@ from pathlib import Path
 
 from flux_edge.config import (
     Config,
-    ModbusRtuSource,
-    ModbusTcpSource,
-    WasmAction,
     check_config,
-    resolve_plugin_path,
 )
 from flux_edge.errors import FluxError, Problem
-from flux_edge.plugins.host import Plugin, PluginHost, PluginLimits
+from flux_edge.plugins.host import PluginHost
+from flux_edge.runtime import plugin_instances
 from flux_edge.runtime.health import HealthMonitor, WatchdogFeeder
-from flux_edge.runtime.pipeline import Observers, Pipeline, source_context
+from flux_edge.runtime.pipeline import Observers, Pipeline
 from flux_edge.runtime.systemd import Notifier
-from flux_edge.sources.modbus_plan import bus_devices
 from flux_edge.uplink import Uplink
 
 log = logging.getLogger("flux_edge.runtime")
@@ -67,34 +63,7 @@ def preload_plugins(config: Config, host: PluginHost) -> None:
     """Load (compile, or take from the cache) and initialise every plugin instance ``config``
     needs, then release them: a reload learns that a changed or broken .wasm fails *before*
     the running pipeline is touched. Raises PluginError/FluxError."""
-    loaded: list[Plugin] = []
-    try:
-        for sname, scfg in config.sources.items():
-            devices = (
-                list(bus_devices(scfg, sname))
-                if isinstance(scfg, ModbusTcpSource | ModbusRtuSource) else [None]
-            )
-            for dev in devices:
-                for pname in scfg.chain:
-                    pcfg = config.plugins[pname]
-                    init_cfg = dict(pcfg.config)
-                    init_cfg["source"] = source_context(sname, scfg, dev)
-                    loaded.append(host.load(
-                        pname, Path(resolve_plugin_path(config, pname)),
-                        PluginLimits.from_config(pcfg), init_cfg, wasi=pcfg.wasi,
-                    ))
-        for aname, acfg in config.actions.items():
-            if isinstance(acfg, WasmAction):
-                pcfg = config.plugins[acfg.plugin]
-                init_cfg = dict(pcfg.config)
-                init_cfg["source"] = {"name": aname, "type": "action"}
-                loaded.append(host.load(
-                    acfg.plugin, Path(resolve_plugin_path(config, acfg.plugin)),
-                    PluginLimits.from_config(pcfg), init_cfg, wasi=pcfg.wasi,
-                ))
-    finally:
-        for plugin in loaded:
-            plugin.close()
+    plugin_instances.preload(config, host)
 
 
 class Daemon:

@@ -41,22 +41,21 @@ from flux_edge.actions.safety import SafetyLayer
 from flux_edge.config import (
     ActionConfig,
     Config,
-    ModbusDeviceConfig,
     ModbusRtuSource,
     ModbusTcpSource,
     ModbusWriteAction,
     MqttPublishAction,
-    MqttSource,
     SerialSource,
     SourceConfig,
     WasmAction,
-    resolve_plugin_path,
 )
 from flux_edge.errors import ActionError, FluxError, PluginError, PluginLoadError
+from flux_edge.logs import RateLimitedLog
 from flux_edge.model import Command, ErrorRecord, Measurement, Outcome, Quality, Reading
-from flux_edge.plugins.host import Plugin, PluginHost, PluginLimits
+from flux_edge.plugins.host import Plugin, PluginHost
 from flux_edge.rules.engine import RuleEngine
 from flux_edge.rules.state import RuleStore
+from flux_edge.runtime import plugin_instances
 from flux_edge.runtime.health import HealthMonitor, Heartbeat
 from flux_edge.runtime.queues import BoundedQueue
 from flux_edge.runtime.supervisor import Supervisor
@@ -65,6 +64,7 @@ from flux_edge.sources.modbus_plan import bus_devices
 from flux_edge.uplink import Uplink
 
 log = logging.getLogger("flux_edge.runtime")
+_LOG_EVERY = 5.0  # seconds between two warnings of the same kind (dead letters, commits)
 
 
 class Executor(Protocol):
@@ -86,42 +86,6 @@ class StageStats:
     processed: int = 0
     errors: int = 0
     last_progress: float = 0.0  # monotonic time of the last completed unit of work
-
-
-class _RateLimitedLog:
-    """At most one log line per key per ``every`` seconds; the rest are counted and summarised."""
-
-    def __init__(self, every: float = 5.0) -> None:
-        self._every = every
-        self._last: dict[str, float] = {}
-        self._suppressed: collections.Counter[str] = collections.Counter()
-
-    def warning(self, key: str, msg: str) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -float("inf")) >= self._every:
-            extra = self._suppressed.pop(key, 0)
-            suffix = f" ({extra} similar message(s) suppressed)" if extra else ""
-            log.warning("%s%s", msg, suffix)
-            self._last[key] = now
-        else:
-            self._suppressed[key] += 1
-
-
-def source_context(
-    name: str, cfg: SourceConfig, device: ModbusDeviceConfig | None = None
-) -> dict[str, Any]:
-    """What a plugin instance learns about the source it serves (ABI v1: the ``source`` object).
-
-    Modbus plugin instances serve one device each and get its register map.
-    """
-    ctx: dict[str, Any] = {"name": name, "type": type(cfg).__struct_config__.tag}
-    if device is not None:
-        ctx["device"] = device.name
-        ctx["unit_id"] = device.unit_id
-        ctx["registers"] = [msgspec.to_builtins(r) for r in device.registers]
-    elif isinstance(cfg, SerialSource | MqttSource):
-        ctx["device"] = cfg.device or name
-    return ctx
 
 
 def make_source(
@@ -219,43 +183,42 @@ class Pipeline:
         # client keeps their order and waiting for each PUBACK in turn would cap them at one
         # round trip each (None = no lock)
         self._action_locks: dict[str, asyncio.Lock | None] = {}
-        self._ratelog = _RateLimitedLog()
+        self._ratelog = RateLimitedLog(log, _LOG_EVERY)
         self._started = False
 
     # --- construction ------------------------------------------------------------------------
 
-    def _load_chain(self, sname: str, scfg: SourceConfig,
-                    device: ModbusDeviceConfig | None) -> list[Plugin]:
+    def _load_chain(self, instances: list[plugin_instances.Instance]) -> list[Plugin]:
         chain: list[Plugin] = []
-        for pname in scfg.chain:
-            pcfg = self.config.plugins[pname]
-            init_cfg = dict(pcfg.config)
-            init_cfg["source"] = source_context(sname, scfg, device)
-            plugin = self.host.load(
-                pname,
-                Path(resolve_plugin_path(self.config, pname)),
-                PluginLimits.from_config(pcfg),
-                init_cfg,
-                wasi=pcfg.wasi,
-            )
-            if not plugin.has_process:
+        try:
+            for instance in instances:
+                plugin = plugin_instances.load(self.host, self.config, instance)
+                chain.append(plugin)
+                if not plugin.has_process:
+                    raise PluginLoadError(
+                        instance.plugin,
+                        f"it is in the chain of source {instance.owner!r} but does not export "
+                        "flux_process (it only answers wasm actions, with flux_act)",
+                    )
+        except BaseException:
+            for plugin in chain:
                 plugin.close()
-                raise PluginLoadError(
-                    pname,
-                    f"it is in the chain of source {sname!r} but does not export flux_process "
-                    "(it only answers wasm actions, with flux_act)",
-                )
-            chain.append(plugin)
+            raise
         return chain
 
     def _build(self) -> None:
         cfg = self.config
         for sname, scfg in cfg.sources.items():
-            if isinstance(scfg, ModbusTcpSource | ModbusRtuSource):
+            by_device: dict[str, list[plugin_instances.Instance]] = {}
+            for instance in plugin_instances.source_instances(cfg, sname):
+                by_device.setdefault(instance.device, []).append(instance)
+            for device, instances in by_device.items():
+                self.chains[(sname, device)] = self._load_chain(instances)
+            if isinstance(scfg, ModbusTcpSource | ModbusRtuSource):  # devices without a chain
                 for dev in bus_devices(scfg, sname):
-                    self.chains[(sname, dev.name)] = self._load_chain(sname, scfg, dev)
+                    self.chains.setdefault((sname, dev.name), [])
             else:
-                self.chains[(sname, "")] = self._load_chain(sname, scfg, None)
+                self.chains.setdefault((sname, ""), [])
             self.sources[sname] = make_source(
                 sname, scfg, self._emit, functools.partial(self._on_status, sname),
                 cfg.daemon.name,
@@ -295,15 +258,8 @@ class Pipeline:
                 name,
                 f"target {cfg.target!r} is not a serial_write or mqtt_publish action",
             )
-        pcfg = self.config.plugins[cfg.plugin]
-        init_cfg = dict(pcfg.config)
-        init_cfg["source"] = {"name": name, "type": "action"}
-        plugin = self.host.load(
-            cfg.plugin,
-            Path(resolve_plugin_path(self.config, cfg.plugin)),
-            PluginLimits.from_config(pcfg),
-            init_cfg,
-            wasi=pcfg.wasi,
+        plugin = plugin_instances.load(
+            self.host, self.config, plugin_instances.action_instance(name, cfg)
         )
         try:
             return WasmActionExecutor(name, cfg, plugin, target, wall=self._clock)

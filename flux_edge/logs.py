@@ -12,8 +12,11 @@ the level of ``flux_edge.<name>`` and everything below it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
+import time
+from collections.abc import Callable
 
 TRACE = 5
 logging.addLevelName(TRACE, "TRACE")
@@ -93,3 +96,62 @@ def setup_logging(spec: str | None = None, *, stream: object = None) -> None:
         logging.getLogger(noisy).setLevel(max(default, logging.WARNING))
     for name, level in per.items():
         logging.getLogger(name).setLevel(level)
+
+
+class RateLimitedLog:
+    """At most one line per key per ``every`` seconds to ``logger``; the rest are counted.
+
+    The first message of a key is logged at once; repeats within ``every`` seconds of the last
+    line logged for that key are dropped and counted, and the count rides on the next line that
+    is logged for the key: ``... (3 similar message(s) suppressed)``. ``level`` is the level of
+    every line (``log(..., level=)`` overrides it per call); ``clock`` is injectable for tests.
+    Messages take ``%``-style ``args`` like ``logging`` (formatted only when a line is logged).
+    """
+
+    __slots__ = ("_clock", "_last", "_logger", "_suppressed", "every", "level")
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        every: float,
+        *,
+        level: int = logging.WARNING,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._logger = logger
+        self.every = every
+        self.level = level
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def log(self, key: str, msg: str, *args: object, level: int | None = None) -> bool:
+        """Log ``msg % args`` unless ``key`` was logged less than ``every`` seconds ago (then
+        count it). True when a line went to the logger."""
+        return self._write(key, msg, args, self.level if level is None else level)
+
+    def warning(self, key: str, msg: str, *args: object) -> bool:
+        """``log`` at WARNING, whatever ``level`` is."""
+        return self._write(key, msg, args, logging.WARNING)
+
+    def _write(self, key: str, msg: str, args: tuple[object, ...], level: int) -> bool:
+        now = self._clock()
+        if now - self._last.get(key, -math.inf) < self.every:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        held = self._suppressed.pop(key, 0)
+        if held:
+            msg = f"{msg} ({held} similar message(s) suppressed)"
+        # stacklevel 3: the record names our caller's line, not this module
+        self._logger.log(level, msg, *args, stacklevel=3)
+        return True
+
+    def reset(self, key: str) -> None:
+        """Forget ``key``: its next message is logged at once (its suppressed count is dropped)."""
+        self._last.pop(key, None)
+        self._suppressed.pop(key, None)
+
+    def suppressed(self, key: str) -> int:
+        """Messages of ``key`` held back since its last line."""
+        return self._suppressed.get(key, 0)

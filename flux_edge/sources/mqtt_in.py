@@ -52,6 +52,7 @@ from dataclasses import dataclass
 
 from flux_edge.config import MqttSource
 from flux_edge.errors import SourceError
+from flux_edge.logs import RateLimitedLog
 from flux_edge.model import KIND_BYTES, Reading
 from flux_edge.mqtt import DevicePattern, MqttClient, TlsSettings
 from flux_edge.sources import Emit, SourceHealth, StatusCallback
@@ -69,26 +70,6 @@ class MqttSourceStats:
     pauses: int = 0  # times reading was paused because QoS 1/2 messages exceeded the window
     emit_errors: int = 0
     buffered_max: int = 0  # high-water mark of the local buffer
-
-
-class _Throttle:
-    """At most one log line per ``every`` seconds per key; counts what it held back."""
-
-    def __init__(self, logger: logging.Logger, every: float) -> None:
-        self._log = logger
-        self._every = every
-        self._last: dict[str, float] = {}
-        self._held: dict[str, int] = {}
-
-    def warning(self, key: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -float("inf")) < self._every:
-            self._held[key] = self._held.get(key, 0) + 1
-            return
-        self._last[key] = now
-        held = self._held.pop(key, 0)
-        suffix = f" ({held} more since the last report)" if held else ""
-        self._log.warning(msg + suffix, *args)
 
 
 def _pass_on(acked: asyncio.Future[None], durable: asyncio.Future[None]) -> None:
@@ -148,7 +129,7 @@ class MqttSourceClient:
         self._closing = False
         self._state: str | None = None  # "good" | "bad" | None before the first outcome
         self._log = logging.getLogger(f"flux_edge.source.{name}")
-        self._throttle = _Throttle(self._log, log_every)
+        self._throttle = RateLimitedLog(self._log, log_every)
         qos1 = any(t.qos > 0 for t in cfg.topics)
         try:
             self.client = MqttClient(

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flux_edge.errors import UplinkError
+from flux_edge.logs import RateLimitedLog
 from flux_edge.model import Measurement
 from flux_edge.mqtt import MqttClient, MqttError, TlsSettings, Will, check_topic
 from flux_edge.uplink.outbox import Outbox, Unit, UplinkStats, record
@@ -49,30 +50,6 @@ log = logging.getLogger("flux_edge.uplink")
 _STATUS_TIMEOUT = 2.0  # close(): longest wait for the broker to take the "offline" status
 _LOG_EVERY = 30.0  # seconds between two warnings of the same kind
 _FILL_BURST = 16  # publishes started before the sender yields to the event loop
-
-
-class _RateLog:
-    """One warning per key per ``every`` seconds; the others are counted into the next one."""
-
-    def __init__(self, every: float = _LOG_EVERY) -> None:
-        self.every = every
-        self._last: dict[str, float] = {}
-        self._skipped: dict[str, int] = {}
-
-    def warning(self, key: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -float("inf")) < self.every:
-            self._skipped[key] = self._skipped.get(key, 0) + 1
-            return
-        self._last[key] = now
-        skipped = self._skipped.pop(key, 0)
-        if skipped:
-            msg += f" ({skipped} similar message(s) suppressed)"
-        log.warning(msg, *args)
-
-    def reset(self, key: str) -> None:
-        self._last.pop(key, None)
-        self._skipped.pop(key, None)
 
 
 class Uplink:
@@ -147,7 +124,7 @@ class Uplink:
         self._started = False
         self._closing = False
         self._closed = False
-        self._ratelog = _RateLog()
+        self._ratelog = RateLimitedLog(log, _LOG_EVERY)
 
     # --- public API -----------------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
+from flux_edge.errors import FluxError
 from flux_edge.model import Command, Value
 
 __all__ = [
@@ -49,8 +50,10 @@ _FIELD = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)(?::([A-Za-z_][A-Za-z0-9_]*))?\Z")
 Context = Mapping[str, Value | None]
 
 
-class TemplateError(ValueError):
-    """A template is malformed. ``column`` is the 1-based position of the problem."""
+class TemplateError(FluxError, ValueError):
+    """A template is malformed. ``column`` is the 1-based position of the problem.
+
+    Also a ValueError (callers that catch ValueError keep working)."""
 
     def __init__(self, message: str, column: int) -> None:
         self.column = column

@@ -20,7 +20,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from flux_edge.errors import PluginABIError
+from flux_edge.errors import FluxError, PluginABIError
 from flux_edge.model import (
     KIND_MEASUREMENT,
     KIND_REGISTERS,
@@ -71,10 +71,10 @@ def _layout(device: str, topic: str, nregs: int) -> _Layout:
     return layout
 
 
-class BatchEncodeError(ValueError):
+class BatchEncodeError(FluxError, ValueError):
     """An input message cannot be put on the wire (a host-side problem, not the guest's).
 
-    ``index`` is the message's position in the batch.
+    ``index`` is the message's position in the batch. Still a ValueError, as it always was.
     """
 
     def __init__(self, index: int, reason: str) -> None:

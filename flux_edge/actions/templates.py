@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
@@ -82,6 +82,11 @@ class Template:
         return f"Template({self.text!r})"
 
     @property
+    def parts(self) -> tuple[str | _Field, ...]:
+        """Literal text (braces unescaped) and fields, in order."""
+        return self._parts
+
+    @property
     def static(self) -> bool:
         """True when the template has no placeholders."""
         return not self.names
@@ -113,9 +118,17 @@ def _json(value: Value | None) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def compile_template(text: str) -> Template:
+def compile_template(
+    text: str,
+    placeholders: Sequence[str] = PLACEHOLDERS,
+    formats: Sequence[str] = _FORMATS,
+) -> Template:
     """Split ``text`` into literal parts and fields. Raises ``TemplateError`` (with the column)
-    for an unknown placeholder or format, an unclosed ``{``, a stray ``}`` or an empty field."""
+    for an unknown placeholder or format, an unclosed ``{``, a stray ``}`` or an empty field.
+
+    ``placeholders`` are the names allowed and ``formats`` the ``:format`` suffixes (none: a
+    field is ``{name}`` only); the defaults are those of action templates. Uplink topics use the
+    same syntax with their own names and no formats (``flux_edge.uplink_topics``)."""
     parts: list[str | _Field] = []
     literal: list[str] = []
     i, n = 0, len(text)
@@ -134,21 +147,22 @@ def compile_template(text: str) -> Template:
             inner = text[i + 1 : end]
             m = _FIELD.match(inner)
             if m is None:
-                what = "an empty field" if not inner else f"{{{inner}}} is not a placeholder"
-                raise TemplateError(
-                    f"{what}: use {{name}} or {{name:json}} with name one of "
-                    + ", ".join(PLACEHOLDERS)
-                    + "; write '{{' and '}}' for literal braces (JSON payloads)",
-                    i + 1,
-                )
+                raise TemplateError(_not_a_field(inner, placeholders, formats), i + 1)
             name, fmt = m.group(1), m.group(2)
-            if name not in PLACEHOLDERS:
+            if name not in placeholders:
                 raise TemplateError(
-                    f"unknown placeholder {{{name}}}: known are " + ", ".join(PLACEHOLDERS), i + 2
+                    f"unknown placeholder {{{name}}}: known are "
+                    + ", ".join("{" + p + "}" for p in placeholders),
+                    i + 2,
                 )
-            if fmt is not None and fmt not in _FORMATS:
+            if fmt is not None and fmt not in formats:
                 raise TemplateError(
-                    f"unknown format {fmt!r} in {{{inner}}}: the only format is 'json'",
+                    f"unknown format {fmt!r} in {{{inner}}}: "
+                    + (
+                        "the only format is " + " or ".join(repr(f) for f in formats)
+                        if formats
+                        else f"no format is allowed here, write {{{name}}}"
+                    ),
                     i + 2 + len(name) + 1,
                 )
             if literal:
@@ -171,6 +185,34 @@ def compile_template(text: str) -> Template:
     if literal:
         parts.append("".join(literal))
     return Template(text, tuple(parts))
+
+
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _not_a_field(inner: str, placeholders: Sequence[str], formats: Sequence[str]) -> str:
+    """The message for ``{inner}`` that is not ``name`` or ``name:format``."""
+    if not inner:
+        what = "an empty field"
+    else:
+        what = f"{{{inner}}} is not a placeholder"
+        m = _NAME.match(inner)
+        rest = inner[m.end() :] if m else ""
+        if inner[0].isdigit():
+            what += " (positional fields are not supported)"
+        elif rest[:1] == "!":
+            what += f" (no conversions like {rest!r})"
+        elif rest[:1] == ":":
+            what += f" (no format specs like {rest!r})"
+        elif rest[:1] in (".", "["):
+            what += " (no attribute or index access)"
+    usage = " or ".join(["{name}", *("{name:" + f + "}" for f in formats)])
+    return (
+        f"{what}: use {usage} with name one of "
+        + ", ".join(placeholders)
+        + "; write '{{' and '}}' for literal braces"
+        + (" (JSON payloads)" if "json" in formats else "")
+    )
 
 
 def iso_utc(ts: float) -> str:

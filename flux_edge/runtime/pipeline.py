@@ -25,7 +25,6 @@ import functools
 import logging
 import operator
 import os
-import string
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -62,6 +61,7 @@ from flux_edge.runtime.supervisor import Supervisor
 from flux_edge.sources import Emit, Source, SourceHealth, StatusCallback
 from flux_edge.sources.modbus_plan import bus_devices
 from flux_edge.uplink import Uplink
+from flux_edge.uplink_topics import compile_topic
 
 log = logging.getLogger("flux_edge.runtime")
 _LOG_EVERY = 5.0  # seconds between two warnings of the same kind (dead letters, commits)
@@ -115,7 +115,7 @@ def make_source(
 
 def _topic_key(template: str) -> Callable[[Measurement], Any] | None:
     """What distinguishes the uplink topics of measurements (None: they all share one)."""
-    used = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+    used = compile_topic(template).names
     fields = [f for f in ("source", "device", "name") if f in used]
     return operator.attrgetter(*fields) if fields else None
 

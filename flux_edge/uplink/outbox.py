@@ -57,6 +57,7 @@ import msgspec
 from flux_edge.errors import UplinkError
 from flux_edge.model import Measurement
 from flux_edge.mqtt import check_topic
+from flux_edge.uplink_topics import TemplateError, compile_topic
 
 __all__ = [
     "PAGE_ROWS",
@@ -173,12 +174,9 @@ class Outbox:
         self.topic_template = topic
         self.where = where
         try:
-            topic.format(gateway="g", source="s", device="d", name="n")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise UplinkError(
-                f"uplink.topic {topic!r}: bad placeholder ({exc}); use {{gateway}}, {{source}}, "
-                "{device} and {name}"
-            ) from exc
+            self._topic_tpl = compile_topic(topic)
+        except TemplateError as exc:
+            raise UplinkError(f"uplink.topic {topic!r}: bad placeholder: {exc}") from exc
         self.stats = stats if stats is not None else UplinkStats()
         self._clock = clock
         self._lock_fd = -1
@@ -370,7 +368,7 @@ class Outbox:
 
     def _topic(self, key: tuple[str, str, str]) -> tuple[str, int] | None:
         source, device, name = (k.translate(_TOPIC_UNSAFE) for k in key)
-        topic = self.topic_template.format(
+        topic = self._topic_tpl.render(
             gateway=self.gateway.translate(_TOPIC_UNSAFE), source=source, device=device,
             name=name,
         )

@@ -32,13 +32,14 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from flux_edge.errors import UplinkError
 from flux_edge.logs import RateLimitedLog
 from flux_edge.model import Measurement
 from flux_edge.mqtt import MqttClient, MqttError, TlsSettings, Will, check_topic
 from flux_edge.uplink.outbox import Outbox, Unit, UplinkStats, record
+from flux_edge.uplink_topics import TemplateError, compile_topic
 
 if TYPE_CHECKING:
     from flux_edge.config import UplinkConfig
@@ -377,8 +378,7 @@ class Uplink:
 def _render_status(template: str, gateway: str) -> str:
     if not template:
         return ""
-    fields: dict[str, Any] = {"gateway": gateway, "source": "", "device": "", "name": ""}
     try:
-        return template.format(**fields)
-    except (KeyError, IndexError, ValueError) as exc:
-        raise UplinkError(f"uplink.status_topic {template!r}: bad placeholder ({exc})") from exc
+        return compile_topic(template).render(gateway=gateway, source="", device="", name="")
+    except TemplateError as exc:
+        raise UplinkError(f"uplink.status_topic {template!r}: bad placeholder: {exc}") from exc

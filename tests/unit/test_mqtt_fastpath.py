@@ -1,6 +1,7 @@
-"""The MQTT client's own PUBLISH decoder (flux_edge.mqtt.MqttClient._fast_publishes): byte-exact
-against packets encoded here from the MQTT 3.1.1 / 5.0 specs, with partial packets left for
-later and QoS 2 or other packet types left to paho."""
+"""The MQTT client's own PUBLISH decoder (flux_edge.mqtt.codec, run by
+flux_edge.mqtt.client.MqttClient._fast_publishes): byte-exact against packets encoded here from
+the MQTT 3.1.1 / 5.0 specs, with partial packets left for later and QoS 2 or other packet types
+left to paho."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flux_edge.mqtt import MqttClient
+from flux_edge.mqtt.client import MqttClient
 
 
 def varint(n: int) -> bytes:

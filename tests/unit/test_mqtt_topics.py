@@ -1,18 +1,21 @@
-"""Topic filters and device patterns (flux_edge.mqtt), against the MQTT 3.1.1 / 5.0 rules."""
+"""Topic filters and device patterns (flux_edge.mqtt.topics), against the MQTT 3.1.1 / 5.0
+rules."""
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
-from flux_edge.mqtt import (
+from flux_edge.mqtt.topics import (
     DevicePattern,
     check_filter,
     check_topic,
     device_from_topic,
+    filters_overlap,
     topic_matches,
 )
 
@@ -200,3 +203,64 @@ def test_device_pattern_finds_the_level(levels: list[str], data: st.DataObject) 
     assert device_from_topic(pattern, t + "/extra") is None
     # the pattern's subscription filter receives this topic unless it is a hidden $-topic
     assert topic_matches(DevicePattern(pattern).subscription, t) is not hidden
+
+
+# --- filters that overlap --------------------------------------------------------------------
+
+overlap_level = st.sampled_from(["a", "b", "", "$s", "+"])
+
+
+@st.composite
+def small_filter(draw: st.DrawFn) -> str:
+    levels = draw(st.lists(overlap_level, min_size=1, max_size=3))
+    if draw(st.booleans()):
+        levels.append("#")
+    f = "/".join(levels)
+    return "$share/g/" + f if draw(st.integers(0, 4)) == 0 else f
+
+
+def overlap_by_brute_force(a: str, b: str) -> bool:
+    """Whether some valid topic matches both filters, trying every topic that could: levels
+    from the filters' literal levels plus one fresh name, up to as many as the longer filter."""
+    bodies = [f.removeprefix("$share/g/") for f in (a, b)]
+    literals = {lv for body in bodies for lv in body.split("/") if lv not in ("+", "#")}
+    alphabet = sorted(literals | {"z"})
+    longest = max(len(body.split("/")) for body in bodies)
+    for n in range(1, longest + 1):
+        for levels in itertools.product(alphabet, repeat=n):
+            t = "/".join(levels)
+            if check_topic(t) is None and topic_matches(a, t) and topic_matches(b, t):
+                return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ("site/+/telemetry", "site/boiler/telemetry", True),
+        ("site/+/telemetry", "site/boiler/status", False),
+        ("a/#", "a", True),  # '#' also matches the parent level
+        ("a/+/#", "a", False),
+        ("sport/+", "sport", False),
+        ("+", "+", True),
+        ("#", "$SYS/#", False),  # wildcards at the first level never match $-topics
+        ("+/x", "$SYS/x", False),
+        ("$SYS/+", "$SYS/#", True),
+        ("$share/g/a/+", "a/b", True),
+        ("/#", "+", False),  # both match only "", which is no topic
+        ("/#", "+/x", True),
+    ],
+)
+def test_filters_overlap_examples(a: str, b: str, expected: bool) -> None:
+    assert filters_overlap(a, b) is expected
+    assert filters_overlap(b, a) is expected
+    assert overlap_by_brute_force(a, b) is expected  # the oracle agrees, too
+
+
+@given(small_filter(), small_filter())
+@example("/#", "+")
+@example("#", "$s")
+@example("+/#", "$s/a")
+def test_filters_overlap_matches_brute_force(a: str, b: str) -> None:
+    assume(check_filter(a) is None and check_filter(b) is None)
+    assert filters_overlap(a, b) is overlap_by_brute_force(a, b)

@@ -1,4 +1,4 @@
-"""MQTT: topic helpers and the one client adapter. The ONLY module that imports paho-mqtt (2.x).
+"""The one MQTT client adapter. With paho_internals.py the only modules importing paho-mqtt.
 
 Three users share :class:`MqttClient`: MQTT sources (subscribe), the MQTT publish action and the
 durable uplink (publish and wait for the broker's acknowledgement).
@@ -23,16 +23,14 @@ Design (measured in bench/mqtt_paho.py, see the numbers there):
 - **Subscriptions** are remembered and sent again after every reconnect (MQTT 5 with "retain
   handling 1", so a session that kept them does not replay retained messages). Handlers are
   called on the loop with ``(topic, payload, qos, retain)``.
-- **Flow control for incoming QoS 1/2.** The client acknowledges messages itself (paho's manual
-  ack), in the order received. A handler that returns an awaitable delays that message's
-  PUBACK/PUBCOMP until it completes, so a slow consumer is throttled by the broker's in-flight
-  window (the client sends MQTT 5 Receive Maximum = ``max_inflight``) instead of buffering without
-  bound; a handler returning None has its message acknowledged at once. Brokers do not always
-  keep to that window (mosquitto 2.0.11 overruns it once acknowledgements flow,
-  eclipse-mosquitto/mosquitto#2301), so a consumer can also ``pause_reading()``: the socket is
-  not read (TCP back-pressure) until ``resume_reading()``.
+- **Flow control for incoming QoS 1/2** (:mod:`flux_edge.mqtt.inbound`): acknowledgements go
+  in the order received, each held back until its handler's awaitable (if any) completes, so
+  the broker's in-flight window throttles a slow consumer; ``pause_reading()`` stops reading.
 - **Reading** takes up to 64 packets per readiness event while they carry messages (paho reads
-  one packet per ``loop_read``): about 1.5x the drain rate of one packet per event.
+  one packet per ``loop_read``): about 1.5x the drain rate of one packet per event. Socket
+  reads are buffered and complete QoS 0/1 PUBLISH packets decoded without paho
+  (:mod:`flux_edge.mqtt.inbound`), unless paho's internals fail their start-up check
+  (:mod:`flux_edge.mqtt.paho_internals`: then paho reads alone, after one warning).
 - **publish()** waits for a connection, then completes when the message is written (QoS 0) or
   acknowledged by the broker (QoS 1 PUBACK / QoS 2 PUBCOMP) and raises MqttError when the broker
   refuses it (MQTT 5 reason code). QoS 1/2 messages survive a reconnect: paho resends them and
@@ -48,10 +46,7 @@ Design (measured in bench/mqtt_paho.py, see the numbers there):
 
 Errors: :class:`MqttError` (host:port and a plain reason). Callers re-raise it in their own terms
 (``SourceError`` for sources, ``UplinkError`` for the uplink, ``ActionError`` for actions).
-
-The topic helpers (``check_filter``, ``topic_matches``, ``DevicePattern``, ...) are pure and do
-not import paho, so the config checker can use them cheaply; paho is imported on first use of
-``MqttClient``.
+paho is imported on first use of ``MqttClient``.
 """
 
 from __future__ import annotations
@@ -59,321 +54,48 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import logging
 import random
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
-from flux_edge.errors import FluxError
+from flux_edge.mqtt.common import (
+    ConnectionCallback,
+    Handler,
+    MqttError,
+    MqttStats,
+    SubscribeErrorCallback,
+    TlsSettings,
+    Will,
+    connack_reason,
+    os_reason,
+    tls_context,
+)
+from flux_edge.mqtt.inbound import InboundMixin, PendingAck
+from flux_edge.mqtt.paho_internals import (
+    PahoErrors,
+    between_packets,
+    fast_path_usable,
+    install_recv_hook,
+)
+from flux_edge.mqtt.topics import check_filter, check_topic
 
 if TYPE_CHECKING:
-    from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
+    from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags
     from paho.mqtt.properties import Properties
     from paho.mqtt.reasoncodes import ReasonCode
 
 log = logging.getLogger("flux_edge.mqtt")
 
-# =================================================================================================
-# Topic helpers (pure; MQTT 3.1.1 section 4.7 and MQTT 5.0 section 4.7)
-# =================================================================================================
-
-MAX_TOPIC_BYTES = 65535
-_SHARE_PREFIX = "$share/"
-
-
-def _check_common(text: str, what: str) -> str | None:
-    if not text:
-        return f"an empty {what} is not allowed"
-    if "\x00" in text:
-        return f"a {what} must not contain the NUL character"
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES:
-        return f"a {what} is limited to {MAX_TOPIC_BYTES} bytes of UTF-8"
-    return None
-
-
-def check_topic(topic: str) -> str | None:
-    """Why ``topic`` cannot be published to, or None when it is a valid topic name."""
-    problem = _check_common(topic, "topic")
-    if problem:
-        return problem
-    if "+" in topic or "#" in topic:
-        return f"topic {topic!r} contains a wildcard (+ or #): wildcards are for subscriptions"
-    return None
-
-
-def check_filter(topic_filter: str) -> str | None:
-    """Why ``topic_filter`` cannot be subscribed to, or None when it is a valid filter.
-
-    ``+`` must fill a whole level, ``#`` must be the last level; ``$share/<group>/<filter>``
-    (MQTT 5 shared subscriptions) is accepted and its filter part checked.
-    """
-    problem = _check_common(topic_filter, "topic filter")
-    if problem:
-        return problem
-    body = topic_filter
-    if topic_filter.startswith(_SHARE_PREFIX):
-        group, sep, body = topic_filter[len(_SHARE_PREFIX):].partition("/")
-        if not group or not sep or not body or "+" in group or "#" in group:
-            return (
-                f"shared subscription {topic_filter!r} must be $share/<group>/<filter> with a "
-                "group name without wildcards"
-            )
-    levels = body.split("/")
-    for i, level in enumerate(levels):
-        if "#" in level:
-            if level != "#":
-                return (
-                    f"in {topic_filter!r}, '#' must fill a whole level (level {i + 1}: {level!r})"
-                )
-            if i != len(levels) - 1:
-                return f"in {topic_filter!r}, '#' is only allowed as the last level"
-        elif "+" in level and level != "+":
-            return f"in {topic_filter!r}, '+' must fill a whole level (level {i + 1}: {level!r})"
-    return None
-
-
-def _filter_body(topic_filter: str) -> str:
-    """The matching part of a filter (without a ``$share/<group>/`` prefix)."""
-    if topic_filter.startswith(_SHARE_PREFIX):
-        return topic_filter[len(_SHARE_PREFIX):].partition("/")[2]
-    return topic_filter
-
-
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """Whether a message published on ``topic`` is delivered to a subscription ``topic_filter``.
-
-    ``+`` matches exactly one level (possibly empty), ``#`` the parent level and any number of
-    child levels, and a filter starting with a wildcard does not match topics starting with ``$``
-    (``$SYS/...``). Raises ValueError for an invalid filter (see :func:`check_filter`).
-    """
-    problem = check_filter(topic_filter)
-    if problem:
-        raise ValueError(problem)
-    return _matches(_filter_body(topic_filter).split("/"), topic)
-
-
-def _matches(filter_levels: list[str], topic: str) -> bool:
-    topic_levels = topic.split("/")
-    if topic.startswith("$") and filter_levels[0] in ("+", "#"):
-        return False
-    for i, f in enumerate(filter_levels):
-        if f == "#":
-            return True  # "a/#" matches "a" too: len(topic_levels) >= i is guaranteed here
-        if i >= len(topic_levels):
-            return False
-        if f != "+" and f != topic_levels[i]:
-            return False
-    return len(topic_levels) == len(filter_levels)
-
-
-class DevicePattern:
-    """A topic pattern naming the device: ``"site/{device}/telemetry"``.
-
-    Exactly one level is ``{device}``; the others are literal, ``+``, or a final ``#``.
-    ``device(topic)`` returns the ``{device}`` level of a matching topic (never empty), else None.
-    ``subscription`` is the pattern as an MQTT filter (``{device}`` -> ``+``).
-    Raises ValueError for a malformed pattern, saying what is wrong.
-    """
-
-    __slots__ = ("_index", "_levels", "pattern", "subscription")
-
-    def __init__(self, pattern: str) -> None:
-        levels = pattern.split("/")
-        marks = [i for i, level in enumerate(levels) if "{device}" in level]
-        if len(marks) != 1:
-            raise ValueError(
-                f"device pattern {pattern!r} must contain {{device}} exactly once "
-                f"(found {len(marks)}), e.g. \"site/{{device}}/telemetry\""
-            )
-        index = marks[0]
-        if levels[index] != "{device}":
-            raise ValueError(
-                f"in device pattern {pattern!r}, {{device}} must fill a whole topic level "
-                f"(level {index + 1} is {levels[index]!r})"
-            )
-        subscription = "/".join("+" if i == index else lv for i, lv in enumerate(levels))
-        problem = check_filter(subscription)
-        if problem or "{" in subscription or "}" in subscription:
-            raise ValueError(
-                f"device pattern {pattern!r}: "
-                + (problem or "only {device} may appear in braces")
-            )
-        self.pattern = pattern
-        self.subscription = subscription
-        self._levels = subscription.split("/")
-        self._index = index
-
-    def device(self, topic: str) -> str | None:
-        if not _matches(self._levels, topic):
-            return None
-        name = topic.split("/", self._index + 1)[self._index]
-        return name or None
-
-    def __repr__(self) -> str:
-        return f"DevicePattern({self.pattern!r})"
-
-
-@functools.lru_cache(maxsize=64)
-def _device_pattern(pattern: str) -> DevicePattern:
-    return DevicePattern(pattern)
-
-
-def device_from_topic(pattern: str, topic: str) -> str | None:
-    """The ``{device}`` level of ``topic`` under ``pattern`` (see :class:`DevicePattern`), or None
-    when the topic does not match. Raises ValueError for a malformed pattern."""
-    return _device_pattern(pattern).device(topic)
-
-
-# =================================================================================================
-# Client adapter
-# =================================================================================================
-
-
-class MqttError(FluxError):
-    """The broker could not be reached, refused us, or refused a message.
-
-    ``broker`` is ``host:port``; ``reason`` a short plain-language cause ("connection refused",
-    "bad user name or password", "TLS certificate verification failed: ...").
-    """
-
-    def __init__(self, host: str, port: int, reason: str) -> None:
-        self.host = host
-        self.port = port
-        self.reason = reason
-        super().__init__(f"MQTT broker {host}:{port}: {reason}")
-
-    @property
-    def broker(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class TlsSettings:
-    """TLS towards the broker. Empty ``ca_file`` = the system's trusted CAs."""
-
-    ca_file: str = ""
-    cert_file: str = ""  # client certificate (mutual TLS), PEM
-    key_file: str = ""  # its private key, PEM; default: inside cert_file
-    key_password: str = ""
-    verify_hostname: bool = True  # check the broker's certificate names the host we dial
-
-
-@dataclass(frozen=True, slots=True)
-class Will:
-    """Last will: published by the broker when the client vanishes without a DISCONNECT."""
-
-    topic: str
-    payload: bytes = b""
-    qos: int = 1
-    retain: bool = True
-
-
-Handler = Callable[[str, bytes, int, bool], "Awaitable[object] | None"]
-"""Called on the event loop for each message: ``(topic, payload, qos, retain)``. Return an
-awaitable to delay the acknowledgement of a QoS 1/2 message until it completes."""
-
-ConnectionCallback = Callable[[bool, str], None]
-"""``(connected, reason)``: True once a connection is accepted (reason ""); False when it is
-lost or an attempt fails (reason says why). Called on the event loop."""
-
-SubscribeErrorCallback = Callable[[str, str], None]
-"""``(filter, reason)``: the broker refused a subscription."""
-
-
-@dataclass
-class MqttStats:
-    """Counters, read by health/metrics and tests."""
-
-    connects: int = 0  # connections accepted
-    connect_failures: int = 0  # attempts that failed
-    disconnects: int = 0  # established connections that were lost
-    received: int = 0  # messages delivered to handlers
-    unhandled: int = 0  # messages that matched no subscription
-    handler_errors: int = 0
-    published: int = 0  # publishes completed
-    publish_errors: int = 0
-    last_error: str = ""
-    last_connect_ts: float | None = None  # wall clock
-
-
 _STABLE_AFTER = 10.0  # a connection that lasted this long resets the backoff
 _MISC_INTERVAL = 1.0  # loop_misc (keepalive) period
-_DISPATCH_CACHE_MAX = 4096
 _READ_BURST = 64  # packets read per readiness event while they keep carrying messages
-_RECV_CHUNK = 65536  # bytes taken from the socket per recv (paho asks for 1 byte, then the rest)
 
 
-class _PahoErrors(logging.Logger):
-    """Receives paho's own log calls: keeps the last error text (e.g. the OS error of a failed
-    receive) for the reason of a lost connection, passes warnings on at debug level, and costs
-    one level check for the per-packet debug lines."""
-
-    def __init__(self) -> None:
-        super().__init__("flux_edge.mqtt.paho", logging.WARNING)
-        self.last = ""
-
-    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
-        if level < logging.WARNING:
-            return
-        text = str(msg) % args if args else str(msg)
-        if level >= logging.ERROR:
-            self.last = text
-        log.debug("paho: %s", text)
-
-
-def _os_reason(exc: BaseException, timeout: float) -> str:
-    """A short, plain cause for a failed connection attempt."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS certificate verification failed: {exc.verify_message or exc}"
-    if isinstance(exc, ssl.CertificateError):
-        return f"TLS certificate does not match the host: {exc}"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS error: {exc.reason or exc}"
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused (is the broker running and listening on this port?)"
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve the host name ({exc.strerror})"
-    if isinstance(exc, TimeoutError):
-        return f"no answer within {timeout:g} s (connect timeout)"
-    if isinstance(exc, OSError):
-        return exc.strerror or str(exc) or type(exc).__name__
-    return f"{type(exc).__name__}: {exc}"
-
-
-_CONNACK_REASONS = {
-    "Bad user name or password": "bad user name or password",
-    "Not authorized": "not authorised (the broker refused these credentials)",
-    "Client identifier not valid": "client id rejected by the broker",
-    "Server unavailable": "broker unavailable",
-    "Server busy": "broker busy",
-    "Banned": "banned by the broker",
-    "Unsupported protocol version": "the broker does not support this MQTT version",
-    "Quota exceeded": "quota exceeded",
-    "Connection rate exceeded": "connection rate exceeded",
-}
-
-
-def _connack_reason(rc: ReasonCode) -> str:
-    name = rc.getName()
-    return "broker refused the connection: " + _CONNACK_REASONS.get(name, name)
-
-
-class _PendingAck:
-    __slots__ = ("done", "gen", "mid", "qos")
-
-    def __init__(self, gen: int, mid: int, qos: int) -> None:
-        self.gen = gen
-        self.mid = mid
-        self.qos = qos
-        self.done = False
-
-
-class MqttClient:
+class MqttClient(InboundMixin):
     """One MQTT connection driven by the asyncio loop (see the module docstring).
 
     Create it on the loop that will use it (or before; ``start()``/``connect()`` bind it to the
@@ -445,18 +167,20 @@ class MqttClient:
         )
         self._paho: Client = c
         # paho reads each packet with 2-3 recv() calls (command byte, length bytes, body): a
-        # syscall each. Serve them from one large recv instead (paho 2.x calls _sock_recv for
-        # every socket read; pinned below 3).
-        self._recv_raw = c._sock_recv
+        # syscall each. Serve them from one large recv instead, and decode PUBLISH packets
+        # without paho (flux_edge.mqtt.inbound), unless paho's internals that this relies on
+        # failed their check (once per process, on the first client): then paho reads alone.
+        self.fast_path = fast_path_usable()
         self._rbuf = b""
         self._rpos = 0
-        c._sock_recv = self._buffered_recv  # type: ignore[method-assign]
+        if self.fast_path:
+            self._recv_raw = install_recv_hook(c, self._buffered_recv)
         c.suppress_exceptions = False
-        c.enable_logger(_PahoErrors())
+        c.enable_logger(PahoErrors())
         if username:
             c.username_pw_set(username, password or None)
         if tls is not None:
-            c.tls_set_context(self._tls_context(tls))
+            c.tls_set_context(tls_context(tls))
         if will is not None:
             problem = check_topic(will.topic)
             if problem:
@@ -508,7 +232,7 @@ class MqttClient:
         self._subs: dict[str, tuple[int, Handler]] = {}
         self._sub_mids: dict[int, list[str]] = {}
         self._dispatch_cache: dict[str, tuple[Handler, ...]] = {}
-        self._acks: collections.deque[_PendingAck] = collections.deque()
+        self._acks: collections.deque[PendingAck] = collections.deque()
         self._handling: set[asyncio.Future[object]] = set()
         self._waiters: dict[int, tuple[asyncio.Future[None], int]] = {}
         self._pub_slots: asyncio.Semaphore | None = None
@@ -790,7 +514,7 @@ class MqttClient:
             # thread; close() waits for the job and then closes what it opened.
             await asyncio.shield(job)
         except (OSError, ValueError) as exc:  # ssl errors are OSErrors, CertificateError ValueError
-            raise MqttError(self.host, self.port, _os_reason(exc, self.connect_timeout)) from exc
+            raise MqttError(self.host, self.port, os_reason(exc, self.connect_timeout)) from exc
         finally:
             if job.done():
                 self._connect_job = None
@@ -811,9 +535,9 @@ class MqttClient:
         log.debug("%s: connected to %s (session present: %s)", self.client_id, self.broker,
                   session_present)
 
-    def _paho_errors(self) -> _PahoErrors:
+    def _paho_errors(self) -> PahoErrors:
         logger = self._paho.logger
-        assert isinstance(logger, _PahoErrors)
+        assert isinstance(logger, PahoErrors)
         return logger
 
     def _notify(self, connected: bool, reason: str) -> None:
@@ -896,81 +620,6 @@ class MqttClient:
     def _on_readable(self) -> None:
         self._guarded("read", self._read)
 
-    def _buffered_recv(self, bufsize: int) -> bytes:
-        buf, pos = self._rbuf, self._rpos
-        if pos >= len(buf):
-            buf = self._recv_raw(max(bufsize, _RECV_CHUNK))  # BlockingIOError when none
-            if not buf:
-                return buf  # end of stream
-            pos = 0
-        end = pos + bufsize
-        self._rbuf, self._rpos = buf, min(end, len(buf))
-        return buf[pos:end] if pos or end < len(buf) else buf
-
-    def _fast_publishes(self) -> None:
-        """Deliver the complete QoS 0/1 PUBLISH packets at the head of the read buffer without
-        paho (its per-packet decoding, MQTT 5 Properties objects included, cost ~100 us of CPU
-        per message; this ~5 us). Anything else (QoS 2, another packet type, a partial packet)
-        stops here and is left to paho. The broker sends no topic aliases: we announce none."""
-        buf, pos, end = self._rbuf, self._rpos, len(self._rbuf)
-        v5 = self._v5
-        n = 0
-        while pos < end and not self._paused:
-            b0 = buf[pos]
-            if b0 & 0xF0 != 0x30 or (b0 >> 1) & 3 == 2 or (b0 >> 1) & 3 == 3:
-                break
-            # remaining length: 1-4 bytes, 7 bits each
-            length, shift, i = 0, 0, pos + 1
-            while True:
-                if i >= end or i - pos > 4:
-                    length = -1
-                    break
-                byte = buf[i]
-                length |= (byte & 0x7F) << shift
-                i += 1
-                if not byte & 0x80:
-                    break
-                shift += 7
-            if length < 0 or i + length > end:
-                break  # incomplete: paho (or the next read) completes it
-            stop = i + length
-            qos = (b0 >> 1) & 3
-            tlen = (buf[i] << 8) | buf[i + 1]
-            t0 = i + 2
-            body = t0 + tlen
-            mid = 0
-            if qos:
-                mid = (buf[body] << 8) | buf[body + 1]
-                body += 2
-            if v5:  # skip the properties
-                plen, shift = 0, 0
-                while True:
-                    byte = buf[body]
-                    body += 1
-                    plen |= (byte & 0x7F) << shift
-                    if not byte & 0x80:
-                        break
-                    shift += 7
-                body += plen
-            if body > stop:
-                break  # malformed: let paho report it
-            try:
-                topic = buf[t0:t0 + tlen].decode("utf-8")
-            except UnicodeDecodeError:
-                topic = ""
-            pos = stop
-            self._rpos = pos
-            n += 1
-            self._deliver(topic, buf[body:stop], qos, bool(b0 & 1), mid)
-            if self._rbuf is not buf:  # the handler ended the connection
-                return
-        if n:
-            self._paho._last_bytes_received = time.monotonic()  # paho's keepalive clock
-
-    @property
-    def _buffered(self) -> bool:
-        return self._rpos < len(self._rbuf)
-
     def _read(self) -> None:
         c = self._paho
         stats = self.stats
@@ -979,7 +628,7 @@ class MqttClient:
         # the first call that delivers none ends the burst.
         for _ in range(_READ_BURST):
             before = stats.received
-            if self._buffered and c._in_packet["command"] == 0:  # paho is between packets
+            if self._buffered and between_packets(c):
                 self._fast_publishes()
                 if self._paused:
                     break
@@ -1039,7 +688,7 @@ class MqttClient:
         fut = self._connack
         if reason.is_failure:
             if fut is not None and not fut.done():
-                fut.set_exception(MqttError(self.host, self.port, _connack_reason(reason)))
+                fut.set_exception(MqttError(self.host, self.port, connack_reason(reason)))
             return
         self._connected = True
         if self._connected_ev is not None:
@@ -1123,80 +772,6 @@ class MqttClient:
         if self._suback_ev is not None:
             self._suback_ev.set()
 
-    def _handlers(self, topic: str) -> tuple[Handler, ...]:
-        found = self._dispatch_cache.get(topic)
-        if found is None:
-            found = tuple(
-                h for f, (_q, h) in self._subs.items()
-                if _matches(_filter_body(f).split("/"), topic)
-            )
-            if len(self._dispatch_cache) >= _DISPATCH_CACHE_MAX:
-                self._dispatch_cache.clear()
-            self._dispatch_cache[topic] = found
-        return found
-
-    def _on_message(self, client: Client, userdata: object, msg: MQTTMessage) -> None:
-        try:
-            topic = msg.topic
-        except UnicodeDecodeError:
-            topic = ""
-        self._deliver(topic, bytes(msg.payload), msg.qos, bool(msg.retain), msg.mid)
-
-    def _deliver(self, topic: str, payload: bytes, qos: int, retain: bool, mid: int) -> None:
-        handlers = self._handlers(topic) if topic else ()
-        if not handlers:
-            self.stats.unhandled += 1
-        pending: list[Awaitable[object]] = []
-        for handler in handlers:
-            try:
-                result = handler(topic, payload, qos, retain)
-            except Exception as exc:  # noqa: BLE001 - a handler bug must not kill the connection
-                self._handler_failed(topic, exc)
-                continue
-            if result is not None:
-                pending.append(result)
-        self.stats.received += 1
-        if qos == 0:
-            return
-        ack = _PendingAck(self._gen, mid, qos)
-        if not pending:
-            if not self._acks:
-                self._paho.ack(ack.mid, qos)
-                return
-            ack.done = True
-            self._acks.append(ack)
-            self._flush_acks()
-            return
-        self._acks.append(ack)
-        waiting = pending[0] if len(pending) == 1 else asyncio.gather(*pending)
-        fut = asyncio.ensure_future(waiting)
-        self._handling.add(fut)  # a strong reference while it runs
-        fut.add_done_callback(functools.partial(self._handled, ack, topic))
-
-    def _handled(self, ack: _PendingAck, topic: str, fut: asyncio.Future[object]) -> None:
-        self._handling.discard(fut)
-        if not fut.cancelled() and fut.exception() is not None:
-            exc = fut.exception()
-            assert exc is not None
-            self._handler_failed(topic, exc)
-        ack.done = True
-        self._flush_acks()
-
-    def _flush_acks(self) -> None:
-        """Send acknowledgements in the order the messages arrived (MQTT 4.6)."""
-        acks = self._acks
-        while acks and acks[0].done:
-            a = acks.popleft()
-            if a.gen == self._gen and self._connected:
-                self._paho.ack(a.mid, a.qos)
-
-    def _handler_failed(self, topic: str, exc: BaseException) -> None:
-        self.stats.handler_errors += 1
-        now = time.monotonic()
-        if now - self._handler_log_ts >= 10.0:
-            self._handler_log_ts = now
-            log.error("%s: message handler failed on %r (%d so far): %r",
-                      self.client_id, topic, self.stats.handler_errors, exc)
 
     def _on_publish(
         self,
@@ -1219,17 +794,3 @@ class MqttClient:
             )
         else:
             fut.set_result(None)
-
-    @staticmethod
-    def _tls_context(tls: TlsSettings) -> ssl.SSLContext:
-        try:
-            ctx = ssl.create_default_context(cafile=tls.ca_file or None)
-            if tls.cert_file:
-                ctx.load_cert_chain(
-                    tls.cert_file, tls.key_file or None, tls.key_password or None
-                )
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"TLS settings: {exc}") from exc
-        if not tls.verify_hostname:
-            ctx.check_hostname = False
-        return ctx

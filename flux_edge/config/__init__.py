@@ -80,7 +80,6 @@ from flux_edge.config.schema import (
 from flux_edge.config.values import (
     DURATION_HELP,
     SIZE_HELP,
-    UPLINK_TOPIC_FIELDS,
     parse_duration,
     parse_size,
 )
@@ -89,7 +88,6 @@ __all__ = [
     "DURATION_HELP",
     "REGISTER_WORDS",
     "SIZE_HELP",
-    "UPLINK_TOPIC_FIELDS",
     "WARN_UTILISATION",
     "ActionConfig",
     "ActuatorConfig",

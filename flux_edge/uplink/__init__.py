@@ -1,10 +1,7 @@
 """The durable MQTT uplink: measurements to an upstream broker through a SQLite outbox.
 
 ``Uplink`` (sender.py) is what the pipeline and the daemon use; ``Outbox`` (outbox.py) is the
-file underneath. See both modules' docstrings for the guarantees.
+file underneath; ``topics.py`` the topic templates (pure: config checks them with it). See each
+module's docstring for the guarantees. This file imports nothing, so that checking a topic does
+not load the MQTT client.
 """
-
-from flux_edge.uplink.outbox import ROW_OVERHEAD, Outbox, UplinkStats
-from flux_edge.uplink.sender import Uplink
-
-__all__ = ["ROW_OVERHEAD", "Outbox", "Uplink", "UplinkStats"]

@@ -57,7 +57,7 @@ import msgspec
 from flux_edge.errors import UplinkError
 from flux_edge.model import Measurement
 from flux_edge.mqtt import check_topic
-from flux_edge.uplink_topics import TemplateError, compile_topic
+from flux_edge.uplink.topics import TemplateError, compile_topic
 
 __all__ = [
     "PAGE_ROWS",

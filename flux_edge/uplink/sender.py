@@ -39,7 +39,7 @@ from flux_edge.logs import RateLimitedLog
 from flux_edge.model import Measurement
 from flux_edge.mqtt import MqttClient, MqttError, TlsSettings, Will, check_topic
 from flux_edge.uplink.outbox import Outbox, Unit, UplinkStats, record
-from flux_edge.uplink_topics import TemplateError, compile_topic
+from flux_edge.uplink.topics import TemplateError, compile_topic
 
 if TYPE_CHECKING:
     from flux_edge.config import UplinkConfig

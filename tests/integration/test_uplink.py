@@ -27,7 +27,8 @@ import pytest
 from flux_edge.config import TlsConfig, UplinkConfig
 from flux_edge.model import Measurement
 from flux_edge.mqtt import MqttClient
-from flux_edge.uplink import ROW_OVERHEAD, Uplink
+from flux_edge.uplink.outbox import ROW_OVERHEAD
+from flux_edge.uplink.sender import Uplink
 from tests.conftest import free_port
 from tests.support import run
 from tests.support.mosquitto import HOST, Mosquitto

@@ -1761,3 +1761,18 @@ def test_batch_format_with_a_per_measurement_topic_is_a_warning(site: Path) -> N
     assert warn.severity == "warning" and "{name}" in warn.message
     text = BASE + '\n[uplink]\nhost = "b"\ntopic = "x/+/y"\n'
     assert "wildcards" in by_path(errors(site, text), "uplink.topic").message
+
+
+@pytest.mark.parametrize(
+    ("topic", "column"),
+    [("up/{device:>12}", 4), ("up/{name!r}", 4), ("up/{device.x}", 4), ("up/{0}", 4)],
+)
+def test_uplink_topic_format_specs_are_refused(topic: str, column: int) -> None:
+    """Regression: uplink topics were rendered with str.format, so format specs, conversions and
+    indexing passed check-config and then shaped the topics."""
+    text = f'[uplink]\nhost = "127.0.0.1"\ntopic = "{topic}"\n'
+    config, problems = check_config_text(text, "up.toml")
+    assert config is None
+    [problem] = problems
+    assert problem.path == "uplink.topic" and problem.line == 3
+    assert problem.severity == "error" and problem.column >= column

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from flux_edge.config import UplinkConfig
 from flux_edge.errors import UplinkError
 from flux_edge.model import Measurement
-from flux_edge.uplink import ROW_OVERHEAD, Outbox, Uplink
-from flux_edge.uplink.outbox import Unit, record
+from flux_edge.uplink.outbox import ROW_OVERHEAD, Outbox, Unit, record
+from flux_edge.uplink.sender import Uplink
 from tests.conftest import ROOT
 
 TOPIC = "flux-edge/{gateway}/{device}/{name}"
@@ -421,7 +421,7 @@ CHILD = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, {root!r})
     from flux_edge.model import Measurement
-    from flux_edge.uplink import Outbox
+    from flux_edge.uplink.outbox import Outbox
     box = Outbox({path!r}, max_size=1 << 30, gateway="gw", topic="t/{{device}}")
     box.add([Measurement(device="d", name="n", value=i, ts=float(i)) for i in range(100)])
     box.commit()

@@ -1,4 +1,4 @@
-"""Uplink topic templates (flux_edge/uplink_topics.py): our own placeholder syntax, refused
+"""Uplink topic templates (flux_edge/uplink/topics.py): our own placeholder syntax, refused
 with a column where str.format would have taken it, rendering exactly as str.format did."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flux_edge.uplink_topics import (
+from flux_edge.uplink.topics import (
     UPLINK_TOPIC_FIELDS,
     TemplateError,
     check_uplink_topic,

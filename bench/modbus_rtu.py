@@ -42,17 +42,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import pymodbus  # noqa: E402 (bench only: the daemon imports pymodbus in sources/modbus.py alone)
+import pymodbus  # noqa: E402 (bench only: the daemon imports pymodbus in sources/modbus/client.py alone)
 
 from flux_edge.config import ModbusDeviceConfig, ModbusRtuSource, RegisterConfig  # noqa: E402
 from flux_edge.model import Reading  # noqa: E402
-from flux_edge.sources.modbus import ModbusBusPoller  # noqa: E402
-from flux_edge.sources.modbus_plan import (  # noqa: E402
-    ReadBlock,
-    char_time,
-    inter_frame_gap,
-    transaction_time,
-)
+from flux_edge.sources.modbus.plan import ReadBlock, transaction_time  # noqa: E402
+from flux_edge.sources.modbus.poller import ModbusBusPoller  # noqa: E402
+from flux_edge.sources.modbus.timing import char_time, inter_frame_gap  # noqa: E402
 from tests.support.serial_line import LineProcess  # noqa: E402
 
 

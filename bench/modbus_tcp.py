@@ -3,7 +3,7 @@
     .venv/bin/python bench/modbus_tcp.py                       # 5 servers x 10 unit ids, 5 s
     .venv/bin/python bench/modbus_tcp.py --servers 50 --units 1 --seconds 10
 
-Simulated servers (pymodbus, flux_edge.sources.modbus.SimulatedModbusServer) run in a child
+Simulated servers (pymodbus, flux_edge.sim.modbus_server.SimulatedModbusServer) run in a child
 process; each serves ``--units`` unit ids, every device is polled for 10 holding registers as
 fast as it answers (a poll every 1 ms: the poller is always busy). One ModbusBusPoller per
 server (a source = one endpoint), in both connection modes:
@@ -33,11 +33,12 @@ from typing import Literal
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import pymodbus  # noqa: E402 (bench only: the daemon imports pymodbus in sources/modbus.py alone)
+import pymodbus  # noqa: E402 (bench only: the daemon imports pymodbus in sources/modbus/client.py alone)
 
 from flux_edge.config import ModbusDeviceConfig, ModbusTcpSource, RegisterConfig  # noqa: E402
 from flux_edge.model import Reading  # noqa: E402
-from flux_edge.sources.modbus import ModbusBusPoller, SimulatedModbusServer  # noqa: E402
+from flux_edge.sim.modbus_server import SimulatedModbusServer  # noqa: E402
+from flux_edge.sources.modbus.poller import ModbusBusPoller  # noqa: E402
 
 HOST = "127.0.0.1"
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from flux_edge.config import ModbusWriteAction
 from flux_edge.errors import ActionError, ActionVerifyError, SourceError
 from flux_edge.model import Command, Outcome, Value
-from flux_edge.sources.modbus import ModbusBusPoller
+from flux_edge.sources.modbus.poller import ModbusBusPoller
 
 
 class ModbusWriteExecutor:

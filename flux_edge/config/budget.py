@@ -67,7 +67,7 @@ def bus_budget(config: Config, source_name: str) -> BusBudget:
     Retries, timeouts of silent devices and writes come on top. Raises ``KeyError`` for an
     unknown source, ``ValueError`` if it is not a modbus_rtu source or cannot be planned.
     """
-    from flux_edge.sources import modbus_plan as plan  # lazy: modbus_plan imports this module
+    from flux_edge.sources.modbus import plan  # lazy: the planner imports the config schema
 
     source = config.sources[source_name]
     if not isinstance(source, ModbusRtuSource):

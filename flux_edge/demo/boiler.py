@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from flux_edge.sources.modbus import SimulatedModbusServer
+from flux_edge.sim.modbus_server import SimulatedModbusServer
 
 log = logging.getLogger("flux_edge.demo.boiler")
 

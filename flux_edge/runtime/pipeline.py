@@ -59,7 +59,7 @@ from flux_edge.runtime.health import HealthMonitor, Heartbeat
 from flux_edge.runtime.queues import BoundedQueue
 from flux_edge.runtime.supervisor import Supervisor
 from flux_edge.sources import Emit, Source, SourceHealth, StatusCallback
-from flux_edge.sources.modbus_plan import bus_devices
+from flux_edge.sources.modbus.plan import bus_devices
 from flux_edge.uplink import Uplink
 from flux_edge.uplink_topics import compile_topic
 
@@ -99,7 +99,7 @@ def make_source(
 ) -> Source:
     """The source object for one config entry; each protocol's module is imported only if used."""
     if isinstance(cfg, ModbusTcpSource | ModbusRtuSource):
-        from flux_edge.sources.modbus import ModbusBusPoller
+        from flux_edge.sources.modbus.poller import ModbusBusPoller
 
         return ModbusBusPoller(name, cfg, emit, on_status=on_status)
     if isinstance(cfg, SerialSource):

@@ -30,7 +30,7 @@ from flux_edge.config import (
     resolve_plugin_path,
 )
 from flux_edge.plugins.host import Plugin, PluginHost, PluginLimits
-from flux_edge.sources.modbus_plan import bus_devices
+from flux_edge.sources.modbus.plan import bus_devices
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,8 @@ import pytest
 
 from flux_edge.demo.boiler import BoilerSimulator
 from flux_edge.model import FN_COIL, FN_HOLDING
-from flux_edge.sources.modbus import ModbusTcpClient, ReadBlock
+from flux_edge.sources.modbus.client import ModbusTcpClient
+from flux_edge.sources.modbus.plan import ReadBlock
 
 pytestmark = pytest.mark.integration
 

@@ -30,15 +30,12 @@ from flux_edge.model import (
     Command,
     Reading,
 )
-from flux_edge.sources.modbus import (
-    ModbusBusPoller,
-    ModbusExceptionResponse,
-    ModbusTcpClient,
-    ModbusTcpPoller,
-    ReadBlock,
-    SimulatedModbusServer,
-    SourceHealth,
-)
+from flux_edge.sim.modbus_server import SimulatedModbusServer
+from flux_edge.sources import SourceHealth
+from flux_edge.sources.modbus.client import ModbusTcpClient
+from flux_edge.sources.modbus.link import ModbusExceptionResponse
+from flux_edge.sources.modbus.plan import ReadBlock
+from flux_edge.sources.modbus.poller import ModbusBusPoller, ModbusTcpPoller
 from tests.support import Collector, StatusLog, VirtualTime, run, stop_task
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,7 @@ from flux_edge.config import load_config_text
 from flux_edge.model import ErrorRecord, Measurement
 from flux_edge.runtime.daemon import run_pipeline
 from flux_edge.runtime.pipeline import Observers, Pipeline
-from flux_edge.sources.modbus import SimulatedModbusServer
+from flux_edge.sim.modbus_server import SimulatedModbusServer
 from tests.conftest import ROOT, bundled_wasm
 
 pytestmark = pytest.mark.integration

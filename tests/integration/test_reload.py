@@ -14,7 +14,7 @@ from flux_edge.model import Measurement
 from flux_edge.runtime.daemon import Daemon
 from flux_edge.runtime.pipeline import Observers
 from flux_edge.runtime.systemd import Notifier
-from flux_edge.sources.modbus import SimulatedModbusServer
+from flux_edge.sim.modbus_server import SimulatedModbusServer
 from tests.conftest import ROOT
 from tests.support import run
 

@@ -23,7 +23,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from flux_edge.sources.modbus import SimulatedModbusServer
+from flux_edge.sim.modbus_server import SimulatedModbusServer
 from tests.conftest import ROOT
 
 

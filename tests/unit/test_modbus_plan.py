@@ -16,7 +16,7 @@ from flux_edge.config import (
     ModbusTcpSource,
     RegisterConfig,
 )
-from flux_edge.sources.modbus import (
+from flux_edge.sources.modbus.plan import (
     MAX_BITS,
     MAX_REGISTERS,
     PollGroup,
@@ -25,14 +25,11 @@ from flux_edge.sources.modbus import (
     plan_device,
     plan_reads,
     register_span,
-)
-from flux_edge.sources.modbus_plan import (
-    char_time,
-    inter_frame_gap,
     request_bytes,
     response_bytes,
     transaction_time,
 )
+from flux_edge.sources.modbus.timing import char_time, inter_frame_gap
 
 FUNCS = ("coil", "discrete", "holding", "input")
 TYPES = (

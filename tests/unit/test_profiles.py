@@ -18,7 +18,7 @@ from flux_edge.config import (
     profile_search_paths,
 )
 from flux_edge.errors import ConfigError, Problem
-from flux_edge.sources.modbus_plan import plan_reads
+from flux_edge.sources.modbus.plan import plan_reads
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(p.name for p in (ROOT / "config" / "devices").glob("*.toml"))

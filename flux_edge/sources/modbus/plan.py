@@ -1,14 +1,13 @@
-"""Modbus read planning and RTU wire timing: pure, no pymodbus, so config checks (the bus
-budget) can use it too.
+"""Modbus read planning: pure, no pymodbus, so config checks (the bus budget) can use it too.
 
 - ``register_span``/``register_width``: where a configured point lies (function, address, width);
 - ``plan_reads``: a register map -> the fewest read requests (coalesced across small gaps);
 - ``plan_device``: one device's map -> ``PollGroup``s, one per poll interval (per-point intervals);
 - ``bus_devices``: the devices of a Modbus source, single-device shorthand included;
-- RTU wire timing: ``char_time``, ``inter_frame_gap``, ``request_bytes``/``response_bytes``,
-  ``transaction_time``: what one request costs on an RS-485 line.
-
-Re-exported by ``flux_edge.sources.modbus``.
+- RTU frames: ``request_bytes``/``response_bytes``, ``transaction_time``: what one read costs on
+  an RS-485 line. The character times and the inter-frame gap they need are in timing.py
+  (``char_bits``, ``char_time``, ``inter_frame_gap``, ``RTU_FAST_BAUD``; importable from here too,
+  as config's bus budget does).
 """
 
 from __future__ import annotations
@@ -25,6 +24,33 @@ from flux_edge.config.schema import (  # the schema only: config's budget check 
     RegisterConfig,
 )
 from flux_edge.model import FN_COIL, FN_DISCRETE, FN_HOLDING, FN_INPUT
+from flux_edge.sources.modbus.timing import (  # re-exported: config's bus budget reads them here
+    RTU_FAST_BAUD,
+    RTU_FAST_GAP,
+    char_bits,
+    char_time,
+    inter_frame_gap,
+)
+
+__all__ = [
+    "MAX_BITS",
+    "MAX_REGISTERS",
+    "RTU_FAST_BAUD",
+    "RTU_FAST_GAP",
+    "PollGroup",
+    "ReadBlock",
+    "bus_devices",
+    "char_bits",
+    "char_time",
+    "inter_frame_gap",
+    "plan_device",
+    "plan_reads",
+    "register_span",
+    "register_width",
+    "request_bytes",
+    "response_bytes",
+    "transaction_time",
+]
 
 # --- read planning ------------------------------------------------------------------------------
 
@@ -198,38 +224,7 @@ def plan_device(
     return groups
 
 
-# --- RTU wire timing ----------------------------------------------------------------------------
-
-RTU_FAST_BAUD = 19200  # above this rate the spec fixes the inter-frame silence at 1.75 ms
-RTU_FAST_GAP = 0.00175
-
-
-def char_bits(bytesize: int = 8, parity: str = "E", stopbits: int = 1) -> int:
-    """Bits on the wire per character: start bit, data bits, parity bit (unless "N"), stop bits."""
-    return 1 + bytesize + (0 if parity == "N" else 1) + stopbits
-
-
-def char_time(baudrate: int, bytesize: int = 8, parity: str = "E", stopbits: int = 1) -> float:
-    """Seconds one character takes on the wire (11 bits at 9600 baud: 1.146 ms)."""
-    if baudrate <= 0:
-        raise ValueError(f"baudrate must be > 0, got {baudrate}")
-    return char_bits(bytesize, parity, stopbits) / baudrate
-
-
-def inter_frame_gap(
-    baudrate: int,
-    bytesize: int = 8,
-    parity: str = "E",
-    stopbits: int = 1,
-    override: float = 0.0,
-) -> float:
-    """The silence required between two frames (``override`` when > 0): 3.5 character times,
-    fixed at 1.75 ms above 19200 baud (Modbus over serial line, 2.5.1.1)."""
-    if override > 0:
-        return override
-    if baudrate > RTU_FAST_BAUD:
-        return RTU_FAST_GAP
-    return 3.5 * char_time(baudrate, bytesize, parity, stopbits)
+# --- RTU frames ---------------------------------------------------------------------------------
 
 
 def request_bytes(block: ReadBlock) -> int:

@@ -240,21 +240,6 @@ def _serial_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -
             )
 
 
-def _filters_overlap(a: str, b: str) -> bool:
-    """Whether some topic matches both MQTT filters."""
-    left, right = a.split("/"), b.split("/")
-    for index in range(max(len(left), len(right))):
-        x = left[index] if index < len(left) else None
-        y = right[index] if index < len(right) else None
-        if x == "#" or y == "#":
-            return True
-        if x is None or y is None:
-            return False
-        if x != y and "+" not in (x, y):
-            return False
-    return True
-
-
 def _mqtt_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> None:
     topics = out.get("topics")
     if clean and topics is not None and not topics:
@@ -283,7 +268,9 @@ def _mqtt_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> 
         )
     elif clean and pattern and seen:
         wildcard = pattern.replace(_DEVICE_LEVEL, "+")
-        if not any(_filters_overlap(wildcard, topic) for topic in seen):
+        from flux_edge.mqtt.topics import filters_overlap  # pure: paho is not imported
+
+        if not any(filters_overlap(wildcard, topic) for topic in seen):
             v.report(
                 (*path, "device_from_topic"),
                 f"no subscribed topic can match {_got(pattern)}, so no message would get its "

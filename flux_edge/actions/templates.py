@@ -128,7 +128,7 @@ def compile_template(
 
     ``placeholders`` are the names allowed and ``formats`` the ``:format`` suffixes (none: a
     field is ``{name}`` only); the defaults are those of action templates. Uplink topics use the
-    same syntax with their own names and no formats (``flux_edge.uplink_topics``)."""
+    same syntax with their own names and no formats (``flux_edge.uplink.topics``)."""
     parts: list[str | _Field] = []
     literal: list[str] = []
     i, n = 0, len(text)

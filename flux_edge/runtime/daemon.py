@@ -37,7 +37,7 @@ from flux_edge.runtime import plugin_instances
 from flux_edge.runtime.health import HealthMonitor, WatchdogFeeder
 from flux_edge.runtime.pipeline import Observers, Pipeline
 from flux_edge.runtime.systemd import Notifier
-from flux_edge.uplink import Uplink
+from flux_edge.uplink.sender import Uplink
 
 log = logging.getLogger("flux_edge.runtime")
 

@@ -60,8 +60,8 @@ from flux_edge.runtime.queues import BoundedQueue
 from flux_edge.runtime.supervisor import Supervisor
 from flux_edge.sources import Emit, Source, SourceHealth, StatusCallback
 from flux_edge.sources.modbus.plan import bus_devices
-from flux_edge.uplink import Uplink
-from flux_edge.uplink_topics import compile_topic
+from flux_edge.uplink.sender import Uplink
+from flux_edge.uplink.topics import compile_topic
 
 log = logging.getLogger("flux_edge.runtime")
 _LOG_EVERY = 5.0  # seconds between two warnings of the same kind (dead letters, commits)

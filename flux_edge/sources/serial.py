@@ -39,6 +39,7 @@ import serial
 
 from flux_edge.config import SerialSource
 from flux_edge.errors import SourceError
+from flux_edge.logs import RateLimitedLog
 from flux_edge.model import KIND_BYTES, Reading
 from flux_edge.sources import SourceHealth, StatusCallback
 from flux_edge.sources.framing import Framer, make_framer
@@ -102,28 +103,6 @@ def explain_open_error(port: str, exc: BaseException) -> str:
     return f"cannot open port {port}: {text}"
 
 
-class _RateLimitedLog:
-    """Logs the first of a kind of message at once, then at most one per ``every`` seconds,
-    with the number suppressed in between."""
-
-    def __init__(self, log: logging.Logger, every: float, clock: Callable[[], float]) -> None:
-        self._log = log
-        self._every = every
-        self._clock = clock
-        self._last = -float("inf")
-        self._suppressed = 0
-
-    def warning(self, msg: str) -> None:
-        now = self._clock()
-        if now - self._last < self._every:
-            self._suppressed += 1
-            return
-        more = f" ({self._suppressed} more since the last report)" if self._suppressed else ""
-        self._log.warning("%s%s", msg, more)
-        self._last = now
-        self._suppressed = 0
-
-
 class SerialReader:
     """Reads one serial port, frames it, emits a kind-bytes ``Reading`` per frame.
 
@@ -163,7 +142,7 @@ class SerialReader:
         self._backoff_max = max(backoff_max, backoff_min)
         self._read_size = read_size
         self._log = logging.getLogger(f"flux_edge.source.{name}")
-        self._framing_log = _RateLimitedLog(self._log, log_every, time.monotonic)
+        self._framing_log = RateLimitedLog(self._log, log_every)
         self._state: Literal["good", "bad"] | None = None
         self._failures = 0  # port failures since data last arrived: drives the backoff
         self._port: serial.Serial | None = None
@@ -320,6 +299,7 @@ class SerialReader:
             h.total_errors += new
             h.last_error = framer.last_error
             self._framing_log.warning(
+                "framing",
                 f"port {self.cfg.port}: framing error ({stats.framing_errors} so far): "
                 f"{framer.last_error}"
             )

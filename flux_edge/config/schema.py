@@ -341,7 +341,7 @@ class Config(_S, frozen=True):
 
 
 # Registers (16-bit words) each register type takes; a "string" takes its ``count``. The one
-# table of these widths: sources/modbus_plan.py reads it too.
+# table of these widths: sources/modbus/plan.py reads it too.
 REGISTER_WORDS: dict[str, int] = {
     "bool": 1,
     "int16": 1,

@@ -1,7 +1,8 @@
 """Stage 1: devices -> ``Reading``.
 
 Each protocol lives in its own module, the only one importing its library
-(``modbus/client.py`` is the only pymodbus import, ``serial.py`` the only pyserial import; MQTT goes through ``flux_edge.mqtt``).
+(``modbus/client.py`` is the only pymodbus import, ``serial.py`` the only pyserial import;
+MQTT goes through ``flux_edge.mqtt``).
 This package module holds only what every source shares, so a config that uses no Modbus source
 never pays for importing pymodbus.
 

@@ -1,49 +1,39 @@
-"""The Wasm plugin host: the ONLY module that imports wasmtime.
+"""The Wasm plugin host: :class:`PluginHost` and :class:`Plugin`, the facade of ``plugins/``.
 
-One :class:`PluginHost` owns one wasmtime ``Engine`` (epoch interruption on), a ticker thread that
+One :class:`PluginHost` owns one wasmtime engine (epoch interruption on), a ticker thread that
 advances the engine's epoch while a guest runs, and the compiled-module cache. ``load`` gives a
-:class:`Plugin`: one instance of one module in its own ``Store``, with a memory limit and a
+:class:`Plugin`: one instance of one module in its own store, with a memory limit and a
 per-call wall-time limit. ``Plugin.process`` never raises for what a guest does: traps, time-outs,
 memory exhaustion and ABI violations turn every message of the batch into an
 :class:`~flux_edge.model.ErrorRecord`, the instance is recycled, and repeated failures quarantine
 the plugin (docs/plugin-abi.md, "Limits and failure").
 
 Hot path (one batch): encode (abi.py) -> one slice assignment into a cached memoryview over guest
-memory -> ONE ``flux_process`` call -> one copy of the output -> decode (abi.py).
+memory -> ONE ``flux_process`` call through the C API -> one copy of the output -> decode (abi.py).
 
-The call goes through wasmtime's C API ``wasmtime_func_call_unchecked`` with a preallocated
-argument array instead of ``Func.__call__``: measured here ~4 us against ~35-55 us per call,
-because ``Func.__call__`` builds a ``FuncType`` and converts every value through ``Val``. It is
-safe because every export's signature is checked when the module is loaded (the "unchecked"
-part is only the argument types), and traps, time-outs and errors are reported through the same
-trap/error pointers ``Func.__call__`` reads. It relies on ``wasmtime._bindings`` of wasmtime-py
-50 (pinned in pyproject.toml); tests/unit/test_host.py covers it.
+The parts, by concern:
+
+- ``ffi.py``: the only wasmtime import (engine, modules, linking, stores, the low-level call
+  path, guest memory); every use of wasmtime-py internals is there, with the reason;
+- ``cache.py``: the compiled-module cache (in memory and ``<state_dir>/cache``);
+- ``logsink.py``: the ``flux.log_*`` imports and WASI stdout/stderr;
+- ``instance.py``: one plugin instance: limits, epoch deadlines, calls, recycling;
+- ``quarantine.py``: failure counting, the quarantine policy, :class:`PluginStats`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
-import importlib.metadata
-import logging
-import math
-import os
-import platform
-import re
 import threading
 import time
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import wasmtime
-from wasmtime import _bindings as _wb
-from wasmtime import _func as _wfunc
 
 from flux_edge.config import PluginConfig
 from flux_edge.errors import (
@@ -55,52 +45,44 @@ from flux_edge.errors import (
     PluginTrap,
 )
 from flux_edge.model import Command, ErrorRecord, Measurement, Reading
-from flux_edge.plugins.abi import (
-    ABI_VERSION,
-    BatchEncodeError,
-    decode_output_counted,
-    encode_batch,
+from flux_edge.plugins import ffi
+from flux_edge.plugins.abi import BatchEncodeError, decode_output_counted, encode_batch
+from flux_edge.plugins.cache import ModuleCache
+from flux_edge.plugins.instance import (
+    INIT_TIMEOUT_MIN,
+    Fault,
+    PluginInstance,
+    check_exports,
+    check_imports,
+    deadline_ticks,
 )
-
-log = logging.getLogger(__name__)
-
-TRACE = 5
-LOG_LEVELS = {"trace": TRACE, "debug": 10, "info": 20, "warn": 30, "error": 40}
-LOG_CAP = 4096  # bytes of one guest log message
-TRUNCATED = "…[truncated]"
-LOG_RATE = 20  # guest log messages per second per plugin, on average
-LOG_BURST = 200  # ... and in a burst; the rest is counted and reported as suppressed
-INIT_TIMEOUT_MIN = 1.0  # seconds: flux_init and instantiation get max(timeout, this)
-# upper bounds (seconds, inclusive) of the per-call wall-time histogram in PluginStats.call_counts
-CALL_BUCKETS: tuple[float, ...] = (
-    50e-6,
-    100e-6,
-    250e-6,
-    500e-6,
-    1e-3,
-    2.5e-3,
-    5e-3,
-    10e-3,
-    25e-3,
-    50e-3,
-    100e-3,
-    250e-3,
-    1.0,
+from flux_edge.plugins.logsink import (
+    LOG_BURST,
+    LOG_CAP,
+    LOG_LEVELS,
+    LOG_RATE,
+    TRACE,
+    TRUNCATED,
+    LogSink,
+    plugin_logger,
 )
+from flux_edge.plugins.quarantine import CALL_BUCKETS, PluginStats, Quarantine
 
-_WASI_MODULE = "wasi_snapshot_preview1"
-_WASI_ENOSYS = 52
-
-# --- low-level call path (see the module docstring) ----------------------------------------------
-
-_call_unchecked = _wb._wasmtime_func_call_unchecked
-_set_deadline = _wb._wasmtime_context_set_epoch_deadline
-_TrapPtr = ctypes.POINTER(_wb.wasm_trap_t)
-_Raw = _wb.wasmtime_val_raw_t
-_byref = ctypes.byref
-
-
-# --- public types ---------------------------------------------------------------------------------
+__all__ = [
+    "CALL_BUCKETS",
+    "INIT_TIMEOUT_MIN",
+    "LOG_BURST",
+    "LOG_CAP",
+    "LOG_LEVELS",
+    "LOG_RATE",
+    "TRACE",
+    "TRUNCATED",
+    "Plugin",
+    "PluginHost",
+    "PluginLimits",
+    "PluginStats",
+    "encode_command",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,168 +104,6 @@ class PluginLimits:
         )
 
 
-@dataclass(slots=True)
-class PluginStats:
-    """Counters for metrics. ``calls`` counts ``flux_process`` calls actually made."""
-
-    calls: int = 0
-    messages: int = 0  # messages handed to process()
-    errors: int = 0  # error records returned (guest "error" lines, failed calls, quarantine)
-    failures: int = 0  # calls that failed as a whole (trap, time-out, ABI, negative return)
-    traps: int = 0
-    timeouts: int = 0
-    abi_errors: int = 0
-    recycles: int = 0  # fresh instances made after a failure
-    quarantines: int = 0
-    last_call_s: float = 0.0  # wall time of the last process() (encode + call + decode)
-    total_call_s: float = 0.0
-    # calls per CALL_BUCKETS bucket (not cumulative): call_counts[i] counts calls that took at
-    # most CALL_BUCKETS[i] and more than the bound before it; the last entry counts the rest
-    call_counts: list[int] = field(default_factory=lambda: [0] * (len(CALL_BUCKETS) + 1))
-
-
-# --- guest faults (internal) ----------------------------------------------------------------------
-
-
-class _Fault(Exception):
-    """A guest call failed; ``kind`` is trap | timeout | abi | refused | error."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        self.kind = kind
-        super().__init__(message)
-
-
-class _LogAbort(Exception):
-    """Raised inside a host import to trap the guest's call (an ABI violation)."""
-
-
-class _LogSink:
-    """Host side of the ``flux.log_*`` imports and of WASI stdout/stderr for one plugin.
-
-    Holds no reference to the plugin (the callbacks live in wasmtime's global function table
-    until the linker is freed, so a reference back would keep every plugin alive).
-    """
-
-    __slots__ = ("abi_error", "last_error", "logger", "suppressed", "tokens", "tokens_at")
-
-    def __init__(self, logger: logging.Logger) -> None:
-        self.logger = logger
-        self.abi_error: str | None = None  # set by a callback that traps the call
-        self.last_error: str | None = None  # last message logged at error level
-        # token bucket: a plugin logging in a loop must not flood the journal (SD card wear)
-        self.tokens = float(LOG_BURST)
-        self.tokens_at = time.monotonic()
-        self.suppressed = 0
-
-    def _allow(self) -> bool:
-        now = time.monotonic()
-        tokens = min(float(LOG_BURST), self.tokens + (now - self.tokens_at) * LOG_RATE)
-        self.tokens_at = now
-        if tokens < 1.0:
-            self.tokens = tokens
-            self.suppressed += 1
-            return False
-        self.tokens = tokens - 1.0
-        if self.suppressed:
-            self.logger.warning(
-                "%d log message(s) of this plugin suppressed (limit: %d/s, bursts of %d)",
-                self.suppressed,
-                LOG_RATE,
-                LOG_BURST,
-            )
-            self.suppressed = 0
-        return True
-
-    def callback(self, level_name: str) -> Callable[[wasmtime.Caller, int, int], None]:
-        level = LOG_LEVELS[level_name]
-        logger = self.logger
-        is_error = level >= logging.ERROR
-
-        def log_import(caller: wasmtime.Caller, ptr: int, length: int) -> None:
-            p = ptr & 0xFFFFFFFF
-            n = length & 0xFFFFFFFF
-            mem = caller.get("memory")
-            size = mem.data_len(caller) if isinstance(mem, wasmtime.Memory) else 0
-            if p + n > size:
-                self.abi_error = (
-                    f"ABI error: flux.log_{level_name}(ptr={p}, len={n}) is outside the guest's "
-                    f"{size}-byte memory"
-                )
-                raise _LogAbort
-            if not (is_error or logger.isEnabledFor(level)):
-                return
-            allowed = self._allow()
-            if not (allowed or is_error):
-                return
-            assert isinstance(mem, wasmtime.Memory)
-            take = min(n, LOG_CAP)
-            base = ctypes.addressof(mem.data_ptr(caller).contents)
-            raw = ctypes.string_at(base + p, take) if take else b""
-            text = _cut_utf8(raw, take < n)
-            if is_error:
-                self.last_error = text
-            if allowed:
-                logger.log(level, "%s", text)
-
-        return log_import
-
-    def stream(self, level: int) -> Callable[[bytes], int]:
-        """WASI stdout/stderr writes, logged line by line (capped like log_*)."""
-
-        def write(data: bytes) -> int:
-            text = _cut_utf8(data[:LOG_CAP], len(data) > LOG_CAP).rstrip("\n")
-            if text and self.logger.isEnabledFor(level) and self._allow():
-                if level >= logging.ERROR:
-                    self.last_error = text
-                self.logger.log(level, "%s", text)
-            return len(data)
-
-        return write
-
-
-def _cut_utf8(raw: bytes, truncated: bool) -> str:
-    """Decode guest text: invalid UTF-8 replaced; when cut, drop a split character at the end."""
-    if truncated:
-        # Back off to the start of a character cut in the middle (at most 3 continuation bytes).
-        end = len(raw)
-        k = end
-        while k > 0 and end - k < 4 and (raw[k - 1] & 0xC0) == 0x80:
-            k -= 1
-        if k > 0:
-            lead = raw[k - 1]
-            if lead >> 5 == 0b110:
-                need = 2
-            elif lead >> 4 == 0b1110:
-                need = 3
-            elif lead >> 3 == 0b11110:
-                need = 4
-            else:
-                need = 1
-            if need > 1 and end - (k - 1) < need:
-                raw = raw[: k - 1]
-        return raw.decode("utf-8", "replace") + TRUNCATED
-    return raw.decode("utf-8", "replace")
-
-
-# --- the host -------------------------------------------------------------------------------------
-
-_EXPORTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "flux_abi_version": ((), ("i32",)),
-    "flux_alloc": (("i32",), ("i32",)),
-    "flux_dealloc": (("i32", "i32"), ()),
-    "flux_init": (("i32", "i32"), ("i32",)),
-}
-# A plugin exports at least one of these: flux_process (normalize batches), flux_act (actions).
-_ENTRY_EXPORTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "flux_process": (("i32", "i32"), ("i64",)),
-    "flux_act": (("i32", "i32"), ("i64",)),
-}
-
-
-def _sig(params: Sequence[object], results: Sequence[object]) -> str:
-    return f"({', '.join(map(str, params))}) -> ({', '.join(map(str, results))})"
-
-
 class PluginHost:
     """One wasmtime engine, its epoch ticker and the compiled-module cache.
 
@@ -301,39 +121,34 @@ class PluginHost:
     ) -> None:
         if epoch_tick <= 0:
             raise ValueError("epoch_tick must be > 0")
-        self.cache_dir = cache_dir
         self.epoch_tick = epoch_tick
         self.clock = clock
-        cfg = wasmtime.Config()
-        # The engine configuration; every entry is part of the cache key.
-        settings: dict[str, object] = {
-            "epoch_interruption": True,  # wall-time limits
-            "cranelift_opt_level": "speed",  # wasmtime's default, written down for the key
-            "memory_may_move": False,  # guest memory never moves: cached memoryviews stay valid
-            "wasm_threads": False,  # no shared memories: a plugin is single-threaded
-        }
-        for key, value in settings.items():
-            setattr(cfg, key, value)
-        self.engine = wasmtime.Engine(cfg)
-        self._engine_key = "|".join(
-            [
-                f"wasmtime={_wasmtime_version()}",
-                f"machine={platform.machine()}",
-                *(f"{k}={v}" for k, v in sorted(settings.items())),
-            ]
-        )
-        self._modules: dict[str, wasmtime.Module] = {}
+        self.engine = ffi.new_engine()
+        self._cache = ModuleCache(self.engine, cache_dir)
         self._plugins: weakref.WeakSet[Plugin] = weakref.WeakSet()
-        self.compiles = 0  # modules compiled from .wasm bytes
-        self.cache_hits = 0  # modules loaded from the on-disk cache
         # Ticker: runs while a guest call is in progress (``_active`` > 0), parks otherwise so
-        # an idle daemon does not wake up 500 times a second.
+        # an idle daemon does not wake up 500 times a second. PluginInstance.invoke inlines
+        # _busy() on the hot path.
         self._active = 0
         self._wake = threading.Event()
         self._stopping = False
         self._closed = False
         self._ticker = threading.Thread(target=self._tick_loop, name="flux-epoch", daemon=True)
         self._ticker.start()
+
+    @property
+    def cache_dir(self) -> Path | None:
+        return self._cache.cache_dir
+
+    @property
+    def compiles(self) -> int:
+        """Modules compiled from .wasm bytes."""
+        return self._cache.compiles
+
+    @property
+    def cache_hits(self) -> int:
+        """Modules loaded from the on-disk cache."""
+        return self._cache.cache_hits
 
     # --- epoch ticker ---------------------------------------------------------------------------
 
@@ -370,93 +185,7 @@ class PluginHost:
 
     def deadline_ticks(self, seconds: float) -> int:
         """Epoch ticks to arm so that a call is interrupted no earlier than ``seconds``."""
-        return max(1, math.ceil(seconds / self.epoch_tick - 1e-9)) + 1
-
-    # --- modules --------------------------------------------------------------------------------
-
-    def _module(self, name: str, path: Path) -> wasmtime.Module:
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise PluginLoadError(name, f"cannot read {path}: {exc.strerror or exc}") from None
-        key = hashlib.sha256(
-            self._engine_key.encode() + b"\0" + hashlib.sha256(data).digest()
-        ).hexdigest()
-        module = self._modules.get(key)
-        if module is not None:
-            return module
-        module = self._load_cached(name, key) if self.cache_dir is not None else None
-        if module is None:
-            try:
-                module = wasmtime.Module(self.engine, data)
-            except wasmtime.WasmtimeError as exc:
-                first = str(exc).strip().splitlines()
-                raise PluginLoadError(
-                    name,
-                    f"{path} is not a valid WebAssembly module: "
-                    f"{'; '.join(s.strip() for s in first[:4])}",
-                ) from None
-            self.compiles += 1
-            if self.cache_dir is not None:
-                self._store_cached(name, key, module)
-        self._modules[key] = module
-        return module
-
-    def _cache_prefix(self, name: str) -> str:
-        return re.sub(r"[^A-Za-z0-9_-]", "_", name)[:64] + "."
-
-    def _load_cached(self, name: str, key: str) -> wasmtime.Module | None:
-        assert self.cache_dir is not None
-        prefix = f"{self._cache_prefix(name)}{key[:32]}."
-        try:
-            candidates = [p for p in self.cache_dir.iterdir() if p.name.startswith(prefix)]
-        except OSError:
-            return None
-        for path in candidates:
-            # <name>.<key>.<blake2b of the contents>.cwasm: a file that does not hash to its
-            # name is corrupt (an SD card, a crash mid-write, a hand edit): removed, recompiled.
-            want = path.name[len(prefix) :].removesuffix(".cwasm")
-            try:
-                got = hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
-                if got != want:
-                    raise ValueError("contents do not match their checksum")
-                module = wasmtime.Module.deserialize_file(self.engine, str(path))
-            except (OSError, ValueError, wasmtime.WasmtimeError) as exc:
-                log.warning("plugin %r: discarding corrupt cache file %s (%s)", name, path, exc)
-                with suppress(OSError):
-                    path.unlink()
-                continue
-            self.cache_hits += 1
-            return module
-        return None
-
-    def _store_cached(self, name: str, key: str, module: wasmtime.Module) -> None:
-        assert self.cache_dir is not None
-        prefix = self._cache_prefix(name)
-        tmp: Path | None = None
-        try:
-            blob = bytes(module.serialize())
-            final = self.cache_dir / (
-                f"{prefix}{key[:32]}.{hashlib.blake2b(blob, digest_size=16).hexdigest()}.cwasm"
-            )
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.cache_dir / f".{final.name}.{os.getpid()}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-            tmp = None
-            for old in self.cache_dir.iterdir():  # stale entries of this plugin
-                if old.name.startswith(prefix) and old.suffix == ".cwasm" and old != final:
-                    with suppress(OSError):
-                        old.unlink()
-        except (OSError, wasmtime.WasmtimeError) as exc:
-            log.warning("plugin %r: cannot write the compiled-module cache: %s", name, exc)
-        finally:
-            if tmp is not None:
-                with suppress(OSError):
-                    tmp.unlink()
+        return deadline_ticks(seconds, self.epoch_tick)
 
     # --- plugins --------------------------------------------------------------------------------
 
@@ -481,9 +210,9 @@ class PluginHost:
             config_json = msgspec.json.encode(dict(config))
         except (TypeError, msgspec.EncodeError) as exc:
             raise PluginLoadError(name, f"config cannot be passed as JSON: {exc}") from None
-        module = self._module(name, path)
-        _check_exports(name, module)
-        _check_imports(name, module, wasi)
+        module = self._cache.module(name, path)
+        check_exports(name, module)
+        check_imports(name, module, wasi)
         plugin = Plugin(
             self,
             name,
@@ -506,146 +235,13 @@ class PluginHost:
         self._stopping = True
         self._wake.set()
         self._ticker.join(timeout=1.0)
-        self._modules.clear()
+        self._cache.clear()
 
     def __enter__(self) -> PluginHost:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _wasmtime_version() -> str:
-    try:
-        return importlib.metadata.version("wasmtime")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _check_exports(name: str, module: wasmtime.Module) -> None:
-    found = {e.name: e.type for e in module.exports}
-    problems: list[str] = []
-    mem = found.get("memory")
-    if mem is None:
-        problems.append("missing export `memory` (the guest's linear memory)")
-    elif not isinstance(mem, wasmtime.MemoryType):
-        problems.append("export `memory` is not a memory")
-    if not any(f in found for f in _ENTRY_EXPORTS):
-        problems.append(
-            "missing export `flux_process` (i32, i32) -> (i64) or `flux_act` (i32, i32) -> (i64) "
-            "(a plugin exports at least one of them)"
-        )
-    for fname, (params, results) in {**_EXPORTS, **_ENTRY_EXPORTS}.items():
-        ty = found.get(fname)
-        want = _sig(params, results)
-        if ty is None:
-            if fname not in _ENTRY_EXPORTS:
-                problems.append(f"missing export `{fname}` {want}")
-        elif not isinstance(ty, wasmtime.FuncType):
-            problems.append(f"export `{fname}` is not a function (expected {want})")
-        else:
-            got = _sig(ty.params, ty.results)
-            if got != want:
-                problems.append(f"export `{fname}` has signature {got}, expected {want}")
-    if problems:
-        raise PluginLoadError(name, "; ".join(problems) + " (see docs/plugin-abi.md)")
-
-
-def _check_imports(name: str, module: wasmtime.Module, wasi: bool) -> None:
-    problems: list[str] = []
-    log_names = {f"log_{lvl}" for lvl in LOG_LEVELS}
-    for imp in module.imports:
-        what = f"{imp.module}.{imp.name}"
-        ty = imp.type
-        if imp.module == "flux" and imp.name in log_names:
-            sig = _sig(ty.params, ty.results) if isinstance(ty, wasmtime.FuncType) else "?"
-            if sig != "(i32, i32) -> ()":
-                problems.append(f"import `{what}` must be a function (i32, i32) -> (), got {sig}")
-        elif imp.module == _WASI_MODULE:
-            if not wasi:
-                problems.append(
-                    f"import `{what}` is WASI, which is not granted "
-                    f"(set `wasi = true` in [plugins.{name}] to grant it)"
-                )
-        else:
-            problems.append(
-                f"import `{what}` is not provided by the host (a plugin may import only "
-                f"flux.log_trace/debug/info/warn/error{' and WASI' if wasi else ''})"
-            )
-    if problems:
-        raise PluginLoadError(name, "refused: " + "; ".join(problems))
-
-
-# --- one plugin instance --------------------------------------------------------------------------
-
-
-class _Instance:
-    """One Store + Instance. Discarded whole after any fault (its memory goes with it)."""
-
-    __slots__ = (
-        "ctx",
-        "f_act",
-        "f_alloc",
-        "f_dealloc",
-        "f_init",
-        "f_process",
-        "f_version",
-        "funcs",
-        "in_cap",
-        "in_ptr",
-        "memory",
-        "store",
-        "view",
-        "view_len",
-    )
-
-    def __init__(self, store: wasmtime.Store, instance: wasmtime.Instance) -> None:
-        self.store = store
-        self.ctx = store._context()
-        exports = instance.exports(store)
-        memory = exports["memory"]
-        assert isinstance(memory, wasmtime.Memory)
-        self.memory = memory
-        funcs: dict[str, wasmtime.Func] = {}
-        for fname in (*_EXPORTS, *_ENTRY_EXPORTS):
-            f = exports.get(fname) if fname in _ENTRY_EXPORTS else exports[fname]
-            if f is None:
-                continue
-            assert isinstance(f, wasmtime.Func)
-            funcs[fname] = f
-        self.funcs = funcs  # keeps the wasmtime_func_t structs the refs below point to alive
-        self.f_version = _byref(funcs["flux_abi_version"]._func)
-        self.f_alloc = _byref(funcs["flux_alloc"]._func)
-        self.f_dealloc = _byref(funcs["flux_dealloc"]._func)
-        self.f_init = _byref(funcs["flux_init"]._func)
-        # None when the module does not export it (checked at load: at least one of the two)
-        f_process, f_act = funcs.get("flux_process"), funcs.get("flux_act")
-        self.f_process: Any = _byref(f_process._func) if f_process is not None else None
-        self.f_act: Any = _byref(f_act._func) if f_act is not None else None
-        self.in_ptr = 0
-        self.in_cap = 0
-        self.view: memoryview = memoryview(b"")
-        self.view_len = 0
-        self.refresh_view()
-
-    def refresh_view(self) -> int:
-        """Map the whole current memory. Valid until the store goes: memory never moves
-        (``memory_may_move = False``) and never shrinks; it only grows past ``view_len``."""
-        n = self.memory.data_len(self.store)
-        if n != self.view_len:
-            self.view.release()
-            if n:
-                base = ctypes.addressof(self.memory.data_ptr(self.store).contents)
-                self.view = memoryview((ctypes.c_ubyte * n).from_address(base)).cast("B")
-            else:
-                self.view = memoryview(b"")
-            self.view_len = n
-        return n
-
-    def drop(self) -> None:
-        self.view.release()
-        self.view_len = 0
-        self.funcs.clear()
 
 
 class Plugin:
@@ -661,7 +257,7 @@ class Plugin:
         name: str,
         *,
         path: Path,
-        module: wasmtime.Module,
+        module: ffi.Module,
         limits: PluginLimits,
         config_json: bytes,
         wasi: bool,
@@ -670,55 +266,43 @@ class Plugin:
         self.path = path
         self.limits = limits
         self.stats = PluginStats()
-        self._host = host
-        self._config_json = config_json
-        self._wasi = wasi
-        self._logger = logging.getLogger(f"flux_edge.plugin.{name}")
-        self._sink = _LogSink(self._logger)
-        self._ticks = host.deadline_ticks(limits.timeout_s)
-        self._init_ticks = host.deadline_ticks(max(limits.timeout_s, INIT_TIMEOUT_MIN))
-        self._args = (_Raw * 2)()
-        self._failures = 0  # consecutive failed calls
-        self._last_failure = ""
-        self._quarantined_until: float | None = None
+        self._logger = plugin_logger(name)
+        self._q = Quarantine(
+            name,
+            max_failures=limits.max_failures,
+            quarantine_s=limits.quarantine_s,
+            clock=host.clock,
+            stats=self.stats,
+            logger=self._logger,
+        )
         self._closed = False
-        exported = {e.name for e in module.exports}
+        exported = ffi.exports_of(module)
         self.has_process = "flux_process" in exported  # can normalize batches (process)
         self.has_act = "flux_act" in exported  # can answer commands (act)
-        linker = wasmtime.Linker(host.engine)
-        if wasi:
-            linker.define_wasi()
-            linker.allow_shadowing = True
-            # A guest could block the thread in poll_oneoff (sleep) where no epoch deadline
-            # reaches it: refuse it.
-            i32 = wasmtime.ValType.i32()
-            linker.define_func(
-                _WASI_MODULE,
-                "poll_oneoff",
-                wasmtime.FuncType([i32, i32, i32, i32], [i32]),
-                lambda *_: _WASI_ENOSYS,
-            )
-        log_type = wasmtime.FuncType([wasmtime.ValType.i32(), wasmtime.ValType.i32()], [])
-        for lvl in LOG_LEVELS:
-            linker.define_func(
-                "flux", f"log_{lvl}", log_type, self._sink.callback(lvl), access_caller=True
-            )
-        try:
-            self._pre = linker.instantiate_pre(module)
-        except wasmtime.WasmtimeError as exc:
-            raise PluginLoadError(name, f"cannot link: {_first_line(exc)}") from None
-        self._linker = linker
-        try:
-            self._inst: _Instance | None = self._instantiate()
-        except _Fault as f:
-            raise PluginLoadError(name, str(f)) from None
+        self._runner = PluginInstance(
+            host,
+            name,
+            module,
+            limits,
+            config_json,
+            wasi=wasi,
+            stats=self.stats,
+            sink=LogSink(self._logger),
+            logger=self._logger,
+        )
+        # the call alone (copy in, flux_process, copy out); bench/plugin_call.py times it
+        self._call_process = self._runner.call_process
 
     # --- public ---------------------------------------------------------------------------------
 
     @property
     def quarantined(self) -> bool:
-        until = self._quarantined_until
-        return until is not None and self._host.clock() < until
+        return self._q.active
+
+    @property
+    def _inst(self) -> ffi.GuestInstance | None:
+        """The current guest instance (None after a fault until the next call)."""
+        return self._runner.inst
 
     def process(
         self, messages: Sequence[Reading | Measurement], *, indices: list[int] | None = None
@@ -741,11 +325,12 @@ class Plugin:
             return self._fail_all(
                 messages, "the plugin does not export flux_process (it only acts)", indices
             )
-        until = self._quarantined_until
+        q = self._q
+        until = q.until
         if until is not None:
-            now = self._host.clock()
+            now = q.clock()
             if now < until:
-                return self._fail_all(messages, self._quarantine_text(until - now), indices)
+                return self._fail_all(messages, q.text(until - now), indices)
         t0 = time.perf_counter()
         try:
             data = encode_batch(messages)
@@ -753,20 +338,20 @@ class Plugin:
             return self._process_encodable(messages, indices)
         mark = len(indices) if indices is not None else 0
         try:
-            inst = self._inst
+            runner = self._runner
+            inst = runner.inst
             if inst is None:
-                inst = self._recycle()
-            out = self._call_process(inst, data)
+                inst = runner.recycle()
+            out = runner.call_process(inst, data)
             result, errors = decode_output_counted(out, messages, self.name, indices=indices)
-        except _Fault as f:
+        except Fault as f:
             result = self._failed(messages, f, indices, mark)
         except PluginABIError as exc:
-            result = self._failed(messages, _Fault("abi", _abi_text(exc, self.name)), indices, mark)
+            result = self._failed(messages, Fault("abi", _abi_text(exc, self.name)), indices, mark)
         else:
-            self._failures = 0
+            q.failures = 0
             if until is not None:
-                self._quarantined_until = None
-                self._logger.info("plugin %r works again after its quarantine", self.name)
+                q.recovered()
             stats.errors += errors
         dt = time.perf_counter() - t0
         stats.last_call_s = dt
@@ -789,11 +374,12 @@ class Plugin:
             raise PluginError(
                 self.name, "the plugin does not export flux_act, so it cannot run an action"
             )
-        until = self._quarantined_until
+        q = self._q
+        until = q.until
         if until is not None:
-            now = self._host.clock()
+            now = q.clock()
             if now < until:
-                raise PluginQuarantined(self.name, self._quarantine_text(until - now))
+                raise PluginQuarantined(self.name, q.text(until - now))
         stats = self.stats
         t0 = time.perf_counter()
         try:
@@ -801,11 +387,12 @@ class Plugin:
         except (TypeError, msgspec.EncodeError) as exc:
             raise PluginError(self.name, f"cannot pass the command to the plugin: {exc}") from None
         try:
-            inst = self._inst
+            runner = self._runner
+            inst = runner.inst
             if inst is None:
-                inst = self._recycle()
-            out = self._call_entry(inst, inst.f_act, "flux_act", data, "the command")
-        except _Fault as f:
+                inst = runner.recycle()
+            out = runner.call_entry(inst, inst.f_act, "flux_act", data, "the command")
+        except Fault as f:
             msg = self._record_failure(f)
             if f.kind == "timeout":
                 raise PluginTimeout(self.name, msg) from None
@@ -819,10 +406,9 @@ class Plugin:
             stats.last_call_s = dt
             stats.total_call_s += dt
             stats.call_counts[bisect_left(CALL_BUCKETS, dt)] += 1
-        self._failures = 0
+        q.failures = 0
         if until is not None:
-            self._quarantined_until = None
-            self._logger.info("plugin %r works again after its quarantine", self.name)
+            q.recovered()
         return out
 
     def close(self) -> None:
@@ -830,13 +416,7 @@ class Plugin:
         if self._closed:
             return
         self._closed = True
-        inst = self._inst
-        self._inst = None
-        if inst is not None:
-            if inst.in_ptr:
-                with suppress(_Fault):
-                    self._dealloc(inst, inst.in_ptr, inst.in_cap)
-            inst.drop()
+        self._runner.close()
 
     def __enter__(self) -> Plugin:
         return self
@@ -847,212 +427,12 @@ class Plugin:
     def __repr__(self) -> str:
         return f"<Plugin {self.name!r} {self.path}>"
 
-    # --- calls into the guest -------------------------------------------------------------------
-
-    def _invoke(self, inst: _Instance, fref: Any, args: Any, ticks: int) -> None:
-        """Call a guest export through the C API; raise _Fault on trap/time-out/error.
-
-        ``args`` is the 2-slot argument/result array: wasmtime requires its length to be at
-        least max(params, results) of the function (a shorter one aborts the process); every
-        ABI export has at most 2 of each, as checked at load time.
-        """
-        host = self._host
-        _set_deadline(inst.ctx, ticks)
-        trap = _TrapPtr()
-        host._active += 1
-        if not host._wake.is_set():
-            host._wake.set()
-        try:
-            err = _call_unchecked(inst.ctx, fref, args, 2, _byref(trap))
-        finally:
-            host._active -= 1
-        if err or trap:
-            self._raise_fault(inst, err, trap, ticks)
-
-    def _raise_fault(self, inst: _Instance, err: Any, trap: Any, ticks: int) -> None:
-        # A Python exception raised in a host import (our log callbacks) is parked by
-        # wasmtime-py in a global; consume it so it cannot surface in an unrelated call.
-        pyexc = _wfunc.LAST_EXCEPTION
-        _wfunc.LAST_EXCEPTION = None
-        sink = self._sink
-        abi = sink.abi_error
-        sink.abi_error = None
-        if err:
-            error = wasmtime.WasmtimeError._from_ptr(err)
-            if trap:
-                wasmtime.Trap._from_ptr(trap)  # free it
-            if abi is not None:
-                raise _Fault("abi", abi)
-            if isinstance(error, wasmtime.ExitTrap):
-                raise _Fault("trap", f"trap: the guest called proc_exit({error.code})")
-            if pyexc is not None:
-                raise _Fault("error", f"host import failed: {type(pyexc).__name__}: {pyexc}")
-            raise _Fault("error", f"wasmtime error: {_first_line(error)}")
-        t = wasmtime.Trap._from_ptr(trap)
-        if abi is not None:
-            raise _Fault("abi", abi)
-        code = t.trap_code
-        if code == wasmtime.TrapCode.INTERRUPT:
-            secs = (ticks - 1) * self._host.epoch_tick
-            raise _Fault("timeout", f"timed out after {secs * 1000:g} ms")
-        if pyexc is not None and not isinstance(pyexc, _LogAbort):
-            raise _Fault("error", f"host import failed: {type(pyexc).__name__}: {pyexc}")
-        what = code.name.lower().replace("_", " ") if code is not None else _first_line(t)
-        where = ""
-        with suppress(wasmtime.WasmtimeError, ValueError):
-            frames = t.frames
-            if frames and frames[0].func_name:
-                where = f" in {frames[0].func_name}"
-        text = f"trap: {what}{where}"
-        limit = self.limits.memory_limit
-        with suppress(wasmtime.WasmtimeError, ValueError):
-            if inst.memory.data_len(inst.store) + 65536 > limit:
-                text += f" (linear memory is at its limit of {_size(limit)})"
-        raise _Fault("trap", text)
-
-    def _alloc(self, inst: _Instance, size: int, ticks: int) -> int:
-        args = self._args
-        args[0].i32 = size
-        self._invoke(inst, inst.f_alloc, args, ticks)
-        ptr: int = args[0].i32 & 0xFFFFFFFF
-        if ptr == 0:
-            raise _Fault("abi", f"ABI error: flux_alloc({size}) returned 0 (guest out of memory)")
-        if ptr + size > inst.view_len and ptr + size > inst.refresh_view():
-            raise _Fault(
-                "abi",
-                f"ABI error: flux_alloc({size}) returned {ptr}, outside the guest's "
-                f"{inst.view_len}-byte memory",
-            )
-        return ptr
-
-    def _dealloc(self, inst: _Instance, ptr: int, size: int) -> None:
-        args = self._args
-        args[0].i32 = ptr
-        args[1].i32 = size
-        self._invoke(inst, inst.f_dealloc, args, self._ticks)
-
-    def _call_process(self, inst: _Instance, data: bytes) -> bytes:
-        return self._call_entry(inst, inst.f_process, "flux_process", data, "the batch")
-
-    def _call_entry(self, inst: _Instance, fref: Any, fname: str, data: bytes, what: str) -> bytes:
-        need = len(data)
-        if need > inst.in_cap:
-            self._grow_input(inst, need)
-        p = inst.in_ptr
-        inst.view[p : p + need] = data
-        args = self._args
-        args[0].i32 = p
-        args[1].i32 = need
-        self.stats.calls += 1
-        self._sink.last_error = None
-        self._invoke(inst, fref, args, self._ticks)
-        r: int = args[0].i64
-        if r < 0:
-            last = self._sink.last_error
-            raise _Fault(
-                "refused",
-                f"{fname} failed {what} (returned {r})" + (f": {last}" if last else ""),
-            )
-        out_ptr = r >> 32
-        out_len = r & 0xFFFFFFFF
-        if out_len == 0:
-            return b""
-        end = out_ptr + out_len
-        if end > inst.view_len and end > inst.refresh_view():
-            raise _Fault(
-                "abi",
-                f"ABI error: output (ptr={out_ptr}, len={out_len}) is outside the guest's "
-                f"{inst.view_len}-byte memory",
-            )
-        return inst.view[out_ptr:end].tobytes()
-
-    def _grow_input(self, inst: _Instance, need: int) -> None:
-        if inst.in_ptr:
-            old, old_cap = inst.in_ptr, inst.in_cap
-            inst.in_ptr = inst.in_cap = 0
-            self._dealloc(inst, old, old_cap)
-        cap = max(4096, 1 << (need - 1).bit_length())
-        inst.in_ptr = self._alloc(inst, cap, self._ticks)
-        inst.in_cap = cap
-
-    # --- lifecycle ------------------------------------------------------------------------------
-
-    def _instantiate(self) -> _Instance:
-        """Fresh Store + Instance, ABI version check, flux_init. Raises _Fault."""
-        host = self._host
-        store = wasmtime.Store(host.engine)
-        store.set_limits(memory_size=self.limits.memory_limit)
-        if self._wasi:
-            wcfg = wasmtime.WasiConfig()
-            wcfg.stdout_custom = self._sink.stream(logging.INFO)
-            wcfg.stderr_custom = self._sink.stream(logging.WARNING)
-            store.set_wasi(wcfg)
-        store.set_epoch_deadline(self._init_ticks)
-        self._sink.last_error = None
-        try:
-            with host._busy():
-                instance = self._pre.instantiate(store)
-        except _LogAbort:
-            raise _Fault("abi", self._sink.abi_error or "ABI error in a log call") from None
-        except wasmtime.Trap as exc:
-            code = exc.trap_code
-            if code == wasmtime.TrapCode.INTERRUPT:
-                raise _Fault("timeout", "instantiation (start function) timed out") from None
-            raise _Fault("trap", f"cannot instantiate: trap: {_first_line(exc)}") from None
-        except wasmtime.WasmtimeError as exc:
-            text = _first_line(exc)
-            if "memory" in text:
-                text += f" (memory_limit is {_size(self.limits.memory_limit)})"
-            raise _Fault("error", f"cannot instantiate: {text}") from None
-        finally:
-            self._sink.abi_error = None
-        inst = _Instance(store, instance)
-        try:
-            args = self._args
-            self._invoke(inst, inst.f_version, args, self._init_ticks)
-            version = args[0].i32
-            if version != ABI_VERSION:
-                raise _Fault(
-                    "refused",
-                    f"flux_abi_version() returned {version}; this host speaks ABI "
-                    f"{ABI_VERSION} (docs/plugin-abi.md)",
-                )
-            cfg = self._config_json
-            ptr = self._alloc(inst, max(1, len(cfg)), self._init_ticks)
-            inst.view[ptr : ptr + len(cfg)] = cfg
-            args[0].i32 = ptr
-            args[1].i32 = len(cfg)
-            self._sink.last_error = None
-            self._invoke(inst, inst.f_init, args, self._init_ticks)
-            rc = args[0].i32
-            if rc != 0:
-                last = self._sink.last_error
-                raise _Fault(
-                    "refused",
-                    f"flux_init refused the config with code {rc}"
-                    + (f": {last}" if last else " (the plugin logged no error)"),
-                )
-            args[0].i32 = ptr
-            args[1].i32 = max(1, len(cfg))
-            self._invoke(inst, inst.f_dealloc, args, self._init_ticks)
-        except _Fault as f:
-            inst.drop()
-            if f.kind == "refused":
-                raise
-            raise _Fault(f.kind, f"initialisation failed: {f}") from None
-        return inst
-
-    def _recycle(self) -> _Instance:
-        self.stats.recycles += 1
-        self._logger.debug("plugin %r: recycling its instance", self.name)
-        inst = self._instantiate()
-        self._inst = inst
-        return inst
+    # --- failures -------------------------------------------------------------------------------
 
     def _failed(
         self,
         messages: Sequence[Reading | Measurement],
-        fault: _Fault,
+        fault: Fault,
         indices: list[int] | None,
         mark: int,
     ) -> list[Measurement | ErrorRecord]:
@@ -1061,45 +441,12 @@ class Plugin:
             del indices[mark:]
         return self._fail_all(messages, self._record_failure(fault), indices)
 
-    def _record_failure(self, fault: _Fault) -> str:
+    def _record_failure(self, fault: Fault) -> str:
         """Discard the instance, count the failure, maybe quarantine; returns the message."""
-        stats = self.stats
-        stats.failures += 1
-        if fault.kind == "trap":
-            stats.traps += 1
-        elif fault.kind == "timeout":
-            stats.timeouts += 1
-        elif fault.kind == "abi":
-            stats.abi_errors += 1
-        inst = self._inst
-        self._inst = None
-        if inst is not None:
-            inst.drop()
+        self._runner.discard()
         msg = str(fault)
-        self._failures += 1
-        self._last_failure = msg
-        # _failures is reset only by a successful call, so a failed trial after a quarantine
-        # quarantines again at once.
-        if self._failures >= self.limits.max_failures:
-            self._quarantined_until = self._host.clock() + self.limits.quarantine_s
-            stats.quarantines += 1
-            self._logger.error(
-                "plugin %r quarantined for %g s after %d consecutive failed call(s); last: %s",
-                self.name,
-                self.limits.quarantine_s,
-                self._failures,
-                msg,
-            )
-        else:
-            self._logger.warning("plugin %r: call failed: %s", self.name, msg)
+        self._q.record(fault.kind, msg)
         return msg
-
-    def _quarantine_text(self, remaining: float) -> str:
-        until = time.strftime("%H:%M:%S", time.gmtime(time.time() + remaining))
-        return (
-            f"quarantined until {until}Z after {self._failures} consecutive failed call(s) "
-            f"(last: {self._last_failure})"
-        )
 
     def _fail_all(
         self,
@@ -1179,24 +526,7 @@ def encode_command(command: Command) -> bytes:
     )
 
 
-def _first_line(exc: BaseException) -> str:
-    """wasmtime errors carry a backtrace; keep the cause, on one line."""
-    text = str(exc).strip()
-    lines = [s.strip() for s in text.splitlines() if s.strip()]
-    if "Caused by:" in lines:
-        k = lines.index("Caused by:")
-        return "; ".join(lines[k + 1 :]) or lines[0]
-    return lines[0] if lines else type(exc).__name__
-
-
 def _abi_text(exc: PluginABIError, name: str) -> str:
     text = str(exc)
     prefix = f"plugin {name!r}: "
     return "ABI error: " + (text[len(prefix) :] if text.startswith(prefix) else text)
-
-
-def _size(n: int) -> str:
-    for unit, k in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= k and n % k == 0:
-            return f"{n // k} {unit}"
-    return f"{n} bytes"

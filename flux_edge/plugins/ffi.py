@@ -41,6 +41,8 @@ import wasmtime
 from wasmtime import _bindings as _wb  # private: the C API call path (module docstring)
 from wasmtime import _func as _wfunc  # private: LAST_EXCEPTION (module docstring)
 
+from flux_edge.errors import FluxError
+
 # wasmtime types the other plugin modules name in annotations (no other use of wasmtime there)
 Engine = wasmtime.Engine
 Module = wasmtime.Module
@@ -189,7 +191,7 @@ def new_store(
     return store
 
 
-class InstantiateFailed(Exception):
+class InstantiateFailed(FluxError):
     """Instantiation (the start function) failed; ``kind`` is interrupt | trap | error and
     ``text`` the cause on one line. Python exceptions raised by a host import propagate."""
 

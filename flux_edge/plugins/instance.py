@@ -20,7 +20,7 @@ import math
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
-from flux_edge.errors import PluginLoadError
+from flux_edge.errors import FluxError, PluginLoadError
 from flux_edge.plugins import ffi
 from flux_edge.plugins.abi import ABI_VERSION
 from flux_edge.plugins.logsink import LOG_LEVELS, LogAbort, LogSink
@@ -45,7 +45,7 @@ ENTRY_EXPORTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 }
 
 
-class Fault(Exception):
+class Fault(FluxError):
     """A guest call failed; ``kind`` is trap | timeout | abi | refused | error."""
 
     def __init__(self, kind: str, message: str) -> None:

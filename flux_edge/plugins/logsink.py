@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from flux_edge.errors import FluxError
 from flux_edge.plugins import ffi
 
 TRACE = 5
@@ -29,7 +30,7 @@ def plugin_logger(name: str) -> logging.Logger:
     return logging.getLogger(f"flux_edge.plugin.{name}")
 
 
-class LogAbort(Exception):
+class LogAbort(FluxError):
     """Raised inside a host import to trap the guest's call (an ABI violation)."""
 
 

@@ -141,7 +141,7 @@ def test_no_import_cycles() -> None:
 
 # third-party library -> the one module (or package) of flux_edge allowed to import it
 ADAPTERS = {
-    "wasmtime": "flux_edge.plugins",
+    "wasmtime": "flux_edge.plugins.ffi",
     "paho": "flux_edge.mqtt",
     "pymodbus": "flux_edge.sources.modbus",
     "serial": "flux_edge.sources.serial",

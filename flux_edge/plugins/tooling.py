@@ -17,6 +17,7 @@ cargo source ``debian-packages``; empty = use crates.io as configured).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 from flux_edge.errors import PluginError
+from flux_edge.plugins import manifest as mf
 
 Lang = Literal["rust", "c"]
 
@@ -139,7 +141,9 @@ def build_plugin(directory: Path, out: Path | None = None) -> Path:
 
     A ``Cargo.toml`` means Rust (release build for wasm32-unknown-unknown); otherwise the
     ``*.c`` files are compiled with clang for freestanding wasm32, with the folder and the SDK's
-    ``flux_plugin.h`` on the include path. The module is written to ``directory/<name>.wasm``
+    ``flux_plugin.h`` on the include path. The manifest (``manifest.toml`` beside the source, see
+    :func:`make_manifest`) is embedded as the ``flux.manifest`` custom section. The module is
+    written to ``directory/<name>.wasm``
     (``<name>``: the crate's lib name, or the folder name for C) and, when ``out`` is given,
     copied there too (into it, if ``out`` is a directory) and that path is returned.
 
@@ -158,6 +162,7 @@ def build_plugin(directory: Path, out: Path | None = None) -> Path:
                 f"nothing to build in {directory}: expected a Cargo.toml (Rust) or *.c files (C)",
             )
         wasm = _build_c(directory, sources)
+    embed_manifest(directory, wasm)
     if out is None:
         return wasm
     out = Path(out)
@@ -308,6 +313,87 @@ def _run(
     return proc
 
 
+# --- the manifest ---------------------------------------------------------------------------------
+
+MANIFEST_FILE = "manifest.toml"
+_CRATE_PREFIX = re.compile(r"^flux-edge (?:[a-z]+ )?plugin: ")
+
+
+def make_manifest(directory: Path, module: mf.Module, default_name: str) -> mf.Manifest:
+    """The manifest of the plugin in ``directory``: ``manifest.toml`` (the keys of
+    docs/plugin-abi.md, "Manifest"), with what it leaves out taken from the source:
+
+    - ``name``: the crate's lib name / the C folder's name; ``version``, ``description``,
+      ``license`` (and ``homepage``): the ``[package]`` table of ``Cargo.toml``;
+    - ``kind``: from the exports (``flux_process`` -> decode, ``flux_act`` -> action); a
+      ``kind`` that disagrees with them is an error;
+    - ``abi``: 1; ``example``: the contents of ``sample-config.toml``;
+    - ``config``: ``{type = "object"}`` (any table) when there is no ``[config]`` schema.
+    """
+    data: dict[str, object] = {}
+    path = directory / MANIFEST_FILE
+    if path.is_file():
+        try:
+            data = dict(tomllib.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise PluginError(default_name, f"cannot read {path}: {exc}") from exc
+    else:
+        print(
+            f"note: {path} is missing: the manifest says only what the build can tell "
+            "(add one to document and check the plugin's config)",
+            file=sys.stderr,
+        )
+    package: dict[str, object] = {}
+    cargo = directory / "Cargo.toml"
+    if cargo.is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+            raw = tomllib.loads(cargo.read_text(encoding="utf-8")).get("package", {})
+            package = raw if isinstance(raw, dict) else {}
+    for key in ("version", "description", "license", "homepage"):
+        if key not in data and isinstance(package.get(key), str):
+            data[key] = package[key]
+    if isinstance(data.get("description"), str):  # "flux-edge plugin: X" in a crate says "X"
+        data["description"] = _CRATE_PREFIX.sub("", str(data["description"]), count=1)
+    data.setdefault("name", default_name)
+    data.setdefault("version", "0.1.0")
+    data.setdefault("description", "")
+    data.setdefault("license", "")
+    data.setdefault("abi", mf.ABI_VERSION)
+    exported = [k for k, e in mf.KIND_EXPORTS.items() if module.exports.get(e) == "func"]
+    data.setdefault("kind", exported[0] if len(exported) == 1 else exported)
+    sample = directory / "sample-config.toml"
+    if "example" not in data and sample.is_file():
+        data["example"] = sample.read_text(encoding="utf-8")
+    data.setdefault("config", {"type": "object"})
+    try:
+        manifest = mf.manifest_from_data(data)
+    except mf.ManifestError as exc:
+        raise PluginError(default_name, f"{path}: {exc}") from exc
+    problems = mf.check_exports(manifest, module)
+    if manifest.name != default_name:
+        problems.append(
+            f'name "{manifest.name}" differs from the module\'s file name "{default_name}.wasm"'
+        )
+    if problems:
+        raise PluginError(default_name, f"{path}: " + "; ".join(problems))
+    return manifest
+
+
+def embed_manifest(directory: Path, wasm: Path) -> mf.Manifest:
+    """Write the manifest of the plugin in ``directory`` into the module ``wasm`` (in place)."""
+    try:
+        data = wasm.read_bytes()
+        module = mf.read_module(data)
+    except (OSError, mf.ManifestError) as exc:
+        raise PluginError(wasm.stem, f"cannot read the built module {wasm}: {exc}") from exc
+    manifest = make_manifest(directory, module, wasm.stem)
+    try:
+        wasm.write_bytes(mf.embed_section(data, mf.SECTION, manifest.encode()))
+    except OSError as exc:
+        raise PluginError(wasm.stem, f"cannot write {wasm}: {exc}") from exc
+    return manifest
+
+
 # --- python -m flux_edge.plugins.tooling (used by plugins/build-all.sh) ---------------------------
 
 
@@ -321,11 +407,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_build = sub.add_parser("build", help="build a plugin folder")
     p_build.add_argument("directory", type=Path)
     p_build.add_argument("--out", type=Path, default=None)
+    p_embed = sub.add_parser(
+        "embed-manifest", help="write DIR/manifest.toml into a module built another way"
+    )
+    p_embed.add_argument("directory", type=Path)
+    p_embed.add_argument("wasm", type=Path)
     args = parser.parse_args(argv)
     try:
         if args.cmd == "new":
             lang: Lang = "c" if args.lang == "c" else "rust"
             print(new_plugin(args.name, lang, args.dest))
+        elif args.cmd == "embed-manifest":
+            embed_manifest(args.directory.resolve(), args.wasm)
+            print(args.wasm)
         else:
             print(build_plugin(args.directory, args.out))
     except PluginError as exc:

@@ -44,10 +44,10 @@ sys.path.insert(0, str(ROOT))
 
 import pymodbus  # noqa: E402 (bench only: the daemon imports pymodbus in sources/modbus/client.py alone)
 
-from flux_edge.config import ModbusDeviceConfig, ModbusRtuSource, RegisterConfig  # noqa: E402
 from flux_edge.model import Reading  # noqa: E402
 from flux_edge.sources.modbus.plan import ReadBlock, transaction_time  # noqa: E402
 from flux_edge.sources.modbus.poller import ModbusBusPoller  # noqa: E402
+from flux_edge.sources.modbus.spec import ModbusDeviceConfig, ModbusRtuSource, RegisterConfig  # noqa: E402
 from flux_edge.sources.modbus.timing import char_time, inter_frame_gap  # noqa: E402
 from tests.support.serial_line import LineProcess  # noqa: E402
 

@@ -35,10 +35,10 @@ sys.path.insert(0, str(ROOT))
 
 import pymodbus  # noqa: E402 (bench only: the daemon imports pymodbus in sources/modbus/client.py alone)
 
-from flux_edge.config import ModbusDeviceConfig, ModbusTcpSource, RegisterConfig  # noqa: E402
 from flux_edge.model import Reading  # noqa: E402
 from flux_edge.sim.modbus_server import SimulatedModbusServer  # noqa: E402
 from flux_edge.sources.modbus.poller import ModbusBusPoller  # noqa: E402
+from flux_edge.sources.modbus.spec import ModbusDeviceConfig, ModbusTcpSource, RegisterConfig  # noqa: E402
 
 HOST = "127.0.0.1"
 

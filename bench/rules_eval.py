@@ -22,10 +22,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flux_edge.config import Config, ModbusTcpSource, RegisterConfig, RuleConfig
+from flux_edge.config import Config, RuleConfig
 from flux_edge.model import Measurement
 from flux_edge.rules import RuleEngine, compile_condition
 from flux_edge.rules.state import RuleStore
+from flux_edge.sources.modbus.spec import ModbusTcpSource, RegisterConfig
 
 
 def make_rule(i: int, kind: str) -> RuleConfig:

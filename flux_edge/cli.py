@@ -31,7 +31,7 @@ def _print_problems(problems: list[object], stream: TextIO) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from flux_edge.config import check_config
+    from flux_edge.kinds import check_config
 
     config, problems = check_config(Path(args.path))
     _print_problems(list(problems), sys.stderr)
@@ -50,8 +50,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from flux_edge.config import check_config
     from flux_edge.errors import PluginLoadError
+    from flux_edge.kinds import check_config
     from flux_edge.logs import setup_logging
     from flux_edge.runtime.daemon import Daemon
 
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     from flux_edge.actions.audit_cli import add_audit_parser
 
     add_audit_parser(sub)
-    from flux_edge.rules.replay import add_rules_parser
+    from flux_edge.rules.replay_cli import add_rules_parser
 
     add_rules_parser(sub)
 

@@ -238,8 +238,8 @@ def cmd_audit_tail(args: argparse.Namespace) -> int:
     if args.file:
         path = Path(args.file)
     else:
-        from flux_edge.config import load_config
         from flux_edge.errors import ConfigError
+        from flux_edge.kinds import load_config
 
         try:
             path = audit_path(load_config(args.config))

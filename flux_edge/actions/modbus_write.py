@@ -14,11 +14,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from flux_edge.config import ModbusWriteAction
 from flux_edge.errors import ActionError, ActionVerifyError, SourceError
 from flux_edge.model import Command, Outcome, Value
 from flux_edge.sources.modbus.poller import ModbusBusPoller
+
+if TYPE_CHECKING:  # the struct is declared by the kind module, which imports this one
+    from flux_edge.actions.modbus_write_kind import ModbusWriteAction
 
 
 class ModbusWriteExecutor:

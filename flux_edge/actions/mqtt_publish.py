@@ -22,14 +22,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from flux_edge.actions.templates import Template, TemplateError, command_context, compile_template
-from flux_edge.config import MqttPublishAction
 from flux_edge.errors import ActionError
 from flux_edge.model import Command, Outcome
 from flux_edge.mqtt import MqttClient, MqttError, check_topic
 
-__all__ = ["MqttPublishAction", "MqttPublishExecutor", "check_templates"]
+if TYPE_CHECKING:  # the struct is declared by the kind module, which imports this one
+    from flux_edge.actions.mqtt_publish_kind import MqttPublishAction
+
+__all__ = ["MqttPublishExecutor", "check_templates"]
 
 
 def check_templates(cfg: MqttPublishAction) -> list[tuple[str, str, int]]:

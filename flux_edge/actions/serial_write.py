@@ -19,11 +19,11 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal
 
-from flux_edge.config import SerialWriteAction
 from flux_edge.errors import ActionError, SourceError
 from flux_edge.model import Command, Outcome
 
 if TYPE_CHECKING:
+    from flux_edge.actions.serial_write_kind import SerialWriteAction
     from flux_edge.sources.serial import SerialReader
 
 __all__ = ["SerialWriteExecutor", "parse_write_data"]

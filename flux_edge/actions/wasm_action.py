@@ -17,12 +17,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from flux_edge.config import WasmAction
 from flux_edge.errors import ActionError, PluginError
 from flux_edge.model import Command, Outcome
 from flux_edge.plugins.host import Plugin
+
+if TYPE_CHECKING:  # the struct is declared by the kind module, which imports this one
+    from flux_edge.actions.wasm_kind import WasmAction
 
 __all__ = ["Sender", "WasmActionExecutor"]
 

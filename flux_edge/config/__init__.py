@@ -1,137 +1,104 @@
 """TOML configuration -> typed, frozen config. The ONE place config is validated.
 
-Schema (the Structs below) is the contract the rest of the daemon reads. Durations are given in
-TOML as strings ("50ms", "1s", "2m", "1h", "1h30m") or numbers of seconds and stored as float
-seconds; sizes as "16MiB"/"512KiB"/"1GB" or a number of bytes and stored as int bytes.
+Schema (``schema``) is the contract the rest of the daemon reads. Durations are given in TOML as
+strings ("50ms", "1s", "2m", "1h", "1h30m") or numbers of seconds and stored as float seconds;
+sizes as "16MiB"/"512KiB"/"1GB" or a number of bytes and stored as int bytes.
 
-The package, module by module: ``schema`` (the Structs), ``values`` (durations, sizes, names),
-``positions`` (the TOML position scanner), ``validate`` (the schema pass and per-field rules),
-``tables`` (checks across the fields of one table), ``references`` (checks across tables),
-``plugin_files``, ``profiles`` (device profiles, Modbus normalization), ``budget`` (RTU bus
-time), ``load`` (the passes and the entry points).
+This package is the mechanism and names no domain: each source and action kind declares its
+struct, its checks and its factory beside its own code (``kinds.Kind``), each domain what it adds
+(``kinds.Domain``: rules, actuators, the uplink), and ``flux_edge.kinds`` collects them and binds
+the entry points (``flux_edge.kinds.load_config`` etc.). Module by module: ``schema`` (the
+structs config owns, and ``SourceSpec``/``ActionSpec``, the bases of the kinds' structs),
+``kinds`` (the interface), ``values`` (durations, sizes, names), ``positions`` (the TOML position
+scanner), ``validate`` (the schema walk and per-field rules), ``tables`` (checks across one
+table's fields), ``references`` (checks across tables no kind owns), ``plugin_files``, ``load``
+(the passes).
 
 Loading happens in passes, each collecting *every* problem it finds (docs/configuration.md):
 
 1. syntax: tomlkit parses the text; a syntax error is reported with its line and column;
-2. schema: the whole document is walked against the Structs (unknown keys with a suggestion,
-   types deep in lists, missing keys, durations, sizes, ranges), each problem placed at the line
-   and column of the offending key or value by a small position scanner
-   (``positions._Scanner``), since tomlkit does not expose positions;
-3. references: chains name plugins, plugin files exist, actions name sources (of the right kind,
-   and a device of it), rules name actions, device names are unique, one source per serial port;
-4. normalization: every Modbus source gets ``devices`` (the TCP single-device shorthand becomes
-   one device), each device's ``profile`` file is read (its problems reported in that file) and
-   its map merged with the device's own registers, a device interval/timeout of 0 becomes the
-   bus's;
-5. rule conditions type-check (``flux_edge.rules.engine.check_rules``);
-6. the structs are built, and each RTU bus's time budget is checked (``bus_budget``).
-
-Public API: ``load_config``, ``load_config_text``, ``check_config``, ``check_config_text``,
-``resolve_plugin_path``, ``plugin_search_paths``, ``bundled_plugin_dir``, ``parse_duration``,
-``parse_size``, ``source_devices``, ``load_profile``, ``profile_search_paths``,
-``bundled_profile_dir``, ``bus_budget`` (-> ``BusBudget``).
+2. schema: the whole document is walked against the structs (unknown keys with a suggestion,
+   types deep in lists, missing keys, durations, sizes, ranges), a source or action table against
+   the struct of the kind its ``type`` names; each problem placed at the line and column of the
+   offending key or value by a small position scanner (``positions._Scanner``), since tomlkit does
+   not expose positions;
+3. references: chains name plugins, plugin files exist, device names are unique, one source per
+   serial port; then each entry's kind (``Kind.cross_check``: an action's source) and each domain
+   (``Domain.references``: rules name actions);
+4. normalization: each kind's ``normalize`` (a Modbus source gets ``devices`` and its profiles'
+   register maps); then each domain's ``semantic`` pass (actuators, rule conditions, rule tests);
+5. the structs are built; each kind's ``built_check`` (an RTU bus's time budget) and each
+   domain's ``built`` pass run on them.
 """
 
-from flux_edge.config.budget import WARN_UTILISATION, BusBudget, BusRequest, bus_budget
-from flux_edge.config.load import check_config, check_config_text, load_config, load_config_text
+from flux_edge.config.kinds import Context, Device, Devices, Domain, Kind, Kinds, Registry
+from flux_edge.config.load import build_config
 from flux_edge.config.plugin_files import (
     bundled_plugin_dir,
     plugin_search_paths,
     resolve_plugin_path,
 )
-from flux_edge.config.profiles import (
-    bundled_profile_dir,
-    load_profile,
-    profile_search_paths,
-    source_devices,
-)
 from flux_edge.config.schema import (
-    REGISTER_WORDS,
-    ActionConfig,
+    ActionSpec,
     ActuatorConfig,
     Config,
     DaemonConfig,
-    DeviceProfile,
     MetricsConfig,
-    ModbusDeviceConfig,
-    ModbusRtuSource,
-    ModbusTcpSource,
-    ModbusWriteAction,
-    MqttPublishAction,
-    MqttSource,
-    MqttSubscription,
     Order,
     Parity,
     PluginConfig,
-    ProfileInfo,
-    RegisterConfig,
-    RegisterFunction,
-    RegisterType,
     RuleConfig,
     RuleTest,
     RuleTestStep,
-    SerialSource,
-    SerialWriteAction,
-    SourceConfig,
+    SourceSpec,
+    Table,
     TlsConfig,
     UplinkConfig,
-    WasmAction,
 )
 from flux_edge.config.values import (
     DURATION_HELP,
     SIZE_HELP,
+    Key,
+    Rule,
+    check_host,
+    check_name,
     parse_duration,
     parse_size,
 )
 
 __all__ = [
     "DURATION_HELP",
-    "REGISTER_WORDS",
     "SIZE_HELP",
-    "WARN_UTILISATION",
-    "ActionConfig",
+    "ActionSpec",
     "ActuatorConfig",
-    "BusBudget",
-    "BusRequest",
     "Config",
+    "Context",
     "DaemonConfig",
-    "DeviceProfile",
+    "Device",
+    "Devices",
+    "Domain",
+    "Key",
+    "Kind",
+    "Kinds",
     "MetricsConfig",
-    "ModbusDeviceConfig",
-    "ModbusRtuSource",
-    "ModbusTcpSource",
-    "ModbusWriteAction",
-    "MqttPublishAction",
-    "MqttSource",
-    "MqttSubscription",
     "Order",
     "Parity",
     "PluginConfig",
-    "ProfileInfo",
-    "RegisterConfig",
-    "RegisterFunction",
-    "RegisterType",
+    "Registry",
+    "Rule",
     "RuleConfig",
     "RuleTest",
     "RuleTestStep",
-    "SerialSource",
-    "SerialWriteAction",
-    "SourceConfig",
+    "SourceSpec",
+    "Table",
     "TlsConfig",
     "UplinkConfig",
-    "WasmAction",
+    "build_config",
     "bundled_plugin_dir",
-    "bundled_profile_dir",
-    "bus_budget",
-    "check_config",
-    "check_config_text",
-    "load_config",
-    "load_config_text",
-    "load_profile",
+    "check_host",
+    "check_name",
     "parse_duration",
     "parse_size",
     "plugin_search_paths",
-    "profile_search_paths",
     "resolve_plugin_path",
-    "source_devices",
 ]

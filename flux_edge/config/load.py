@@ -1,120 +1,107 @@
-"""Loading: text -> Config or a list of Problems, in passes (see the package docstring)."""
+"""Loading: text -> Config or a list of Problems, in passes (see the package docstring).
+
+The entry points take the ``Kinds`` to load with; ``flux_edge.kinds`` binds them to every kind and
+domain of this build (``load_config`` etc.), so this module names no domain."""
 
 from __future__ import annotations
 
-import importlib
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
-import tomlkit
-import tomlkit.exceptions
 
-from flux_edge.config.budget import _check_budgets
-from flux_edge.config.positions import _Positions, _scan, _syntax_problem
-from flux_edge.config.profiles import _normalize
-from flux_edge.config.references import _check_actuators, _cross_check, _names
+from flux_edge.config.kinds import SECTIONS, Context, Kinds
+from flux_edge.config.positions import _Positions, _scan, parse_document
+from flux_edge.config.references import check_references
 from flux_edge.config.schema import Config
 from flux_edge.config.validate import _BAD, _Validator
-from flux_edge.config.values import Key, _fmt_path
-from flux_edge.errors import ConfigError, FluxError, Problem
+from flux_edge.errors import ConfigError, Problem
 
 _log = logging.getLogger("flux_edge.config")
-def _check_conditions(v: _Validator, data: dict[str, Any]) -> None:
-    """Type-check every rule condition with the rules engine (CEL), if it is importable."""
-    if not v.clean(("sources",)) or not data.get("rules"):
-        return  # a broken source would make every rule using its registers look wrong
-    try:
-        engine = importlib.import_module("flux_edge.rules.engine")
-    except ModuleNotFoundError as exc:
-        if exc.name in ("flux_edge.rules", "flux_edge.rules.engine"):
-            return  # not part of this build yet
-        v.report((), f"rule conditions were not checked: {exc}", warning=True)
-        return
-    except ImportError as exc:
-        v.report((), f"rule conditions were not checked: {exc}", warning=True)
-        return
-    check_rules: Callable[[Config], list[Any]] = engine.check_rules
-    salvage: dict[str, Any] = {}
-    for section in ("plugins", "sources", "rules", "actions", "actuators"):
-        entries = data.get(section, {})
-        salvage[section] = {k: e for k, e in entries.items() if v.clean((section, k))}
-    if v.clean(("daemon",)) and "daemon" in data:
-        salvage["daemon"] = data["daemon"]
-    try:
-        config = msgspec.convert(salvage, Config)
-    except msgspec.ValidationError:
-        return
-    try:
-        errors = check_rules(config)
-    except FluxError as exc:
-        errors = [exc]
-    for err in errors:
-        rule = getattr(err, "rule", "")
-        column = int(getattr(err, "column", 0) or 0)
-        # a condition other than a rule's `when` (off_when, an actuator's interlock) says which
-        key = getattr(err, "key", None)
-        path: Key = tuple(key) if key else ("rules", rule, "when")
-        line, col = v.pos.value(path)
-        if column > 0:
-            line, col = v.pos.in_string(path, column - 1) or (line, col)
-        v.problems.append(Problem(v.file, _fmt_path(path), str(err), line, col))
-        v.dirty.add(path)
-    _check_rule_tests_run(v, config)
 
 
-def _check_rule_tests_run(v: _Validator, config: Config) -> None:
-    """Run the rules' own test cases (in simulated time; no device is touched)."""
-    tested = {
-        name: rule for name, rule in config.rules.items() if rule.tests and v.clean(("rules", name))
-    }
-    if not tested:
-        return
-    try:
-        replay = importlib.import_module("flux_edge.rules.replay")
-    except ImportError as exc:
-        v.report((), f"rule test cases were not run: {exc}", warning=True)
-        return
-    run: Callable[[Config], list[Any]] = replay.check_rule_tests
-    for result in run(msgspec.structs.replace(config, rules=tested)):
-        if not result.ok:
-            v.report(("rules", result.rule, "tests", result.index), str(result), at="key")
+def build_config(data: dict[str, Any], kinds: Kinds) -> Config:
+    """The ``Config`` of checked data: each source and action entry becomes its kind's struct.
+    Raises ``msgspec.ValidationError`` (a gap between the checks and the structs) or ``KeyError``
+    (an entry of no registered kind)."""
+    entries: dict[str, dict[str, Any]] = {}
+    rest = dict(data)
+    for section in SECTIONS:
+        registry = kinds.registry(section)
+        built = {}
+        for name, entry in (rest.pop(section, None) or {}).items():
+            kind = registry.get(entry.get("type"))
+            if kind is None:
+                raise KeyError(f"{section}.{name}: no {section} kind {entry.get('type')!r}")
+            built[name] = msgspec.convert(entry, kind.struct)
+        entries[section] = built
+    config = msgspec.convert(rest, Config)
+    return msgspec.structs.replace(config, **entries)
+
+
+def make_validator(file: str, positions: _Positions, kinds: Kinds) -> _Validator:
+    """The schema walk for one file, knowing the kinds' structs and rules."""
+    return _Validator(
+        file,
+        positions,
+        rules=kinds.rules(),
+        table_checks=kinds.table_checks(),
+        registries=(kinds.sources, kinds.actions),
+    )
 
 
 # --- entry points -------------------------------------------------------------------------------
 
-def _check(text: str, file: str, config_path: str) -> tuple[Config | None, list[Problem]]:
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    try:
-        raw = tomlkit.parse(text).unwrap()
-    except (tomlkit.exceptions.TOMLKitError, ValueError, OverflowError) as exc:
-        return None, [_syntax_problem(file, exc, _Positions(text))]
-    except RecursionError:
-        return None, [Problem(file, "", "invalid TOML: values are nested too deeply")]
+def _check(
+    text: str, file: str, config_path: str, kinds: Kinds
+) -> tuple[Config | None, list[Problem]]:
+    text, raw, syntax = parse_document(text, file)
+    if raw is None:
+        return None, syntax
     positions = _scan(text)
-    v = _Validator(file, positions)
+    v = make_validator(file, positions, kinds)
     base_dir = Path(config_path).parent if config_path else Path.cwd()
+
+    def build(data: dict[str, Any]) -> Config | None:
+        try:
+            return build_config(data, kinds)
+        except (msgspec.ValidationError, KeyError):
+            return None
+
+    ctx: Context | None = None
     try:
         data = v.check(raw, Config, ())
         if data is not _BAD:
-            _cross_check(v, raw, data, base_dir)
-            _normalize(v, data, base_dir)
-            _check_actuators(v, data, _names(raw, "actions"))
-            _check_conditions(v, data)
+            ctx = Context(v, raw=raw, data=data, base_dir=base_dir, kinds=kinds, build=build)
+            check_references(ctx)
+            for domain in kinds.domains:
+                if domain.references is not None:
+                    domain.references(ctx)
+            for sname, src in ctx.entries("sources").items():
+                kind = ctx.kind_of("sources", src)
+                if kind is not None and kind.normalize is not None:
+                    kind.normalize(ctx, sname, src)
+            for domain in kinds.domains:
+                if domain.semantic is not None:
+                    domain.semantic(ctx)
     except RecursionError:
         v.report((), "values are nested too deeply")
     config = None
-    if v.errors == 0:
+    if v.errors == 0 and ctx is not None:
         data["path"] = config_path
         try:
-            config = msgspec.convert(data, Config)
-        except msgspec.ValidationError as exc:  # a gap between this validator and the schema
+            config = build_config(data, kinds)
+        except (msgspec.ValidationError, KeyError) as exc:  # a gap between checks and schema
             v.report((), f"internal error: the checked configuration was refused: {exc}")
         if config is not None:
-            _check_budgets(v, config)
+            for sname in config.sources:
+                kind = kinds.sources.of(config.sources[sname])
+                if kind.built_check is not None:
+                    kind.built_check(ctx, config, sname)
+            for domain in kinds.domains:
+                if domain.built is not None:
+                    domain.built(ctx, config)
             if v.errors:
                 config = None
     # this file's problems first, by position; then those of profile files it uses
@@ -129,14 +116,16 @@ def _split(problems: list[Problem]) -> tuple[list[Problem], list[Problem]]:
     return errors, [p for p in problems if p.severity != "error"]
 
 
-def check_config_text(text: str, path: str = "<string>") -> tuple[Config | None, list[Problem]]:
+def check_config_text(
+    text: str, kinds: Kinds, path: str = "<string>"
+) -> tuple[Config | None, list[Problem]]:
     """Like ``check_config`` for text in memory. ``path`` names it in problems; unless it is
     ``"<...>"`` it also sets ``Config.path`` (so relative plugin paths resolve next to it)."""
     config_path = "" if path.startswith("<") else str(Path(path).resolve())
-    return _check(text, path, config_path)
+    return _check(text, path, config_path, kinds)
 
 
-def check_config(path: str | Path) -> tuple[Config | None, list[Problem]]:
+def check_config(path: str | Path, kinds: Kinds) -> tuple[Config | None, list[Problem]]:
     """Load and check a configuration file; never raises for a bad file.
 
     Returns ``(config, problems)``: every problem found, errors and warnings (``Problem.severity``),
@@ -155,7 +144,7 @@ def check_config(path: str | Path) -> tuple[Config | None, list[Problem]]:
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         message = f"not UTF-8 text: byte 0x{data[exc.start]:02x} cannot be decoded"
         return None, [Problem(file, "", message, line, column)]
-    return _check(text, file, str(Path(path).resolve()))
+    return _check(text, file, str(Path(path).resolve()), kinds)
 
 
 def _finish(config: Config | None, problems: list[Problem]) -> Config:
@@ -167,12 +156,12 @@ def _finish(config: Config | None, problems: list[Problem]) -> Config:
     return config
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, kinds: Kinds) -> Config:
     """Load a configuration file. Raises ``ConfigError`` holding every error; warnings are logged
     (use ``check_config`` to get them)."""
-    return _finish(*check_config(path))
+    return _finish(*check_config(path, kinds))
 
 
-def load_config_text(text: str, path: str = "<string>") -> Config:
+def load_config_text(text: str, kinds: Kinds, path: str = "<string>") -> Config:
     """Load configuration text (``path`` as in ``check_config_text``). Raises ``ConfigError``."""
-    return _finish(*check_config_text(text, path))
+    return _finish(*check_config_text(text, kinds, path))

@@ -6,6 +6,10 @@ from __future__ import annotations
 import bisect
 import contextlib
 import re
+from typing import Any
+
+import tomlkit
+import tomlkit.exceptions
 
 from flux_edge.config.values import Key
 from flux_edge.errors import Problem
@@ -388,3 +392,16 @@ def _syntax_problem(file: str, exc: Exception, positions: _Positions) -> Problem
     elif message == "Unexpected character: '\\n'":
         message = "unexpected end of line: a value, a closing quote or a bracket is missing"
     return Problem(file, "", f"invalid TOML: {message}", line, column)
+
+
+def parse_document(text: str, file: str) -> tuple[str, dict[str, Any] | None, list[Problem]]:
+    """Parse TOML text (a byte-order mark dropped): ``(text, data, [])`` with the document as
+    plain data, or ``(text, None, [the syntax problem at its line and column])``."""
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    try:
+        return text, tomlkit.parse(text).unwrap(), []
+    except (tomlkit.exceptions.TOMLKitError, ValueError, OverflowError) as exc:
+        return text, None, [_syntax_problem(file, exc, _Positions(text))]
+    except RecursionError:
+        return text, None, [Problem(file, "", "invalid TOML: values are nested too deeply")]

@@ -1,27 +1,31 @@
 """The configuration schema: frozen msgspec Structs that the rest of the daemon reads.
 
+The structs config owns (daemon, plugins, rules, actuators, metrics, uplink, TLS) and the bases of
+the kinds' structs: every ``[sources.X]`` entry is a ``SourceSpec`` and every ``[actions.X]`` an
+``ActionSpec`` subclass declared by its kind's module (``flux_edge.config.kinds``).
+
 Durations are given in TOML as strings ("50ms", "1s", "2m", "1h", "1h30m") or numbers of seconds and
 stored as float seconds; sizes as "16MiB"/"512KiB"/"1GB" or a number of bytes and stored as int
-bytes. The constraints the types alone do not carry are in ``validate._RULES``.
+bytes. The constraints the types alone do not carry are in ``validate._RULES`` (config's own
+structs) and in each kind's ``rules``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import msgspec
 
-RegisterFunction = Literal["coil", "discrete", "holding", "input"]
-RegisterType = Literal[
-    "bool", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64", "string"
-]
 Order = Literal["big", "little"]
 Parity = Literal["N", "E", "O"]
 
 
 class _S(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     pass
+
+
+Table = _S  # the base of every config table's struct: frozen, keyword-only, unknown keys refused
 
 
 class DaemonConfig(_S, frozen=True):
@@ -52,94 +56,6 @@ class PluginConfig(_S, frozen=True):
     config: dict[str, Any] = {}  # passed as JSON to the plugin's flux_init
 
 
-class RegisterConfig(_S, frozen=True):
-    name: str  # a CEL identifier: [A-Za-z_][A-Za-z0-9_]*
-    address: int  # 0..65535
-    function: RegisterFunction = "holding"
-    type: RegisterType = "uint16"
-    byte_order: Order = "big"
-    word_order: Order = "big"
-    scale: float = 1.0
-    offset: float = 0.0
-    unit: str = ""
-    count: int = 0  # registers of a "string" (2 ASCII bytes each); required for strings only
-    interval: float = 0.0  # poll this point on its own interval; 0 = the device's interval
-
-
-class ModbusDeviceConfig(_S, frozen=True):
-    """One slave (unit id) on a Modbus bus or behind a Modbus TCP endpoint/gateway."""
-
-    name: str  # device name carried by its measurements
-    unit_id: int = 1
-    profile: str = ""  # a register map file: <profile>.toml in daemon.profile_dirs, or a path
-    registers: tuple[RegisterConfig, ...] = ()  # after loading: the profile's map, then these
-    interval: float = 0.0  # 0 = the bus's interval
-    timeout: float = 0.0  # 0 = the bus's timeout
-
-
-class ModbusTcpSource(_S, frozen=True, tag="modbus_tcp", tag_field="type"):
-    host: str
-    port: int = 502
-    unit_id: int = 1  # single-device shorthand (with device/registers); or use `devices`
-    interval: float = 1.0  # seconds between polls
-    timeout: float = 1.0  # seconds per request
-    device: str = ""  # device name for measurements; default: the source's table name
-    chain: tuple[str, ...] = ()  # plugin names, applied in order
-    max_gap: int = 8  # registers a coalesced read may skip over
-    registers: tuple[RegisterConfig, ...] = ()
-    devices: tuple[ModbusDeviceConfig, ...] = ()  # several unit ids behind one endpoint
-    retries: int = 1  # extra attempts of a failed request before the device counts as failing
-    backoff_max: float = 60.0  # longest pause between attempts to reach a failing device
-
-
-class ModbusRtuSource(_S, frozen=True, tag="modbus_rtu", tag_field="type"):
-    """An RS-485 line: one request at a time, several slaves."""
-
-    port: str  # /dev/ttyUSB0, /dev/serial/by-id/...
-    devices: tuple[ModbusDeviceConfig, ...]
-    baudrate: int = 9600
-    parity: Parity = "E"  # the Modbus spec's default; many devices ship set to "N"
-    stopbits: int = 1
-    bytesize: int = 8
-    interval: float = 1.0
-    timeout: float = 0.2  # response timeout per request
-    retries: int = 1
-    backoff_max: float = 60.0
-    max_gap: int = 8
-    inter_frame: float = 0.0  # silence between frames; 0 = the spec's 3.5 characters (>= 1.75 ms)
-    # How long a slave takes from the end of a request to the start of its answer. Used only by
-    # the bus budget check (``bus_budget``); the protocol does not bound it, devices document it.
-    turnaround: float = 0.005
-    chain: tuple[str, ...] = ()
-
-
-class SerialSource(_S, frozen=True, tag="serial", tag_field="type"):
-    """A non-Modbus serial device (NMEA GPS, ASCII sensor, barcode reader ...)."""
-
-    port: str
-    baudrate: int = 9600
-    parity: Parity = "N"
-    stopbits: int = 1
-    bytesize: int = 8
-    device: str = ""  # default: the source's table name
-    framing: Literal["delimiter", "fixed", "length_prefix", "idle"] = "delimiter"
-    # delimiter framing: TOML escapes allowed ("\r\n"); the delimiter is not part of the frame
-    delimiter: str = "\n"
-    frame_length: int = 0  # fixed framing: bytes per frame
-    length_offset: int = 0  # length_prefix: where the length field starts in the frame
-    length_bytes: int = 1  # length_prefix: 1, 2 or 4
-    length_order: Order = "big"  # length_prefix: byte order of the length field
-    length_adjust: int = 0  # length_prefix: added to the length field to get the bytes after it
-    idle: float = 0.02  # idle framing: a gap this long ends a frame
-    max_frame: int = 4096  # longer frames are counted errors and dropped up to the next boundary
-    chain: tuple[str, ...] = ()
-
-
-class MqttSubscription(_S, frozen=True):
-    topic: str  # MQTT filter, wildcards + and # allowed
-    qos: int = 1  # 0, 1 or 2
-
-
 class TlsConfig(_S, frozen=True):
     """TLS towards an MQTT broker. Paths are relative to the config file."""
 
@@ -149,28 +65,44 @@ class TlsConfig(_S, frozen=True):
     verify_hostname: bool = True  # the broker's certificate must name the host we dial
 
 
-class MqttSource(_S, frozen=True, tag="mqtt", tag_field="type"):
-    """Subscriptions on a broker; each message's payload goes to the plugin chain."""
+class SourceSpec(_S, frozen=True, tag_field="type"):
+    """The config struct of a source kind (one per module beside its domain: see
+    ``flux_edge.config.kinds``). Every source's readings go through its plugin ``chain``.
 
-    topics: tuple[MqttSubscription, ...]
-    host: str = "127.0.0.1"
-    port: int = 1883
-    client_id: str = ""  # default: flux-edge-<daemon.name>-<source>
-    username: str = ""
-    password: str = ""
-    keepalive: float = 30.0
-    device: str = ""  # fixed device name; default: the source's table name
-    device_from_topic: str = ""  # e.g. "site/{device}/telemetry": the {device} level names it
-    reconnect_min: float = 1.0
-    reconnect_max: float = 60.0
-    max_inflight: int = 100  # QoS 1/2 messages in flight (paho's default 20 costs throughput)
-    buffer_size: int = 1000  # messages waiting for the pipeline before reading pauses
-    protocol: Literal["5", "3.1.1"] = "5"
-    tls: TlsConfig | None = None  # set (even empty: tls = {}) to connect with TLS
-    chain: tuple[str, ...] = ()
+    The methods answer, for any kind, what the rest of the daemon asks of a source entry."""
+
+    chain: tuple[str, ...] = ()  # plugin names, applied in order
+
+    def chain_keys(self, name: str) -> tuple[str, ...]:
+        """The devices that get a chain of their own (plugin instances learn their device);
+        ``""``: one chain for the whole source."""
+        return ("",)
+
+    def plugin_context(self, name: str, key: str) -> dict[str, Any]:
+        """What a plugin instance of chain ``key`` learns about what it serves, beyond the
+        source's name and type (ABI v1's ``source`` object)."""
+        return {}
+
+    def declared_points(self, name: str) -> dict[str, list[tuple[str, str]]]:
+        """device -> (point, CEL type: bool | double | string) that the config declares for it
+        (Modbus registers); rules are type-checked against these."""
+        return {}
 
 
-SourceConfig = ModbusTcpSource | ModbusRtuSource | SerialSource | MqttSource
+class ActionSpec(_S, frozen=True, tag_field="type"):
+    """The config struct of an action kind. The class variables tell the runtime how to run
+    it."""
+
+    # commands to it may run at the same time (unless it drives an actuator)
+    concurrent: ClassVar[bool] = False
+    # a successful command is logged at info (a device write), not debug
+    writes_device: ClassVar[bool] = False
+    # built after the other actions (it sends through one of them)
+    builds_late: ClassVar[bool] = False
+
+    def plugin_name(self) -> str:
+        """The [plugins.NAME] this action calls; "" for none."""
+        return ""
 
 
 class RuleTestStep(_S, frozen=True, kw_only=True):
@@ -208,63 +140,6 @@ class RuleConfig(_S, frozen=True):
     allow_stale: bool = False  # stale/bad inputs may satisfy the condition (default: never)
     severity: Literal["debug", "info", "warning", "error"] = "info"  # log level when it fires
     tests: tuple[RuleTest, ...] = ()
-
-
-class ModbusWriteAction(_S, frozen=True, tag="modbus_write", tag_field="type"):
-    source: str  # the modbus source (TCP endpoint or RTU bus) to write through
-    address: int
-    value: bool | int
-    function: Literal["coil", "holding"] = "coil"
-    device: str = ""  # the device (unit id) on that source; required when it has several
-    verify: bool = True  # read back and compare
-    retries: int = 1  # further attempts after a failed or unverified write, within `timeout`
-    timeout: float = 1.0
-
-
-class SerialWriteAction(_S, frozen=True, tag="serial_write", tag_field="type"):
-    source: str  # the serial source whose port is written
-    data: str  # what to send
-    encoding: Literal["text", "hex"] = "text"  # text: UTF-8 with TOML escapes; hex: "01 03 00"
-    timeout: float = 1.0
-
-
-class MqttPublishAction(_S, frozen=True, tag="mqtt_publish", tag_field="type"):
-    """Publish a message rendered from the command over an MQTT source's broker connection."""
-
-    source: str  # an MQTT source whose broker connection is used
-    topic: str  # template: {device} {name} {value} {unit} {quality} {rule} {action} {ts}
-    payload: str  # template; {value:json} etc. render JSON values
-    qos: int = 1  # 0, 1 or 2
-    retain: bool = False
-    timeout: float = 5.0  # seconds: connection wait + publish + broker acknowledgement
-
-
-class WasmAction(_S, frozen=True, tag="wasm", tag_field="type"):
-    """Ask a plugin (its ``flux_act`` export) what to send, and send those bytes through another
-    action's transport: a serial_write's port or an mqtt_publish's broker, topic, qos, retain."""
-
-    plugin: str  # a declared [plugins.NAME] that exports flux_act
-    target: str  # the serial_write or mqtt_publish action whose transport carries the bytes
-    timeout: float = 1.0  # seconds for the send (the plugin call has the plugin's own timeout)
-
-
-ActionConfig = ModbusWriteAction | SerialWriteAction | MqttPublishAction | WasmAction
-
-
-class ProfileInfo(_S, frozen=True):
-    """The ``[profile]`` table of a device profile file."""
-
-    manufacturer: str
-    model: str
-    description: str = ""
-    source: str = ""  # URL of the public register documentation the map was taken from
-
-
-class DeviceProfile(_S, frozen=True):
-    """A device profile file (config/devices/*.toml): a reusable register map."""
-
-    profile: ProfileInfo
-    registers: tuple[RegisterConfig, ...]
 
 
 class ActuatorConfig(_S, frozen=True):
@@ -326,9 +201,9 @@ class UplinkConfig(_S, frozen=True):
 class Config(_S, frozen=True):
     daemon: DaemonConfig = DaemonConfig()
     plugins: dict[str, PluginConfig] = {}
-    sources: dict[str, SourceConfig] = {}
+    sources: dict[str, SourceSpec] = {}  # each entry a registered source kind's struct
     rules: dict[str, RuleConfig] = {}
-    actions: dict[str, ActionConfig] = {}
+    actions: dict[str, ActionSpec] = {}  # each entry a registered action kind's struct
     actuators: dict[str, ActuatorConfig] = {}
     uplink: UplinkConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
@@ -339,22 +214,6 @@ class Config(_S, frozen=True):
     def base_dir(self) -> Path:
         return Path(self.path).resolve().parent if self.path else Path.cwd()
 
-
-# Registers (16-bit words) each register type takes; a "string" takes its ``count``. The one
-# table of these widths: sources/modbus/plan.py reads it too.
-REGISTER_WORDS: dict[str, int] = {
-    "bool": 1,
-    "int16": 1,
-    "uint16": 1,
-    "int32": 2,
-    "uint32": 2,
-    "float32": 2,
-    "int64": 4,
-    "uint64": 4,
-    "float64": 4,
-}
-_MODBUS_TYPES = ("modbus_tcp", "modbus_rtu")
-_BIT_FUNCTIONS = frozenset({"coil", "discrete"})
 
 def _default(cls: type[msgspec.Struct], name: str) -> Any:
     for field in msgspec.structs.fields(cls):

@@ -4,48 +4,36 @@ key path, line and column."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from datetime import date, datetime, time
 from decimal import InvalidOperation
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 import msgspec
 
 from flux_edge.config.positions import _Positions
 from flux_edge.config.schema import (
+    ActionSpec,
     ActuatorConfig,
     Config,
     DaemonConfig,
     MetricsConfig,
-    ModbusDeviceConfig,
-    ModbusRtuSource,
-    ModbusTcpSource,
-    ModbusWriteAction,
-    MqttPublishAction,
-    MqttSource,
-    MqttSubscription,
     PluginConfig,
-    RegisterConfig,
     RuleConfig,
     RuleTest,
     RuleTestStep,
-    SerialSource,
-    SerialWriteAction,
+    SourceSpec,
     UplinkConfig,
-    WasmAction,
 )
-from flux_edge.config.tables import _STRUCT_CHECKS
+from flux_edge.config.tables import TABLE_CHECKS
 from flux_edge.config.values import (
     _LOG_LEVELS,
     Key,
     _check_cel_ident,
-    _check_device_pattern,
     _check_host,
     _check_input_ref,
     _check_module,
     _check_name,
-    _check_profile_ref,
-    _check_topic_filter,
-    _check_uplink_topic,
     _desc,
     _fmt_path,
     _got,
@@ -61,6 +49,9 @@ from flux_edge.config.values import (
 )
 from flux_edge.errors import Problem
 
+if TYPE_CHECKING:
+    from flux_edge.config.kinds import Registry, TableCheck
+
 _RULES: dict[tuple[type, str], _Rule] = {
     (DaemonConfig, "name"): _Rule(check=_check_name),
     (DaemonConfig, "state_dir"): _Rule(nonempty=True),
@@ -74,60 +65,6 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (PluginConfig, "max_failures"): _Rule(min=1, max=1_000_000),
     (PluginConfig, "quarantine"): _Rule(kind="duration", min=0),
     (DaemonConfig, "profile_dirs"): _Rule(nonempty=True),
-    (RegisterConfig, "name"): _Rule(nonempty=True, check=_check_cel_ident),
-    (RegisterConfig, "address"): _Rule(min=0, max=65535),
-    (RegisterConfig, "count"): _Rule(min=1, max=125),
-    (RegisterConfig, "interval"): _Rule(kind="duration", positive=True),
-    (ModbusDeviceConfig, "name"): _Rule(nonempty=True, check=_check_name),
-    (ModbusDeviceConfig, "unit_id"): _Rule(min=0, max=247),
-    (ModbusDeviceConfig, "profile"): _Rule(check=_check_profile_ref),
-    (ModbusDeviceConfig, "interval"): _Rule(kind="duration", min=0),
-    (ModbusDeviceConfig, "timeout"): _Rule(kind="duration", min=0),
-    (ModbusTcpSource, "host"): _Rule(nonempty=True, check=_check_host),
-    (ModbusTcpSource, "port"): _Rule(min=1, max=65535),
-    (ModbusTcpSource, "unit_id"): _Rule(min=0, max=247),
-    (ModbusTcpSource, "interval"): _Rule(kind="duration", positive=True),
-    (ModbusTcpSource, "timeout"): _Rule(kind="duration", positive=True),
-    (ModbusTcpSource, "device"): _Rule(check=_check_name),
-    (ModbusTcpSource, "max_gap"): _Rule(min=0, max=123),
-    (ModbusTcpSource, "chain"): _Rule(nonempty=True),
-    (ModbusTcpSource, "retries"): _Rule(min=0, max=100),
-    (ModbusTcpSource, "backoff_max"): _Rule(kind="duration", positive=True),
-    (ModbusRtuSource, "port"): _Rule(nonempty=True),
-    (ModbusRtuSource, "baudrate"): _Rule(min=300, max=4_000_000),
-    (ModbusRtuSource, "stopbits"): _Rule(min=1, max=2),
-    (ModbusRtuSource, "bytesize"): _Rule(min=7, max=8),
-    (ModbusRtuSource, "interval"): _Rule(kind="duration", positive=True),
-    (ModbusRtuSource, "timeout"): _Rule(kind="duration", positive=True),
-    (ModbusRtuSource, "retries"): _Rule(min=0, max=100),
-    (ModbusRtuSource, "backoff_max"): _Rule(kind="duration", positive=True),
-    (ModbusRtuSource, "max_gap"): _Rule(min=0, max=123),
-    (ModbusRtuSource, "inter_frame"): _Rule(kind="duration", min=0, max=1),
-    (ModbusRtuSource, "turnaround"): _Rule(kind="duration", min=0, max=10),
-    (ModbusRtuSource, "chain"): _Rule(nonempty=True),
-    (SerialSource, "port"): _Rule(nonempty=True),
-    (SerialSource, "baudrate"): _Rule(min=300, max=4_000_000),
-    (SerialSource, "stopbits"): _Rule(min=1, max=2),
-    (SerialSource, "bytesize"): _Rule(min=7, max=8),
-    (SerialSource, "device"): _Rule(check=_check_name),
-    (SerialSource, "frame_length"): _Rule(min=0, max=16 * 2**20),
-    (SerialSource, "length_offset"): _Rule(min=0, max=65535),
-    (SerialSource, "length_adjust"): _Rule(min=-65535, max=65535),
-    (SerialSource, "idle"): _Rule(kind="duration", positive=True, max=60),
-    (SerialSource, "max_frame"): _Rule(kind="size", min=1, max=16 * 2**20),
-    (SerialSource, "chain"): _Rule(nonempty=True),
-    (MqttSubscription, "topic"): _Rule(nonempty=True, check=_check_topic_filter),
-    (MqttSubscription, "qos"): _Rule(min=0, max=2),
-    (MqttSource, "host"): _Rule(nonempty=True, check=_check_host),
-    (MqttSource, "port"): _Rule(min=1, max=65535),
-    (MqttSource, "keepalive"): _Rule(kind="duration", min=0, max=65535),
-    (MqttSource, "device"): _Rule(check=_check_name),
-    (MqttSource, "device_from_topic"): _Rule(check=_check_device_pattern),
-    (MqttSource, "reconnect_min"): _Rule(kind="duration", positive=True),
-    (MqttSource, "reconnect_max"): _Rule(kind="duration", positive=True),
-    (MqttSource, "max_inflight"): _Rule(min=1, max=65535),
-    (MqttSource, "buffer_size"): _Rule(min=1, max=1_000_000),
-    (MqttSource, "chain"): _Rule(nonempty=True),
     (RuleConfig, "when"): _Rule(nonempty=True),
     (RuleConfig, "actions"): _Rule(nonempty=True),
     (RuleConfig, "inputs"): _Rule(keys=_check_cel_ident),
@@ -150,21 +87,6 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (ActuatorConfig, "stale_after"): _Rule(kind="duration", min=0),
     (DaemonConfig, "audit_max_size"): _Rule(kind="size", min=4096, max=2**40),
     (DaemonConfig, "audit_keep"): _Rule(min=0, max=1000),
-    (ModbusWriteAction, "retries"): _Rule(min=0, max=10),
-    (ModbusWriteAction, "source"): _Rule(nonempty=True),
-    (ModbusWriteAction, "address"): _Rule(min=0, max=65535),
-    (ModbusWriteAction, "timeout"): _Rule(kind="duration", positive=True),
-    (ModbusWriteAction, "device"): _Rule(check=_check_name),
-    (SerialWriteAction, "source"): _Rule(nonempty=True),
-    (SerialWriteAction, "data"): _Rule(nonempty=True),
-    (SerialWriteAction, "timeout"): _Rule(kind="duration", positive=True),
-    (MqttPublishAction, "source"): _Rule(nonempty=True),
-    (MqttPublishAction, "topic"): _Rule(nonempty=True),
-    (MqttPublishAction, "qos"): _Rule(min=0, max=2),
-    (MqttPublishAction, "timeout"): _Rule(kind="duration", positive=True),
-    (WasmAction, "plugin"): _Rule(nonempty=True),
-    (WasmAction, "target"): _Rule(nonempty=True),
-    (WasmAction, "timeout"): _Rule(kind="duration", positive=True),
     (DaemonConfig, "stall_timeout"): _Rule(kind="duration", min=1, max=3600),
     (DaemonConfig, "shutdown_timeout"): _Rule(kind="duration", min=0.1, max=3600),
     (MetricsConfig, "host"): _Rule(nonempty=True, check=_check_host),
@@ -173,8 +95,7 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (UplinkConfig, "port"): _Rule(min=1, max=65535),
     (UplinkConfig, "keepalive"): _Rule(kind="duration", min=0, max=65535),
     (UplinkConfig, "qos"): _Rule(min=1, max=2),
-    (UplinkConfig, "topic"): _Rule(nonempty=True, check=_check_uplink_topic),
-    (UplinkConfig, "status_topic"): _Rule(check=_check_uplink_topic),
+    (UplinkConfig, "topic"): _Rule(nonempty=True),
     (UplinkConfig, "batch_max"): _Rule(min=1, max=10_000),
     (UplinkConfig, "max_inflight"): _Rule(min=1, max=65535),
     (UplinkConfig, "reconnect_min"): _Rule(kind="duration", positive=True),
@@ -182,6 +103,7 @@ _RULES: dict[tuple[type, str], _Rule] = {
     (UplinkConfig, "outbox_max_size"): _Rule(kind="size", min=64 * 1024, max=2**40),
     (UplinkConfig, "commit_interval"): _Rule(kind="duration", min=0, max=10),
     (UplinkConfig, "sync_interval"): _Rule(kind="duration", min=0, max=3600),
+    (SourceSpec, "chain"): _Rule(nonempty=True),
     (Config, "plugins"): _Rule(keys=_check_name),
     (Config, "sources"): _Rule(keys=_check_name),
     (Config, "rules"): _Rule(keys=_check_name),
@@ -203,11 +125,42 @@ class _Validator:
     which rejected values are left out, so later passes can still look at the valid parts.
     """
 
-    def __init__(self, file: str, positions: _Positions) -> None:
+    def __init__(
+        self,
+        file: str,
+        positions: _Positions,
+        *,
+        rules: Mapping[tuple[type, str], _Rule] | None = None,
+        table_checks: Mapping[type, TableCheck] | None = None,
+        registries: Sequence[Registry] = (),
+    ) -> None:
         self.file = file
         self.pos = positions
         self.problems: list[Problem] = []
         self.dirty: set[Key] = set()
+        self._rules = {**_RULES, **(rules or {})}
+        self._table_checks = {**TABLE_CHECKS, **(table_checks or {})}
+        # a field typed SourceSpec/ActionSpec is a table of one of that registry's kinds
+        self._kinds: dict[type, tuple[type, ...]] = {}
+        for registry in registries:
+            base = SourceSpec if registry.section == "sources" else ActionSpec
+            self._kinds[base] = registry.structs
+
+    def rule(self, cls: type, key: str) -> _Rule | None:
+        """The rule of field ``key`` of struct ``cls`` (or of a base struct it inherits it from)."""
+        for klass in cls.__mro__:
+            rule = self._rules.get((klass, key))
+            if rule is not None:
+                return rule
+        return None
+
+    def report_in_string(self, path: Key, message: str, column: int) -> None:
+        """An error at ``column`` (1-based, 0 = unknown) inside the string value at ``path``."""
+        line, col = self.pos.value(path)
+        if column > 0:
+            line, col = self.pos.in_string(path, column - 1) or (line, col)
+        self.problems.append(Problem(self.file, _fmt_path(path), message, line, col))
+        self.dirty.add(path)
 
     @property
     def errors(self) -> int:
@@ -255,6 +208,8 @@ class _Validator:
                     return self.check(value, alternative, path, rule)
             self.report(path, f"expected {_desc(tp)}, got {_got(value)}")
             return _BAD
+        if tp in self._kinds:
+            return self._tagged(value, self._kinds[tp], path)
         if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
             return self._struct(value, tp, path)
         if not self._is(value, tp):
@@ -453,7 +408,7 @@ class _Validator:
                     at="key",
                 )
                 continue
-            checked = self.check(element, field.type, kpath, _RULES.get((cls, key)))
+            checked = self.check(element, field.type, kpath, self.rule(cls, key))
             if checked is not _BAD:
                 out[key] = checked
         if tag_field is not None:
@@ -467,14 +422,14 @@ class _Validator:
             out[tag_field] = tag
         for field in fields.values():
             if field.required and field.encode_name not in value:
-                rule = _RULES.get((cls, field.encode_name))
+                rule = self.rule(cls, field.encode_name)
                 self.report(
                     (*path, field.encode_name),
                     f'missing required key "{field.encode_name}" ({_desc(field.type, rule)})',
                     at="key",
                     where=path,
                 )
-        check = _STRUCT_CHECKS.get(cls)
+        check = self._table_checks.get(cls)
         if check is not None:
             check(self, out, path, self.errors == before)
         return out

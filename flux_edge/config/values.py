@@ -196,34 +196,6 @@ def _check_profile_ref(value: str) -> str | None:
     )
 
 
-def _check_topic_filter(value: str) -> str | None:
-    """An MQTT topic filter: '#' alone in the last level, '+' alone in its level, no NUL."""
-    from flux_edge.mqtt import check_filter  # pure helpers; paho is not imported
-
-    return check_filter(value)
-
-
-_DEVICE_LEVEL = "{device}"
-
-
-def _check_uplink_topic(value: str) -> str | None:
-    """A publish topic with {gateway}/{source}/{device}/{name} placeholders (our own syntax:
-    no format specs, conversions or indexing; flux_edge.uplink.topics)."""
-    from flux_edge.uplink.topics import check_uplink_topic  # pure: templates only, no MQTT
-
-    return check_uplink_topic(value)
-
-
-def _check_device_pattern(value: str) -> str | None:
-    from flux_edge.mqtt import DevicePattern
-
-    try:
-        DevicePattern(value)
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
 # Baud rates serial adapters and Modbus devices offer; others are accepted with a warning.
 _STANDARD_BAUDRATES = frozenset(
     {
@@ -362,3 +334,9 @@ def _fmt_path(path: Key) -> str:
 def _suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f'did you mean "{close[0]}"? ' if close else ""
+
+
+# The names kind modules use (flux_edge.config re-exports them).
+Rule = _Rule
+check_name = _check_name
+check_host = _check_host

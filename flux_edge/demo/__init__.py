@@ -18,7 +18,8 @@ from typing import TextIO
 
 import msgspec
 
-from flux_edge.config import Config, load_config
+from flux_edge.config import Config
+from flux_edge.kinds import load_config
 from flux_edge.model import Measurement, Outcome
 from flux_edge.runtime.daemon import run_pipeline
 from flux_edge.runtime.pipeline import Observers

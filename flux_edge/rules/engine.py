@@ -62,14 +62,7 @@ from typing import Any, Final
 
 import msgspec
 
-from flux_edge.config import (
-    Config,
-    ModbusRtuSource,
-    ModbusTcpSource,
-    RegisterConfig,
-    RuleConfig,
-    source_devices,
-)
+from flux_edge.config import Config, RuleConfig
 from flux_edge.errors import RuleError
 from flux_edge.model import Command, Measurement, Value
 from flux_edge.rules.cel import Condition, compile_condition
@@ -124,23 +117,16 @@ class ConditionError(RuleError):
 _Declared = tuple[str, str, str]
 
 
-def _register_type(reg: RegisterConfig) -> str:
-    if reg.function in _BOOL_FUNCTIONS or reg.type == "bool":
-        return "bool"
-    return "string" if reg.type == "string" else "double"
-
-
 def _registers_by_device(config: Config) -> dict[str, list[_Declared]]:
-    """device -> the variables its registers declare, in config order: every device of every
-    Modbus source, TCP and RTU (a loaded config's devices already hold their profile's map)."""
+    """device -> the variables the config declares for it, in config order: what each source's
+    kind declares (every register of every Modbus device, TCP and RTU; a loaded config's
+    devices already hold their profile's map)."""
     out: dict[str, list[_Declared]] = {}
     for source_name, source in config.sources.items():
-        if not isinstance(source, ModbusTcpSource | ModbusRtuSource):
-            continue
-        for device in source_devices(source_name, source):
-            declared = out.setdefault(device.name, [])
-            origin = f"register of device {device.name!r}, source {source_name!r}"
-            declared.extend((reg.name, _register_type(reg), origin) for reg in device.registers)
+        for device, points in source.declared_points(source_name).items():
+            declared = out.setdefault(device, [])
+            origin = f"register of device {device!r}, source {source_name!r}"
+            declared.extend((point, type_, origin) for point, type_ in points)
     return out
 
 

@@ -15,10 +15,8 @@ rules asked for is returned (``ReplayResult``), never executed.
 * ``run_rule_tests(config) -> list[RuleTestResult]``: each rule's ``tests`` cases, each rule
   run alone from a fresh state; ``check_rule_tests`` is the same for the config loader
   (check-config).
-* ``cmd_rules_test(config_path, replay_path, out, err, json=False) -> int``: the report of
-  ``flux-edge rules test --config PATH [--replay FILE.jsonl] [--json]``; exit 0 when every rule
-  test passes, 1 when one fails, 78 for an invalid config, 2 for an unreadable replay file.
-  ``python -m flux_edge.rules.replay --config PATH ...`` runs it too (``main``).
+* the command line, ``flux-edge rules test --config PATH [--replay FILE.jsonl] [--json]``, is
+  ``replay_cli.py`` (``cmd_rules_test``; ``python -m flux_edge.rules.replay_cli`` runs it too).
 
 Times in reports are UTC. Measurements are replayed in ``ts`` order (a stable sort: equal times
 keep the file's order), so the simulated clock never goes back.
@@ -26,21 +24,19 @@ keep the file's order), so the simulated clock never goes back.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import contextvars
 import logging
 import math
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO, overload
+from typing import Any, overload
 
 import msgspec
 
-from flux_edge.config import Config, check_config
+from flux_edge.config import Config
 from flux_edge.errors import FluxError, Problem, RuleError
 from flux_edge.model import Command, Measurement, Value
 from flux_edge.rules.engine import RuleEngine
@@ -56,11 +52,8 @@ __all__ = [
     "RuleSummary",
     "RuleTestResult",
     "SimClock",
-    "add_rules_parser",
     "check_rule_tests",
-    "cmd_rules_test",
     "format_report",
-    "main",
     "parse_replay",
     "read_replay_file",
     "replay",
@@ -704,90 +697,3 @@ def _report_json(
     ]
     doc["ok"] = all(t.ok for t in tests)
     return msgspec.json.encode(doc)
-
-
-def cmd_rules_test(
-    config_path: str | Path,
-    replay_path: str | Path | None,
-    out: TextIO,
-    err: TextIO,
-    json: bool = False,
-) -> int:
-    """``flux-edge rules test``: replay a file (if given) and run the rules' test cases; print
-    the report on ``out`` (problems on ``err``). Exit status: 0 every rule test passed (or there
-    are none), 1 one failed, 78 the config is invalid, 2 the replay file is unreadable."""
-    token = _tests_deferred.set(True)
-    try:
-        config, problems = check_config(config_path)
-    finally:
-        _tests_deferred.reset(token)
-    for p in problems:
-        err.write(f"{p}\n")
-    if config is None or any(p.severity == "error" for p in problems):
-        errors = sum(1 for p in problems if p.severity == "error")
-        err.write(f"{config_path}: invalid configuration ({errors} error(s))\n")
-        return EX_CONFIG
-    result = None
-    name = str(replay_path) if replay_path is not None else ""
-    if replay_path is not None:
-        try:
-            measurements = read_replay_file(replay_path)
-        except ReplayFileError as exc:
-            err.write(f"{exc}\n")
-            return EX_UNREADABLE
-        result = replay(config, measurements)
-    tests = run_rule_tests(config)
-    if json:
-        out.write(_report_json(result, tests, name).decode() + "\n")
-    else:
-        out.write(format_report(result, tests, name))
-    return EX_OK if all(t.ok for t in tests) else EX_FAILED
-
-
-# --- command line ---------------------------------------------------------------------------------
-
-
-def _cmd(args: argparse.Namespace) -> int:
-    return cmd_rules_test(args.config, args.replay, sys.stdout, sys.stderr, json=args.json)
-
-
-def _add_test_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", required=True, help="the daemon's config (TOML)")
-    parser.add_argument(
-        "--replay", metavar="FILE.jsonl", help="recorded measurements to replay (JSON Lines)"
-    )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.set_defaults(func=_cmd)
-
-
-def add_rules_parser(sub: Any) -> None:
-    """Add ``rules test`` to the CLI's subparsers (``sub`` from ``add_subparsers``); the parsed
-    namespace's ``func(args)`` returns the exit status."""
-    rules = sub.add_parser("rules", help="dry-run the rules: replay recordings, run rule tests")
-    rsub = rules.add_subparsers(dest="rules_command", required=True, metavar="SUBCOMMAND")
-    test = rsub.add_parser(
-        "test",
-        help="replay recorded measurements in simulated time and run the rules' test cases; "
-        "no device is touched",
-    )
-    _add_test_arguments(test)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m flux_edge.rules.replay --config PATH [--replay FILE.jsonl] [--json]``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m flux_edge.rules.replay",
-        description="Replay recorded measurements through the rules in simulated time and run "
-        "the rules' test cases; no device is touched.",
-    )
-    _add_test_arguments(parser)
-    args = parser.parse_args(argv)
-    code: int = args.func(args)
-    return code
-
-
-if __name__ == "__main__":
-    # run the module's own instance (the one the config loader imports), not this __main__ copy
-    from flux_edge.rules.replay import main as _main
-
-    sys.exit(_main())

@@ -27,11 +27,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flux_edge.config import (
-    Config,
-    check_config,
-)
+from flux_edge.config import Config
 from flux_edge.errors import FluxError, Problem
+from flux_edge.kinds import check_config
 from flux_edge.plugins.host import PluginHost
 from flux_edge.runtime import plugin_instances
 from flux_edge.runtime.health import HealthMonitor, WatchdogFeeder

@@ -29,26 +29,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import msgspec
 
+from flux_edge.actions import ActionFactory, Executor
 from flux_edge.actions.audit import AuditLog
 from flux_edge.actions.audit_cli import audit_path
 from flux_edge.actions.guarded import Guarded
 from flux_edge.actions.safety import SafetyLayer
-from flux_edge.config import (
-    ActionConfig,
-    Config,
-    ModbusRtuSource,
-    ModbusTcpSource,
-    ModbusWriteAction,
-    MqttPublishAction,
-    SerialSource,
-    SourceConfig,
-    WasmAction,
-)
-from flux_edge.errors import ActionError, FluxError, PluginError, PluginLoadError
+from flux_edge.config import ActionSpec, Config, SourceSpec
+from flux_edge.errors import FluxError, PluginError, PluginLoadError
+from flux_edge.kinds import KINDS
 from flux_edge.logs import RateLimitedLog
 from flux_edge.model import Command, ErrorRecord, Measurement, Outcome, Quality, Reading
 from flux_edge.plugins.host import Plugin, PluginHost
@@ -58,17 +50,12 @@ from flux_edge.runtime import plugin_instances
 from flux_edge.runtime.health import HealthMonitor, Heartbeat
 from flux_edge.runtime.queues import BoundedQueue
 from flux_edge.runtime.supervisor import Supervisor
-from flux_edge.sources import Emit, Source, SourceHealth, StatusCallback
-from flux_edge.sources.modbus.plan import bus_devices
+from flux_edge.sources import Emit, Source, SourceEnv, SourceFactory, SourceHealth, StatusCallback
 from flux_edge.uplink.sender import Uplink
 from flux_edge.uplink.topics import compile_topic
 
 log = logging.getLogger("flux_edge.runtime")
 _LOG_EVERY = 5.0  # seconds between two warnings of the same kind (dead letters, commits)
-
-
-class Executor(Protocol):
-    async def execute(self, cmd: Command) -> Outcome: ...
 
 
 @dataclass(slots=True)
@@ -90,27 +77,37 @@ class StageStats:
 
 def make_source(
     name: str,
-    cfg: SourceConfig,
+    cfg: SourceSpec,
     emit: Emit,
     on_status: StatusCallback,
     gateway: str = "",
     *,
     durable: Callable[[], asyncio.Future[None] | None] | None = None,
 ) -> Source:
-    """The source object for one config entry; each protocol's module is imported only if used."""
-    if isinstance(cfg, ModbusTcpSource | ModbusRtuSource):
-        from flux_edge.sources.modbus.poller import ModbusBusPoller
+    """The source object for one config entry, built by its kind's factory (which imports the
+    protocol's module only when a config uses it)."""
+    factory: SourceFactory = KINDS.sources.of(cfg).factory
+    return factory(name, cfg, emit, on_status, SourceEnv(gateway=gateway, durable=durable))
 
-        return ModbusBusPoller(name, cfg, emit, on_status=on_status)
-    if isinstance(cfg, SerialSource):
-        from flux_edge.sources.serial import SerialReader
 
-        return SerialReader(name, cfg, emit, on_status=on_status)
-    from flux_edge.sources.mqtt_in import MqttSourceClient
+class _ActionEnv:
+    """What an action kind's factory gets from the pipeline (``flux_edge.actions.ActionEnv``)."""
 
-    return MqttSourceClient(
-        name, cfg, emit, on_status=on_status, gateway_name=gateway, durable=durable
-    )
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+        self.clock = pipeline._clock
+
+    def source(self, name: str) -> Any:
+        return self._pipeline.sources[name]
+
+    def executor(self, name: str) -> Executor | None:
+        return self._pipeline.executors.get(name)
+
+    def load_plugin(self, action: str, cfg: Any) -> Plugin:
+        p = self._pipeline
+        return plugin_instances.load(
+            p.host, p.config, plugin_instances.action_instance(action, cfg)
+        )
 
 
 def _topic_key(template: str) -> Callable[[Measurement], Any] | None:
@@ -214,58 +211,23 @@ class Pipeline:
                 by_device.setdefault(instance.device, []).append(instance)
             for device, instances in by_device.items():
                 self.chains[(sname, device)] = self._load_chain(instances)
-            if isinstance(scfg, ModbusTcpSource | ModbusRtuSource):  # devices without a chain
-                for dev in bus_devices(scfg, sname):
-                    self.chains.setdefault((sname, dev.name), [])
-            else:
-                self.chains.setdefault((sname, ""), [])
+            for key in scfg.chain_keys(sname):  # devices without a chain too
+                self.chains.setdefault((sname, key), [])
             self.sources[sname] = make_source(
                 sname, scfg, self._emit, functools.partial(self._on_status, sname),
                 cfg.daemon.name,
                 durable=self.durable_after if self.uplink is not None else None,
             )
-        # wasm actions send through other actions' executors: build those first
-        ordered = sorted(cfg.actions.items(), key=lambda item: isinstance(item[1], WasmAction))
+        # an action that sends through another (wasm) is built after the others
+        ordered = sorted(cfg.actions.items(), key=lambda item: item[1].builds_late)
         for aname, acfg in ordered:
             self.executors[aname] = self._make_executor(aname, acfg)
-            free = isinstance(acfg, MqttPublishAction) and not self.safety.actuators_of(aname)
+            free = acfg.concurrent and not self.safety.actuators_of(aname)
             self._action_locks[aname] = None if free else asyncio.Lock()
 
-    def _make_executor(self, name: str, cfg: ActionConfig) -> Executor:
-        if isinstance(cfg, WasmAction):
-            return self._make_wasm_executor(name, cfg)
-        source = self.sources[cfg.source]
-        if isinstance(cfg, ModbusWriteAction):
-            from flux_edge.actions.modbus_write import ModbusWriteExecutor
-
-            return ModbusWriteExecutor(name, cfg, source)  # type: ignore[arg-type]
-        if isinstance(cfg, MqttPublishAction):
-            from flux_edge.actions.mqtt_publish import MqttPublishExecutor
-
-            return MqttPublishExecutor(name, cfg, source.client)  # type: ignore[attr-defined]
-        from flux_edge.actions.serial_write import SerialWriteExecutor
-
-        return SerialWriteExecutor(name, cfg, source)  # type: ignore[arg-type]
-
-    def _make_wasm_executor(self, name: str, cfg: WasmAction) -> Executor:
-        from flux_edge.actions.mqtt_publish import MqttPublishExecutor
-        from flux_edge.actions.serial_write import SerialWriteExecutor
-        from flux_edge.actions.wasm_action import WasmActionExecutor
-
-        target = self.executors.get(cfg.target)
-        if not isinstance(target, SerialWriteExecutor | MqttPublishExecutor):
-            raise ActionError(
-                name,
-                f"target {cfg.target!r} is not a serial_write or mqtt_publish action",
-            )
-        plugin = plugin_instances.load(
-            self.host, self.config, plugin_instances.action_instance(name, cfg)
-        )
-        try:
-            return WasmActionExecutor(name, cfg, plugin, target, wall=self._clock)
-        except ActionError:
-            plugin.close()
-            raise
+    def _make_executor(self, name: str, cfg: ActionSpec) -> Executor:
+        factory: ActionFactory = KINDS.actions.of(cfg).factory
+        return factory(name, cfg, _ActionEnv(self))
 
     # --- safety state: last switch times survive a restart (min_on/min_off, rate limits) ---
 
@@ -643,7 +605,8 @@ class Pipeline:
             self.action_counts[cmd.action][0] += 1
             # actuator switches belong in the journal; routine publishes/writes only in debug
             # (the audit log and the metrics count every one)
-            device_write = isinstance(self.config.actions.get(cmd.action), ModbusWriteAction)
+            acfg = self.config.actions.get(cmd.action)
+            device_write = acfg is not None and acfg.writes_device
             (log.info if actuates or device_write else log.debug)(
                 "action %s (rule %s): ok%s in %.1f ms",
                 cmd.action, cmd.rule,

@@ -16,21 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgspec
-
-from flux_edge.config import (
-    Config,
-    ModbusDeviceConfig,
-    ModbusRtuSource,
-    ModbusTcpSource,
-    MqttSource,
-    SerialSource,
-    SourceConfig,
-    WasmAction,
-    resolve_plugin_path,
-)
+from flux_edge.config import ActionSpec, Config, SourceSpec, resolve_plugin_path
 from flux_edge.plugins.host import Plugin, PluginHost, PluginLimits
-from flux_edge.sources.modbus.plan import bus_devices
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,49 +34,37 @@ class Instance:
         return self.context.get("type") == "action"
 
 
-def source_context(
-    name: str, cfg: SourceConfig, device: ModbusDeviceConfig | None = None
-) -> dict[str, Any]:
-    """What a plugin instance learns about the source it serves (ABI v1: the ``source`` object).
-
-    Modbus plugin instances serve one device each and get its register map.
-    """
+def source_context(name: str, cfg: SourceSpec, key: str = "") -> dict[str, Any]:
+    """What a plugin instance learns about the source it serves (ABI v1: the ``source`` object):
+    the source's name and type, and what its kind adds (a Modbus device's register map, the
+    device name of a serial or MQTT source)."""
     ctx: dict[str, Any] = {"name": name, "type": type(cfg).__struct_config__.tag}
-    if device is not None:
-        ctx["device"] = device.name
-        ctx["unit_id"] = device.unit_id
-        ctx["registers"] = [msgspec.to_builtins(r) for r in device.registers]
-    elif isinstance(cfg, SerialSource | MqttSource):
-        ctx["device"] = cfg.device or name
+    ctx.update(cfg.plugin_context(name, key))
     return ctx
 
 
 def source_instances(config: Config, sname: str) -> list[Instance]:
-    """The chain instances of source ``sname``, device by device, each chain in order."""
+    """The chain instances of source ``sname``, chain by chain (a Modbus source: one per
+    device), each chain in order."""
     scfg = config.sources[sname]
-    devices: list[ModbusDeviceConfig | None] = (
-        list(bus_devices(scfg, sname))
-        if isinstance(scfg, ModbusTcpSource | ModbusRtuSource)
-        else [None]
-    )
     return [
-        Instance(pname, sname, dev.name if dev else "", source_context(sname, scfg, dev))
-        for dev in devices
+        Instance(pname, sname, key, source_context(sname, scfg, key))
+        for key in scfg.chain_keys(sname)
         for pname in scfg.chain
     ]
 
 
-def action_instance(aname: str, acfg: WasmAction) -> Instance:
-    return Instance(acfg.plugin, aname, "", {"name": aname, "type": "action"})
+def action_instance(aname: str, acfg: ActionSpec) -> Instance:
+    return Instance(acfg.plugin_name(), aname, "", {"name": aname, "type": "action"})
 
 
 def plugin_instances(config: Config) -> list[Instance]:
-    """Every plugin instance ``config`` needs: the sources' chains, then the wasm actions."""
+    """Every plugin instance ``config`` needs: the sources' chains, then the actions' plugins."""
     out = [inst for sname in config.sources for inst in source_instances(config, sname)]
     out += [
         action_instance(aname, acfg)
         for aname, acfg in config.actions.items()
-        if isinstance(acfg, WasmAction)
+        if acfg.plugin_name()
     ]
     return out
 

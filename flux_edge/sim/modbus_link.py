@@ -21,11 +21,11 @@ import collections
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Literal
 
-from flux_edge.config.schema import ModbusRtuSource, ModbusTcpSource
 from flux_edge.errors import SourceError
 from flux_edge.model import FN_COIL, FN_DISCRETE, FN_HOLDING, FN_INPUT
 from flux_edge.sources.modbus.link import ModbusExceptionResponse, exception_text
 from flux_edge.sources.modbus.plan import ReadBlock
+from flux_edge.sources.modbus.spec import ModbusRtuSource, ModbusTcpSource
 
 __all__ = ["SimulatedModbusBus", "SimulatedModbusLink", "Table"]
 

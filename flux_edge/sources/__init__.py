@@ -6,6 +6,10 @@ MQTT goes through ``flux_edge.mqtt``).
 This package module holds only what every source shares, so a config that uses no Modbus source
 never pays for importing pymodbus.
 
+Each source kind is declared in one module (``serial_kind.py``, ``mqtt_kind.py``,
+``modbus/kind.py``): its config struct, its checks and its factory, a ``SourceFactory`` that the
+pipeline calls with the entry's name and struct (docs/architecture.md, "Adding a source kind").
+
 Every source class follows the same shape (the runtime relies on it):
 
     Source(name, cfg, emit, *, on_status=None, ...)
@@ -23,12 +27,23 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from flux_edge.model import Quality, Reading
 
 Emit = Callable[[Reading], Awaitable[None]]
 StatusCallback = Callable[[str, Quality, str], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SourceEnv:
+    """What the pipeline offers a source besides its config. ``gateway``: the daemon's name.
+    ``durable``: for sources whose data can be re-sent (MQTT QoS 1/2), a call that returns a
+    future done once everything read so far is in the outbox (None: no uplink, nothing to wait
+    for)."""
+
+    gateway: str = ""
+    durable: Callable[[], Any] | None = None
 
 
 @dataclass
@@ -56,3 +71,11 @@ class Source(Protocol):
     async def run(self) -> None: ...
 
     async def close(self) -> None: ...
+
+
+class SourceFactory(Protocol):
+    """A source kind's factory: ``(name, cfg, emit, on_status, env) -> Source``."""
+
+    def __call__(
+        self, name: str, cfg: Any, emit: Emit, on_status: StatusCallback, env: SourceEnv
+    ) -> Source: ...

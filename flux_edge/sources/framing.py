@@ -35,9 +35,11 @@ the key for settings no framer could work with (the config checks can call it).
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from flux_edge.config import SerialSource
+if TYPE_CHECKING:  # the struct is declared by the kind module, which imports this one
+    from flux_edge.sources.serial_kind import SerialSource
+
 
 __all__ = [
     "DelimiterFramer",

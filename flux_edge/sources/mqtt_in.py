@@ -49,13 +49,16 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from flux_edge.config import MqttSource
 from flux_edge.errors import SourceError
 from flux_edge.logs import RateLimitedLog
 from flux_edge.model import KIND_BYTES, Reading
 from flux_edge.mqtt import DevicePattern, MqttClient, TlsSettings
 from flux_edge.sources import Emit, SourceHealth, StatusCallback
+
+if TYPE_CHECKING:  # the struct is declared by the kind module, which imports this one
+    from flux_edge.sources.mqtt_kind import MqttSource
 
 SESSION_EXPIRY = 3600.0  # seconds the broker keeps our session (and QoS 1/2 messages) offline
 MAX_DEVICES_TRACKED = 10_000  # devices remembered for on_status

@@ -33,16 +33,18 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import serial
 
-from flux_edge.config import SerialSource
 from flux_edge.errors import SourceError
 from flux_edge.logs import RateLimitedLog
 from flux_edge.model import KIND_BYTES, Reading
 from flux_edge.sources import SourceHealth, StatusCallback
 from flux_edge.sources.framing import Framer, make_framer
+
+if TYPE_CHECKING:  # the struct is declared by the kind module, which imports this one
+    from flux_edge.sources.serial_kind import SerialSource
 
 __all__ = ["SerialReader", "SerialStats"]
 

@@ -14,12 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flux_edge.actions.modbus_write import ModbusWriteExecutor
-from flux_edge.config import (
-    ModbusDeviceConfig,
-    ModbusTcpSource,
-    ModbusWriteAction,
-    RegisterConfig,
-)
+from flux_edge.actions.modbus_write_kind import ModbusWriteAction
 from flux_edge.errors import SourceError
 from flux_edge.model import (
     FN_COIL,
@@ -36,6 +31,7 @@ from flux_edge.sources.modbus.client import ModbusTcpClient
 from flux_edge.sources.modbus.link import ModbusExceptionResponse
 from flux_edge.sources.modbus.plan import ReadBlock
 from flux_edge.sources.modbus.poller import ModbusBusPoller, ModbusTcpPoller
+from flux_edge.sources.modbus.spec import ModbusDeviceConfig, ModbusTcpSource, RegisterConfig
 from tests.support import Collector, StatusLog, VirtualTime, run, stop_task
 
 pytestmark = pytest.mark.integration

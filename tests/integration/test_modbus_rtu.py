@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from flux_edge.config import ModbusDeviceConfig, ModbusRtuSource, RegisterConfig
 from flux_edge.errors import SourceError
 from flux_edge.model import FN_COIL, FN_DISCRETE, FN_HOLDING, FN_INPUT
 from flux_edge.sources.modbus.client import ModbusRtuClient
 from flux_edge.sources.modbus.poller import ModbusBusPoller
+from flux_edge.sources.modbus.spec import ModbusDeviceConfig, ModbusRtuSource, RegisterConfig
 from tests.support import Collector, StatusLog, run, stop_task
 from tests.support.serial_line import (
     LineProcess,

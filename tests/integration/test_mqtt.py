@@ -17,11 +17,11 @@ from typing import Any, Literal, TypeVar
 
 import pytest
 
-from flux_edge.config import MqttSource, MqttSubscription
 from flux_edge.errors import SourceError
 from flux_edge.model import KIND_BYTES, Quality, Reading
 from flux_edge.mqtt import MqttClient, MqttError, TlsSettings, Will
 from flux_edge.sources.mqtt_in import MqttSourceClient
+from flux_edge.sources.mqtt_kind import MqttSource, MqttSubscription
 from tests.support.mosquitto import HOST, Mosquitto
 
 pytestmark = pytest.mark.integration

@@ -16,7 +16,8 @@ from typing import Any, TypeVar
 import msgspec
 import pytest
 
-from flux_edge.actions.mqtt_publish import MqttPublishAction, MqttPublishExecutor, check_templates
+from flux_edge.actions.mqtt_publish import MqttPublishExecutor, check_templates
+from flux_edge.actions.mqtt_publish_kind import MqttPublishAction
 from flux_edge.errors import ActionError
 from flux_edge.model import Command, Measurement
 from flux_edge.mqtt import MqttClient
@@ -220,7 +221,7 @@ def test_pipeline_keeps_mqtt_commands_in_flight_together(
     for the previous PUBACK (~50 commands/s against a broker that delays its PUBACKs). Commands
     of an mqtt_publish action that drives no actuator are now all handed to the client at once:
     with the broker stopped (SIGSTOP), all of them wait for their PUBACK together."""
-    from flux_edge.config import load_config_text
+    from flux_edge.kinds import load_config_text
     from flux_edge.plugins.host import PluginHost
     from flux_edge.runtime.pipeline import Pipeline
 

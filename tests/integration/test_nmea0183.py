@@ -289,7 +289,8 @@ def test_xdr_groups(
 
 def test_the_sample_config_is_a_valid_site_config(tmp_path: Path, nmea_wasm: Path) -> None:
     from flux_edge.actions.serial_write import parse_write_data
-    from flux_edge.config import SerialWriteAction, check_config
+    from flux_edge.actions.serial_write_kind import SerialWriteAction
+    from flux_edge.kinds import check_config
 
     (tmp_path / "plugins").mkdir()
     (tmp_path / "plugins" / "nmea0183.wasm").write_bytes(nmea_wasm.read_bytes())

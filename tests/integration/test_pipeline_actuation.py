@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from flux_edge.config import load_config_text
 from flux_edge.demo.boiler import BoilerSimulator
+from flux_edge.kinds import load_config_text
 from flux_edge.model import Command, Outcome
 from flux_edge.runtime.daemon import run_pipeline
 from flux_edge.runtime.pipeline import Observers, Pipeline

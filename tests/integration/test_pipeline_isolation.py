@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from flux_edge.config import load_config_text
+from flux_edge.kinds import load_config_text
 from flux_edge.model import ErrorRecord, Measurement
 from flux_edge.runtime.daemon import run_pipeline
 from flux_edge.runtime.pipeline import Observers, Pipeline

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flux_edge.config import load_config_text
+from flux_edge.kinds import load_config_text
 from flux_edge.model import Measurement
 from flux_edge.mqtt import MqttClient
 from flux_edge.runtime.daemon import run_pipeline

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flux_edge.config import load_config
+from flux_edge.kinds import load_config
 from flux_edge.model import Measurement
 from flux_edge.runtime.daemon import Daemon
 from flux_edge.runtime.pipeline import Observers

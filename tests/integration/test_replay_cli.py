@@ -1,4 +1,4 @@
-"""`rules test` as a process: `python -m flux_edge.rules.replay --config PATH [--replay FILE]
+"""`rules test` as a process: `python -m flux_edge.rules.replay_cli --config PATH [--replay FILE]
 [--json]` (what `flux-edge rules test` runs): report on stdout, problems on stderr, exit codes
 0 / 1 (a rule test failed) / 78 (invalid config) / 2 (unreadable replay file or usage)."""
 
@@ -19,7 +19,7 @@ CASES = Path(__file__).resolve().parent.parent / "cases" / "replay"
 
 def rules_test(env: dict[str, str], *args: str | Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [PYTHON, "-m", "flux_edge.rules.replay", *map(str, args)],
+        [PYTHON, "-m", "flux_edge.rules.replay_cli", *map(str, args)],
         env=env,
         capture_output=True,
         text=True,
@@ -37,7 +37,10 @@ def copy_case(tmp_path: Path, name: str) -> Path:
 def test_golden_case_as_a_process(cli_env: dict[str, str]) -> None:
     here = CASES / "for_30s"
     proc = subprocess.run(
-        [PYTHON, "-m", "flux_edge.rules.replay", "-c", "config.toml", "--replay", "input.jsonl"],
+        [
+            PYTHON, "-m", "flux_edge.rules.replay_cli",
+            "-c", "config.toml", "--replay", "input.jsonl",
+        ],
         cwd=here,
         env=cli_env,
         capture_output=True,

@@ -22,12 +22,13 @@ from typing import Any
 
 import pytest
 
-from flux_edge.config import SerialSource, SerialWriteAction
+from flux_edge.actions.serial_write_kind import SerialWriteAction
 from flux_edge.errors import ActionError, PluginError, SourceError
 from flux_edge.model import KIND_BYTES, Command, Measurement, Quality, Reading
 from flux_edge.plugins.host import PluginHost, PluginLimits
 from flux_edge.plugins.tooling import build_plugin
 from flux_edge.sources.serial import SerialReader, explain_open_error
+from flux_edge.sources.serial_kind import SerialSource
 from tests.support.serial_device import SerialDevice
 
 pytestmark = pytest.mark.integration
@@ -546,7 +547,7 @@ data = "$PUBX,00*33\\r\\n"
 def test_the_pipeline_reads_a_gps_and_writes_to_it_when_the_fix_is_lost(
     tmp_path: Path, nmea_wasm: Path
 ) -> None:
-    from flux_edge.config import load_config_text
+    from flux_edge.kinds import load_config_text
     from flux_edge.model import ErrorRecord, Outcome
     from flux_edge.runtime.daemon import run_pipeline
     from flux_edge.runtime.pipeline import Observers

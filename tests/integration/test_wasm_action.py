@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from flux_edge.config import WasmAction, load_config_text
+from flux_edge.actions.wasm_kind import WasmAction
 from flux_edge.errors import ConfigError
+from flux_edge.kinds import load_config_text
 from flux_edge.model import Outcome
 from flux_edge.runtime.daemon import run_pipeline
 from flux_edge.runtime.pipeline import Observers
@@ -143,7 +144,8 @@ def test_the_sample_config_is_valid() -> None:
 def test_a_wasm_action_publishes_the_frame_through_an_mqtt_publish_action(
     mosquitto: Mosquitto,  # noqa: F811
 ) -> None:
-    from flux_edge.actions.mqtt_publish import MqttPublishAction, MqttPublishExecutor
+    from flux_edge.actions.mqtt_publish import MqttPublishExecutor
+    from flux_edge.actions.mqtt_publish_kind import MqttPublishAction
     from flux_edge.actions.wasm_action import WasmActionExecutor
     from flux_edge.model import Command, Measurement
     from flux_edge.mqtt import MqttClient

@@ -354,7 +354,7 @@ def test_cli_parser_and_audit_path(tmp_path: Path, capsys: pytest.CaptureFixture
     import argparse
 
     from flux_edge.actions.audit_cli import add_audit_parser, audit_path
-    from flux_edge.config import load_config_text
+    from flux_edge.kinds import load_config_text
 
     parser = argparse.ArgumentParser(prog="flux-edge")
     add_audit_parser(parser.add_subparsers(dest="command", required=True))

@@ -13,14 +13,14 @@ from typing import Any
 
 import pytest
 
-from flux_edge.config import (
-    Config,
+from flux_edge.config import Config
+from flux_edge.kinds import check_config
+from flux_edge.sources.modbus.budget import bus_budget
+from flux_edge.sources.modbus.spec import (
     ModbusDeviceConfig,
     ModbusRtuSource,
     ModbusTcpSource,
     RegisterConfig,
-    bus_budget,
-    check_config,
 )
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,31 +14,26 @@ import tomlkit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import flux_edge.config.load as config_load
 import flux_edge.config.plugin_files as config_plugin_files
 import flux_edge.config.positions as config_positions
-import flux_edge.config.validate as config_validate
 import flux_edge.config.values as config_values
+from flux_edge.actions.modbus_write_kind import ModbusWriteAction
+from flux_edge.actions.serial_write_kind import SerialWriteAction
 from flux_edge.config import (
     Config,
-    ModbusDeviceConfig,
-    ModbusRtuSource,
-    ModbusTcpSource,
-    ModbusWriteAction,
-    MqttSource,
-    MqttSubscription,
-    SerialSource,
-    SerialWriteAction,
+    build_config,
     bundled_plugin_dir,
-    check_config,
-    check_config_text,
-    load_config,
-    load_config_text,
     parse_duration,
     parse_size,
     plugin_search_paths,
     resolve_plugin_path,
 )
 from flux_edge.errors import ConfigError, Problem
+from flux_edge.kinds import KINDS, check_config, check_config_text, load_config, load_config_text
+from flux_edge.sources.modbus.spec import ModbusDeviceConfig, ModbusRtuSource, ModbusTcpSource
+from flux_edge.sources.mqtt_kind import MqttSource, MqttSubscription
+from flux_edge.sources.serial_kind import SerialSource
 from tests.conftest import bundled_wasm
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -660,7 +655,7 @@ def test_shipped_configs_load(site: Path, name: str) -> None:
 def test_demo_config_contents() -> None:
     text = (ROOT / "config" / "demo.toml").read_text(encoding="utf-8")
     cfg_path = str(ROOT / "config" / "demo.toml")
-    cfg = msgspec.convert({**_without_plugin_check(text, cfg_path), "path": cfg_path}, Config)
+    cfg = build_config({**_without_plugin_check(text, cfg_path), "path": cfg_path}, KINDS)
     boiler = cfg.sources["boiler"]
     assert (boiler.host, boiler.port, boiler.unit_id, boiler.interval) == (
         "127.0.0.1",
@@ -699,7 +694,7 @@ def test_demo_config_contents() -> None:
 def _without_plugin_check(text: str, path: str) -> dict[str, object]:
     """The validated data of a config, whether or not its plugins are built yet."""
     positions = config_positions._scan(text)
-    v = config_validate._Validator(path, positions)
+    v = config_load.make_validator(path, positions, KINDS)
     data: dict[str, object] = v.check(tomlkit.parse(text).unwrap(), Config, ())
     assert v.problems == []
     return data

@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flux_edge.config import SerialSource
 from flux_edge.sources.framing import (
     DelimiterFramer,
     FixedFramer,
@@ -21,6 +20,7 @@ from flux_edge.sources.framing import (
     delimiter_bytes,
     make_framer,
 )
+from flux_edge.sources.serial_kind import SerialSource
 
 PROPS = settings(max_examples=300, deadline=None)
 

@@ -147,6 +147,7 @@ ADAPTERS = {
     "serial": "flux_edge.sources.serial",
     "sdnotify": "flux_edge.runtime.systemd",
     "cel_expr_python": "flux_edge.rules.cel",
+    "tomlkit": "flux_edge.config",
 }
 
 

@@ -10,11 +10,16 @@ import sys
 
 import pytest
 
-from flux_edge.config import ModbusDeviceConfig, ModbusRtuSource, ModbusTcpSource, RegisterConfig
 from flux_edge.errors import SourceError
 from flux_edge.sim.modbus_link import SimulatedModbusBus, SimulatedModbusLink
 from flux_edge.sources.modbus.link import ModbusExceptionResponse, ModbusLink
 from flux_edge.sources.modbus.poller import ModbusBusPoller
+from flux_edge.sources.modbus.spec import (
+    ModbusDeviceConfig,
+    ModbusRtuSource,
+    ModbusTcpSource,
+    RegisterConfig,
+)
 from tests.support import Collector, StatusLog, VirtualTime, run, stop_task
 
 
@@ -114,7 +119,7 @@ def test_the_seam_does_not_import_pymodbus() -> None:
     code = (
         "import sys\n"
         "import flux_edge.sources.modbus\n"
-        "from flux_edge.config import ModbusTcpSource\n"
+        "from flux_edge.sources.modbus.spec import ModbusTcpSource\n"
         "from flux_edge.sim.modbus_link import SimulatedModbusBus\n"
         "from flux_edge.sources.modbus.poller import ModbusBusPoller\n"
         "async def emit(r): pass\n"

@@ -10,12 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flux_edge.config import (
-    ModbusDeviceConfig,
-    ModbusRtuSource,
-    ModbusTcpSource,
-    RegisterConfig,
-)
 from flux_edge.sources.modbus.plan import (
     MAX_BITS,
     MAX_REGISTERS,
@@ -28,6 +22,12 @@ from flux_edge.sources.modbus.plan import (
     request_bytes,
     response_bytes,
     transaction_time,
+)
+from flux_edge.sources.modbus.spec import (
+    ModbusDeviceConfig,
+    ModbusRtuSource,
+    ModbusTcpSource,
+    RegisterConfig,
 )
 from flux_edge.sources.modbus.timing import char_time, inter_frame_gap
 

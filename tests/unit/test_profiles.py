@@ -8,17 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from flux_edge.config import (
-    DeviceProfile,
-    ModbusRtuSource,
+from flux_edge.errors import ConfigError, Problem
+from flux_edge.kinds import check_config, load_config
+from flux_edge.sources.modbus.plan import plan_reads
+from flux_edge.sources.modbus.profiles import (
     bundled_profile_dir,
-    check_config,
-    load_config,
     load_profile,
     profile_search_paths,
 )
-from flux_edge.errors import ConfigError, Problem
-from flux_edge.sources.modbus.plan import plan_reads
+from flux_edge.sources.modbus.spec import DeviceProfile, ModbusRtuSource
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted(p.name for p in (ROOT / "config" / "devices").glob("*.toml"))

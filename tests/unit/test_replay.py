@@ -15,16 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flux_edge.config import (
-    Config,
-    ModbusTcpSource,
-    RegisterConfig,
-    RuleConfig,
-    RuleTest,
-    RuleTestStep,
-    check_config,
-)
+from flux_edge.config import Config, RuleConfig, RuleTest, RuleTestStep
 from flux_edge.errors import FluxError
+from flux_edge.kinds import check_config
 from flux_edge.model import Measurement, Quality, Value
 from flux_edge.rules.replay import (
     CASE_EPOCH,
@@ -33,13 +26,14 @@ from flux_edge.rules.replay import (
     EX_OK,
     EX_UNREADABLE,
     ReplayFileError,
-    cmd_rules_test,
     format_report,
     parse_replay,
     read_replay_file,
     replay,
     run_rule_tests,
 )
+from flux_edge.rules.replay_cli import cmd_rules_test
+from flux_edge.sources.modbus.spec import ModbusTcpSource, RegisterConfig
 
 CASES = Path(__file__).resolve().parent.parent / "cases" / "replay"
 T0 = 1_795_867_200.0  # 2026-11-28T12:00:00Z
@@ -568,7 +562,7 @@ def test_add_rules_parser_wires_rules_test(
 ) -> None:
     import argparse
 
-    from flux_edge.rules.replay import add_rules_parser
+    from flux_edge.rules.replay_cli import add_rules_parser
 
     (tmp_path / "flux.toml").write_text(CONFIG, encoding="utf-8")
     (tmp_path / "rec.jsonl").write_text(REPLAY, encoding="utf-8")

@@ -9,12 +9,13 @@ from typing import Any
 
 import pytest
 
-from flux_edge.config import Config, ModbusTcpSource, RegisterConfig, RuleConfig, SourceConfig
+from flux_edge.config import Config, RuleConfig, SourceSpec
 from flux_edge.model import Command, Measurement, Quality, Value
 from flux_edge.rules import RuleEngine
 from flux_edge.rules.state import STATE_FILE, RuleStore, StateRecord
+from flux_edge.sources.modbus.spec import ModbusTcpSource, RegisterConfig
 
-SOURCES: dict[str, SourceConfig] = {
+SOURCES: dict[str, SourceSpec] = {
     "boiler": ModbusTcpSource(
         host="127.0.0.1",
         registers=(

@@ -9,18 +9,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flux_edge.config import (
-    Config,
+from flux_edge.config import Config, RuleConfig, SourceSpec
+from flux_edge.errors import RuleError
+from flux_edge.model import Measurement, Quality, Value
+from flux_edge.rules import RuleEngine, check_rules, rule_variables
+from flux_edge.sources.modbus.spec import (
     ModbusDeviceConfig,
     ModbusRtuSource,
     ModbusTcpSource,
     RegisterConfig,
-    RuleConfig,
-    SourceConfig,
 )
-from flux_edge.errors import RuleError
-from flux_edge.model import Measurement, Quality, Value
-from flux_edge.rules import RuleEngine, check_rules, rule_variables
 
 
 def source(device: str = "", *registers: RegisterConfig) -> ModbusTcpSource:
@@ -42,7 +40,7 @@ BOILER = source(
 TANK = source("tank1", reg("level", 0), reg("temperature", 1, function="input"))
 
 
-def config(rules: dict[str, RuleConfig], **sources: SourceConfig) -> Config:
+def config(rules: dict[str, RuleConfig], **sources: SourceSpec) -> Config:
     return Config(sources=sources or {"boiler": BOILER, "tank": TANK}, rules=rules)
 
 

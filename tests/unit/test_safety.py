@@ -8,18 +8,13 @@ from typing import Any
 
 import pytest
 
+from flux_edge.actions.modbus_write_kind import ModbusWriteAction
 from flux_edge.actions.safety import SAFETY_RULE, SafetyLayer
-from flux_edge.config import (
-    ActionConfig,
-    ActuatorConfig,
-    Config,
-    ModbusTcpSource,
-    ModbusWriteAction,
-    RegisterConfig,
-)
+from flux_edge.config import ActionSpec, ActuatorConfig, Config
 from flux_edge.errors import RuleError
 from flux_edge.model import Command, Measurement, Outcome, Quality, Value
 from flux_edge.rules.engine import ConditionError
+from flux_edge.sources.modbus.spec import ModbusTcpSource, RegisterConfig
 
 
 class Clock:
@@ -40,7 +35,7 @@ def make_config(**actuator: Any) -> Config:
         RegisterConfig(name="flame", address=0, function="coil"),
     )
     source = ModbusTcpSource(host="127.0.0.1", device="boiler", registers=registers)
-    actions: dict[str, ActionConfig] = {
+    actions: dict[str, ActionSpec] = {
         name: ModbusWriteAction(source="plc", address=addr, value=value)
         for name, addr, value in (
             ("burner_on", 1, True),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flux_edge.actions.wasm_action import WasmActionExecutor
-from flux_edge.config import WasmAction
+from flux_edge.actions.wasm_kind import WasmAction
 from flux_edge.errors import ActionError
 from flux_edge.model import Command, Measurement
 from flux_edge.plugins.host import PluginHost, PluginLimits
@@ -109,8 +109,8 @@ timeout = "{timeout}"
     ],
 )
 def test_config_errors(plugin: str, target: str, timeout: str, expect: str) -> None:
-    from flux_edge.config import load_config_text
     from flux_edge.errors import ConfigError
+    from flux_edge.kinds import load_config_text
 
     text = CONFIG.format(wasm=WAT / "act.wat", plugin=plugin, target=target, timeout=timeout)
     with pytest.raises(ConfigError) as ei:
@@ -119,7 +119,7 @@ def test_config_errors(plugin: str, target: str, timeout: str, expect: str) -> N
 
 
 def test_config_ok_and_the_plugin_counts_as_used() -> None:
-    from flux_edge.config import check_config_text
+    from flux_edge.kinds import check_config_text
 
     text = CONFIG.format(wasm=WAT / "act.wat", plugin="act", target="port", timeout="2s")
     config, problems = check_config_text(text, "/tmp/site.toml")

@@ -24,11 +24,11 @@ from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient, Modbu
 from pymodbus.exceptions import ModbusException
 from pymodbus.pdu import ModbusPDU
 
-from flux_edge.config.schema import ModbusRtuSource, ModbusTcpSource
 from flux_edge.errors import SourceError
 from flux_edge.model import FN_COIL, FN_DISCRETE, FN_HOLDING
 from flux_edge.sources.modbus.link import ModbusExceptionResponse, ModbusLink, exception_text
 from flux_edge.sources.modbus.plan import _TABLE_NAMES, ReadBlock, request_bytes, response_bytes
+from flux_edge.sources.modbus.spec import ModbusRtuSource, ModbusTcpSource
 from flux_edge.sources.modbus.timing import PreciseTimer, char_time, inter_frame_gap
 
 __all__ = [

@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol
 
-from flux_edge.config.schema import ModbusRtuSource, ModbusTcpSource
 from flux_edge.errors import SourceError
 from flux_edge.sources.modbus.plan import ReadBlock
+from flux_edge.sources.modbus.spec import ModbusRtuSource, ModbusTcpSource
 
 __all__ = [
     "EXCEPTION_CODES",

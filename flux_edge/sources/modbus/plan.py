@@ -16,14 +16,14 @@ import collections
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from flux_edge.config.schema import (  # the schema only: config's budget check plans with this
+from flux_edge.model import FN_COIL, FN_DISCRETE, FN_HOLDING, FN_INPUT
+from flux_edge.sources.modbus.spec import (
     REGISTER_WORDS,
     ModbusDeviceConfig,
     ModbusRtuSource,
     ModbusTcpSource,
     RegisterConfig,
 )
-from flux_edge.model import FN_COIL, FN_DISCRETE, FN_HOLDING, FN_INPUT
 from flux_edge.sources.modbus.timing import (  # re-exported: config's bus budget reads them here
     RTU_FAST_BAUD,
     RTU_FAST_GAP,

@@ -24,12 +24,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from flux_edge.config.schema import ModbusDeviceConfig, ModbusRtuSource, ModbusTcpSource
 from flux_edge.errors import SourceError
 from flux_edge.model import FN_COIL, FN_HOLDING, KIND_REGISTERS, Reading
 from flux_edge.sources import Emit, SourceHealth, StatusCallback
 from flux_edge.sources.modbus.link import LinkFactory, ModbusExceptionResponse, ModbusLink
 from flux_edge.sources.modbus.plan import PollGroup, ReadBlock, bus_devices, plan_device
+from flux_edge.sources.modbus.spec import ModbusDeviceConfig, ModbusRtuSource, ModbusTcpSource
 
 __all__ = ["ModbusBusPoller", "ModbusTcpPoller"]
 

@@ -1,4 +1,5 @@
-"""Device profiles (reusable register maps) and the normalization of Modbus sources."""
+"""Device profiles (reusable register maps, config/devices/*.toml) and the normalization of a Modbus
+source entry: the loader calls ``normalize`` through the Modbus kinds (``kind.py``)."""
 
 from __future__ import annotations
 
@@ -6,31 +7,22 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import tomlkit
-import tomlkit.exceptions
 
-from flux_edge.config.positions import _Positions, _scan, _syntax_problem
-from flux_edge.config.schema import (
-    _MODBUS_TYPES,
-    Config,
-    DaemonConfig,
-    DeviceProfile,
-    ModbusDeviceConfig,
-    ModbusRtuSource,
-    ModbusTcpSource,
-    _default,
-)
-from flux_edge.config.tables import _unique_register_names
+from flux_edge.config.kinds import Context
+from flux_edge.config.positions import _scan, parse_document
+from flux_edge.config.schema import Config, DaemonConfig, _default
 from flux_edge.config.validate import _BAD, _Validator
 from flux_edge.config.values import Key, _suggest
 from flux_edge.errors import ConfigError, Problem
+from flux_edge.sources.modbus import checks
+from flux_edge.sources.modbus.spec import DeviceProfile, ModbusRtuSource, ModbusTcpSource
 
 # --- device profiles and normalization ----------------------------------------------------------
 
 
 def bundled_profile_dir() -> Path:
     """Where the device profiles shipped with flux-edge live (a copy of config/devices/)."""
-    return Path(__file__).resolve().parent.parent / "profiles"
+    return Path(__file__).resolve().parents[2] / "profiles"
 
 
 def _profile_candidates(
@@ -66,22 +58,17 @@ def _missing_profile(ref: str, candidates: list[Path]) -> str:
 
 def _check_profile(file: str, text: str) -> tuple[dict[str, Any] | None, list[Problem]]:
     """Validate a profile file's text: (its checked data or None, its problems)."""
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    try:
-        raw = tomlkit.parse(text).unwrap()
-    except (tomlkit.exceptions.TOMLKitError, ValueError, OverflowError) as exc:
-        return None, [_syntax_problem(file, exc, _Positions(text))]
-    except RecursionError:
-        return None, [Problem(file, "", "invalid TOML: values are nested too deeply")]
-    pv = _Validator(file, _scan(text))
+    text, raw, syntax = parse_document(text, file)
+    if raw is None:
+        return None, syntax
+    pv = _Validator(file, _scan(text), rules=checks.RULES, table_checks=checks.TABLE_CHECKS)
     try:
         data = pv.check(raw, DeviceProfile, ())
     except RecursionError:
         return None, [Problem(file, "", "values are nested too deeply")]
     if data is not _BAD:
         registers = data.get("registers", [])
-        _unique_register_names(pv, registers, (), "a profile")
+        checks.unique_register_names(pv, registers, (), "a profile")
         if "registers" in raw and not raw["registers"]:
             pv.report(("registers",), "a profile needs at least one register", at="key")
     problems = sorted(pv.problems, key=lambda p: (p.line == 0, p.line, p.column))
@@ -140,78 +127,48 @@ def _profile_registers(
     return registers
 
 
-def _normalize(v: _Validator, data: dict[str, Any], base_dir: Path) -> None:
-    """Bring every Modbus source to one shape (in place, on checked data): ``devices`` always
-    filled (the TCP shorthand becomes one device), each device's registers = its profile's map
-    with the device's own entries appended (an entry of the same name replaces the profile's),
-    and a device's interval/timeout of 0 replaced by the bus's."""
-    daemon = data.get("daemon", {})
+def normalize(ctx: Context, sname: str, src: dict[str, Any]) -> None:
+    """Bring a checked Modbus source entry to one shape (in place): ``devices`` always filled
+    (the TCP shorthand becomes one device), each device's registers = its profile's map with the
+    device's own entries appended (an entry of the same name replaces the profile's), and a
+    device's interval/timeout of 0 replaced by the bus's."""
+    v = ctx.v
+    daemon = ctx.data.get("daemon", {})
     profile_dirs = daemon.get("profile_dirs", DaemonConfig().profile_dirs)
     if not v.clean(("daemon", "profile_dirs")):
         profile_dirs = ()
-    cache: dict[Path, list[dict[str, Any]] | None] = {}
-    for sname, src in data.get("sources", {}).items():
-        kind = src.get("type")
-        if kind not in _MODBUS_TYPES:
-            continue
-        cls: type[msgspec.Struct] = ModbusTcpSource if kind == "modbus_tcp" else ModbusRtuSource
-        shorthand = kind == "modbus_tcp" and "devices" not in src
-        if shorthand:
-            src["devices"] = [
-                {
-                    "name": src.get("device") or sname,
-                    "unit_id": src.get("unit_id", _default(ModbusTcpSource, "unit_id")),
-                    "registers": list(src.get("registers", [])),
-                }
-            ]
-        interval = src.get("interval", _default(cls, "interval"))
-        timeout = src.get("timeout", _default(cls, "timeout"))
-        for index, device in enumerate(src.get("devices", [])):
-            path: Key = ("sources", sname, "devices", index)
-            ref = device.get("profile", "")
-            if ref and v.clean((*path, "profile")):
-                candidates = _profile_candidates(base_dir, profile_dirs, ref)
-                base = _profile_registers(v, candidates, ref, (*path, "profile"), cache)
-                if base is not None:
-                    own = device.get("registers", [])
-                    replaced = {r.get("name") for r in own}
-                    device["registers"] = [r for r in base if r.get("name") not in replaced] + own
-            device["interval"] = device.get("interval") or interval
-            device["timeout"] = device.get("timeout") or timeout
-            if not shorthand and not ref and not device.get("registers") and v.clean(path):
-                v.report(
-                    path,
-                    f'device "{device.get("name", "?")}" has no registers and no profile: '
-                    "nothing will be read from it",
-                    at="key",
-                    warning=True,
-                )
-
-
-def source_devices(
-    name: str, source: ModbusTcpSource | ModbusRtuSource
-) -> tuple[ModbusDeviceConfig, ...]:
-    """The devices of a Modbus source, whatever its shape: ``devices`` if given (each with its
-    interval/timeout defaulted to the bus's), else the single device of the TCP shorthand (named
-    ``device`` or the source's name). Loaded configs are already in this shape; structs built
-    in code may not be. Profiles are resolved by the loader only."""
-    if source.devices:
-        return tuple(
-            d
-            if d.interval and d.timeout
-            else msgspec.structs.replace(
-                d, interval=d.interval or source.interval, timeout=d.timeout or source.timeout
+    # a profile file's problems are reported once, however many devices use it
+    cache: dict[Path, list[dict[str, Any]] | None] = ctx.memo.setdefault("modbus.profiles", {})
+    kind = src.get("type")
+    cls: type[msgspec.Struct] = ModbusTcpSource if kind == "modbus_tcp" else ModbusRtuSource
+    shorthand = kind == "modbus_tcp" and "devices" not in src
+    if shorthand:
+        src["devices"] = [
+            {
+                "name": src.get("device") or sname,
+                "unit_id": src.get("unit_id", _default(ModbusTcpSource, "unit_id")),
+                "registers": list(src.get("registers", [])),
+            }
+        ]
+    interval = src.get("interval", _default(cls, "interval"))
+    timeout = src.get("timeout", _default(cls, "timeout"))
+    for index, device in enumerate(src.get("devices", [])):
+        path: Key = ("sources", sname, "devices", index)
+        ref = device.get("profile", "")
+        if ref and v.clean((*path, "profile")):
+            candidates = _profile_candidates(ctx.base_dir, profile_dirs, ref)
+            base = _profile_registers(v, candidates, ref, (*path, "profile"), cache)
+            if base is not None:
+                own = device.get("registers", [])
+                replaced = {r.get("name") for r in own}
+                device["registers"] = [r for r in base if r.get("name") not in replaced] + own
+        device["interval"] = device.get("interval") or interval
+        device["timeout"] = device.get("timeout") or timeout
+        if not shorthand and not ref and not device.get("registers") and v.clean(path):
+            v.report(
+                path,
+                f'device "{device.get("name", "?")}" has no registers and no profile: '
+                "nothing will be read from it",
+                at="key",
+                warning=True,
             )
-            for d in source.devices
-        )
-    if isinstance(source, ModbusTcpSource):
-        return (
-            ModbusDeviceConfig(
-                name=source.device or name,
-                unit_id=source.unit_id,
-                registers=source.registers,
-                interval=source.interval,
-                timeout=source.timeout,
-            ),
-        )
-    return ()

@@ -1,13 +1,15 @@
-"""The RTU bus budget: how much of a line's time its poll plan needs."""
+"""The RTU bus budget: how much of a line's time its poll plan needs (``check-config`` reports an
+overcommitted bus through the modbus_rtu kind's ``built_check``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from flux_edge.config.profiles import source_devices
-from flux_edge.config.schema import Config, ModbusRtuSource
-from flux_edge.config.validate import _Validator
+from flux_edge.config import Config
+from flux_edge.config.kinds import Context
 from flux_edge.config.values import Key
+from flux_edge.sources.modbus import plan
+from flux_edge.sources.modbus.spec import ModbusRtuSource, source_devices
 
 # --- RTU bus budget -----------------------------------------------------------------------------
 
@@ -67,8 +69,6 @@ def bus_budget(config: Config, source_name: str) -> BusBudget:
     Retries, timeouts of silent devices and writes come on top. Raises ``KeyError`` for an
     unknown source, ``ValueError`` if it is not a modbus_rtu source or cannot be planned.
     """
-    from flux_edge.sources.modbus import plan  # lazy: the planner imports the config schema
-
     source = config.sources[source_name]
     if not isinstance(source, ModbusRtuSource):
         raise ValueError(f"source {source_name!r} is not a modbus_rtu source")
@@ -133,33 +133,31 @@ def bus_budget(config: Config, source_name: str) -> BusBudget:
     )
 
 
-def _check_budgets(v: _Validator, config: Config) -> None:
-    for name, source in config.sources.items():
-        if not isinstance(source, ModbusRtuSource):
-            continue
-        path: Key = ("sources", name)
-        try:
-            budget = bus_budget(config, name)
-        except ValueError as exc:
-            v.report(path, f"the bus's read plan cannot be made: {exc}", at="key")
-            continue
-        plan = "\n".join("    " + line for line in budget.lines)
-        share = _pct(budget.utilisation)
-        if budget.utilisation > 1:
-            v.report(
-                path,
-                f"the RTU bus is overcommitted: its polls need {share} of the line's time "
-                "(more than 100%), so polls would fall behind their intervals; poll less "
-                "often, read fewer registers, raise the baud rate or split the devices over "
-                f"two lines. The plan:\n{plan}",
-                at="key",
-            )
-        elif budget.utilisation > WARN_UTILISATION:
-            v.report(
-                path,
-                f"the RTU bus is busy: its polls need {share} of the line's time (more than "
-                f"80%), leaving little for retries, a silent device's timeouts and writes. "
-                f"The plan:\n{plan}",
-                at="key",
-                warning=True,
-            )
+def check_budget(ctx: Context, config: Config, name: str) -> None:
+    """Report an RTU bus whose poll plan needs more than its line's time (or nearly all)."""
+    path: Key = ("sources", name)
+    try:
+        budget = bus_budget(config, name)
+    except ValueError as exc:
+        ctx.report(path, f"the bus's read plan cannot be made: {exc}", at="key")
+        return
+    listing = "\n".join("    " + line for line in budget.lines)
+    share = _pct(budget.utilisation)
+    if budget.utilisation > 1:
+        ctx.report(
+            path,
+            f"the RTU bus is overcommitted: its polls need {share} of the line's time "
+            "(more than 100%), so polls would fall behind their intervals; poll less "
+            "often, read fewer registers, raise the baud rate or split the devices over "
+            f"two lines. The plan:\n{listing}",
+            at="key",
+        )
+    elif budget.utilisation > WARN_UTILISATION:
+        ctx.report(
+            path,
+            f"the RTU bus is busy: its polls need {share} of the line's time (more than "
+            f"80%), leaving little for retries, a silent device's timeouts and writes. "
+            f"The plan:\n{listing}",
+            at="key",
+            warning=True,
+        )

@@ -1,0 +1,49 @@
+"""The uplink's checks at load time (a ``Domain`` of the config loader): its topics use our
+placeholder syntax (``topics.py``), TLS files exist, reconnect bounds are in order, a batch topic
+does not name a measurement."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flux_edge.config.kinds import Context, Domain
+from flux_edge.config.schema import UplinkConfig, _default
+from flux_edge.config.tables import resolve_tls_files
+from flux_edge.config.values import _is_number, _Rule
+from flux_edge.uplink.topics import check_uplink_topic
+
+
+def _check_uplink(ctx: Context) -> None:
+    """TLS files must exist; reconnect bounds in order; a batch topic should not name a
+    measurement (each publish carries many)."""
+    v, data, base_dir = ctx.v, ctx.data, ctx.base_dir
+    up = data.get("uplink")
+    if not isinstance(up, dict):
+        return
+    resolve_tls_files(v, up.get("tls"), ("uplink", "tls"), base_dir)
+    outbox = up.get("outbox_file", "")
+    if isinstance(outbox, str) and outbox and not Path(outbox).is_absolute():
+        up["outbox_file"] = str(base_dir / outbox)
+    lo, hi = up.get("reconnect_min", 1.0), up.get("reconnect_max", 60.0)
+    if _is_number(lo) and _is_number(hi) and lo > hi:
+        v.report(("uplink", "reconnect_max"),
+                 f"must be >= reconnect_min ({lo} s), got {hi} s")
+    topic = up.get("topic", _default(UplinkConfig, "topic"))
+    if up.get("format") == "batch" and isinstance(topic, str) and "{name}" in topic:
+        v.report(
+            ("uplink", "topic"),
+            "format = \"batch\" groups records by topic, and {name} makes one topic per "
+            "measurement, so batches would hold one record each; use a topic without {name}, "
+            'e.g. "flux-edge/{gateway}/{device}"',
+            warning=True,
+        )
+
+
+DOMAIN = Domain(
+    name="uplink",
+    rules={
+        (UplinkConfig, "topic"): _Rule(nonempty=True, check=check_uplink_topic),
+        (UplinkConfig, "status_topic"): _Rule(check=check_uplink_topic),
+    },
+    references=_check_uplink,
+)

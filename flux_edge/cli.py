@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_rules_parser(sub)
 
-    plugin = sub.add_parser("plugin", help="create, build and try Wasm plugins")
+    plugin = sub.add_parser("plugin", help="create, build, try and list Wasm plugins")
     psub = plugin.add_subparsers(dest="plugin_command", required=True, metavar="SUBCOMMAND")
     new = psub.add_parser("new", help="scaffold a plugin folder")
     new.add_argument("name")
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="grant WASI (no preopened dirs, env or args), as `wasi = true` does")
     prun.add_argument("--log", help="log filter (default: warn)")
     prun.set_defaults(func=cmd_plugin_run)
+    from flux_edge.plugins.catalog import add_catalog_parsers
+
+    add_catalog_parsers(psub)
     return p
 
 

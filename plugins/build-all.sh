@@ -23,6 +23,9 @@ for dir in modbus_decode json_normalize nmea0183 examples/c_scale examples/vendo
     wasm=$(PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$py" -m flux_edge.plugins.tooling build "$here/$dir" --out "$bundled")
     echo "  $(wc -c < "$wasm") bytes -> ${wasm#"$repo"/}" >&2
 done
+# The checksums `flux-edge plugin verify` compares the shipped modules with.
+PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$py" -c 'import sys; from pathlib import Path; from flux_edge.plugins.catalog import write_sums; write_sums(Path(sys.argv[1]))' "$bundled"
+echo "checksums -> ${bundled#"$repo"/}/SHA256SUMS" >&2
 sdk="$repo/flux_edge/plugins/templates/sdk"
 rm -rf "$sdk"
 mkdir -p "$sdk/rust" "$sdk/c"

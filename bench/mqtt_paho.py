@@ -1,4 +1,4 @@
-"""MQTT on loopback: what the adapter's choices cost or buy (flux_edge/mqtt.py).
+"""MQTT on loopback: what the adapter's choices cost or buy (flux_edge/mqtt/).
 
     .venv/bin/python bench/mqtt_paho.py [--n 5000] [--lat 500] [--repeat 3] [--rtt 20]
 
@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import paho.mqtt.client as paho  # noqa: E402 (bench only: the daemon imports paho in mqtt.py alone)
+import paho.mqtt.client as paho  # noqa: E402 (bench only: the daemon imports paho in flux_edge/mqtt/ alone)
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E402
 
 from flux_edge.mqtt import MqttClient  # noqa: E402

@@ -584,7 +584,19 @@ def test_json_normalize_refuses_bad_configs(wasm: dict[str, Path]) -> None:
     r = wasm["json_normalize"]
     assert _Runner(r, {"fields": [{"path": "a"}]}).init_error() is None
     for config, needle in [
-        ({}, "fields is missing"),
+        ({}, "fields and each are missing or empty"),
+        ({"fields": [{"path": "a", "name": "x_{index}"}]}, "{index} is only known inside each"),
+        ({"fields": [{"path": "a", "name": "{name}"}]}, "{name} needs name_path"),
+        ({"fields": [{"path": "a", "name": "{what}"}]}, "unknown placeholder {what}"),
+        ({"fields": [{"path": "a", "map": {}}]}, "map must be a non-empty table"),
+        ({"fields": [{"path": "a", "map_default": 1}]}, "map_default needs a map"),
+        ({"each": [{"path": "a"}]}, "each[0]: fields is missing or empty"),
+        ({"each": [{"path": "a", "fields": [{"path": "v"}], "extra": 1}]}, 'unknown key "extra"'),
+        (
+            {"each": [{"path": "a", "fields": [{"path": "v", "requried": 1}]}]},
+            'each[0].fields[0]: unknown key "requried"',
+        ),
+        ({"fields": [{"path": "a"}], "keep": "a*"}, "keep must be a list of name patterns"),
         ({"fields": [{"path": "a", "requried": True}]}, 'fields[0]: unknown key "requried"'),
         ({"fields": [{"path": "a[x]"}]}, "is not an array index"),
         ({"fields": [{"name": "n"}]}, "path is missing"),

@@ -96,14 +96,15 @@ fields = [
             "plugins.json_normalize.config.ts_unit",
             9,
             "error",
-            '"msec" is not allowed; did you mean "ms"? choose one of "auto", "s", "ms"',
+            '"msec" is not allowed; did you mean "ms"? choose one of "auto", "s", "ms", "us", '
+            '"iso8601"',
         ),
         (
             "plugins.json_normalize.config.fields[0].requried",
             11,
             "error",
-            'unknown key "requried"; did you mean "required"? known keys: name, offset, path, '
-            "required, scale, unit",
+            'unknown key "requried"; did you mean "required"? known keys: map, map_default, name, '
+            "name_path, offset, path, required, scale, unit, unit_path",
         ),
         (
             "plugins.json_normalize.config.fields[1].scale",
@@ -115,14 +116,16 @@ fields = [
 
 
 def test_missing_required_config(check: Callable[[str], list[Problem]]) -> None:
-    problems = check(SOURCE + '\n[plugins.json_normalize]\ntimeout = "50ms"\n')
+    problems = check(
+        SOURCE + '\n[plugins.json_normalize.config]\neach = [{ fields = [{ path = "v" }] }]\n'
+    )
     assert [(p.path, p.message) for p in problems] == [
         (
-            "plugins.json_normalize.config",
-            '"fields" is required (one measurement per field found in the document)',
+            "plugins.json_normalize.config.each[0]",
+            '"path" is required (the array or object to iterate (".": the document itself))',
         )
     ]
-    assert problems[0].line == SOURCE.count("\n") + 2  # at the plugin's table
+    assert problems[0].line == SOURCE.count("\n") + 3
 
 
 def test_valid_config_is_quiet(check: Callable[[str], list[Problem]]) -> None:

@@ -77,14 +77,105 @@ impl Path {
     }
 }
 
+/// A piece of a name template: `power_{index}` -> Lit("power_"), Index.
+#[derive(Debug, Clone, PartialEq)]
+enum Piece {
+    Lit(String),
+    /// `{index}`: the element's 0-based index (in `each`)
+    Index,
+    /// `{n}`: the element's 1-based number (in `each`)
+    N,
+    /// `{key}`: the member's key when `each` iterates an object (else the index)
+    Key,
+    /// `{name}`: the string at the field's `name_path`
+    Name,
+}
+
+fn parse_template(text: &str, in_each: bool, has_name_path: bool) -> Result<Vec<Piece>, String> {
+    let mut pieces = Vec::new();
+    let mut lit = String::new();
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        lit.push_str(&rest[..open]);
+        let close = rest[open..].find('}').ok_or_else(|| format!("name {:?}: unclosed {{", text))? + open;
+        let piece = match &rest[open + 1..close] {
+            "index" if in_each => Piece::Index,
+            "n" if in_each => Piece::N,
+            "key" if in_each => Piece::Key,
+            "name" if has_name_path => Piece::Name,
+            "index" | "n" | "key" => return Err(format!("name {:?}: {{{}}} is only known inside each", text, &rest[open + 1..close])),
+            "name" => return Err(format!("name {:?}: {{name}} needs name_path", text)),
+            other => return Err(format!("name {:?}: unknown placeholder {{{}}} (known: index, n, key, name)", text, other)),
+        };
+        if !lit.is_empty() {
+            pieces.push(Piece::Lit(core::mem::take(&mut lit)));
+        }
+        pieces.push(piece);
+        rest = &rest[close + 1..];
+    }
+    if rest.contains('}') {
+        return Err(format!("name {:?}: unmatched }}", text));
+    }
+    lit.push_str(rest);
+    if !lit.is_empty() {
+        pieces.push(Piece::Lit(lit));
+    }
+    Ok(pieces)
+}
+
+/// A value a map turns a reading into.
+#[derive(Debug, Clone, PartialEq)]
+enum Mapped {
+    Num(f64),
+    Bool(bool),
+    Str(String),
+}
+
+impl Mapped {
+    fn of(v: &Json) -> Result<Mapped, String> {
+        match v {
+            Json::Bool(b) => Ok(Mapped::Bool(*b)),
+            Json::String(s) => Ok(Mapped::Str(s.clone())),
+            Json::Number(n) => n.as_f64().filter(|x| x.is_finite()).map(Mapped::Num).ok_or_else(|| format!("{} is not a finite number", n)),
+            other => Err(format!("a map value must be a number, bool or string, got {}", other)),
+        }
+    }
+
+    fn value(&self) -> Value<'_> {
+        match self {
+            Mapped::Num(x) => Value::F64(*x),
+            Mapped::Bool(b) => Value::Bool(*b),
+            Mapped::Str(s) => Value::Str(s),
+        }
+    }
+}
+
+enum Name {
+    /// name and unit known at init, turned into JSON once for every output line
+    Fixed(Key),
+    Dynamic { template: Vec<Piece>, unit: String },
+}
+
 struct Field {
     path: Path,
-    name: String,
-    /// name and unit, turned into JSON once for every output line
-    key: Key,
+    /// for messages: the name template as written (or the default)
+    label: String,
+    name: Name,
+    name_path: Option<Path>,
+    unit_path: Option<Path>,
     scale: f64,
     offset: f64,
     required: bool,
+    map: Vec<(String, Mapped)>,
+    map_default: Option<Mapped>,
+}
+
+/// `each`: one set of fields per element of an array or member of an object.
+struct Each {
+    path: Path,
+    fields: Vec<Field>,
+    device_path: Option<Path>,
+    ts_path: Option<Path>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -92,18 +183,24 @@ enum TsUnit {
     Auto,
     Seconds,
     Millis,
+    Micros,
+    Iso,
 }
 
 pub struct Normalizer {
     fields: Vec<Field>,
+    each: Vec<Each>,
     device_path: Option<Path>,
     ts_path: Option<Path>,
     ts_unit: TsUnit,
+    keep: Vec<String>,
+    drop: Vec<String>,
     /// The scanner's table of top-level members, reused from message to message.
     members: Vec<scan::Member>,
 }
 
-const FIELD_KEYS: &str = "path, name, unit, scale, offset, required";
+const FIELD_KEYS: &str = "path, name, unit, scale, offset, required, name_path, unit_path, map, map_default";
+const EACH_KEYS: &str = "path, fields, device_path, ts_path";
 
 fn number(obj: &Map<String, Json>, key: &str, default: f64) -> Result<f64, String> {
     match obj.get(key) {
@@ -123,69 +220,190 @@ fn string<'a>(obj: &'a Map<String, Json>, key: &str) -> Result<Option<&'a str>, 
     }
 }
 
-fn parse_field(obj: &Map<String, Json>) -> Result<Field, String> {
+/// A path that may be `.`: the element (or document) itself.
+fn element_path(text: &str) -> Result<Path, String> {
+    if text == "." {
+        Ok(Path { text: ".".to_string(), steps: Vec::new() })
+    } else {
+        Path::parse(text)
+    }
+}
+
+fn optional_path(obj: &Map<String, Json>, key: &str) -> Result<Option<Path>, String> {
+    match string(obj, key)? {
+        Some(p) => Path::parse(p).map(Some).map_err(|e| format!("{}: {}", key, e)),
+        None => Ok(None),
+    }
+}
+
+/// `*` matches any run of characters, `?` one character.
+fn glob(pattern: &str, name: &str) -> bool {
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let (mut i, mut j, mut star, mut mark) = (0, 0, None, 0);
+    while j < n.len() {
+        if i < p.len() && (p[i] == '?' || p[i] == n[j]) {
+            i += 1;
+            j += 1;
+        } else if i < p.len() && p[i] == '*' {
+            star = Some(i);
+            mark = j;
+            i += 1;
+        } else if let Some(s) = star {
+            i = s + 1;
+            mark += 1;
+            j = mark;
+        } else {
+            return false;
+        }
+    }
+    p[i..].iter().all(|&c| c == '*')
+}
+
+fn patterns(cfg: &Map<String, Json>, key: &str) -> Result<Vec<String>, String> {
+    match cfg.get(key) {
+        None => Ok(Vec::new()),
+        Some(Json::Array(a)) => a
+            .iter()
+            .map(|v| v.as_str().map(str::to_string).ok_or_else(|| format!("{} must be a list of name patterns, got {}", key, v)))
+            .collect(),
+        Some(v) => Err(format!("{} must be a list of name patterns, got {}", key, v)),
+    }
+}
+
+fn parse_field(obj: &Map<String, Json>, in_each: bool) -> Result<Field, String> {
     if let Some(k) = obj.keys().find(|k| !FIELD_KEYS.split(", ").any(|f| f == k.as_str())) {
         return Err(format!("unknown key {:?} (expected {})", k, FIELD_KEYS));
     }
-    let path = Path::parse(string(obj, "path")?.ok_or("path is missing")?)?;
-    let name = match string(obj, "name")? {
+    let path_text = string(obj, "path")?.ok_or("path is missing")?;
+    let path = if in_each { element_path(path_text)? } else { Path::parse(path_text)? };
+    let name_path = optional_path(obj, "name_path")?;
+    let unit_path = optional_path(obj, "unit_path")?;
+    let label = match string(obj, "name")? {
         Some(n) if !n.is_empty() => n.to_string(),
         Some(_) => return Err("name is empty".to_string()),
+        None if name_path.is_some() => "{name}".to_string(),
+        None if in_each && path.steps.is_empty() => "{key}".to_string(),
         None => path.last_key().ok_or("name is missing and the path ends in no key")?.to_string(),
     };
+    let template = parse_template(&label, in_each, name_path.is_some())?;
     let required = match obj.get("required") {
         None => false,
         Some(Json::Bool(b)) => *b,
         Some(v) => return Err(format!("required must be true or false, got {}", v)),
     };
     let unit = string(obj, "unit")?.unwrap_or("");
+    let map = match obj.get("map") {
+        None => Vec::new(),
+        Some(Json::Object(m)) if !m.is_empty() => {
+            let mut out = Vec::with_capacity(m.len());
+            for (k, v) in m {
+                out.push((k.clone(), Mapped::of(v).map_err(|e| format!("map.{}: {}", k, e))?));
+            }
+            out
+        }
+        Some(v) => return Err(format!("map must be a non-empty table like {{ ON = true, OFF = false }}, got {}", v)),
+    };
+    let map_default = match obj.get("map_default") {
+        None => None,
+        Some(_) if map.is_empty() => return Err("map_default needs a map".to_string()),
+        Some(v) => Some(Mapped::of(v).map_err(|e| format!("map_default: {}", e))?),
+    };
+    let fixed = template.iter().all(|p| matches!(p, Piece::Lit(_))) && unit_path.is_none();
+    let name = if fixed { Name::Fixed(Key::new(&label, unit)) } else { Name::Dynamic { template, unit: unit.to_string() } };
     Ok(Field {
-        key: Key::new(&name, unit),
         path,
+        label,
         name,
+        name_path,
+        unit_path,
         scale: number(obj, "scale", 1.0)?,
         offset: number(obj, "offset", 0.0)?,
         required,
+        map,
+        map_default,
     })
+}
+
+fn parse_fields(list: Option<&Json>, in_each: bool, at: &str, problems: &mut Vec<String>) -> Vec<Field> {
+    let list = match list {
+        None => return Vec::new(),
+        Some(Json::Array(a)) => a,
+        Some(_) => {
+            problems.push(format!("{}fields must be a list of tables", at));
+            return Vec::new();
+        }
+    };
+    let mut fields = Vec::with_capacity(list.len());
+    for (i, item) in list.iter().enumerate() {
+        match item.as_object().ok_or_else(|| format!("must be a table, got {}", item)).and_then(|o| parse_field(o, in_each)) {
+            Ok(f) => fields.push(f),
+            Err(e) => problems.push(format!("{}fields[{}]: {}", at, i, e)),
+        }
+    }
+    fields
+}
+
+fn parse_each(obj: &Map<String, Json>, at: &str, problems: &mut Vec<String>) -> Option<Each> {
+    if let Some(k) = obj.keys().find(|k| !EACH_KEYS.split(", ").any(|f| f == k.as_str())) {
+        problems.push(format!("{}: unknown key {:?} (expected {})", at, k, EACH_KEYS));
+        return None;
+    }
+    let path = match string(obj, "path").and_then(|p| element_path(p.ok_or("path is missing")?)) {
+        Ok(p) => p,
+        Err(e) => {
+            problems.push(format!("{}: {}", at, e));
+            return None;
+        }
+    };
+    let fields = parse_fields(obj.get("fields"), true, &format!("{}.", at), problems);
+    if fields.is_empty() && obj.get("fields").map_or(true, |f| f.as_array().map_or(false, |a| a.is_empty())) {
+        problems.push(format!("{}: fields is missing or empty: give the fields of each element", at));
+    }
+    let mut paths = [None, None];
+    for (slot, key) in paths.iter_mut().zip(["device_path", "ts_path"]) {
+        match string(obj, key).and_then(|p| p.map(element_path).transpose()) {
+            Ok(p) => *slot = p,
+            Err(e) => problems.push(format!("{}.{}: {}", at, key, e)),
+        }
+    }
+    let [device_path, ts_path] = paths;
+    Some(Each { path, fields, device_path, ts_path })
 }
 
 fn init(cfg: &Json) -> Result<Normalizer, String> {
     let cfg = cfg.as_object().ok_or("config must be a JSON object")?;
-    let list = cfg
-        .get("fields")
-        .ok_or("fields is missing: give a list like [{ path = \"data.temp\", name = \"temperature\" }]")?
-        .as_array()
-        .ok_or("fields must be a list of tables")?;
-    if list.is_empty() {
-        return Err("fields is empty: nothing to normalize".to_string());
-    }
-    let mut fields = Vec::with_capacity(list.len());
     let mut problems = Vec::new();
-    for (i, item) in list.iter().enumerate() {
-        match item.as_object().ok_or_else(|| format!("must be a table, got {}", item)).and_then(parse_field) {
-            Ok(f) => fields.push(f),
-            Err(e) => problems.push(format!("fields[{}]: {}", i, e)),
+    let mut fields = parse_fields(cfg.get("fields"), false, "", &mut problems);
+    let mut each = Vec::new();
+    match cfg.get("each") {
+        None => {}
+        Some(Json::Array(list)) => {
+            for (i, item) in list.iter().enumerate() {
+                match item.as_object() {
+                    Some(o) => each.extend(parse_each(o, &format!("each[{}]", i), &mut problems)),
+                    None => problems.push(format!("each[{}]: must be a table, got {}", i, item)),
+                }
+            }
         }
+        Some(_) => problems.push("each must be a list of tables".to_string()),
     }
-    let optional_path = |key: &str, problems: &mut Vec<String>| match string(cfg, key) {
-        Ok(Some(p)) => Path::parse(p).map(Some).unwrap_or_else(|e| {
-            problems.push(format!("{}: {}", key, e));
-            None
-        }),
-        Ok(None) => None,
-        Err(e) => {
-            problems.push(e);
-            None
-        }
-    };
-    let device_path = optional_path("device_path", &mut problems);
-    let ts_path = optional_path("ts_path", &mut problems);
+    if problems.is_empty() && fields.is_empty() && each.is_empty() {
+        return Err("fields and each are missing or empty: give a list like fields = [{ path = \"data.temp\", name = \"temperature\" }]".to_string());
+    }
+    let take = |key: &str, problems: &mut Vec<String>| optional_path(cfg, key).unwrap_or_else(|e| {
+        problems.push(e);
+        None
+    });
+    let device_path = take("device_path", &mut problems);
+    let ts_path = take("ts_path", &mut problems);
     let ts_unit = match string(cfg, "ts_unit") {
         Ok(None) | Ok(Some("auto")) => TsUnit::Auto,
         Ok(Some("s")) => TsUnit::Seconds,
         Ok(Some("ms")) => TsUnit::Millis,
+        Ok(Some("us")) => TsUnit::Micros,
+        Ok(Some("iso8601")) => TsUnit::Iso,
         Ok(Some(other)) => {
-            problems.push(format!("ts_unit must be \"auto\", \"s\" or \"ms\", got {:?}", other));
+            problems.push(format!("ts_unit must be \"auto\", \"s\", \"ms\", \"us\" or \"iso8601\", got {:?}", other));
             TsUnit::Auto
         }
         Err(e) => {
@@ -193,10 +411,161 @@ fn init(cfg: &Json) -> Result<Normalizer, String> {
             TsUnit::Auto
         }
     };
+    let keep = patterns(cfg, "keep").unwrap_or_else(|e| {
+        problems.push(e);
+        Vec::new()
+    });
+    let drop = patterns(cfg, "drop").unwrap_or_else(|e| {
+        problems.push(e);
+        Vec::new()
+    });
     if !problems.is_empty() {
         return Err(format!("invalid config: {}", problems.join("; ")));
     }
-    Ok(Normalizer { fields, device_path, ts_path, ts_unit, members: Vec::new() })
+    let mut n = Normalizer { fields: Vec::new(), each: Vec::new(), device_path, ts_path, ts_unit, keep, drop, members: Vec::new() };
+    // Fields whose fixed name the filters refuse are never read.
+    fields.retain(|f| !matches!(&f.name, Name::Fixed(k) if !n.wanted(k.name())));
+    for e in &mut each {
+        e.fields.retain(|f| !matches!(&f.name, Name::Fixed(k) if !n.wanted(k.name())));
+    }
+    n.fields = fields;
+    n.each = each;
+    Ok(n)
+}
+
+impl Normalizer {
+    /// Whether the keep/drop filters let a measurement of this name through.
+    fn wanted(&self, name: &str) -> bool {
+        (self.keep.is_empty() || self.keep.iter().any(|p| glob(p, name))) && !self.drop.iter().any(|p| glob(p, name))
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Unix seconds of an ISO 8601 / RFC 3339 date-time: `2024-03-01T12:30:00Z`,
+/// `2024-03-01 12:30:00.250+01:00`, `20240301T123000Z`, `2024-03-01` (midnight). Without an
+/// offset the time is read as UTC.
+fn parse_iso8601(text: &str) -> Result<f64, String> {
+    let bad = |why: &str| format!("{:?} is not an ISO 8601 date-time ({})", text, why);
+    let b = text.trim().as_bytes();
+    let mut p = 0;
+    let num = |p: &mut usize, n: usize, what: &str| -> Result<i64, String> {
+        let s = b
+            .get(*p..*p + n)
+            .filter(|s| s.iter().all(u8::is_ascii_digit))
+            .ok_or_else(|| bad(&format!("expected {} digits of the {} at character {}", n, what, *p)))?;
+        *p += n;
+        Ok(s.iter().fold(0i64, |a, d| a * 10 + i64::from(d - b'0')))
+    };
+    let year = num(&mut p, 4, "year")?;
+    let extended = b.get(p) == Some(&b'-');
+    if extended {
+        p += 1;
+    }
+    let month = num(&mut p, 2, "month")?;
+    if extended && b.get(p) != Some(&b'-') {
+        return Err(bad("expected - after the month"));
+    }
+    if extended {
+        p += 1;
+    }
+    let day = num(&mut p, 2, "day")?;
+    if !(1..=12).contains(&month) || day < 1 || day > [31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31][(month - 1) as usize] {
+        return Err(bad("no such date"));
+    }
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    if month == 2 && day == 29 && !leap {
+        return Err(bad("no such date"));
+    }
+    let mut secs = days_from_civil(year, month, day) as f64 * 86_400.0;
+    if p == b.len() {
+        return Ok(secs);
+    }
+    if !matches!(b[p], b'T' | b't' | b' ') {
+        return Err(bad("expected T between date and time"));
+    }
+    p += 1;
+    let hour = num(&mut p, 2, "hour")?;
+    let colon = extended && b.get(p) == Some(&b':');
+    if extended && !colon {
+        return Err(bad("expected : after the hour"));
+    }
+    if colon {
+        p += 1;
+    }
+    let minute = num(&mut p, 2, "minute")?;
+    let mut second = 0;
+    if colon && b.get(p) == Some(&b':') {
+        p += 1;
+        second = num(&mut p, 2, "second")?;
+    } else if !colon && b.get(p).map_or(false, u8::is_ascii_digit) {
+        second = num(&mut p, 2, "second")?;
+    }
+    if hour > 24 || minute > 59 || second > 60 || (hour == 24 && (minute, second) != (0, 0)) {
+        return Err(bad("time out of range"));
+    }
+    let mut frac = 0.0;
+    if matches!(b.get(p), Some(b'.' | b',')) {
+        p += 1;
+        let start = p;
+        let mut scale = 0.1;
+        while p < b.len() && b[p].is_ascii_digit() {
+            frac += f64::from(b[p] - b'0') * scale;
+            scale /= 10.0;
+            p += 1;
+        }
+        if p == start {
+            return Err(bad("no digits after the decimal point"));
+        }
+    }
+    secs += (hour * 3600 + minute * 60 + second) as f64 + frac;
+    match b.get(p) {
+        None => Ok(secs),
+        Some(b'Z' | b'z') if p + 1 == b.len() => Ok(secs),
+        Some(&sign @ (b'+' | b'-')) => {
+            p += 1;
+            let oh = num(&mut p, 2, "offset hours")?;
+            if b.get(p) == Some(&b':') {
+                p += 1;
+            }
+            let om = if p < b.len() { num(&mut p, 2, "offset minutes")? } else { 0 };
+            if p != b.len() || oh > 23 || om > 59 {
+                return Err(bad("bad offset"));
+            }
+            let off = (oh * 3600 + om * 60) as f64;
+            Ok(if sign == b'+' { secs - off } else { secs + off })
+        }
+        Some(_) => Err(bad("unexpected text after the time")),
+    }
+}
+
+/// Unix seconds from a timestamp value.
+fn timestamp(unit: TsUnit, path: &Path, v: Val<'_>) -> Result<f64, String> {
+    match (v, unit) {
+        (Val::Num(t), TsUnit::Seconds) => Ok(t),
+        (Val::Num(t), TsUnit::Millis) => Ok(t / 1e3),
+        (Val::Num(t), TsUnit::Micros) => Ok(t / 1e6),
+        // 1e11 s is the year 5138, 1e11 ms 1973; 1e14 ms is the year 5138, 1e14 µs 1973.
+        (Val::Num(t), TsUnit::Auto) => Ok(if t.abs() >= 1e14 {
+            t / 1e6
+        } else if t.abs() >= 1e11 {
+            t / 1e3
+        } else {
+            t
+        }),
+        (Val::Str(s), TsUnit::Auto | TsUnit::Iso) => parse_iso8601(s).map_err(|e| format!("ts_path {}: {}", path.text, e)),
+        (Val::Num(_), TsUnit::Iso) => Err(format!("ts_path {} is a number, expected an ISO 8601 string (ts_unit = \"iso8601\")", path.text)),
+        (v, _) => Err(format!("ts_path {} is {}, expected unix seconds, milliseconds or microseconds, or an ISO 8601 string", path.text, v.kind())),
+    }
 }
 
 /// serde_json reports line/column (1-based, columns counted in bytes); turn that into the
@@ -260,84 +629,178 @@ impl<'a> Val<'a> {
     }
 }
 
-/// The fast path met something only the serde_json path renders exactly (a numeric device id):
-/// nothing has been written yet, so the message is processed again that way.
+/// The fast path met something only the serde_json path renders exactly (a numeric device id),
+/// or a config the scanner does not serve (`each`): nothing has been written yet, so the message
+/// is processed again that way.
 struct Redo;
 
-/// Normalizes one document; `get` finds the (non-null) value at a path.
+/// Where a field is read: the document, or one element of an `each`.
+#[derive(Clone, Copy)]
+struct Ctx<'k> {
+    index: usize,
+    key: Option<&'k str>,
+}
+
+/// The string at a name or unit path (a number is written as JSON writes it).
+fn text_at<'d>(get: &dyn Fn(&Path) -> Option<Val<'d>>, p: &Path) -> Result<Option<String>, String> {
+    match get(p) {
+        None => Ok(None),
+        Some(Val::Str(s)) => Ok(Some(s.to_string())),
+        Some(Val::Num(x)) if x.fract() == 0.0 && x.abs() < 1e15 => Ok(Some(format!("{}", x as i64))),
+        Some(v) => Err(format!("{} is {}, expected a string", p.text, v.kind())),
+    }
+}
+
+/// Emits one measurement per field found through `get`.
+fn emit<'d>(
+    n: &Normalizer,
+    fields: &[Field],
+    get: &dyn Fn(&Path) -> Option<Val<'d>>,
+    ctx: Option<Ctx<'_>>,
+    device: Option<&str>,
+    ts: Option<f64>,
+    out: &mut Output,
+) {
+    let at = |f: &Field| match ctx {
+        None => format!("field {:?} (path {})", f.label, f.path.text),
+        Some(Ctx { key: Some(k), .. }) => format!("field {:?} (path {}) of element {:?}", f.label, f.path.text, k),
+        Some(Ctx { index, .. }) => format!("field {:?} (path {}) of element {}", f.label, f.path.text, index),
+    };
+    for f in fields {
+        let v = match get(&f.path) {
+            Some(v) => v,
+            None if f.required => {
+                out.error(format_args!("required {} is missing", at(f)));
+                continue;
+            }
+            None => continue,
+        };
+        let mapped = if f.map.is_empty() {
+            None
+        } else {
+            let text = match v {
+                Val::Str(s) => Some(s.to_string()),
+                Val::Bool(b) => Some(if b { "true" } else { "false" }.to_string()),
+                Val::Num(x) if x.fract() == 0.0 && x.abs() < 1e15 => Some(format!("{}", x as i64)),
+                _ => None,
+            };
+            match text.as_deref().and_then(|t| f.map.iter().find(|(k, _)| k == t)).map(|(_, m)| m).or(f.map_default.as_ref()) {
+                Some(m) => Some(m),
+                None => {
+                    let known: Vec<&str> = f.map.iter().map(|(k, _)| k.as_str()).collect();
+                    let shown = text.map_or_else(|| v.kind().to_string(), |t| format!("{:?}", t));
+                    out.error(format_args!("{}: value {} is not in its map ({}); add it, or set map_default", at(f), shown, known.join(", ")));
+                    continue;
+                }
+            }
+        };
+        let value = match (mapped, v) {
+            (Some(m), _) => m.value(),
+            (None, Val::Num(x)) => Value::F64(x * f.scale + f.offset),
+            (None, Val::BadNum(x)) => {
+                out.error(format_args!("{}: {} is not representable", at(f), x));
+                continue;
+            }
+            (None, Val::Bool(b)) => Value::Bool(b),
+            (None, Val::Str(s)) => Value::Str(s),
+            (None, other) => {
+                out.error(format_args!("{} is {}, expected a number, bool or string", at(f), other.kind()));
+                continue;
+            }
+        };
+        match &f.name {
+            Name::Fixed(key) => out.put_ex(key, value, device, ts),
+            Name::Dynamic { template, unit } => {
+                let data_name = match f.name_path.as_ref().map(|p| text_at(get, p)) {
+                    None => None,
+                    Some(Ok(Some(s))) if !s.is_empty() => Some(s),
+                    Some(Ok(_)) => {
+                        out.error(format_args!("{}: name_path {} is missing or empty", at(f), f.name_path.as_ref().map_or("", |p| p.text.as_str())));
+                        continue;
+                    }
+                    Some(Err(e)) => {
+                        out.error(format_args!("{}: name_path {}", at(f), e));
+                        continue;
+                    }
+                };
+                let mut name = String::new();
+                for piece in template {
+                    match piece {
+                        Piece::Lit(s) => name.push_str(s),
+                        Piece::Index => name.push_str(&ctx.map_or(0, |c| c.index).to_string()),
+                        Piece::N => name.push_str(&ctx.map_or(1, |c| c.index + 1).to_string()),
+                        Piece::Key => match ctx.and_then(|c| c.key) {
+                            Some(k) => name.push_str(k),
+                            None => name.push_str(&ctx.map_or(0, |c| c.index).to_string()),
+                        },
+                        Piece::Name => name.push_str(data_name.as_deref().unwrap_or("")),
+                    }
+                }
+                if !n.wanted(&name) {
+                    continue;
+                }
+                let data_unit = match f.unit_path.as_ref().map(|p| text_at(get, p)) {
+                    Some(Ok(Some(u))) => Some(u),
+                    None | Some(Ok(None)) => None,
+                    Some(Err(e)) => {
+                        out.error(format_args!("{}: unit_path {}", at(f), e));
+                        continue;
+                    }
+                };
+                let unit = data_unit.as_deref().unwrap_or(unit);
+                out.measurement_ex(&name, value, unit, Quality::Good, device, ts);
+            }
+        }
+    }
+}
+
+/// The message's device from `device_path`: Ok(None) when absent.
+fn device_at<'d>(
+    get: &dyn Fn(&Path) -> Option<Val<'d>>,
+    device_number: &dyn Fn(&Path) -> Option<String>,
+    p: Option<&Path>,
+) -> Result<Result<Option<String>, String>, Redo> {
+    Ok(match p.map(|p| (p, get(p))) {
+        None | Some((_, None)) => Ok(None),
+        Some((_, Some(Val::Str(s)))) => Ok(Some(s.to_string())),
+        Some((p, Some(Val::Num(_) | Val::BadNum(_)))) => Ok(Some(device_number(p).ok_or(Redo)?)),
+        Some((p, Some(v))) => Err(format!("device_path {} is {}, expected a string", p.text, v.kind())),
+    })
+}
+
+/// Normalizes one document's top-level fields; `get` finds the (non-null) value at a path.
 fn normalize<'d>(
     n: &Normalizer,
     get: &dyn Fn(&Path) -> Option<Val<'d>>,
     device_number: &dyn Fn(&Path) -> Option<String>,
     out: &mut Output,
-) -> Result<Result<(), String>, Redo> {
+) -> Result<Result<(Option<String>, Option<f64>), String>, Redo> {
     let ts = match n.ts_path.as_ref().and_then(|p| get(p).map(|v| (p, v))) {
         None => None,
-        Some((p, v)) => {
-            let t = match v {
-                Val::Num(t) => t,
-                _ => return Ok(Err(format!("ts_path {} is {}, expected unix seconds or milliseconds", p.text, v.kind()))),
-            };
-            let ms = match n.ts_unit {
-                TsUnit::Millis => true,
-                TsUnit::Seconds => false,
-                // 1e11 s is the year 5138; 1e11 ms is 1973.
-                TsUnit::Auto => t.abs() >= 1e11,
-            };
-            Some(if ms { t / 1000.0 } else { t })
-        }
+        Some((p, v)) => match timestamp(n.ts_unit, p, v) {
+            Ok(t) => Some(t),
+            Err(e) => return Ok(Err(e)),
+        },
     };
-    let device_text;
-    let device = match n.device_path.as_ref().map(|p| (p, get(p))) {
-        None | Some((_, None)) => None,
-        Some((_, Some(Val::Str(s)))) => Some(s),
-        Some((p, Some(Val::Num(_) | Val::BadNum(_)))) => {
-            device_text = device_number(p).ok_or(Redo)?;
-            Some(device_text.as_str())
-        }
-        Some((p, Some(v))) => return Ok(Err(format!("device_path {} is {}, expected a string", p.text, v.kind()))),
+    let device = match device_at(get, device_number, n.device_path.as_ref())? {
+        Ok(d) => d,
+        Err(e) => return Ok(Err(e)),
     };
-
-    for f in &n.fields {
-        let v = match get(&f.path) {
-            Some(v) => v,
-            None if f.required => {
-                out.error(format_args!("required field {:?} (path {}) is missing", f.name, f.path.text));
-                continue;
-            }
-            None => continue,
-        };
-        let value = match v {
-            Val::Num(x) => Value::F64(x * f.scale + f.offset),
-            Val::BadNum(x) => {
-                out.error(format_args!("field {:?} (path {}): {} is not representable", f.name, f.path.text, x));
-                continue;
-            }
-            Val::Bool(b) => Value::Bool(b),
-            Val::Str(s) => Value::Str(s),
-            other => {
-                out.error(format_args!(
-                    "field {:?} (path {}) is {}, expected a number, bool or string",
-                    f.name,
-                    f.path.text,
-                    other.kind()
-                ));
-                continue;
-            }
-        };
-        out.put_ex(&f.key, value, device, ts);
-    }
-    Ok(Ok(()))
+    emit(n, &n.fields, get, None, device.as_deref(), ts, out);
+    Ok(Ok((device, ts)))
 }
 
 fn process(n: &mut Normalizer, m: &Message, out: &mut Output) -> Result<(), String> {
     if m.kind == KIND_REGISTERS {
         return Err("expected a JSON payload (kind 0 or 2), got register words (kind 1)".to_string());
     }
+    if !n.each.is_empty() {
+        return process_tree(n, m, out);
+    }
     // Fast path: a document the scanner accepts is read in place, without building a tree.
     let mut members = core::mem::take(&mut n.members);
     let done = match scan::Doc::new(m.payload, &mut members) {
-        Some(doc) => normalize(n, &|p| doc.get(&p.steps), &|_| None, out).ok(),
+        Some(doc) => normalize(n, &|p| doc.get(&p.steps), &|_| None, out).ok().map(|r| r.map(|_| ())),
         None => None,
     };
     n.members = members;
@@ -351,10 +814,46 @@ fn process(n: &mut Normalizer, m: &Message, out: &mut Output) -> Result<(), Stri
 fn process_tree(n: &Normalizer, m: &Message, out: &mut Output) -> Result<(), String> {
     let doc: Json = serde_json::from_slice(m.payload).map_err(|e| json_error(m.payload, &e))?;
     let device_number = |p: &Path| p.get(&doc).map(|v| v.to_string());
-    match normalize(n, &|p| p.get(&doc).and_then(Val::of), &device_number, out) {
-        Ok(r) => r,
+    let (device, ts) = match normalize(n, &|p| p.get(&doc).and_then(Val::of), &device_number, out) {
+        Ok(r) => r?,
         Err(Redo) => unreachable!("the tree path renders numeric devices itself"),
+    };
+    for e in &n.each {
+        let container = if e.path.steps.is_empty() { Some(&doc) } else { e.path.get(&doc) };
+        let elements: Vec<(Option<&str>, &Json)> = match container {
+            None => continue,
+            Some(Json::Array(a)) => a.iter().map(|v| (None, v)).collect(),
+            Some(Json::Object(o)) => o.iter().map(|(k, v)| (Some(k.as_str()), v)).collect(),
+            Some(other) => {
+                out.error(format_args!("each {}: {} is {}, expected an array or an object", e.path.text, e.path.text, Val::of(other).map_or("null", |v| v.kind())));
+                continue;
+            }
+        };
+        for (index, (key, elem)) in elements.into_iter().enumerate() {
+            let get = |p: &Path| if p.steps.is_empty() { Val::of(elem) } else { p.get(elem).and_then(Val::of) };
+            let number = |p: &Path| p.get(elem).map(|v| v.to_string());
+            let elem_device = match device_at(&get, &number, e.device_path.as_ref()) {
+                Ok(Ok(d)) => d.or_else(|| device.clone()),
+                Ok(Err(err)) => {
+                    out.error(format_args!("each {} element {}: {}", e.path.text, index, err));
+                    continue;
+                }
+                Err(Redo) => unreachable!("numbers are rendered here"),
+            };
+            let elem_ts = match e.ts_path.as_ref().and_then(|p| get(p).map(|v| (p, v))) {
+                None => ts,
+                Some((p, v)) => match timestamp(n.ts_unit, p, v) {
+                    Ok(t) => Some(t),
+                    Err(err) => {
+                        out.error(format_args!("each {} element {}: {}", e.path.text, index, err));
+                        continue;
+                    }
+                },
+            };
+            emit(n, &e.fields, &get, Some(Ctx { index, key }), elem_device.as_deref(), elem_ts, out);
+        }
     }
+    Ok(())
 }
 
 /// A JSON scanner that checks a document once and then finds values by path without building
@@ -726,6 +1225,33 @@ mod tests {
         }
     }
 
+    #[test]
+    fn iso8601() {
+        let ok = [
+            ("1970-01-01T00:00:00Z", 0.0),
+            ("2024-03-01T12:30:00Z", 1_709_296_200.0),
+            ("2024-03-01T12:30:00.250+01:00", 1_709_292_600.25),
+            ("2024-03-01 12:30:00-0530", 1_709_316_000.0),
+            ("20240301T123000Z", 1_709_296_200.0),
+            ("2024-02-29", 1_709_164_800.0),
+            ("2000-01-01T00:00", 946_684_800.0),
+            ("1969-12-31T23:59:59Z", -1.0),
+        ];
+        for (text, want) in ok {
+            assert_eq!(parse_iso8601(text), Ok(want), "{}", text);
+        }
+        for bad in ["", "2024", "2023-02-29", "2024-13-01", "2024-03-01T25:00", "2024-03-01T12:30:00Zx", "2024-03-01X12", "2024-03-01T12:30:00+1", "yesterday"] {
+            assert!(parse_iso8601(bad).is_err(), "{}", bad);
+        }
+    }
+
+    #[test]
+    fn globs() {
+        for (p, n, want) in [("*", "", true), ("a*", "abc", true), ("*c", "abc", true), ("a?c", "abc", true), ("a*b*c", "axxbyyc", true), ("a*d", "abc", false), ("?", "", false), ("temp_*", "temp_", true), ("é*", "éa", true)] {
+            assert_eq!(glob(p, n), want, "{} {}", p, n);
+        }
+    }
+
     fn normalizer() -> Normalizer {
         let paths = ["a", "a.b", "a[0]", "a.1", "b.c[1].d", "x", "t", "d", "u.v.w", "k[2][0]", "n"];
         let fields: Vec<Json> = paths
@@ -752,7 +1278,7 @@ mod tests {
         };
         let mut members = Vec::new();
         let fast = scan::Doc::new(payload, &mut members)
-            .and_then(|doc| run(&|out| normalize(n, &|p| doc.get(&p.steps), &|_| None, out).ok()));
+            .and_then(|doc| run(&|out| normalize(n, &|p| doc.get(&p.steps), &|_| None, out).ok().map(|r| r.map(|_| ()))));
         let m = Message { index: 3, kind: 0, function: 0, address: 0, ts: 1.0, device: "d", topic: "", payload };
         let tree = run(&|out| Some(process_tree(n, &m, out))).unwrap();
         (fast, tree)

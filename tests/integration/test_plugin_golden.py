@@ -42,6 +42,7 @@ PLUGINS = REPO / "plugins"
 GOLDEN_PLUGINS = {
     "modbus_decode": PLUGINS / "modbus_decode",
     "json_normalize": PLUGINS / "json_normalize",
+    "vedirect": PLUGINS / "vedirect",
     "c_scale": PLUGINS / "examples" / "c_scale",
 }
 
@@ -814,3 +815,62 @@ def test_broken_batches_fail_as_a_whole(wasm: dict[str, Path], plugin: str) -> N
     assert lines[0]["i"] == 0 and "malformed input message" in lines[0]["error"]
     assert all(x["i"] == 1 for x in lines[1:]) and len(lines) > 1
     assert p.process(struct.pack("<I", 0)) == b""  # no messages: (0 << 32) | 0
+
+
+# --- vedirect: fuzz and properties ------------------------------------------------------------
+
+
+def _ve_block(lines: list[tuple[str, str]]) -> bytes:
+    body = b"".join(b"\r\n" + k.encode() + b"\t" + v.encode() for k, v in lines)
+    body += b"\r\nChecksum\t"
+    return body + bytes([(-sum(body)) % 256])
+
+
+def _ve_run(wasm: dict[str, Path], payload: bytes) -> list[dict[str, Any]]:
+    line = {"device": "ve", "ts": 1.0, "payload_b64": base64.b64encode(payload).decode()}
+    return _Runner(wasm["vedirect"], {}).records([line])
+
+
+@PROPS
+@given(
+    v=st.integers(-(2**31), 2**31 - 1),
+    i=st.integers(-(10**6), 10**6),
+    soc=st.integers(0, 1000),
+    load=st.booleans(),
+    pid=st.integers(0, 0xFFFF),
+)
+def test_vedirect_decodes_random_values(
+    wasm: dict[str, Path], *, v: int, i: int, soc: int, load: bool, pid: int
+) -> None:
+    block = _ve_block(
+        [("PID", f"0x{pid:04X}"), ("V", str(v)), ("I", str(i)), ("SOC", str(soc)),
+         ("LOAD", "ON" if load else "OFF"), ("AR", str(soc))]
+    )  # fmt: skip
+    got = {o["name"]: o["value"] for o in _ve_run(wasm, block) if "name" in o}
+    assert got == {
+        "product_id": f"0x{pid:04X}",
+        "battery_voltage": v / 1000,
+        "battery_current": i / 1000,
+        "soc": soc / 10,
+        "load_on": load,
+        "alarm_reason": soc,
+    }
+
+
+@PROPS
+@given(data=st.data())
+def test_vedirect_fuzz_damaged_blocks_and_noise(wasm: dict[str, Path], data: st.DataObject) -> None:
+    block = _ve_block([("V", "12800"), ("I", "-1500"), ("PID", "0xA053"), ("H19", "1234")])
+    damaged = bytearray(block)
+    at = data.draw(st.integers(0, len(block) - 1))
+    damaged[at] ^= data.draw(st.integers(1, 255))
+    noise = data.draw(st.binary(max_size=300))
+    # a single damaged byte always breaks the sum: never a measurement from that block
+    out = _ve_run(wasm, bytes(damaged))
+    assert out and all("error" in o for o in out), out
+    # noise, before a block too, never traps or breaks the ABI (it may hide that block)
+    _ve_run(wasm, noise)
+    _ve_run(wasm, noise + block)
+    assert [o["name"] for o in _ve_run(wasm, block + b":A0102000543\n" + block)][-4:] == [
+        "battery_voltage", "battery_current", "product_id", "yield_total"
+    ]  # fmt: skip

@@ -4,12 +4,14 @@ read it back and compare. Its config struct, checks and factory; the executor is
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+
+from msgspec import Meta
 
 from flux_edge.actions.targets import target_source
 from flux_edge.config import ActionSpec
 from flux_edge.config.kinds import Context, Kind
-from flux_edge.config.values import Key, _check_name, _got, _Rule, _suggest
+from flux_edge.config.values import DURATION, NAME, Key, _got, _suggest
 
 if TYPE_CHECKING:
     from flux_edge.actions import ActionEnv, Executor
@@ -19,23 +21,17 @@ if TYPE_CHECKING:
 class ModbusWriteAction(ActionSpec, frozen=True, kw_only=True, tag="modbus_write"):
     writes_device: ClassVar[bool] = True
 
-    source: str  # the modbus source (TCP endpoint or RTU bus) to write through
-    address: int
+    # the modbus source (TCP endpoint or RTU bus) to write through
+    source: Annotated[str, Meta(min_length=1)]
+    address: Annotated[int, Meta(ge=0, le=65535)]
     value: bool | int
     function: Literal["coil", "holding"] = "coil"
-    device: str = ""  # the device (unit id) on that source; required when it has several
+    # the device (unit id) on that source; required when it has several
+    device: Annotated[str, NAME] = ""
     verify: bool = True  # read back and compare
-    retries: int = 1  # further attempts after a failed or unverified write, within `timeout`
-    timeout: float = 1.0
-
-
-RULES: dict[tuple[type, str], _Rule] = {
-    (ModbusWriteAction, "retries"): _Rule(min=0, max=10),
-    (ModbusWriteAction, "source"): _Rule(nonempty=True),
-    (ModbusWriteAction, "address"): _Rule(min=0, max=65535),
-    (ModbusWriteAction, "timeout"): _Rule(kind="duration", positive=True),
-    (ModbusWriteAction, "device"): _Rule(check=_check_name),
-}
+    # further attempts after a failed or unverified write, within `timeout`
+    retries: Annotated[int, Meta(ge=0, le=10)] = 1
+    timeout: Annotated[float, Meta(gt=0), DURATION] = 1.0
 
 
 def _value_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> None:
@@ -94,7 +90,6 @@ KIND = Kind(
     rank=10,
     struct=ModbusWriteAction,
     factory=make_executor,
-    rules=RULES,
     table_checks={ModbusWriteAction: _value_checks},
     cross_check=_cross_check,
 )

@@ -4,13 +4,15 @@ source's broker connection. Its config struct, checks and factory; the executor 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+
+from msgspec import Meta
 
 from flux_edge.actions.targets import target_source
 from flux_edge.actions.templates import TemplateError, compile_template
 from flux_edge.config import ActionSpec
 from flux_edge.config.kinds import Context, Kind
-from flux_edge.config.values import Key, _Rule
+from flux_edge.config.values import DURATION, Key
 from flux_edge.mqtt.topics import check_topic
 
 if TYPE_CHECKING:
@@ -23,20 +25,14 @@ class MqttPublishAction(ActionSpec, frozen=True, kw_only=True, tag="mqtt_publish
 
     concurrent: ClassVar[bool] = True
 
-    source: str  # an MQTT source whose broker connection is used
-    topic: str  # template: {device} {name} {value} {unit} {quality} {rule} {action} {ts}
+    source: Annotated[str, Meta(min_length=1)]  # an MQTT source whose broker connection is used
+    # template: {device} {name} {value} {unit} {quality} {rule} {action} {ts}
+    topic: Annotated[str, Meta(min_length=1)]
     payload: str  # template; {value:json} etc. render JSON values
-    qos: int = 1  # 0, 1 or 2
+    qos: Annotated[int, Meta(ge=0, le=2)] = 1  # 0, 1 or 2
     retain: bool = False
-    timeout: float = 5.0  # seconds: connection wait + publish + broker acknowledgement
-
-
-RULES: dict[tuple[type, str], _Rule] = {
-    (MqttPublishAction, "source"): _Rule(nonempty=True),
-    (MqttPublishAction, "topic"): _Rule(nonempty=True),
-    (MqttPublishAction, "qos"): _Rule(min=0, max=2),
-    (MqttPublishAction, "timeout"): _Rule(kind="duration", positive=True),
-}
+    # seconds: connection wait + publish + broker acknowledgement
+    timeout: Annotated[float, Meta(gt=0), DURATION] = 5.0
 
 
 def _mqtt_publish_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> None:
@@ -73,7 +69,6 @@ KIND = Kind(
     rank=30,
     struct=MqttPublishAction,
     factory=make_executor,
-    rules=RULES,
     table_checks={MqttPublishAction: _mqtt_publish_checks},
     cross_check=_cross_check,
 )

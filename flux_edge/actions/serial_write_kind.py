@@ -3,12 +3,14 @@ config struct, checks and factory; the executor is ``serial_write.py``."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from msgspec import Meta
 
 from flux_edge.actions.targets import target_source
 from flux_edge.config import ActionSpec
 from flux_edge.config.kinds import Context, Kind
-from flux_edge.config.values import Key, _got, _Rule
+from flux_edge.config.values import DURATION, Key, _got
 
 if TYPE_CHECKING:
     from flux_edge.actions import ActionEnv, Executor
@@ -16,17 +18,10 @@ if TYPE_CHECKING:
 
 
 class SerialWriteAction(ActionSpec, frozen=True, kw_only=True, tag="serial_write"):
-    source: str  # the serial source whose port is written
-    data: str  # what to send
+    source: Annotated[str, Meta(min_length=1)]  # the serial source whose port is written
+    data: Annotated[str, Meta(min_length=1)]  # what to send
     encoding: Literal["text", "hex"] = "text"  # text: UTF-8 with TOML escapes; hex: "01 03 00"
-    timeout: float = 1.0
-
-
-RULES: dict[tuple[type, str], _Rule] = {
-    (SerialWriteAction, "source"): _Rule(nonempty=True),
-    (SerialWriteAction, "data"): _Rule(nonempty=True),
-    (SerialWriteAction, "timeout"): _Rule(kind="duration", positive=True),
-}
+    timeout: Annotated[float, Meta(gt=0), DURATION] = 1.0
 
 
 def _serial_write_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> None:
@@ -58,7 +53,6 @@ KIND = Kind(
     rank=20,
     struct=SerialWriteAction,
     factory=make_executor,
-    rules=RULES,
     table_checks={SerialWriteAction: _serial_write_checks},
     cross_check=_cross_check,
 )

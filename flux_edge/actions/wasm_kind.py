@@ -4,11 +4,13 @@ another action's transport. Its config struct, checks and factory; the executor 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
+
+from msgspec import Meta
 
 from flux_edge.config import ActionSpec
 from flux_edge.config.kinds import Context, Kind
-from flux_edge.config.values import Key, _Rule
+from flux_edge.config.values import DURATION, Key
 from flux_edge.errors import ActionError
 
 if TYPE_CHECKING:
@@ -21,19 +23,15 @@ class WasmAction(ActionSpec, frozen=True, kw_only=True, tag="wasm"):
 
     builds_late: ClassVar[bool] = True
 
-    plugin: str  # a declared [plugins.NAME] that exports flux_act
-    target: str  # the serial_write or mqtt_publish action whose transport carries the bytes
-    timeout: float = 1.0  # seconds for the send (the plugin call has the plugin's own timeout)
+    plugin: Annotated[str, Meta(min_length=1)]  # a declared [plugins.NAME] that exports flux_act
+    # the serial_write or mqtt_publish action whose transport carries the bytes
+    target: Annotated[str, Meta(min_length=1)]
+    # seconds for the send (the plugin call has the plugin's own timeout)
+    timeout: Annotated[float, Meta(gt=0), DURATION] = 1.0
 
     def plugin_name(self) -> str:
         return self.plugin
 
-
-RULES: dict[tuple[type, str], _Rule] = {
-    (WasmAction, "plugin"): _Rule(nonempty=True),
-    (WasmAction, "target"): _Rule(nonempty=True),
-    (WasmAction, "timeout"): _Rule(kind="duration", positive=True),
-}
 
 # the action kinds whose transport a wasm action can borrow (they implement ``send``)
 _TRANSPORTS = ("serial_write", "mqtt_publish")
@@ -91,7 +89,6 @@ KIND = Kind(
     rank=40,
     struct=WasmAction,
     factory=make_executor,
-    rules=RULES,
     cross_check=_cross_check,
     plugins=_plugins,
 )

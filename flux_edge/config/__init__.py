@@ -56,18 +56,24 @@ from flux_edge.config.schema import (
     UplinkConfig,
 )
 from flux_edge.config.values import (
+    DURATION,
     DURATION_HELP,
+    HOST,
+    NAME,
+    SIZE,
     SIZE_HELP,
     Key,
     Rule,
-    check_host,
-    check_name,
     parse_duration,
     parse_size,
 )
 
 __all__ = [
+    "DURATION",
     "DURATION_HELP",
+    "HOST",
+    "NAME",
+    "SIZE",
     "SIZE_HELP",
     "ActionSpec",
     "ActuatorConfig",
@@ -95,8 +101,6 @@ __all__ = [
     "UplinkConfig",
     "build_config",
     "bundled_plugin_dir",
-    "check_host",
-    "check_name",
     "parse_duration",
     "parse_size",
     "plugin_search_paths",

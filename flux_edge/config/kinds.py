@@ -3,8 +3,8 @@
 A **kind** is one value of a section's type tag: ``[sources.X] type = "serial"``, ``[actions.Y]
 type = "modbus_write"`` (and the uplink encoders the northbound issue adds). Each kind is declared
 in one module beside its domain (``flux_edge/sources/serial_kind.py``, ...), as a ``Kind``: its
-config struct (a subclass of ``SourceSpec`` or ``ActionSpec``), the constraints on its fields
-that the types alone do not say, its checks and its factory. The loader never names a kind: it
+config struct (a subclass of ``SourceSpec`` or ``ActionSpec``, each field's constraints in its
+annotation), its checks and its factory. The loader never names a kind: it
 looks the tag up in a ``Registry``.
 
 A **domain** adds what belongs to it but not to one entry: the rules' references, conditions and
@@ -70,9 +70,10 @@ def _default_devices(name: str, table: dict[str, Any]) -> Devices:
 class Kind:
     """One kind of a section, declared by the module of its domain.
 
-    ``struct``: its config struct, tagged with ``tag`` (``SourceSpec``/``ActionSpec`` subclass).
-    ``rules``: per-field constraints, keyed by (struct, TOML key) for the struct and the structs
-    nested in it. ``table_checks``: checks across one table's fields, keyed by struct.
+    ``struct``: its config struct, tagged with ``tag`` (``SourceSpec``/``ActionSpec`` subclass),
+    each field's constraints in its annotation (``flux_edge.config.values``: ``Meta`` ranges,
+    ``DURATION``, ``NAME`` ...). ``table_checks``: checks across one table's fields, keyed by
+    struct.
     ``cross_check(ctx, name, table)``: the checked entry against the rest of the document.
     ``normalize(ctx, name, table)``: rewrite the entry into its loaded shape (device profiles).
     ``built_check(ctx, config, name)``: on the built ``Config`` (the RTU bus budget).
@@ -88,7 +89,6 @@ class Kind:
     tag: str
     struct: type[msgspec.Struct]
     factory: Callable[..., Any]
-    rules: Mapping[tuple[type, str], _Rule] = field(default_factory=dict)
     table_checks: Mapping[type, TableCheck] = field(default_factory=dict)
     cross_check: Callable[[Context, str, dict[str, Any]], None] | None = None
     normalize: Callable[[Context, str, dict[str, Any]], None] | None = None
@@ -109,10 +109,11 @@ class Kind:
 @dataclass(frozen=True, slots=True)
 class Domain:
     """What a domain (rules, actuators, the uplink) adds to the loader beyond its kinds:
-    constraints on fields of the structs it owns in the schema (``rules``, ``table_checks``, as
-    in ``Kind``), and passes over the whole document. ``references`` runs after the schema pass
-    (the document as checked plain data), ``semantic`` after the normalization (profiles
-    merged), ``built`` on the built ``Config``."""
+    constraints on fields of config's structs that need the domain's code (``rules``, by
+    (struct, TOML key): the uplink's topics are checked by its template compiler;
+    ``table_checks``, as in ``Kind``), and passes over the whole document. ``references``
+    runs after the schema pass (the document as checked plain data), ``semantic`` after the
+    normalization (profiles merged), ``built`` on the built ``Config``."""
 
     name: str
     rules: Mapping[tuple[type, str], _Rule] = field(default_factory=dict)
@@ -186,8 +187,6 @@ class Kinds:
 
     def rules(self) -> dict[tuple[type, str], _Rule]:
         out: dict[tuple[type, str], _Rule] = {}
-        for kind in self.each():
-            out.update(kind.rules)
         for domain in self.domains:
             out.update(domain.rules)
         return out

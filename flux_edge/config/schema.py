@@ -13,9 +13,22 @@ structs) and in each kind's ``rules``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
+from msgspec import Meta
+
+from flux_edge.config.values import (
+    CEL_KEYS,
+    DURATION,
+    HOST,
+    INPUT_REF,
+    LOG_LEVEL,
+    MODULE,
+    NAME,
+    NAME_KEYS,
+    SIZE,
+)
 
 Order = Literal["big", "little"]
 Parity = Literal["N", "E", "O"]
@@ -29,29 +42,39 @@ Table = _S  # the base of every config table's struct: frozen, keyword-only, unk
 
 
 class DaemonConfig(_S, frozen=True):
-    name: str = ""  # gateway id; default: the host name
-    state_dir: str = "/var/lib/flux-edge"  # plugin cache lives in state_dir/cache
-    plugin_dirs: tuple[str, ...] = ("plugins",)  # searched for <module>.wasm, relative to config
-    profile_dirs: tuple[str, ...] = ("devices",)  # searched for <profile>.toml, relative to config
-    queue_size: int = 10000  # capacity of each queue between stages
-    batch_max: int = 256  # most messages per plugin call
-    log_level: str = "info"
+    name: Annotated[str, NAME] = ""  # gateway id; default: the host name
+    # plugin cache lives in state_dir/cache
+    state_dir: Annotated[str, Meta(min_length=1)] = "/var/lib/flux-edge"
+    # searched for <module>.wasm, relative to config
+    plugin_dirs: tuple[Annotated[str, Meta(min_length=1)], ...] = ("plugins",)
+    # searched for <profile>.toml, relative to config
+    profile_dirs: tuple[Annotated[str, Meta(min_length=1)], ...] = ("devices",)
+    # capacity of each queue between stages
+    queue_size: Annotated[int, Meta(ge=1, le=10_000_000)] = 10000
+    batch_max: Annotated[int, Meta(ge=1, le=65_536)] = 256  # most messages per plugin call
+    log_level: Annotated[str, LOG_LEVEL] = "info"
     audit_file: str = ""  # default: <state_dir>/audit.jsonl
-    audit_max_size: int = 4 * 1024 * 1024  # rotate the audit log past this size
-    audit_keep: int = 5  # rotated audit files kept
+    # rotate the audit log past this size
+    audit_max_size: Annotated[int, Meta(ge=4096, le=2**40), SIZE] = 4 * 1024 * 1024
+    audit_keep: Annotated[int, Meta(ge=0, le=1000)] = 5  # rotated audit files kept
     # a stage busy with one unit of work longer than this counts as stuck: the systemd watchdog
     # is no longer fed, /healthz answers 503 and systemd restarts the service
-    stall_timeout: float = 30.0
-    shutdown_timeout: float = 20.0  # SIGTERM: longest drain (queues, actions, uplink flush)
+    stall_timeout: Annotated[float, Meta(ge=1, le=3600), DURATION] = 30.0
+    # SIGTERM: longest drain (queues, actions, uplink flush)
+    shutdown_timeout: Annotated[float, Meta(ge=0.1, le=3600), DURATION] = 20.0
 
 
 class PluginConfig(_S, frozen=True):
-    module: str = ""  # looked up as <module>.wasm in plugin_dirs, then bundled; default: table name
+    # looked up as <module>.wasm in plugin_dirs, then bundled; default: table name
+    module: Annotated[str, MODULE] = ""
     file: str = ""  # explicit .wasm path (relative to the config file); excludes ``module``
-    timeout: float = 0.05  # wall time per call, seconds
-    memory_limit: int = 16 * 1024 * 1024  # bytes of linear memory
-    max_failures: int = 3  # consecutive failed calls before quarantine
-    quarantine: float = 60.0  # seconds a quarantined plugin is left alone before a retry
+    timeout: Annotated[float, Meta(le=3600, gt=0), DURATION] = 0.05  # wall time per call, seconds
+    # bytes of linear memory
+    memory_limit: Annotated[int, Meta(ge=64 * 1024, le=2**30), SIZE] = 16 * 1024 * 1024
+    # consecutive failed calls before quarantine
+    max_failures: Annotated[int, Meta(ge=1, le=1_000_000)] = 3
+    # seconds a quarantined plugin is left alone before a retry
+    quarantine: Annotated[float, Meta(ge=0), DURATION] = 60.0
     wasi: bool = False  # grant WASI (no preopened dirs, no env, no args) when true
     config: dict[str, Any] = {}  # passed as JSON to the plugin's flux_init
 
@@ -71,7 +94,7 @@ class SourceSpec(_S, frozen=True, tag_field="type"):
 
     The methods answer, for any kind, what the rest of the daemon asks of a source entry."""
 
-    chain: tuple[str, ...] = ()  # plugin names, applied in order
+    chain: tuple[Annotated[str, Meta(min_length=1)], ...] = ()  # plugin names, applied in order
 
     def chain_keys(self, name: str) -> tuple[str, ...]:
         """The devices that get a chain of their own (plugin instances learn their device);
@@ -108,9 +131,9 @@ class ActionSpec(_S, frozen=True, tag_field="type"):
 class RuleTestStep(_S, frozen=True, kw_only=True):
     """One measurement of a rule's built-in test case, at ``t`` seconds after the case starts."""
 
-    t: float = 0.0
-    device: str = ""  # default: the rule's device
-    name: str
+    t: Annotated[float, Meta(ge=0), DURATION] = 0.0
+    device: Annotated[str, NAME] = ""  # default: the rule's device
+    name: Annotated[str, Meta(min_length=1)]
     value: bool | int | float | str
     quality: Literal["good", "stale", "bad"] = "good"
 
@@ -122,21 +145,29 @@ class RuleTest(_S, frozen=True, kw_only=True):
     name: str = ""
     given: tuple[RuleTestStep, ...]
     expect: tuple[str, ...] = ()  # action names, in firing order ("" list = must not fire)
-    at: float = -1.0  # evaluate pending `for` timers up to this time (default: the last step)
+    # evaluate pending `for` timers up to this time (default: the last step)
+    at: Annotated[float, Meta(ge=0), DURATION] = -1.0
 
 
 class RuleConfig(_S, frozen=True):
-    when: str  # CEL condition; variables: the device's measurements, previous/delta/age maps
-    actions: tuple[str, ...]
+    # CEL condition; variables: the device's measurements, previous/delta/age maps
+    when: Annotated[str, Meta(min_length=1)]
+    actions: tuple[Annotated[str, Meta(min_length=1)], ...]
     device: str = ""  # only this device's measurements trigger the rule; "" = any device
     mode: Literal["edge", "level"] = "edge"  # edge: fire once on becoming true
-    inputs: dict[str, Literal["bool", "int", "double", "string"]] = {}  # extra variables' types
+    # extra variables' types
+    inputs: Annotated[
+        dict[str, Literal["bool", "int", "double", "string"]], CEL_KEYS
+    ] = {}
     description: str = ""
-    for_: float = msgspec.field(default=0.0, name="for")  # must hold this long before firing
+    # must hold this long before firing
+    for_: Annotated[float, Meta(ge=0), DURATION] = msgspec.field(default=0.0, name="for")
     off_when: str = ""  # hysteresis: once fired, the rule re-arms only when this is true
-    off_actions: tuple[str, ...] = ()  # run when the rule re-arms (hysteresis) or goes false
-    cooldown: float = 0.0  # after firing, not again for this long
-    max_age: float = 0.0  # an input older than this counts as stale; 0 = no age limit
+    # run when the rule re-arms (hysteresis) or goes false
+    off_actions: tuple[Annotated[str, Meta(min_length=1)], ...] = ()
+    cooldown: Annotated[float, Meta(ge=0), DURATION] = 0.0  # after firing, not again for this long
+    # an input older than this counts as stale; 0 = no age limit
+    max_age: Annotated[float, Meta(ge=0), DURATION] = 0.0
     allow_stale: bool = False  # stale/bad inputs may satisfy the condition (default: never)
     severity: Literal["debug", "info", "warning", "error"] = "info"  # log level when it fires
     tests: tuple[RuleTest, ...] = ()
@@ -146,65 +177,79 @@ class ActuatorConfig(_S, frozen=True):
     """The safety layer in front of one physical actuator (a burner, a pump, a valve) driven by
     an "on" and an "off" action. Every command to those actions passes through it."""
 
-    on: str  # action that switches it on
-    off: str  # action that switches it off
+    on: Annotated[str, Meta(min_length=1)]  # action that switches it on
+    off: Annotated[str, Meta(min_length=1)]  # action that switches it off
     # the state applied on shutdown, on a watchdog stop and when inputs go stale
     safe: Literal["on", "off", "none"] = "off"
-    min_on: float = 0.0  # once on, not switched off before this long (anti-chatter)
-    min_off: float = 0.0  # once off, not switched on before this long
-    max_switches: int = 0  # at most this many switches per `window`; 0 = unlimited
-    window: float = 3600.0
+    # once on, not switched off before this long (anti-chatter)
+    min_on: Annotated[float, Meta(ge=0), DURATION] = 0.0
+    # once off, not switched on before this long
+    min_off: Annotated[float, Meta(ge=0), DURATION] = 0.0
+    # at most this many switches per `window`; 0 = unlimited
+    max_switches: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
+    window: Annotated[float, Meta(gt=0), DURATION] = 3600.0
     interlock: str = ""  # CEL: while true, switching ON is blocked (and it is driven to safe)
-    interlock_device: str = ""  # the device whose values the interlock reads
-    inputs: tuple[str, ...] = ()  # device.measurement names this actuator depends on; if any goes
+    # the device whose values the interlock reads
+    interlock_device: Annotated[str, NAME] = ""
+    # device.measurement names this actuator depends on; if any goes
+    inputs: tuple[Annotated[str, Meta(min_length=1), INPUT_REF], ...] = ()
     #                               stale/bad, the safe state is applied
-    stale_after: float = 0.0  # an input older than this counts as stale; 0 = quality only
+    # an input older than this counts as stale; 0 = quality only
+    stale_after: Annotated[float, Meta(ge=0), DURATION] = 0.0
 
 
 class MetricsConfig(_S, frozen=True):
     """Prometheus metrics (GET /metrics) and a health check (GET /healthz) over local HTTP."""
 
     enabled: bool = True
-    host: str = "127.0.0.1"  # "0.0.0.0" exposes them to the network: mind the firewall
-    port: int = 9180
+    # "0.0.0.0" exposes them to the network: mind the firewall
+    host: Annotated[str, Meta(min_length=1), HOST] = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 9180
 
 
 class UplinkConfig(_S, frozen=True):
     """Every measurement forwarded to an upstream MQTT broker through a durable outbox."""
 
-    host: str
-    port: int = 1883
+    host: Annotated[str, Meta(min_length=1), HOST]
+    port: Annotated[int, Meta(ge=1, le=65535)] = 1883
     client_id: str = ""  # default: flux-edge-<daemon.name>-uplink
     username: str = ""
     password: str = ""
-    keepalive: float = 30.0
+    keepalive: Annotated[float, Meta(ge=0, le=65535), DURATION] = 30.0
     protocol: Literal["5", "3.1.1"] = "5"
     tls: TlsConfig | None = None  # set (even empty: tls = {}) to connect with TLS
-    qos: int = 1  # 1 or 2: the outbox deletes a record only when the broker acknowledged it
+    # 1 or 2: the outbox deletes a record only when the broker acknowledged it
+    qos: Annotated[int, Meta(ge=1, le=2)] = 1
     # topic of each publish; {gateway}, {source}, {device} and {name} are filled in
-    topic: str = "flux-edge/{gateway}/{device}/{name}"
+    topic: Annotated[str, Meta(min_length=1)] = "flux-edge/{gateway}/{device}/{name}"
     # "single": one JSON object per publish; "batch": a JSON array of up to batch_max records
     # that share a topic (use a topic without {name}, e.g. "flux-edge/{gateway}/{device}")
     format: Literal["single", "batch"] = "single"
-    batch_max: int = 100
+    batch_max: Annotated[int, Meta(ge=1, le=10_000)] = 100
     # retained "online"; the broker publishes "offline" (last will) when the link dies
     status_topic: str = "flux-edge/{gateway}/status"
-    max_inflight: int = 100  # publishes awaiting the broker's acknowledgement
-    reconnect_min: float = 1.0
-    reconnect_max: float = 60.0
+    # publishes awaiting the broker's acknowledgement
+    max_inflight: Annotated[int, Meta(ge=1, le=65535)] = 100
+    reconnect_min: Annotated[float, Meta(gt=0), DURATION] = 1.0
+    reconnect_max: Annotated[float, Meta(gt=0), DURATION] = 60.0
     outbox_file: str = ""  # default: <state_dir>/outbox.sqlite
-    outbox_max_size: int = 64 * 1024 * 1024  # when full, the oldest records are dropped (counted)
-    commit_interval: float = 0.02  # group commit: at most one SQLite commit per this interval
-    sync_interval: float = 1.0  # fsync (WAL checkpoint) at most this often: power-loss window
+    # when full, the oldest records are dropped (counted)
+    outbox_max_size: Annotated[int, Meta(ge=64 * 1024, le=2**40), SIZE] = 64 * 1024 * 1024
+    # group commit: at most one SQLite commit per this interval
+    commit_interval: Annotated[float, Meta(ge=0, le=10), DURATION] = 0.02
+    # fsync (WAL checkpoint) at most this often: power-loss window
+    sync_interval: Annotated[float, Meta(ge=0, le=3600), DURATION] = 1.0
 
 
 class Config(_S, frozen=True):
     daemon: DaemonConfig = DaemonConfig()
-    plugins: dict[str, PluginConfig] = {}
-    sources: dict[str, SourceSpec] = {}  # each entry a registered source kind's struct
-    rules: dict[str, RuleConfig] = {}
-    actions: dict[str, ActionSpec] = {}  # each entry a registered action kind's struct
-    actuators: dict[str, ActuatorConfig] = {}
+    plugins: Annotated[dict[str, PluginConfig], NAME_KEYS] = {}
+    # each entry a registered source kind's struct
+    sources: Annotated[dict[str, SourceSpec], NAME_KEYS] = {}
+    rules: Annotated[dict[str, RuleConfig], NAME_KEYS] = {}
+    # each entry a registered action kind's struct
+    actions: Annotated[dict[str, ActionSpec], NAME_KEYS] = {}
+    actuators: Annotated[dict[str, ActuatorConfig], NAME_KEYS] = {}
     uplink: UplinkConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
     # Set by the loader, not by the file:

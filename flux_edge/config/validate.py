@@ -14,26 +14,12 @@ import msgspec
 from flux_edge.config.positions import _Positions
 from flux_edge.config.schema import (
     ActionSpec,
-    ActuatorConfig,
     Config,
-    DaemonConfig,
-    MetricsConfig,
-    PluginConfig,
-    RuleConfig,
-    RuleTest,
-    RuleTestStep,
     SourceSpec,
-    UplinkConfig,
 )
 from flux_edge.config.tables import TABLE_CHECKS
 from flux_edge.config.values import (
-    _LOG_LEVELS,
     Key,
-    _check_cel_ident,
-    _check_host,
-    _check_input_ref,
-    _check_module,
-    _check_name,
     _desc,
     _fmt_path,
     _got,
@@ -44,72 +30,19 @@ from flux_edge.config.values import (
     _plural,
     _Rule,
     _suggest,
+    merge_rules,
     parse_duration,
     parse_size,
+    unwrap,
 )
 from flux_edge.errors import Problem
 
 if TYPE_CHECKING:
     from flux_edge.config.kinds import Registry, TableCheck
 
-_RULES: dict[tuple[type, str], _Rule] = {
-    (DaemonConfig, "name"): _Rule(check=_check_name),
-    (DaemonConfig, "state_dir"): _Rule(nonempty=True),
-    (DaemonConfig, "plugin_dirs"): _Rule(nonempty=True),
-    (DaemonConfig, "queue_size"): _Rule(min=1, max=10_000_000),
-    (DaemonConfig, "batch_max"): _Rule(min=1, max=65_536),
-    (DaemonConfig, "log_level"): _Rule(choices=_LOG_LEVELS),
-    (PluginConfig, "module"): _Rule(check=_check_module),
-    (PluginConfig, "timeout"): _Rule(kind="duration", positive=True, max=3600),
-    (PluginConfig, "memory_limit"): _Rule(kind="size", min=64 * 1024, max=2**30),
-    (PluginConfig, "max_failures"): _Rule(min=1, max=1_000_000),
-    (PluginConfig, "quarantine"): _Rule(kind="duration", min=0),
-    (DaemonConfig, "profile_dirs"): _Rule(nonempty=True),
-    (RuleConfig, "when"): _Rule(nonempty=True),
-    (RuleConfig, "actions"): _Rule(nonempty=True),
-    (RuleConfig, "inputs"): _Rule(keys=_check_cel_ident),
-    (RuleConfig, "for"): _Rule(kind="duration", min=0),
-    (RuleConfig, "cooldown"): _Rule(kind="duration", min=0),
-    (RuleConfig, "max_age"): _Rule(kind="duration", min=0),
-    (RuleConfig, "off_actions"): _Rule(nonempty=True),
-    (RuleTestStep, "device"): _Rule(check=_check_name),
-    (RuleTestStep, "name"): _Rule(nonempty=True),
-    (RuleTestStep, "t"): _Rule(kind="duration", min=0),
-    (RuleTest, "at"): _Rule(kind="duration", min=0),
-    (ActuatorConfig, "on"): _Rule(nonempty=True),
-    (ActuatorConfig, "off"): _Rule(nonempty=True),
-    (ActuatorConfig, "min_on"): _Rule(kind="duration", min=0),
-    (ActuatorConfig, "min_off"): _Rule(kind="duration", min=0),
-    (ActuatorConfig, "max_switches"): _Rule(min=0, max=1_000_000),
-    (ActuatorConfig, "window"): _Rule(kind="duration", positive=True),
-    (ActuatorConfig, "interlock_device"): _Rule(check=_check_name),
-    (ActuatorConfig, "inputs"): _Rule(nonempty=True, check=_check_input_ref),
-    (ActuatorConfig, "stale_after"): _Rule(kind="duration", min=0),
-    (DaemonConfig, "audit_max_size"): _Rule(kind="size", min=4096, max=2**40),
-    (DaemonConfig, "audit_keep"): _Rule(min=0, max=1000),
-    (DaemonConfig, "stall_timeout"): _Rule(kind="duration", min=1, max=3600),
-    (DaemonConfig, "shutdown_timeout"): _Rule(kind="duration", min=0.1, max=3600),
-    (MetricsConfig, "host"): _Rule(nonempty=True, check=_check_host),
-    (MetricsConfig, "port"): _Rule(min=0, max=65535),
-    (UplinkConfig, "host"): _Rule(nonempty=True, check=_check_host),
-    (UplinkConfig, "port"): _Rule(min=1, max=65535),
-    (UplinkConfig, "keepalive"): _Rule(kind="duration", min=0, max=65535),
-    (UplinkConfig, "qos"): _Rule(min=1, max=2),
-    (UplinkConfig, "topic"): _Rule(nonempty=True),
-    (UplinkConfig, "batch_max"): _Rule(min=1, max=10_000),
-    (UplinkConfig, "max_inflight"): _Rule(min=1, max=65535),
-    (UplinkConfig, "reconnect_min"): _Rule(kind="duration", positive=True),
-    (UplinkConfig, "reconnect_max"): _Rule(kind="duration", positive=True),
-    (UplinkConfig, "outbox_max_size"): _Rule(kind="size", min=64 * 1024, max=2**40),
-    (UplinkConfig, "commit_interval"): _Rule(kind="duration", min=0, max=10),
-    (UplinkConfig, "sync_interval"): _Rule(kind="duration", min=0, max=3600),
-    (SourceSpec, "chain"): _Rule(nonempty=True),
-    (Config, "plugins"): _Rule(keys=_check_name),
-    (Config, "sources"): _Rule(keys=_check_name),
-    (Config, "rules"): _Rule(keys=_check_name),
-    (Config, "actions"): _Rule(keys=_check_name),
-    (Config, "actuators"): _Rule(keys=_check_name),
-}
+# Constraints that cannot be written in the structs' annotations come from the domains
+# (``Domain.rules``: the uplink's topics are checked by the uplink's template compiler).
+_RULES: dict[tuple[type, str], _Rule] = {}
 
 # Fields the loader sets; a file may not.
 _LOADER_ONLY: frozenset[tuple[type, str]] = frozenset({(Config, "path")})
@@ -188,6 +121,8 @@ class _Validator:
 
     # one value against one type
     def check(self, value: Any, tp: Any, path: Key, rule: _Rule | None = None) -> Any:
+        tp, own = unwrap(tp)
+        rule = merge_rules(own, rule)
         if rule is not None and rule.kind:
             return self._measure(value, path, rule)
         origin = get_origin(tp)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import math
 import re
 import types
@@ -10,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from decimal import Decimal
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import msgspec
 
@@ -274,6 +276,8 @@ def _got(value: object) -> str:
 
 def _desc(tp: Any, rule: _Rule | None = None) -> str:
     """What a value of type ``tp`` looks like, for messages."""
+    tp, own = unwrap(tp)
+    rule = merge_rules(own, rule)
     if rule is not None and rule.kind == "duration":
         return DURATION_HELP
     if rule is not None and rule.kind == "size":
@@ -336,7 +340,65 @@ def _suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
     return f'did you mean "{close[0]}"? ' if close else ""
 
 
-# The names kind modules use (flux_edge.config re-exports them).
+# --- constraints in the structs' annotations ------------------------------------------------------
+#
+# A field's constraints live in its annotation: ``Annotated[int, Meta(ge=1, le=65535)]`` for what
+# msgspec can carry (ranges, non-empty strings; msgspec enforces them when it builds the struct
+# too), plus a ``_Rule`` for what it cannot (durations and sizes written as text, name checks,
+# allowed choices, the keys of a table). The schema walk reads both (``unwrap``). On an array's
+# items the constraint applies to each item: ``tuple[Annotated[str, Meta(min_length=1)], ...]``.
+
 Rule = _Rule
-check_name = _check_name
-check_host = _check_host
+DURATION = _Rule(kind="duration")  # "50ms", "1h30m" or a number of seconds -> float seconds
+SIZE = _Rule(kind="size")  # "16MiB", "512KiB" or a number of bytes -> int bytes
+NAME = _Rule(check=_check_name)
+HOST = _Rule(check=_check_host)
+CEL_IDENT = _Rule(check=_check_cel_ident)
+MODULE = _Rule(check=_check_module)
+PROFILE_REF = _Rule(check=_check_profile_ref)
+INPUT_REF = _Rule(check=_check_input_ref)
+NAME_KEYS = _Rule(keys=_check_name)
+CEL_KEYS = _Rule(keys=_check_cel_ident)
+LOG_LEVEL = _Rule(choices=_LOG_LEVELS)
+
+
+def merge_rules(a: _Rule | None, b: _Rule | None) -> _Rule | None:
+    """``a`` with every field ``b`` sets (b wins)."""
+    if a is None or b is None:
+        return a or b
+    changes = {
+        f.name: getattr(b, f.name)
+        for f in dataclasses.fields(b)
+        if getattr(b, f.name) != f.default
+    }
+    return dataclasses.replace(a, **changes)
+
+
+def _from_meta(meta: msgspec.Meta) -> _Rule:
+    unsupported = [
+        n for n in ("lt", "multiple_of", "pattern", "max_length", "tz")
+        if getattr(meta, n, None) is not None
+    ]
+    if unsupported or (meta.gt not in (None, 0)) or (meta.min_length not in (None, 0, 1)):
+        raise TypeError(f"config schema: Meta({meta}) has a constraint the walk does not check")
+    return _Rule(
+        min=meta.ge,
+        max=meta.le,
+        positive=meta.gt == 0,
+        nonempty=meta.min_length == 1,
+    )
+
+
+@functools.cache
+def unwrap(tp: Any) -> tuple[Any, _Rule | None]:
+    """A field type without its ``Annotated`` wrapper, and the constraints the wrapper held."""
+    if get_origin(tp) is not Annotated:
+        return tp, None
+    base, *extras = get_args(tp)
+    rule: _Rule | None = None
+    for extra in extras:
+        if isinstance(extra, msgspec.Meta):
+            rule = merge_rules(rule, _from_meta(extra))
+        elif isinstance(extra, _Rule):
+            rule = merge_rules(rule, extra)
+    return base, rule

@@ -4,12 +4,21 @@ chain. Its config struct, checks and factory; the client is ``mqtt_in.py`` over
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from msgspec import Meta
 
 from flux_edge.config import SourceSpec, Table, TlsConfig
 from flux_edge.config.kinds import Context, Devices, Kind, _default_devices
 from flux_edge.config.tables import resolve_tls_files
-from flux_edge.config.values import Key, _check_host, _check_name, _got, _Rule
+from flux_edge.config.values import (
+    DURATION,
+    HOST,
+    NAME,
+    Key,
+    Rule,
+    _got,
+)
 from flux_edge.mqtt.topics import DevicePattern, check_filter, filters_overlap
 
 if TYPE_CHECKING:
@@ -18,27 +27,31 @@ if TYPE_CHECKING:
 
 
 class MqttSubscription(Table, frozen=True):
-    topic: str  # MQTT filter, wildcards + and # allowed
-    qos: int = 1  # 0, 1 or 2
-
+    # MQTT filter, wildcards + and # allowed
+    topic: Annotated[str, Meta(min_length=1), Rule(check=check_filter)]
+    qos: Annotated[int, Meta(ge=0, le=2)] = 1  # 0, 1 or 2
 
 
 class MqttSource(SourceSpec, frozen=True, kw_only=True, tag="mqtt"):
     """Subscriptions on a broker; each message's payload goes to the plugin chain."""
 
     topics: tuple[MqttSubscription, ...]
-    host: str = "127.0.0.1"
-    port: int = 1883
+    host: Annotated[str, Meta(min_length=1), HOST] = "127.0.0.1"
+    port: Annotated[int, Meta(ge=1, le=65535)] = 1883
     client_id: str = ""  # default: flux-edge-<daemon.name>-<source>
     username: str = ""
     password: str = ""
-    keepalive: float = 30.0
-    device: str = ""  # fixed device name; default: the source's table name
-    device_from_topic: str = ""  # e.g. "site/{device}/telemetry": the {device} level names it
-    reconnect_min: float = 1.0
-    reconnect_max: float = 60.0
-    max_inflight: int = 100  # QoS 1/2 messages in flight (paho's default 20 costs throughput)
-    buffer_size: int = 1000  # messages waiting for the pipeline before reading pauses
+    keepalive: Annotated[float, Meta(ge=0, le=65535), DURATION] = 30.0
+    # fixed device name; default: the source's table name
+    device: Annotated[str, NAME] = ""
+    # e.g. "site/{device}/telemetry": the {device} level names it
+    device_from_topic: Annotated[str, Rule(check=_check_device_pattern)] = ""
+    reconnect_min: Annotated[float, Meta(gt=0), DURATION] = 1.0
+    reconnect_max: Annotated[float, Meta(gt=0), DURATION] = 60.0
+    # QoS 1/2 messages in flight (paho's default 20 costs throughput)
+    max_inflight: Annotated[int, Meta(ge=1, le=65535)] = 100
+    # messages waiting for the pipeline before reading pauses
+    buffer_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000
     protocol: Literal["5", "3.1.1"] = "5"
     tls: TlsConfig | None = None  # set (even empty: tls = {}) to connect with TLS
 
@@ -55,21 +68,6 @@ def _check_device_pattern(value: str) -> str | None:
     except ValueError as exc:
         return str(exc)
     return None
-
-
-RULES: dict[tuple[type, str], _Rule] = {
-    (MqttSubscription, "topic"): _Rule(nonempty=True, check=check_filter),
-    (MqttSubscription, "qos"): _Rule(min=0, max=2),
-    (MqttSource, "host"): _Rule(nonempty=True, check=_check_host),
-    (MqttSource, "port"): _Rule(min=1, max=65535),
-    (MqttSource, "keepalive"): _Rule(kind="duration", min=0, max=65535),
-    (MqttSource, "device"): _Rule(check=_check_name),
-    (MqttSource, "device_from_topic"): _Rule(check=_check_device_pattern),
-    (MqttSource, "reconnect_min"): _Rule(kind="duration", positive=True),
-    (MqttSource, "reconnect_max"): _Rule(kind="duration", positive=True),
-    (MqttSource, "max_inflight"): _Rule(min=1, max=65535),
-    (MqttSource, "buffer_size"): _Rule(min=1, max=1_000_000),
-}
 
 
 def _mqtt_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> None:
@@ -160,7 +158,6 @@ KIND = Kind(
     rank=30,
     struct=MqttSource,
     factory=make_source,
-    rules=RULES,
     table_checks={MqttSource: _mqtt_checks},
     cross_check=_cross_check,
     devices=_devices,

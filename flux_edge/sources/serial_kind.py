@@ -4,12 +4,14 @@ reader ...) read frame by frame. Its config struct, checks and factory; the read
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from msgspec import Meta
 
 from flux_edge.config import Order, Parity, SourceSpec
 from flux_edge.config.kinds import Kind
 from flux_edge.config.tables import baudrate_warning
-from flux_edge.config.values import Key, _check_name, _Rule
+from flux_edge.config.values import DURATION, NAME, SIZE, Key
 
 if TYPE_CHECKING:
     from flux_edge.config.validate import _Validator
@@ -19,39 +21,29 @@ if TYPE_CHECKING:
 class SerialSource(SourceSpec, frozen=True, kw_only=True, tag="serial"):
     """A non-Modbus serial device (NMEA GPS, ASCII sensor, barcode reader ...)."""
 
-    port: str
-    baudrate: int = 9600
+    port: Annotated[str, Meta(min_length=1)]
+    baudrate: Annotated[int, Meta(ge=300, le=4_000_000)] = 9600
     parity: Parity = "N"
-    stopbits: int = 1
-    bytesize: int = 8
-    device: str = ""  # default: the source's table name
+    stopbits: Annotated[int, Meta(ge=1, le=2)] = 1
+    bytesize: Annotated[int, Meta(ge=7, le=8)] = 8
+    device: Annotated[str, NAME] = ""  # default: the source's table name
     framing: Literal["delimiter", "fixed", "length_prefix", "idle"] = "delimiter"
     # delimiter framing: TOML escapes allowed ("\r\n"); the delimiter is not part of the frame
     delimiter: str = "\n"
-    frame_length: int = 0  # fixed framing: bytes per frame
-    length_offset: int = 0  # length_prefix: where the length field starts in the frame
+    frame_length: Annotated[int, Meta(ge=0, le=16 * 2**20)] = 0  # fixed framing: bytes per frame
+    # length_prefix: where the length field starts in the frame
+    length_offset: Annotated[int, Meta(ge=0, le=65535)] = 0
     length_bytes: int = 1  # length_prefix: 1, 2 or 4
     length_order: Order = "big"  # length_prefix: byte order of the length field
-    length_adjust: int = 0  # length_prefix: added to the length field to get the bytes after it
-    idle: float = 0.02  # idle framing: a gap this long ends a frame
-    max_frame: int = 4096  # longer frames are counted errors and dropped up to the next boundary
+    # length_prefix: added to the length field to get the bytes after it
+    length_adjust: Annotated[int, Meta(ge=-65535, le=65535)] = 0
+    # idle framing: a gap this long ends a frame
+    idle: Annotated[float, Meta(le=60, gt=0), DURATION] = 0.02
+    # longer frames are counted errors and dropped up to the next boundary
+    max_frame: Annotated[int, Meta(ge=1, le=16 * 2**20), SIZE] = 4096
 
     def plugin_context(self, name: str, key: str) -> dict[str, Any]:
         return {"device": self.device or name}
-
-
-RULES: dict[tuple[type, str], _Rule] = {
-    (SerialSource, "port"): _Rule(nonempty=True),
-    (SerialSource, "baudrate"): _Rule(min=300, max=4_000_000),
-    (SerialSource, "stopbits"): _Rule(min=1, max=2),
-    (SerialSource, "bytesize"): _Rule(min=7, max=8),
-    (SerialSource, "device"): _Rule(check=_check_name),
-    (SerialSource, "frame_length"): _Rule(min=0, max=16 * 2**20),
-    (SerialSource, "length_offset"): _Rule(min=0, max=65535),
-    (SerialSource, "length_adjust"): _Rule(min=-65535, max=65535),
-    (SerialSource, "idle"): _Rule(kind="duration", positive=True, max=60),
-    (SerialSource, "max_frame"): _Rule(kind="size", min=1, max=16 * 2**20),
-}
 
 
 # Keys each serial framing reads; the others are ignored (a warning if given).
@@ -130,7 +122,6 @@ KIND = Kind(
     rank=20,
     struct=SerialSource,
     factory=make_source,
-    rules=RULES,
     table_checks={SerialSource: _serial_checks},
     exclusive="port",
 )

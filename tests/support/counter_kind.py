@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
-from flux_edge.config import Key, Kind, Rule, SourceSpec, check_name
+from msgspec import Meta
+
+from flux_edge.config import DURATION, NAME, Key, Kind, SourceSpec
 from flux_edge.config.validate import _Validator
 from flux_edge.model import Reading
 from flux_edge.sources import Emit, Source, SourceEnv, SourceHealth, StatusCallback
@@ -19,9 +21,9 @@ from flux_edge.sources import Emit, Source, SourceEnv, SourceHealth, StatusCallb
 class CounterSource(SourceSpec, frozen=True, kw_only=True, tag="counter"):
     """``[sources.NAME] type = "counter"``."""
 
-    interval: float = 1.0  # seconds between two readings
+    interval: Annotated[float, Meta(gt=0), DURATION] = 1.0  # seconds between two readings
     start: int = 0  # the first count
-    device: str = ""  # default: the source's table name
+    device: Annotated[str, NAME] = ""  # default: the source's table name
 
     def plugin_context(self, name: str, key: str) -> dict[str, Any]:
         return {"device": self.device or name}
@@ -74,9 +76,5 @@ KIND = Kind(
     tag="counter",
     struct=CounterSource,
     factory=make_source,
-    rules={
-        (CounterSource, "interval"): Rule(kind="duration", positive=True),
-        (CounterSource, "device"): Rule(check=check_name),
-    },
     table_checks={CounterSource: _check},
 )

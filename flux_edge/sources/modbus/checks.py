@@ -9,12 +9,7 @@ from flux_edge.config.kinds import Device, Devices, TableCheck
 from flux_edge.config.tables import baudrate_warning
 from flux_edge.config.values import (
     Key,
-    _check_cel_ident,
-    _check_host,
-    _check_name,
-    _check_profile_ref,
     _got,
-    _Rule,
 )
 from flux_edge.sources.modbus.spec import (
     BIT_FUNCTIONS,
@@ -27,40 +22,6 @@ from flux_edge.sources.modbus.spec import (
 
 if TYPE_CHECKING:
     from flux_edge.config.validate import _Validator
-
-RULES: dict[tuple[type, str], _Rule] = {
-    (RegisterConfig, "name"): _Rule(nonempty=True, check=_check_cel_ident),
-    (RegisterConfig, "address"): _Rule(min=0, max=65535),
-    (RegisterConfig, "count"): _Rule(min=1, max=125),
-    (RegisterConfig, "interval"): _Rule(kind="duration", positive=True),
-    (ModbusDeviceConfig, "name"): _Rule(nonempty=True, check=_check_name),
-    (ModbusDeviceConfig, "unit_id"): _Rule(min=0, max=247),
-    (ModbusDeviceConfig, "profile"): _Rule(check=_check_profile_ref),
-    (ModbusDeviceConfig, "interval"): _Rule(kind="duration", min=0),
-    (ModbusDeviceConfig, "timeout"): _Rule(kind="duration", min=0),
-    (ModbusTcpSource, "host"): _Rule(nonempty=True, check=_check_host),
-    (ModbusTcpSource, "port"): _Rule(min=1, max=65535),
-    (ModbusTcpSource, "unit_id"): _Rule(min=0, max=247),
-    (ModbusTcpSource, "interval"): _Rule(kind="duration", positive=True),
-    (ModbusTcpSource, "timeout"): _Rule(kind="duration", positive=True),
-    (ModbusTcpSource, "device"): _Rule(check=_check_name),
-    (ModbusTcpSource, "max_gap"): _Rule(min=0, max=123),
-    (ModbusTcpSource, "chain"): _Rule(nonempty=True),
-    (ModbusTcpSource, "retries"): _Rule(min=0, max=100),
-    (ModbusTcpSource, "backoff_max"): _Rule(kind="duration", positive=True),
-    (ModbusRtuSource, "port"): _Rule(nonempty=True),
-    (ModbusRtuSource, "baudrate"): _Rule(min=300, max=4_000_000),
-    (ModbusRtuSource, "stopbits"): _Rule(min=1, max=2),
-    (ModbusRtuSource, "bytesize"): _Rule(min=7, max=8),
-    (ModbusRtuSource, "interval"): _Rule(kind="duration", positive=True),
-    (ModbusRtuSource, "timeout"): _Rule(kind="duration", positive=True),
-    (ModbusRtuSource, "retries"): _Rule(min=0, max=100),
-    (ModbusRtuSource, "backoff_max"): _Rule(kind="duration", positive=True),
-    (ModbusRtuSource, "max_gap"): _Rule(min=0, max=123),
-    (ModbusRtuSource, "inter_frame"): _Rule(kind="duration", min=0, max=1),
-    (ModbusRtuSource, "turnaround"): _Rule(kind="duration", min=0, max=10),
-    (ModbusRtuSource, "chain"): _Rule(nonempty=True),
-}
 
 
 def _register_words(register: dict[str, Any]) -> int:

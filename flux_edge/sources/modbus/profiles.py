@@ -61,7 +61,7 @@ def _check_profile(file: str, text: str) -> tuple[dict[str, Any] | None, list[Pr
     text, raw, syntax = parse_document(text, file)
     if raw is None:
         return None, syntax
-    pv = _Validator(file, _scan(text), rules=checks.RULES, table_checks=checks.TABLE_CHECKS)
+    pv = _Validator(file, _scan(text), table_checks=checks.TABLE_CHECKS)
     try:
         data = pv.check(raw, DeviceProfile, ())
     except RecursionError:

@@ -6,11 +6,13 @@ rules read them without needing the loader. ``REGISTER_WORDS`` is the one table 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import Meta
 
 from flux_edge.config import Order, Parity, SourceSpec, Table
+from flux_edge.config.values import CEL_IDENT, DURATION, HOST, NAME, PROFILE_REF
 
 RegisterFunction = Literal["coil", "discrete", "holding", "input"]
 RegisterType = Literal[
@@ -33,8 +35,9 @@ BIT_FUNCTIONS = frozenset({"coil", "discrete"})
 
 
 class RegisterConfig(Table, frozen=True):
-    name: str  # a CEL identifier: [A-Za-z_][A-Za-z0-9_]*
-    address: int  # 0..65535
+    # a CEL identifier: [A-Za-z_][A-Za-z0-9_]*
+    name: Annotated[str, Meta(min_length=1), CEL_IDENT]
+    address: Annotated[int, Meta(ge=0, le=65535)]  # 0..65535
     function: RegisterFunction = "holding"
     type: RegisterType = "uint16"
     byte_order: Order = "big"
@@ -42,19 +45,23 @@ class RegisterConfig(Table, frozen=True):
     scale: float = 1.0
     offset: float = 0.0
     unit: str = ""
-    count: int = 0  # registers of a "string" (2 ASCII bytes each); required for strings only
-    interval: float = 0.0  # poll this point on its own interval; 0 = the device's interval
+    # registers of a "string" (2 ASCII bytes each); required for strings only
+    count: Annotated[int, Meta(ge=1, le=125)] = 0
+    # poll this point on its own interval; 0 = the device's interval
+    interval: Annotated[float, Meta(gt=0), DURATION] = 0.0
 
 
 class ModbusDeviceConfig(Table, frozen=True):
     """One slave (unit id) on a Modbus bus or behind a Modbus TCP endpoint/gateway."""
 
-    name: str  # device name carried by its measurements
-    unit_id: int = 1
-    profile: str = ""  # a register map file: <profile>.toml in daemon.profile_dirs, or a path
+    # device name carried by its measurements
+    name: Annotated[str, Meta(min_length=1), NAME]
+    unit_id: Annotated[int, Meta(ge=0, le=247)] = 1
+    # a register map file: <profile>.toml in daemon.profile_dirs, or a path
+    profile: Annotated[str, PROFILE_REF] = ""
     registers: tuple[RegisterConfig, ...] = ()  # after loading: the profile's map, then these
-    interval: float = 0.0  # 0 = the bus's interval
-    timeout: float = 0.0  # 0 = the bus's timeout
+    interval: Annotated[float, Meta(ge=0), DURATION] = 0.0  # 0 = the bus's interval
+    timeout: Annotated[float, Meta(ge=0), DURATION] = 0.0  # 0 = the bus's timeout
 
 
 class _ModbusSource(SourceSpec, frozen=True):
@@ -97,37 +104,42 @@ def register_cel_type(reg: RegisterConfig) -> str:
 class ModbusTcpSource(_ModbusSource, frozen=True, kw_only=True, tag="modbus_tcp"):
     """A Modbus TCP endpoint: one device (the shorthand keys) or several unit ids behind it."""
 
-    host: str
-    port: int = 502
-    unit_id: int = 1  # single-device shorthand (with device/registers); or use `devices`
-    interval: float = 1.0  # seconds between polls
-    timeout: float = 1.0  # seconds per request
-    device: str = ""  # device name for measurements; default: the source's table name
-    max_gap: int = 8  # registers a coalesced read may skip over
+    host: Annotated[str, Meta(min_length=1), HOST]
+    port: Annotated[int, Meta(ge=1, le=65535)] = 502
+    # single-device shorthand (with device/registers); or use `devices`
+    unit_id: Annotated[int, Meta(ge=0, le=247)] = 1
+    interval: Annotated[float, Meta(gt=0), DURATION] = 1.0  # seconds between polls
+    timeout: Annotated[float, Meta(gt=0), DURATION] = 1.0  # seconds per request
+    # device name for measurements; default: the source's table name
+    device: Annotated[str, NAME] = ""
+    max_gap: Annotated[int, Meta(ge=0, le=123)] = 8  # registers a coalesced read may skip over
     registers: tuple[RegisterConfig, ...] = ()
     devices: tuple[ModbusDeviceConfig, ...] = ()  # several unit ids behind one endpoint
-    retries: int = 1  # extra attempts of a failed request before the device counts as failing
-    backoff_max: float = 60.0  # longest pause between attempts to reach a failing device
+    # extra attempts of a failed request before the device counts as failing
+    retries: Annotated[int, Meta(ge=0, le=100)] = 1
+    # longest pause between attempts to reach a failing device
+    backoff_max: Annotated[float, Meta(gt=0), DURATION] = 60.0
 
 
 class ModbusRtuSource(_ModbusSource, frozen=True, kw_only=True, tag="modbus_rtu"):
     """An RS-485 line: one request at a time, several slaves."""
 
-    port: str  # /dev/ttyUSB0, /dev/serial/by-id/...
+    port: Annotated[str, Meta(min_length=1)]  # /dev/ttyUSB0, /dev/serial/by-id/...
     devices: tuple[ModbusDeviceConfig, ...]
-    baudrate: int = 9600
+    baudrate: Annotated[int, Meta(ge=300, le=4_000_000)] = 9600
     parity: Parity = "E"  # the Modbus spec's default; many devices ship set to "N"
-    stopbits: int = 1
-    bytesize: int = 8
-    interval: float = 1.0
-    timeout: float = 0.2  # response timeout per request
-    retries: int = 1
-    backoff_max: float = 60.0
-    max_gap: int = 8
-    inter_frame: float = 0.0  # silence between frames; 0 = the spec's 3.5 characters (>= 1.75 ms)
+    stopbits: Annotated[int, Meta(ge=1, le=2)] = 1
+    bytesize: Annotated[int, Meta(ge=7, le=8)] = 8
+    interval: Annotated[float, Meta(gt=0), DURATION] = 1.0
+    timeout: Annotated[float, Meta(gt=0), DURATION] = 0.2  # response timeout per request
+    retries: Annotated[int, Meta(ge=0, le=100)] = 1
+    backoff_max: Annotated[float, Meta(gt=0), DURATION] = 60.0
+    max_gap: Annotated[int, Meta(ge=0, le=123)] = 8
+    # silence between frames; 0 = the spec's 3.5 characters (>= 1.75 ms)
+    inter_frame: Annotated[float, Meta(ge=0, le=1), DURATION] = 0.0
     # How long a slave takes from the end of a request to the start of its answer. Used only by
     # the bus budget check (``bus_budget``); the protocol does not bound it, devices document it.
-    turnaround: float = 0.005
+    turnaround: Annotated[float, Meta(ge=0, le=10), DURATION] = 0.005
 
 
 class ProfileInfo(Table, frozen=True):

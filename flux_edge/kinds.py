@@ -7,8 +7,9 @@ its own code. This module finds them by a naming rule, so that a new kind is one
 - a **kind module** is a module named ``kind`` or ``*_kind`` in ``flux_edge.sources`` or
   ``flux_edge.actions`` (or a package below them); it defines ``KIND`` or ``KINDS``
   (``flux_edge.config.kinds.Kind``);
-- a **domain module** is a module named ``checks`` in those packages or in ``flux_edge.rules`` /
-  ``flux_edge.uplink`` that defines ``DOMAIN`` (``flux_edge.config.kinds.Domain``).
+- a **domain module** is a module named ``checks`` in those packages or in ``flux_edge.plugins``,
+  ``flux_edge.rules`` or ``flux_edge.uplink`` that defines ``DOMAIN``
+  (``flux_edge.config.kinds.Domain``).
 
 Kind modules import nothing heavy: their factories import the protocol code (pymodbus, pyserial,
 paho) when a config uses it.
@@ -22,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 
 import flux_edge.actions
+import flux_edge.plugins
 import flux_edge.rules
 import flux_edge.sources
 import flux_edge.uplink
@@ -34,7 +36,9 @@ from flux_edge.config.load import load_config_text as _load_config_text
 from flux_edge.errors import Problem
 
 _KIND_PACKAGES: tuple[ModuleType, ...] = (flux_edge.sources, flux_edge.actions)
-_DOMAIN_PACKAGES: tuple[ModuleType, ...] = (*_KIND_PACKAGES, flux_edge.rules, flux_edge.uplink)
+_DOMAIN_PACKAGES: tuple[ModuleType, ...] = (
+    *_KIND_PACKAGES, flux_edge.plugins, flux_edge.rules, flux_edge.uplink
+)
 
 
 def _modules(packages: tuple[ModuleType, ...], wanted: str) -> list[ModuleType]:

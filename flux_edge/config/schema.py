@@ -27,6 +27,7 @@ from flux_edge.config.values import (
     MODULE,
     NAME,
     NAME_KEYS,
+    SHA256,
     SIZE,
 )
 
@@ -75,6 +76,8 @@ class PluginConfig(_S, frozen=True):
     max_failures: Annotated[int, Meta(ge=1, le=1_000_000)] = 3
     # seconds a quarantined plugin is left alone before a retry
     quarantine: Annotated[float, Meta(ge=0), DURATION] = 60.0
+    # pin the .wasm file: 64 hex digits (sha256sum FILE); a different file is refused
+    sha256: Annotated[str, SHA256] = ""
     wasi: bool = False  # grant WASI (no preopened dirs, no env, no args) when true
     config: dict[str, Any] = {}  # passed as JSON to the plugin's flux_init
 

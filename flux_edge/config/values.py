@@ -340,6 +340,19 @@ def _suggest(word: str, choices: list[str] | tuple[str, ...]) -> str:
     return f'did you mean "{close[0]}"? ' if close else ""
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_sha256_value(value: str) -> str | None:
+    """Why ``value`` is not a usable ``sha256`` pin (64 hex digits), or None."""
+    if _SHA256.fullmatch(value.lower()):
+        return None
+    return (
+        f"sha256 must be 64 hex digits (the output of `sha256sum FILE` or "
+        f"`flux-edge plugin info NAME`), got {len(value)} character(s)"
+    )
+
+
 # --- constraints in the structs' annotations ------------------------------------------------------
 #
 # A field's constraints live in its annotation: ``Annotated[int, Meta(ge=1, le=65535)]`` for what
@@ -360,6 +373,7 @@ INPUT_REF = _Rule(check=_check_input_ref)
 NAME_KEYS = _Rule(keys=_check_name)
 CEL_KEYS = _Rule(keys=_check_cel_ident)
 LOG_LEVEL = _Rule(choices=_LOG_LEVELS)
+SHA256 = _Rule(check=check_sha256_value)
 
 
 def merge_rules(a: _Rule | None, b: _Rule | None) -> _Rule | None:

@@ -24,13 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from flux_edge.config.plugin_files import (
-    bundled_plugin_dir,
-    file_sha256,
-    pin_mismatch,
-    plugin_config_issues,
-)
+from flux_edge.config.plugin_files import bundled_plugin_dir, file_sha256, pin_mismatch
 from flux_edge.config.values import _fmt_path
+from flux_edge.plugins.checks import plugin_config_issues
 from flux_edge.plugins.manifest import (
     ABI_VERSION,
     Manifest,

@@ -31,6 +31,7 @@ from flux_edge.config import (
 )
 from flux_edge.errors import ConfigError, Problem
 from flux_edge.kinds import KINDS, check_config, check_config_text, load_config, load_config_text
+from flux_edge.plugins import manifest as mf
 from flux_edge.sources.modbus.spec import ModbusDeviceConfig, ModbusRtuSource, ModbusTcpSource
 from flux_edge.sources.mqtt_kind import MqttSource, MqttSubscription
 from flux_edge.sources.serial_kind import SerialSource
@@ -72,12 +73,22 @@ value = false
 
 @pytest.fixture
 def site(tmp_path: Path) -> Path:
-    """A directory with plugins/<name>.wasm dummies for the plugins the tests declare."""
+    """A directory with plugins/<name>.wasm dummies for the plugins the tests declare: empty
+    modules whose manifests accept any config (these tests are about the config file; plugin
+    configs against real manifests: tests/unit/test_plugin_config_check.py)."""
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     for name in ("dec", "modbus_decode", "json_normalize", "nmea0183"):
-        (plugins / f"{name}.wasm").write_bytes(b"\0asm\1\0\0\0")
+        (plugins / f"{name}.wasm").write_bytes(_dummy_module(name))
     return tmp_path
+
+
+def _dummy_module(name: str) -> bytes:
+    manifest = {
+        "manifest": 1, "name": name, "version": "0.0.0", "abi": 1, "kind": "decode",
+        "description": "test dummy", "license": "MIT", "config": {"type": "object"},
+    }
+    return mf.embed_section(b"\0asm\1\0\0\0", mf.SECTION, msgspec.json.encode(manifest))
 
 
 def check(site: Path, text: str) -> list[Problem]:
@@ -579,11 +590,11 @@ def test_file_and_module_together_is_an_error(site: Path) -> None:
 def test_plugin_lookup_order(site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bundled = tmp_path / "bundled"
     bundled.mkdir()
-    (bundled / "only_bundled.wasm").write_bytes(b"")
-    (bundled / "dec.wasm").write_bytes(b"")
+    (bundled / "only_bundled.wasm").write_bytes(_dummy_module("only_bundled"))
+    (bundled / "dec.wasm").write_bytes(_dummy_module("dec"))
     (site / "extra").mkdir()
-    (site / "extra" / "dec.wasm").write_bytes(b"")
-    (site / "own.wasm").write_bytes(b"")
+    (site / "extra" / "dec.wasm").write_bytes(_dummy_module("dec"))
+    (site / "own.wasm").write_bytes(_dummy_module("own"))
     monkeypatch.setattr(config_plugin_files, "bundled_plugin_dir", lambda: bundled)
     text = (
         '[daemon]\nplugin_dirs = ["extra", "plugins"]\n'

@@ -1,4 +1,4 @@
-"""check-config against plugin manifests (flux_edge.config.plugin_files.check_plugin_configs) and
+"""check-config against plugin manifests (flux_edge.plugins.checks, the plugins domain) and
 sha256 pinning, with modules built from plugins/ (their manifests embedded by the build)."""
 
 from __future__ import annotations
@@ -12,24 +12,13 @@ from typing import Any
 
 import pytest
 
-import flux_edge.config.load as config_load
 from flux_edge.config import plugin_files
 from flux_edge.errors import ConfigError, PluginError, Problem
+from flux_edge.kinds import check_config_text
 from flux_edge.plugins import manifest as mf
 from flux_edge.plugins.tooling import build_plugin
 
-try:
-    from flux_edge.kinds import check_config_text
-except ImportError:  # before the config restructuring lands
-    from flux_edge.config import check_config_text  # type: ignore[attr-defined,no-redef]
-
 REPO = Path(__file__).resolve().parents[2]
-# Until the loader calls check_plugin_configs itself, these tests call it after the references.
-WIRED = any(
-    "check_plugin_configs(" in path.read_text(encoding="utf-8")
-    for path in (REPO / "flux_edge").rglob("*.py")
-    if path.name != "plugin_files.py"
-)
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +33,9 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def check(
-    built: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[[str], list[Problem]]]:
-    """check-config of a text in tmp_path with the plugins in tmp_path/plugins, with
-    check_plugin_configs run after the references (the wiring the config owner adds)."""
+def check(built: Path, tmp_path: Path) -> Iterator[Callable[[str], list[Problem]]]:
+    """check-config of a text in tmp_path with the plugins in tmp_path/plugins."""
     shutil.copytree(built, tmp_path / "plugins")
-    original = config_load.check_references
-
-    def with_plugins(ctx: Any) -> None:
-        original(ctx)
-        if not WIRED:
-            plugin_files.check_plugin_configs(ctx)
-
-    monkeypatch.setattr(config_load, "check_references", with_plugins)
 
     def run(text: str) -> list[Problem]:
         path = tmp_path / "flux.toml"
@@ -154,9 +132,9 @@ def test_module_without_manifest_warns(
     module = mf.read_module(data)
     assert module.sections(mf.SECTION)
     wasm.write_bytes(mf.remove_section(data, mf.SECTION))
-    problems = check(
-        SOURCE.replace('["json_normalize"]', '["nmea0183"]') + "\n[plugins.nmea0183]\n"
-    )
+    base = SOURCE.replace('["json_normalize"]', '["nmea0183"]') + "\n[plugins.nmea0183]\n"
+    assert check(base) == []  # nothing is left unchecked without a config table
+    problems = check(base + 'config = { sentences = ["GGA"] }\n')
     assert [(p.severity, "has no manifest" in p.message) for p in problems] == [("warning", True)]
 
 
@@ -192,3 +170,18 @@ def test_bad_pin_values() -> None:
     assert plugin_files.check_sha256_value("ab" * 32) is None
     assert "64 hex digits" in str(plugin_files.check_sha256_value("abc"))
     assert "64 hex digits" in str(plugin_files.check_sha256_value("zz" * 32))
+
+
+def test_check_config_refuses_a_file_that_is_not_the_pinned_one(
+    check: Callable[[str], list[Problem]], tmp_path: Path
+) -> None:
+    wasm = tmp_path / "plugins" / "nmea0183.wasm"
+    base = SOURCE.replace('["json_normalize"]', '["nmea0183"]') + "\n[plugins.nmea0183]\n"
+    good = plugin_files.file_sha256(wasm)
+    assert check(base + f'sha256 = "{good}"\n') == []
+    problems = check(base + f'sha256 = "{"0" * 64}"\n')
+    (p,) = problems
+    assert p.path == "plugins.nmea0183.sha256" and p.line == base.count("\n") + 1
+    assert f"has sha256 {good}" in p.message and "refusing to load it" in p.message
+    (p,) = check(base + 'sha256 = "abc"\n')
+    assert p.path == "plugins.nmea0183.sha256" and "64 hex digits" in p.message

@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Build the flux-edge appliance image: a Debian bookworm root filesystem (arm64 for the Raspberry
+# Build the flux-edge appliance image: a Debian trixie root filesystem (arm64 for the Raspberry
 # Pi, or an amd64 twin for testing) provisioned by the project's Ansible role, assembled into a
-# partitioned .img (FAT "RASPIFIRM" + ext4 "RASPIROOT", MBR) and compressed. See image/README.md.
+# partitioned A/B .img (MBR: FAT "RASPIFIRM", root slots A and B, data partition "FLUXDATA") and
+# compressed; with --bundle also a signed RAUC update bundle of the same root filesystem.
+# See image/README.md.
 #
 #   image/build.sh [--arch arm64|amd64] [--out DIR] [--config FILE] [--test-initramfs]
 #                  [--wheelhouse DIR] [--xz] [--mirror URL] [--keep-work]
+#                  [--bundle] [--version V] [--keyring CA.pem] [--signing-cert C] [--signing-key K]
+#                  [--slot-size MIB]
 #
 # Runs as root on a Debian/Ubuntu x86_64 host. It works in a private mount namespace (every mount
 # it makes vanishes with it, even on a crash), uses no loop devices, and undoes the binfmt_misc
@@ -28,7 +32,16 @@ XZ=0
 KEEP_WORK=0
 MIRROR=http://deb.debian.org/debian
 SECURITY_MIRROR=http://deb.debian.org/debian-security
-SUITE=bookworm
+SUITE=trixie
+PYVER=3.13                      # trixie's python3: the wheelhouse is built for it
+BUNDLE=0
+VERSION=""
+KEYRING=""
+SIGNING_CERT=""
+SIGNING_KEY=""
+SLOT_MIB=2048
+# the MBR disk signature: partitions are found as PARTUUID=464c5845-0N ("FLXE") on every card
+DISK_ID=464c5845
 args=("$@")
 while [ $# -gt 0 ]; do
     case $1 in
@@ -40,6 +53,12 @@ while [ $# -gt 0 ]; do
         --xz) XZ=1; shift ;;
         --mirror) MIRROR=${2:?--mirror needs a URL}; shift 2 ;;
         --keep-work) KEEP_WORK=1; shift ;;
+        --bundle) BUNDLE=1; shift ;;
+        --version) VERSION=${2:?--version needs a value}; shift 2 ;;
+        --keyring) KEYRING=${2:?--keyring needs a file}; shift 2 ;;
+        --signing-cert) SIGNING_CERT=${2:?--signing-cert needs a file}; shift 2 ;;
+        --signing-key) SIGNING_KEY=${2:?--signing-key needs a file}; shift 2 ;;
+        --slot-size) SLOT_MIB=${2:?--slot-size needs MiB}; shift 2 ;;
         -h | --help) usage 0 ;;
         *) echo "build.sh: unknown argument: $1" >&2; usage 2 >&2 ;;
     esac
@@ -49,10 +68,33 @@ die() { echo "build.sh: error: $*" >&2; exit 1; }
 log() { printf '[%4ds] %s\n' $((SECONDS)) "$*"; }
 
 case $ARCH in
-    arm64) KERNEL_PKG=linux-image-arm64; QEMU_BINFMT=qemu-aarch64 ;;
-    amd64) KERNEL_PKG=linux-image-amd64; QEMU_BINFMT="" ;;
+    arm64) KERNEL_PKG=linux-image-arm64; QEMU_BINFMT=qemu-aarch64; COMPATIBLE=flux-edge-rpi-arm64 ;;
+    amd64) KERNEL_PKG=linux-image-amd64; QEMU_BINFMT=""; COMPATIBLE=flux-edge-pc-amd64 ;;
     *) die "--arch must be arm64 or amd64, not '$ARCH'" ;;
 esac
+[[ $SLOT_MIB =~ ^[0-9]+$ ]] && [ "$SLOT_MIB" -ge 512 ] || die "--slot-size must be a number of MiB >= 512"
+# the version every slot and bundle carries: flux-edge's own, the build date, the commit
+if [ -z "$VERSION" ]; then
+    fe_version=$(sed -n 's/^version = "\(.*\)"/\1/p' "$REPO/pyproject.toml" | head -n 1)
+    commit=$(git -C "$REPO" rev-parse --short=10 HEAD 2>/dev/null || echo unknown)
+    VERSION="${fe_version:-0}+$(date -u +%Y%m%d%H%M).g$commit"
+fi
+[[ $VERSION =~ ^[A-Za-z0-9.+~_-]+$ ]] || die "--version '$VERSION': letters, digits and . + ~ _ - only"
+# the bundle signing material: given, or the development CA in image/keys/ (made once)
+if [ -z "$KEYRING" ] && [ -z "$SIGNING_CERT" ] && [ -z "$SIGNING_KEY" ]; then
+    DEV_KEYS=1
+    KEYRING=$HERE/keys/ca.cert.pem
+    SIGNING_CERT=$HERE/keys/signing.cert.pem
+    SIGNING_KEY=$HERE/keys/signing.key.pem
+else
+    DEV_KEYS=0
+    [ -n "$KEYRING" ] || die "--keyring is needed with --signing-cert/--signing-key"
+    [ -f "$KEYRING" ] || die "--keyring $KEYRING: no such file"
+    if [ "$BUNDLE" -eq 1 ]; then
+        [ -f "$SIGNING_CERT" ] && [ -f "$SIGNING_KEY" ] \
+            || die "--bundle needs --signing-cert and --signing-key (files) with --keyring"
+    fi
+fi
 [ "$(id -u)" -eq 0 ] || die "run as root (mmdebstrap --mode=root, chroot, mounts)"
 [ "$(uname -m)" = x86_64 ] || die "the builder runs on an x86_64 host, this is $(uname -m)"
 CONFIG=$(readlink -f "$CONFIG")
@@ -60,6 +102,12 @@ CONFIG=$(readlink -f "$CONFIG")
 [ -z "$WHEELHOUSE" ] || WHEELHOUSE=$(readlink -f "$WHEELHOUSE")
 mkdir -p "$OUT"
 OUT=$(readlink -f "$OUT")
+if [ "$DEV_KEYS" -eq 1 ] && [ ! -f "$KEYRING" ]; then
+    "$HERE/make-dev-keys.sh" "$HERE/keys" >&2 || die "could not make the development keys"
+fi
+KEYRING=$(readlink -f "$KEYRING")
+[ -z "$SIGNING_CERT" ] || SIGNING_CERT=$(readlink -f "$SIGNING_CERT")
+[ -z "$SIGNING_KEY" ] || SIGNING_KEY=$(readlink -f "$SIGNING_KEY")
 
 # --- every mount of this build lives in a private mount namespace ---------------------------
 if [ -z "${FLUX_EDGE_IMAGE_NS:-}" ]; then
@@ -77,18 +125,23 @@ if [ -z "$ANSIBLE_PLAYBOOK" ]; then
     fi
 fi
 missing=()
-for tool in mmdebstrap genimage mke2fs mkfs.vfat mcopy zstd chroot findmnt; do
+for tool in mmdebstrap genimage mke2fs mkfs.vfat mcopy zstd chroot findmnt openssl; do
     command -v "$tool" >/dev/null || missing+=("$tool")
 done
 [ -n "$ANSIBLE_PLAYBOOK" ] || missing+=(ansible-playbook)
 [ "$XZ" -eq 0 ] || command -v xz >/dev/null || missing+=(xz)
+if [ "$BUNDLE" -eq 1 ]; then
+    command -v rauc >/dev/null || missing+=(rauc)
+    command -v mksquashfs >/dev/null || missing+=(mksquashfs)
+fi
 if [ -n "$QEMU_BINFMT" ]; then
     command -v update-binfmts >/dev/null || missing+=(update-binfmts)
     [ -e /usr/libexec/qemu-binfmt/aarch64-binfmt-P ] || [ -e /usr/bin/qemu-aarch64-static ] \
         || missing+=(qemu-aarch64-static)
 fi
 ((${#missing[@]} == 0)) || die "missing tools: ${missing[*]} (Debian: apt-get install mmdebstrap" \
-    "genimage e2fsprogs dosfstools mtools zstd qemu-user-static binfmt-support; ansible from pip)"
+    "genimage e2fsprogs dosfstools mtools zstd qemu-user-static binfmt-support rauc squashfs-tools;" \
+    "ansible from pip)"
 
 NAME=flux-edge-$SUITE-$ARCH
 WORK=$(mktemp -d "${TMPDIR:-/var/tmp}/flux-edge-image.XXXXXX")
@@ -145,8 +198,10 @@ fi
 PACKAGES=(systemd-sysv udev dbus kmod initramfs-tools zstd "$KERNEL_PKG"
           openssh-server wpasupplicant wireless-regdb cloud-guest-utils fdisk
           python3 python3-venv procps e2fsprogs dosfstools ca-certificates
-          systemd-timesyncd systemd-resolved sudo iproute2 netbase tzdata)
+          systemd-timesyncd systemd-resolved sudo iproute2 netbase tzdata rauc rauc-service)
+# the Pi: its firmware and Wi-Fi firmware; the amd64 twin: GRUB (BIOS), which RAUC switches
 [ "$ARCH" = arm64 ] && PACKAGES+=(raspi-firmware firmware-brcm80211)
+[ "$ARCH" = amd64 ] && PACKAGES+=(grub-pc-bin grub-common)
 if [ "$TEST_INITRAMFS" -eq 1 ]; then
     # enough to mount the root filesystem on a virtual disk (and on a Pi's SD card slot)
     INITRAMFS_MODULES="virtio_pci virtio_mmio virtio_blk ext4 vfat"
@@ -165,8 +220,8 @@ if [ -z "$WHEELHOUSE" ]; then
     [ -x "$REPO/tools/build-wheelhouse.sh" ] || die "tools/build-wheelhouse.sh is missing"
     WHEELHOUSE=$WORK/wheelhouse
     case $ARCH in arm64) wh_arch=aarch64 ;; *) wh_arch=x86_64 ;; esac
-    log "wheelhouse: tools/build-wheelhouse.sh $wh_arch (in the background)"
-    "$REPO/tools/build-wheelhouse.sh" "$wh_arch" "$WHEELHOUSE" >"$WORK/wheelhouse.log" 2>&1 &
+    log "wheelhouse: tools/build-wheelhouse.sh $wh_arch for Python $PYVER (in the background)"
+    "$REPO/tools/build-wheelhouse.sh" "$wh_arch" "$WHEELHOUSE" "$PYVER" >"$WORK/wheelhouse.log" 2>&1 &
     WHEELHOUSE_PID=$!
 fi
 
@@ -250,11 +305,71 @@ done
 chmod 0440 "$ROOT/etc/sudoers.d/50-flux-edge-admin"
 mkdir -p "$ROOT/usr/local/share/doc/flux-edge-image"
 cp "$HERE/README.md" "$ROOT/usr/local/share/doc/flux-edge-image/README.md"
-cat >"$ROOT/etc/fstab" <<'EOF'
-# flux-edge image. noatime: reading a file does not write to the SD card.
-LABEL=RASPIROOT  /               ext4   rw,noatime,errors=remount-ro            0 1
-LABEL=RASPIFIRM  /boot/firmware  vfat   rw,noatime,umask=0077,shortname=mixed   0 2
-tmpfs            /tmp            tmpfs  rw,nosuid,nodev,size=64M,mode=1777      0 0
+# / is the slot the boot loader chose (root=PARTUUID=...-02 or -03 on the kernel command line,
+# mounted rw,noatime by the initramfs): it has no line here, so one root filesystem fits both slots.
+cat >"$ROOT/etc/fstab" <<EOF
+# flux-edge image (A/B). noatime: reading a file does not write to the SD card.
+# The root filesystem is slot A (partition 2) or B (partition 3), as the boot loader chose.
+LABEL=RASPIFIRM          /boot/firmware  vfat   rw,noatime,umask=0077,shortname=mixed   0 2
+# the data partition: configuration and state that every update keeps
+PARTUUID=$DISK_ID-04     /data           ext4   rw,noatime,errors=remount-ro            0 2
+/data/flux-edge/etc      /etc/flux-edge      none  bind,x-systemd.requires-mounts-for=/data  0 0
+/data/flux-edge/state    /var/lib/flux-edge  none  bind,x-systemd.requires-mounts-for=/data  0 0
+/data/home               /home               none  bind,x-systemd.requires-mounts-for=/data  0 0
+/data/journal            /var/log/journal    none  bind,x-systemd.requires-mounts-for=/data  0 0
+tmpfs                    /tmp            tmpfs  rw,nosuid,nodev,size=64M,mode=1777      0 0
+EOF
+mkdir -p "$ROOT/data" "$ROOT/var/log/journal"
+# what this slot is: read by flux-edge-update, the health gate and the Ansible update playbook
+cat >"$ROOT/etc/flux-edge-image-release" <<EOF
+VERSION=$VERSION
+COMPATIBLE=$COMPATIBLE
+SUITE=$SUITE
+ARCH=$ARCH
+BUILT=$(date -u +%FT%TZ)
+EOF
+# RAUC: two root filesystem slots; the boot loader is GRUB on the amd64 twin, the Pi firmware's
+# tryboot (through flux-edge's custom backend) on the Pi
+mkdir -p "$ROOT/etc/rauc"
+cp "$KEYRING" "$ROOT/etc/rauc/keyring.pem"
+if [ "$ARCH" = amd64 ]; then
+    rauc_boot="bootloader=grub
+grubenv=/boot/firmware/grub/grubenv"
+    rauc_handlers=""
+else
+    rauc_boot="bootloader=custom"
+    rauc_handlers="bootloader-custom-backend=/usr/local/lib/flux-edge-image/rauc-tryboot-backend"
+fi
+cat >"$ROOT/etc/rauc/system.conf" <<EOF
+# flux-edge image ($ARCH): RAUC's view of the card. Written by image/build.sh.
+[system]
+compatible=$COMPATIBLE
+$rauc_boot
+# slot status (installed bundle versions, hashes) on the data partition: kept across updates
+data-directory=/data/rauc
+bundle-formats=-plain
+# the slot marked bad before it is written; primary once written (RAUC's defaults, stated)
+activate-installed=true
+
+[keyring]
+path=/etc/rauc/keyring.pem
+use-bundle-signing-time=false
+
+[handlers]
+post-install=/usr/local/lib/flux-edge-image/rauc-post-install
+$rauc_handlers
+
+[slot.rootfs.0]
+device=/dev/disk/by-partuuid/$DISK_ID-02
+type=ext4
+bootname=A
+resize=true
+
+[slot.rootfs.1]
+device=/dev/disk/by-partuuid/$DISK_ID-03
+type=ext4
+bootname=B
+resize=true
 EOF
 echo flux-edge >"$ROOT/etc/hostname"
 cat >"$ROOT/etc/hosts" <<'EOF'
@@ -268,7 +383,8 @@ EOF
 in_root useradd --create-home --shell /bin/bash --groups sudo,adm,systemd-journal,dialout admin
 in_root usermod --password '*' admin
 in_root systemctl enable --quiet systemd-networkd.service systemd-resolved.service \
-    systemd-timesyncd.service flux-edge-growroot.service flux-edge-import.service
+    systemd-timesyncd.service flux-edge-growroot.service flux-edge-import.service \
+    flux-edge-health-gate.service
 # sshd starts only once the user asks for it (an ssh file or keys on the boot partition);
 # wpa_supplicant only as wpa_supplicant@wlan0, set up the same way; no daily apt downloads
 in_root systemctl disable --quiet ssh.service wpa_supplicant.service \
@@ -278,10 +394,11 @@ in_root systemctl mask --quiet systemd-firstboot.service
 echo LANG=C.UTF-8 >"$ROOT/etc/default/locale"
 if [ "$ARCH" = arm64 ]; then
     # the kernel command line and config.txt are written by raspi-firmware's kernel hook
-    sed -i -e 's|^#\?ROOTPART=.*|ROOTPART="LABEL=RASPIROOT"|' \
+    # (the A/B layout replaces its config.txt and cmdline.txt; these keep its hook quiet)
+    sed -i -e 's|^#\?ROOTPART=.*|ROOTPART="PARTUUID='"$DISK_ID"'-02"|' \
            -e 's|^#\?CONSOLES=.*|CONSOLES="tty0 ttyS1,115200"|' \
            -e 's|^#\?CMA=.*|CMA=0|' "$ROOT/etc/default/raspi-firmware"
-    grep -q '^ROOTPART="LABEL=RASPIROOT"' "$ROOT/etc/default/raspi-firmware" \
+    grep -q "^ROOTPART=\"PARTUUID=$DISK_ID-02\"" "$ROOT/etc/default/raspi-firmware" \
         || die "could not set ROOTPART in /etc/default/raspi-firmware"
 fi
 
@@ -340,23 +457,82 @@ log "initramfs: done (in parallel)"
 # --- 4. boot files ------------------------------------------------------------------------------
 [ -f "$ROOT/boot/initrd.img-$KVER" ] || die "no initrd in the image's /boot for $KVER"
 mkdir -p "$ROOT/boot/firmware"
+# What a slot boots with travels inside the slot (so a bundle brings its own kernel): the
+# kernel, the initrd and (Pi) the device trees in /boot/slot-firmware; the boot partition gets
+# a copy per slot (Pi: a/ and b/, made by the RAUC post-install handler on updates).
+SLOTFW=$ROOT/boot/slot-firmware
+mkdir -p "$SLOTFW"
+cp "$ROOT/boot/vmlinuz-$KVER" "$SLOTFW/vmlinuz"
+cp "$ROOT/boot/initrd.img-$KVER" "$SLOTFW/initrd.img"
+# the kernel command line of both slots but for root= and rauc.slot=, which the boot loader adds
 if [ "$ARCH" = arm64 ]; then
-    # re-run raspi-firmware's kernel hook with the settings above: kernel, initrd, DTBs,
-    # config.txt and cmdline.txt in /boot/firmware
+    # ttyS1: the mini UART on GPIO 14/15 of a Pi 3/4 (enable_uart=1); ttyAMA10: the Pi 5's
+    # debug UART connector. The last console= is /dev/console.
+    echo "console=ttyAMA10,115200 console=ttyS1,115200 console=tty0 rw rootflags=noatime rootwait fsck.repair=yes net.ifnames=0 panic=10" \
+        >"$SLOTFW/cmdline.common"
+else
+    echo "console=tty0 console=ttyS0,115200 rw rootflags=noatime rootwait fsck.repair=yes net.ifnames=0 panic=10" \
+        >"$SLOTFW/cmdline.common"
+fi
+echo "$VERSION" >"$SLOTFW/VERSION"
+if [ "$ARCH" = arm64 ]; then
+    # raspi-firmware's kernel hook copies the firmware (bootcode.bin, start*.elf, fixup*.dat)
+    # to /boot/firmware; its kernel, initrd, config.txt and cmdline.txt there are replaced by
+    # the A/B layout below
     in_root env DEB_MAINT_PARAMS=configure /etc/kernel/postinst.d/z50-raspi-firmware "$KVER" \
         || die "raspi-firmware's kernel hook failed"
-    grep -q 'root=LABEL=RASPIROOT' "$ROOT/boot/firmware/cmdline.txt" \
-        || die "cmdline.txt does not boot from LABEL=RASPIROOT: $(cat "$ROOT/boot/firmware/cmdline.txt")"
+    find "$ROOT/boot/firmware" -maxdepth 1 -type f \( -name 'vmlinuz*' -o -name 'initrd.img*' \
+        -o -name '*.dtb' -o -name 'config.txt' -o -name 'cmdline.txt' \) -delete
+    rm -rf "$ROOT/boot/firmware/overlays"
+    # device trees: Pi 3/3+/CM3 and Zero 2 W (bcm2837), 4/400/CM4 (bcm2711), 5 (bcm2712)
+    dtbdir=$ROOT/usr/lib/linux-image-$KVER/broadcom
+    [ -d "$dtbdir" ] || die "no device trees in $dtbdir"
+    n=0
+    for dtb in "$dtbdir"/bcm2837-*.dtb "$dtbdir"/bcm2710-*.dtb "$dtbdir"/bcm2711-*.dtb \
+               "$dtbdir"/bcm2712-*.dtb; do
+        [ -f "$dtb" ] || continue
+        cp "$dtb" "$SLOTFW/"; n=$((n + 1))
+    done
+    for need in bcm2837-rpi-3-b.dtb bcm2711-rpi-4-b.dtb bcm2712-rpi-5-b.dtb; do
+        [ -f "$SLOTFW/$need" ] || die "$need is not in $KERNEL_PKG $KVER"
+    done
+    log "boot: $n device trees, Pi 5 (bcm2712-rpi-5-b.dtb) included"
+    for fw in bootcode.bin start4.elf fixup4.dat start.elf fixup.dat; do
+        [ -f "$ROOT/boot/firmware/$fw" ] || die "raspi-firmware left no $fw in /boot/firmware"
+    done
+    # on the device, kernel updates come in bundles: raspi-firmware's hooks must not rewrite
+    # the boot partition behind RAUC's back
+    for hook in /etc/kernel/postinst.d/z50-raspi-firmware /etc/initramfs/post-update.d/z50-raspi-firmware; do
+        [ -e "$ROOT$hook" ] || continue
+        in_root dpkg-divert --quiet --local --rename --divert "$hook.disabled-by-flux-edge" --add "$hook"
+    done
+    # slot A on the boot partition; config.txt boots it, tryboot.txt is made for a trial
+    mkdir -p "$ROOT/boot/firmware/a"
+    cp -a "$SLOTFW/." "$ROOT/boot/firmware/a/"
+    echo "$(cat "$SLOTFW/cmdline.common") root=PARTUUID=$DISK_ID-02 rauc.slot=A" \
+        >"$ROOT/boot/firmware/a/cmdline.txt"
+    sed "s|@SLOT_DIR@|a/|" "$HERE/boot/config.txt" >"$ROOT/boot/firmware/config.txt"
+    printf 'A\n' >"$ROOT/boot/firmware/flux-edge-slot.txt"
 else
-    # the amd64 twin boots its kernel directly (qemu -kernel/-initrd): a copy on the FAT
-    cp "$ROOT/boot/vmlinuz-$KVER" "$ROOT/boot/firmware/vmlinuz-$KVER"
-    cp "$ROOT/boot/initrd.img-$KVER" "$ROOT/boot/firmware/initrd.img-$KVER"
-    echo "root=LABEL=RASPIROOT rw fsck.repair=yes net.ifnames=0 console=ttyS0,115200" \
-        >"$ROOT/boot/firmware/cmdline.txt"
+    # GRUB for BIOS: core.img (made here with the image's own grub-mkimage and modules) goes
+    # between the MBR and the first partition, boot.img into the MBR; grub.cfg and the
+    # environment RAUC edits (grubenv: ORDER, A_OK/A_TRY, B_OK/B_TRY) on the boot partition
+    mkdir -p "$ROOT/boot/firmware/grub"
+    cp "$HERE/boot/grub.cfg" "$ROOT/boot/firmware/grub/grub.cfg"
+    sed -i "s|@DISK_ID@|$DISK_ID|g" "$ROOT/boot/firmware/grub/grub.cfg"
+    in_root grub-editenv /boot/firmware/grub/grubenv create
+    in_root grub-editenv /boot/firmware/grub/grubenv set ORDER="A B" A_OK=1 A_TRY=0 B_OK=0 B_TRY=0
+    in_root grub-mkimage -O i386-pc -o /tmp/core.img -p '(hd0,msdos1)/grub' \
+        biosdisk part_msdos fat ext2 normal linux loadenv test echo configfile serial terminal \
+        || die "grub-mkimage failed"
+    cp "$ROOT/tmp/core.img" "$WORK/grub-core.img"
+    cp "$ROOT/usr/lib/grub/i386-pc/boot.img" "$WORK/grub-boot.img"
+    # 4 MiB before the first partition, minus the MBR
+    [ "$(stat -c %s "$WORK/grub-core.img")" -lt $((4 * 1024 * 1024 - 512)) ] || die "core.img too large"
 fi
 umount -R "$ROOT/tmp" "$ROOT/run" "$ROOT/dev" "$ROOT/sys" "$ROOT/proc"
-cp "$ROOT/boot/vmlinuz-$KVER" "$OUT/$NAME.vmlinuz"
-cp "$ROOT/boot/initrd.img-$KVER" "$OUT/$NAME.initrd.img"
+cp "$SLOTFW/vmlinuz" "$OUT/$NAME.vmlinuz"
+cp "$SLOTFW/initrd.img" "$OUT/$NAME.initrd.img"
 
 # --- 5. leave nothing per-build or per-device behind ---------------------------------------------
 # every card makes its own SSH host keys (ssh.service drop-in) and machine id: an empty
@@ -373,13 +549,26 @@ find "$ROOT/var/log" -type f \( -name '*.log' -o -name '*.gz' \) -delete
 in_root dpkg-query -W -f='${Package} ${Version}\n' >"$OUT/$NAME.packages"
 
 # --- 6. disk image -----------------------------------------------------------------------------
-log "assemble: genimage (FAT RASPIFIRM + ext4 RASPIROOT, MBR)"
+log "assemble: genimage (MBR: FAT RASPIFIRM, root A, root B, data FLUXDATA)"
 t0=$SECONDS
 mkdir -p "$FIRMWARE"
 find "$ROOT/boot/firmware" -mindepth 1 -maxdepth 1 -exec mv -t "$FIRMWARE" {} +
-# root: the content, 25% for growth until the first boot grows it, and room for the journal
-used_kib=$(du -s --block-size=1K "$ROOT" | cut -f1)
+# the data partition, seeded with what the slot has under the paths it takes over (the slot keeps
+# its copies, hidden by the bind mounts: defaults for a data partition made anew)
+DATA=$WORK/data
+mkdir -p "$DATA/flux-edge" "$DATA/rauc" "$DATA/update"
+cp -a "$ROOT/etc/flux-edge" "$DATA/flux-edge/etc"
+cp -a "$ROOT/var/lib/flux-edge" "$DATA/flux-edge/state" 2>/dev/null \
+    || install -d -m 0750 -o "$(stat -c %u "$ROOT/etc/flux-edge")" "$DATA/flux-edge/state"
+cp -a "$ROOT/home" "$DATA/home"
+install -d -m 2755 -g "$(chroot "$ROOT" getent group systemd-journal | cut -d: -f3)" "$DATA/journal"
+chmod 0700 "$DATA/rauc"
+chmod 0755 "$DATA/update"
+# root: the content, 25% for growth, and room for the journal; the slot partitions are larger
+# (--slot-size), so a later, larger release still fits; RAUC resizes the filesystem it writes
+used_kib=$(du -s --block-size=1K --one-file-system "$ROOT" | cut -f1)
 root_mib=$(( (used_kib * 5 / 4 / 1024 + 256 + 3) / 4 * 4 ))
+[ "$root_mib" -le "$SLOT_MIB" ] || die "the root filesystem ($root_mib MiB) does not fit a slot (--slot-size $SLOT_MIB)"
 cat >"$WORK/genimage.cfg" <<EOF
 image firmware.vfat {
   vfat {
@@ -389,20 +578,31 @@ image firmware.vfat {
   size = 256M
   temporary = true
 }
-image root.ext4 {
+image rootfs.ext4 {
   ext4 {
-    label = "RASPIROOT"
+    label = "flux-root"
     use-mke2fs = true
     root-owner = "0:0"
     extraargs = "-m 2"
   }
   srcpath = "$ROOT"
   size = ${root_mib}M
+}
+image data.ext4 {
+  ext4 {
+    label = "FLUXDATA"
+    use-mke2fs = true
+    root-owner = "0:0"
+    extraargs = "-m 1"
+  }
+  srcpath = "$DATA"
+  size = 256M
   temporary = true
 }
 image $NAME.img {
   hdimage {
     partition-table-type = "mbr"
+    disk-signature = 0x$DISK_ID
   }
   partition firmware {
     partition-type = 0xC
@@ -410,20 +610,53 @@ image $NAME.img {
     image = "firmware.vfat"
     offset = 4M
   }
-  partition root {
+  partition rootfs-a {
     partition-type = 0x83
-    image = "root.ext4"
+    image = "rootfs.ext4"
+    size = ${SLOT_MIB}M
+    align = 4M
+  }
+  partition rootfs-b {
+    partition-type = 0x83
+    size = ${SLOT_MIB}M
+    align = 4M
+  }
+  partition data {
+    partition-type = 0x83
+    image = "data.ext4"
     align = 4M
   }
 }
 EOF
-rm -f "$OUT/$NAME.img" "$OUT/$NAME.img.zst" "$OUT/$NAME.img.xz"
-mkdir -p "$WORK/genimage-tmp" "$WORK/genimage-in" "$WORK/genimage-root"
+rm -f "$OUT/$NAME.img" "$OUT/$NAME.img.zst" "$OUT/$NAME.img.xz" "$OUT/$NAME.rootfs.ext4" "$OUT/$NAME.raucb"
+mkdir -p "$WORK/genimage-tmp" "$WORK/genimage-in" "$WORK/genimage-root" "$WORK/genimage-out"
 # every image names its srcpath: an empty --rootpath keeps genimage from copying the tree
 genimage --config "$WORK/genimage.cfg" --rootpath "$WORK/genimage-root" --tmppath "$WORK/genimage-tmp" \
-    --inputpath "$WORK/genimage-in" --outputpath "$OUT" >"$WORK/genimage.log" 2>&1 \
+    --inputpath "$WORK/genimage-in" --outputpath "$WORK/genimage-out" >"$WORK/genimage.log" 2>&1 \
     || { tail -n 30 "$WORK/genimage.log" >&2; die "genimage failed"; }
+mv "$WORK/genimage-out/$NAME.img" "$OUT/$NAME.img"
+if [ "$ARCH" = amd64 ]; then
+    # GRUB's boot code into the MBR (its first 440 bytes: the disk signature and the partition
+    # table stay), core.img from sector 1 (where boot.img looks, and whose own block list
+    # grub-mkimage wrote: the sectors that follow it)
+    dd if="$WORK/grub-boot.img" of="$OUT/$NAME.img" bs=440 count=1 conv=notrunc status=none
+    dd if="$WORK/grub-core.img" of="$OUT/$NAME.img" bs=512 seek=1 conv=notrunc status=none
+fi
 T_ASSEMBLE=$((SECONDS - t0))
+
+T_BUNDLE=0
+if [ "$BUNDLE" -eq 1 ]; then
+    log "bundle: $NAME.raucb (RAUC, verity format, version $VERSION)"
+    t0=$SECONDS
+    mv "$WORK/genimage-out/rootfs.ext4" "$OUT/$NAME.rootfs.ext4"
+    "$HERE/bundle.sh" --rootfs "$OUT/$NAME.rootfs.ext4" --compatible "$COMPATIBLE" \
+        --version "$VERSION" --cert "$SIGNING_CERT" --key "$SIGNING_KEY" --keyring "$KEYRING" \
+        --out "$OUT/$NAME.raucb" >"$WORK/bundle.log" 2>&1 \
+        || { tail -n 30 "$WORK/bundle.log" >&2; die "making the bundle failed"; }
+    T_BUNDLE=$((SECONDS - t0))
+fi
+[ "$DEV_KEYS" -eq 0 ] || echo "build.sh: note: the image trusts the DEVELOPMENT keys in image/keys/" \
+    "(anyone with that directory can sign bundles it installs); use --keyring for a fleet" >&2
 
 log "compress: zstd$([ "$XZ" -eq 0 ] || echo " and xz")"
 t0=$SECONDS
@@ -440,6 +673,8 @@ mib() { echo "$(( ($1 + 524288) / 1048576 )) MiB"; }
     echo "raw:          $(size "$OUT/$NAME.img") bytes ($(mib "$(size "$OUT/$NAME.img")")), root fs ${root_mib} MiB, content $((used_kib / 1024)) MiB"
     echo "zstd:         $(size "$OUT/$NAME.img.zst") bytes ($(mib "$(size "$OUT/$NAME.img.zst")"))"
     [ "$XZ" -eq 0 ] || echo "xz:           $(size "$OUT/$NAME.img.xz") bytes ($(mib "$(size "$OUT/$NAME.img.xz")"))"
+    echo "version:      $VERSION (compatible $COMPATIBLE), slots ${SLOT_MIB} MiB each"
+    [ "$BUNDLE" -eq 0 ] || echo "bundle:       $(size "$OUT/$NAME.raucb") bytes ($(mib "$(size "$OUT/$NAME.raucb")"))"
     echo "time:         ${SECONDS}s total: rootfs (and wheelhouse) ${T_ROOTFS}s," \
-         "ansible ${T_ANSIBLE}s, genimage ${T_ASSEMBLE}s, compress ${T_COMPRESS}s"
+         "ansible ${T_ANSIBLE}s, genimage ${T_ASSEMBLE}s, bundle ${T_BUNDLE}s, compress ${T_COMPRESS}s"
 } | tee "$OUT/$NAME.build-info"

@@ -1,25 +1,37 @@
 #!/usr/bin/env bash
 # Build a wheelhouse: the flux-edge wheel from this checkout (with its bundled plugins) and every
-# dependency as a wheel for one device architecture and CPython 3.11 (Debian bookworm), so the
+# dependency as a wheel for one device architecture and CPython version (3.11: Debian bookworm,
+# 3.13: Debian trixie, the image's), so the
 # Ansible role (ansible/roles/flux_edge, variable flux_edge_wheelhouse) can install flux-edge with
 # `pip install --no-index --find-links`: the device needs no network.
 #
-#   tools/build-wheelhouse.sh ARCH OUTDIR      # ARCH: aarch64 (Raspberry Pi 3/4/Zero 2 W) | x86_64
+#   tools/build-wheelhouse.sh ARCH OUTDIR [PYVER]
+#       ARCH: aarch64 (Raspberry Pi 3/4/5/Zero 2 W) | x86_64
+#       PYVER: the device's CPython, 3.11 (bookworm, the default), 3.12 or 3.13 (trixie)
 #
 # Runs on the controller (any Linux with Python >= 3.11 and pip, network access to the package
 # index). PYTHON=... chooses the interpreter (default: .venv/bin/python, else python3).
 # Wheels already in OUTDIR are removed first, so OUTDIR holds exactly one consistent set.
 set -euo pipefail
 
-usage() { echo "usage: $0 aarch64|x86_64 OUTDIR" >&2; exit 2; }
+usage() { echo "usage: $0 aarch64|x86_64 OUTDIR [3.11|3.12|3.13]" >&2; exit 2; }
 die() { echo "build-wheelhouse: error: $*" >&2; exit 1; }
-[ $# -eq 2 ] || usage
+[ $# -eq 2 ] || [ $# -eq 3 ] || usage
 arch=$1
 out=$2
+pyver=${3:-3.11}
 case "$arch" in
   aarch64|x86_64) ;;
   *) echo "build-wheelhouse: unknown ARCH '$arch' (expected aarch64 or x86_64)" >&2; usage ;;
 esac
+# the newest glibc of the Debian release that ships that Python (manylinux tags it accepts)
+case "$pyver" in
+  3.11) glibc_minor=36 ;;   # bookworm
+  3.12) glibc_minor=39 ;;   # e.g. Ubuntu 24.04
+  3.13) glibc_minor=41 ;;   # trixie
+  *) echo "build-wheelhouse: unsupported Python '$pyver' (3.11, 3.12 or 3.13)" >&2; usage ;;
+esac
+abi=cp${pyver/./}
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-}
@@ -46,21 +58,23 @@ rm -f "$out"/*.whl "$out/SHA256SUMS"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# Manylinux tags a Debian bookworm device (glibc 2.36) accepts, newest first.
+# Manylinux tags the device's glibc accepts, newest first.
 platforms=()
-for minor in $(seq 36 -1 17); do platforms+=(--platform "manylinux_2_${minor}_${arch}"); done
+for minor in $(seq "$glibc_minor" -1 17); do platforms+=(--platform "manylinux_2_${minor}_${arch}"); done
 platforms+=(--platform "manylinux2014_${arch}")
 if [ "$arch" = x86_64 ]; then
   for minor in $(seq 16 -1 5); do platforms+=(--platform "manylinux_2_${minor}_${arch}"); done
   platforms+=(--platform manylinux2010_x86_64 --platform manylinux1_x86_64)
 fi
-target=(--only-binary=:all: "${platforms[@]}" --python-version 3.11 --implementation cp --abi cp311)
+target=(--only-binary=:all: "${platforms[@]}" --python-version "$pyver" --implementation cp --abi "$abi")
 
 # 2. flux-edge itself, built from a clean copy of the package sources (an in-tree build would leave
 #    build/ and stale modules behind).
 echo "build-wheelhouse: building the flux-edge wheel" >&2
 mkdir -p "$work/src"
-cp "$repo/pyproject.toml" "$repo/README.md" "$work/src/"
+cp "$repo/pyproject.toml" "$repo/README.md" "$repo/MANIFEST.in" "$work/src/"
+mkdir -p "$work/src/packaging/backend"
+cp "$repo/packaging/backend/flux_edge_backend.py" "$work/src/packaging/backend/"
 (cd "$repo" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' flux_edge) | tar -xf - -C "$work/src"
 # Same sources -> byte-identical wheels (zip timestamps from SOURCE_DATE_EPOCH), so re-running this
 # script does not make the role reinstall an unchanged flux-edge (or sdnotify, built below).
@@ -109,7 +123,7 @@ for name in "${sdist_only[@]}"; do
 done
 
 # 5. Everything else as binary wheels for the device (transitive dependencies included).
-echo "build-wheelhouse: downloading dependencies for cp311 $arch" >&2
+echo "build-wheelhouse: downloading dependencies for $abi $arch" >&2
 "$py" -m pip download -q "${target[@]}" --find-links "$out" -d "$out" "${reqs[@]}" >&2
 
 # 6. Proof that the set is complete: resolve flux-edge from the wheelhouse alone, as the device will.
@@ -118,5 +132,5 @@ echo "build-wheelhouse: downloading dependencies for cp311 $arch" >&2
   || die "the wheelhouse in $out does not resolve offline for $arch"
 
 (cd "$out" && sha256sum -- *.whl > SHA256SUMS)
-echo "build-wheelhouse: $(ls "$out"/*.whl | wc -l) wheels for $arch in $out:" >&2
+echo "build-wheelhouse: $(ls "$out"/*.whl | wc -l) wheels for $abi $arch in $out:" >&2
 ls -1 "$out"/*.whl | sed 's|.*/|  |' >&2

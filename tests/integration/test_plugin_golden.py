@@ -43,6 +43,7 @@ GOLDEN_PLUGINS = {
     "modbus_decode": PLUGINS / "modbus_decode",
     "json_normalize": PLUGINS / "json_normalize",
     "vedirect": PLUGINS / "vedirect",
+    "sml": PLUGINS / "sml",
     "c_scale": PLUGINS / "examples" / "c_scale",
 }
 
@@ -873,4 +874,96 @@ def test_vedirect_fuzz_damaged_blocks_and_noise(wasm: dict[str, Path], data: st.
     _ve_run(wasm, noise + block)
     assert [o["name"] for o in _ve_run(wasm, block + b":A0102000543\n" + block)][-4:] == [
         "battery_voltage", "battery_current", "product_id", "yield_total"
+    ]  # fmt: skip
+
+
+# --- sml: fuzz and properties -----------------------------------------------------------------
+
+
+def _load_encoder(plugin: str) -> Any:
+    """A plugin's spec-written encoder (plugins/NAME/cases/make_cases.py), which also wrote its
+    golden inputs."""
+    import importlib.util
+
+    path = PLUGINS / plugin / "cases" / "make_cases.py"
+    spec = importlib.util.spec_from_file_location(f"make_cases_{plugin}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SML = _load_encoder("sml")
+
+
+def _bytes_run(wasm: dict[str, Path], plugin: str, payload: bytes, config: Any = None) -> list[Any]:
+    line = {"device": "d", "ts": 1.0, "payload_b64": base64.b64encode(payload).decode()}
+    return _Runner(wasm[plugin], config or {}).records([line])
+
+
+def test_sml_crc_is_x25() -> None:
+    assert SML.crc16(b"123456789") == 0x906E  # the CRC-16/X-25 check value
+
+
+@PROPS
+@given(
+    energy=st.integers(0, 2**39 - 1),
+    power=st.integers(-(2**31), 2**31 - 1),
+    scaler=st.integers(-6, 3),
+    unit=st.sampled_from([27, 30, 33, 35, 44, 9, 13]),
+    count=st.integers(0, 2**63 - 1),
+    flag=st.booleans(),
+    size=st.integers(5, 8),
+)
+def test_sml_decodes_random_values(
+    wasm: dict[str, Path], *, energy: int, power: int, scaler: int, unit: int, count: int,
+    flag: bool, size: int,
+) -> None:  # fmt: skip
+    units = {27: "W", 30: "Wh", 33: "A", 35: "V", 44: "Hz", 9: "°C", 13: "m³"}
+    server = b"\x0a\x01ABC\x00\x00\x00\x00\x01"
+    entries = [
+        SML.entry(SML.obis(1, 0, 1, 8, 0), SML.uint(energy, size), unit=30, scaler=scaler),
+        SML.entry(SML.obis(1, 0, 16, 7, 0), SML.sint(power, 4), unit=unit, scaler=scaler),
+        SML.entry(SML.obis(1, 0, 96, 5, 0), SML.uint(count, 8)),
+        SML.entry(SML.obis(1, 0, 97, 97, 0), SML.boolean(flag)),
+    ]
+    raw = SML.frame([SML.get_list(b"\x00\x01", server, entries)])
+    got = {o["name"]: (o["value"], o["unit"]) for o in _bytes_run(wasm, "sml", raw)}
+
+    def scaled(v: int) -> float:
+        return v / 10**-scaler if scaler < 0 else float(v * 10**scaler)
+
+    assert got == {
+        "energy_import": (scaled(energy), "Wh"),
+        "power": (scaled(power), units[unit]),
+        "status": (count, ""),
+        "obis_1_0_97_97_0": (flag, ""),
+    }
+
+
+@PROPS
+@given(data=st.data())
+def test_sml_fuzz_damaged_frames_and_noise(wasm: dict[str, Path], data: st.DataObject) -> None:
+    good = SML.ehz(83916488, 2012, 1635)
+    # any damaged byte breaks the frame CRC (or its framing): errors only, never a measurement
+    damaged = bytearray(good)
+    at = data.draw(st.integers(0, len(good) - 1))
+    damaged[at] ^= data.draw(st.integers(1, 255))
+    out = _bytes_run(wasm, "sml", bytes(damaged))
+    assert out and all("error" in o for o in out), out
+    # random bytes, alone and before a good frame, never trap or break the ABI
+    noise = data.draw(st.binary(max_size=400))
+    _bytes_run(wasm, "sml", noise)
+    _bytes_run(wasm, "sml", noise + SML.START + noise)
+    # random message data in a frame with a valid CRC reaches the SML parser itself
+    body = data.draw(
+        st.binary(max_size=300)
+        | st.builds(lambda b, k: good[8:-8][:k] + b, st.binary(max_size=40), st.integers(0, 300))
+    )
+    for crc in ("check", "ignore"):
+        out = _bytes_run(wasm, "sml", SML.frame([body]), {"crc": crc})
+        assert all(("error" in o) or ("name" in o) for o in out)
+    names = [o.get("name") for o in _bytes_run(wasm, "sml", noise[:3] + good)]
+    assert names[-6:] == [
+        "energy_import", "energy_export", "power", "voltage_l1", "current_l1", "frequency"
     ]  # fmt: skip

@@ -8,6 +8,17 @@ Both sit on the hot path: one call per batch, precompiled :class:`struct.Struct`
 ``bytes.join`` for the input, one msgspec ``decode_lines`` into a typed Struct for the output
 (a strict one for the common case of plain measurement lines, checked in C, and a general one
 for everything else).
+
+Nesting. msgspec decodes recursively and has no depth option: a value nested 1,000 levels deep
+raises RecursionError (at a depth that depends on the caller's own stack). Only a value that is
+*skipped* (a key the ABI does not name) can nest at all: every key the ABI names has a scalar
+type, so msgspec rejects an array or object there at its first byte. So the two decoders tried
+first both forbid unknown keys (:class:`_PlainLine`, :class:`_KnownLine`) and never recurse past
+the line object; only an output with another key (or a malformed one) reaches the tolerant
+decoder, and before it :func:`_check_depth` measures every line's nesting (strings stripped by a
+regex, brackets counted in C) and refuses one deeper than :data:`MAX_DEPTH` levels. The hot path
+is unchanged (bench/plugin_call.py --breakdown). RecursionError and MemoryError from msgspec are
+still caught (an ABI error for the batch) in case the stack is already deep.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Callable, Sequence
+from itertools import accumulate
 from operator import attrgetter
 from typing import Annotated, Literal
 
@@ -31,6 +43,7 @@ from flux_edge.model import (
 
 ABI_VERSION = 1
 MAX_LINE = 64 * 1024  # bytes of one output line, without its "\n"
+MAX_DEPTH = 64  # nesting levels of one output line, its own object included
 
 # message := size:u32 kind:u8 function:u8 address:u16 ts:f64 device_len:u16 device
 #            topic_len:u16 topic payload_len:u32 payload
@@ -222,7 +235,12 @@ class _PlainLine(msgspec.Struct, gc=False, forbid_unknown_fields=True):
     quality: Literal["good", "stale", "bad"] = "good"
 
 
+class _KnownLine(OutputLine, gc=False, forbid_unknown_fields=True):
+    """:class:`OutputLine` without unknown keys: nothing in it nests (module docstring)."""
+
+
 _decode_lines = msgspec.json.Decoder(OutputLine).decode_lines
+_decode_known = msgspec.json.Decoder(_KnownLine).decode_lines
 _decode_plain = msgspec.json.Decoder(_PlainLine).decode_lines
 _INT64 = (-(2**63), 2**63 - 1)
 _get_i = attrgetter("i")
@@ -248,35 +266,72 @@ def decode_output(
     return decode_output_counted(data, messages, plugin, indices=indices)[0]
 
 
+class Decoded:
+    """What :func:`decode_output_counted` found besides the records: ``errors`` is how many
+    records are error records, ``guest_errors`` how many of them are the guest's own error
+    lines, and ``over`` maps each input index that produced more than ``max_records`` records
+    to how many it produced (its records were replaced by one error record). Filled in only
+    when the output has an error record (the count returned is not 0): one object can be
+    reused for every call."""
+
+    __slots__ = ("errors", "guest_errors", "over")
+
+    def __init__(self) -> None:
+        self.errors = 0
+        self.guest_errors = 0
+        self.over: dict[int, int] = {}
+
+
+_NO_LIMIT = 1 << 62
+
+
 def decode_output_counted(
     data: bytes,
     messages: Sequence[Reading | Measurement],
     plugin: str,
     *,
     indices: list[int] | None = None,
+    max_records: int | None = None,
+    found: Decoded | None = None,
 ) -> tuple[list[Measurement | ErrorRecord], int]:
-    """:func:`decode_output`, and how many of the records are error records."""
+    """:func:`decode_output`, and how many of the records are error records.
+
+    With ``max_records``, an input message about which the guest wrote more lines than that
+    gets one error record instead of its records (docs/plugin-abi.md, "Limits and failure");
+    the other messages keep theirs. ``found``, when given, is filled in (:class:`Decoded`).
+    """
     if not data:
         return [], 0
     if len(data) > MAX_LINE and _has_long_line(data):
         _check_line_lengths(data, plugin)  # raises, naming the line
+    cap = _NO_LIMIT if max_records is None else max_records
     try:
         plain = _decode_plain(data)
     except (msgspec.DecodeError, UnicodeDecodeError):
-        return _decode_general(data, messages, plugin, indices)
+        return _decode_general(data, messages, plugin, indices, cap=cap, found=found)
     # Fast path: every line is a measurement about an input message; only the upper bound
-    # of ``i`` is left to check, once per run of lines about the same message.
+    # of ``i`` is left to check, once per run of lines about the same message. The records
+    # per message are counted only when the whole output has more lines than one message may
+    # have (then per run of lines, not per line).
     n = len(messages)
     out: list[Measurement | ErrorRecord] = []
     append = out.append
     last = -1
     device = source = ""
     ts = 0.0
+    counts: list[int] | None = [0] * n if len(plain) > cap else None
+    start = 0
     for ln in plain:
         i = ln.i
         if i != last:
             if i >= n:
-                return _decode_general(data, messages, plugin, indices)  # reports it
+                return _decode_general(
+                    data, messages, plugin, indices, cap=cap, found=found
+                )  # reports it
+            if counts is not None:
+                if last >= 0:
+                    counts[last] += len(out) - start
+                start = len(out)
             m = messages[i]
             device, ts, source, last = m.device, m.ts, m.source, i
         append(
@@ -290,6 +345,19 @@ def decode_output_counted(
                 source=source,
             )
         )
+    if counts is not None:
+        counts[last] += len(out) - start
+        if max(counts) > cap:
+            return _over_limit(
+                out,
+                list(map(_get_i, plain)),
+                counts=counts,
+                cap=cap,
+                messages=messages,
+                plugin=plugin,
+                indices=indices,
+                found=found,
+            )
     if indices is not None:
         indices.extend(map(_get_i, plain))
     return out, 0
@@ -300,14 +368,27 @@ def _decode_general(
     messages: Sequence[Reading | Measurement],
     plugin: str,
     indices: list[int] | None,
+    *,
+    cap: int = _NO_LIMIT,
+    found: Decoded | None = None,
 ) -> tuple[list[Measurement | ErrorRecord], int]:
     """Any valid output (error lines, device and ts of a line's own); names what is wrong."""
+    lines: Sequence[OutputLine]
     try:
-        lines = _decode_lines(data)
-    except msgspec.DecodeError as exc:
-        raise PluginABIError(plugin, _describe_decode_error(data, exc)) from None
-    except UnicodeDecodeError:
-        raise PluginABIError(plugin, _describe_bad_utf8(data)) from None
+        lines = _decode_known(data)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        # another key, or malformed: the tolerant decoder skips values, so it recurses
+        _check_depth(data, plugin)
+        try:
+            lines = _decode_lines(data)
+        except msgspec.DecodeError as exc:
+            raise PluginABIError(plugin, _describe_decode_error(data, exc)) from None
+        except UnicodeDecodeError:
+            raise PluginABIError(plugin, _describe_bad_utf8(data)) from None
+        except RecursionError:
+            raise PluginABIError(plugin, "output is nested too deeply to decode") from None
+        except MemoryError:
+            raise PluginABIError(plugin, "output is too large to decode") from None
     n = len(messages)
     out: list[Measurement | ErrorRecord] = []
     append = out.append
@@ -316,6 +397,8 @@ def _decode_general(
     device = source = ""
     ts = 0.0
     lo, hi = _INT64
+    counts: list[int] | None = [0] * n if len(lines) > cap else None
+    start = 0
     for ln in lines:
         i = ln.i
         if i != last:
@@ -325,6 +408,10 @@ def _decode_general(
                     plugin,
                     f'output line {_line_no(data, k)}: "i": {i} is outside the batch (0..{n - 1})',
                 )
+            if counts is not None:
+                if last is not None:
+                    counts[last] += len(out) - start
+                start = len(out)
             m = messages[i]
             device, ts, source, last = m.device, m.ts, m.source, i
         if ln.error is None:
@@ -355,15 +442,81 @@ def _decode_general(
                     plugin=plugin,
                 )
             )
+    if counts is not None and last is not None:
+        counts[last] += len(out) - start
+        if max(counts) > cap:
+            return _over_limit(
+                out,
+                list(map(_get_i, lines)),
+                counts=counts,
+                cap=cap,
+                messages=messages,
+                plugin=plugin,
+                indices=indices,
+                found=found,
+            )
+    if found is not None:
+        found.errors = found.guest_errors = errors
+        found.over = {}
     if indices is not None:
         indices.extend(map(_get_i, lines))
     return out, errors
 
 
+def _over_limit(
+    out: list[Measurement | ErrorRecord],
+    line_i: list[int],
+    *,
+    counts: list[int],
+    cap: int,
+    messages: Sequence[Reading | Measurement],
+    plugin: str,
+    indices: list[int] | None,
+    found: Decoded | None,
+) -> tuple[list[Measurement | ErrorRecord], int]:
+    """Replace the records of every message over ``cap`` by one error record, where its first
+    record was (error path only)."""
+    over = {i: c for i, c in enumerate(counts) if c > cap}
+    kept: list[Measurement | ErrorRecord] = []
+    kept_i: list[int] = []
+    guest_errors = 0
+    for rec, i in zip(out, line_i, strict=True):
+        c = over.get(i)
+        if c is None:
+            kept.append(rec)
+            kept_i.append(i)
+            if type(rec) is ErrorRecord:
+                guest_errors += 1
+        elif c > 0:
+            over[i] = -c  # its error record is made: drop the rest
+            m = messages[i]
+            kept.append(
+                ErrorRecord(
+                    stage="plugin",
+                    source=m.source,
+                    device=m.device,
+                    ts=m.ts,
+                    error=(
+                        f"output limit: {c} records for one input message "
+                        f"(max_records_per_message is {cap}); its records were dropped"
+                    ),
+                    plugin=plugin,
+                )
+            )
+            kept_i.append(i)
+    if found is not None:
+        found.over = {i: -c for i, c in over.items()}
+        found.guest_errors = guest_errors
+        found.errors = guest_errors + len(over)
+    if indices is not None:
+        indices.extend(kept_i)
+    return kept, guest_errors + len(over)
+
+
 # --- error path helpers (never on the hot path) ------------------------------------------------
 
 
-def _index_of(lines: list[OutputLine], ln: OutputLine) -> int:
+def _index_of(lines: Sequence[OutputLine], ln: OutputLine) -> int:
     for k, x in enumerate(lines):
         if x is ln:
             return k
@@ -376,6 +529,30 @@ def _describe_bad_line(data: bytes, k: int, ln: OutputLine) -> str:
         what = "no name" if ln.name is None else "no value"
         return f'{where}: {what} (a line needs "name" and "value", or "error"): {_snippet(data, k)}'
     return f"{where}: value {ln.value} does not fit in 64 bits"
+
+
+_STRING_RE = re.compile(rb'"(?:[^"\\\n]|\\.)*"')
+_BRACKETS = bytes(range(256)).translate(None, b"[]{}\n")  # every byte but these: deleted
+_DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def _check_depth(data: bytes, plugin: str) -> None:
+    """Refuse an output with a line nested more than MAX_DEPTH levels (module docstring).
+
+    Strings are removed first (a bracket inside one does not nest), then everything but the
+    brackets; a line with no more brackets than MAX_DEPTH cannot be too deep, so only longer
+    ones are walked (by ``accumulate``, in C)."""
+    skeleton = _STRING_RE.sub(b"", data).translate(None, _BRACKETS)
+    if len(skeleton) <= MAX_DEPTH:
+        return
+    step = _DEPTH_STEP.__getitem__
+    for no, line in enumerate(skeleton.split(b"\n"), 1):
+        if len(line) > MAX_DEPTH and max(accumulate(map(step, line))) > MAX_DEPTH:
+            raise PluginABIError(
+                plugin,
+                f"output line {no} is nested more than {MAX_DEPTH} levels deep "
+                "(docs/plugin-abi.md, Output)",
+            )
 
 
 def _has_long_line(data: bytes) -> bool:

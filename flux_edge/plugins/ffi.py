@@ -69,6 +69,12 @@ ENGINE_SETTINGS: dict[str, object] = {
     "cranelift_opt_level": "speed",  # wasmtime's default, written down for the key
     "memory_may_move": False,  # guest memory never moves: cached memoryviews stay valid
     "wasm_threads": False,  # no shared memories: a plugin is single-threaded
+    # ABI v1 is one 32-bit linear memory (docs/plugin-abi.md). instance.check_memories refuses
+    # the rest with a clear message first; these make the engine refuse it too. GC is off
+    # because a GC heap is memory beside the linear memory that the budget would not see.
+    "wasm_multi_memory": False,
+    "wasm_memory64": False,
+    "wasm_gc": False,
 }
 
 
@@ -106,6 +112,13 @@ def serialize(module: Module) -> bytes:
 def deserialize_file(engine: Engine, path: Path) -> Module:
     """A module written by :func:`serialize`; raises :data:`WasmError` if it is not one."""
     return wasmtime.Module.deserialize_file(engine, str(path))
+
+
+def module_binary(data: bytes) -> bytes:
+    """The binary form of a module given as .wasm or .wat bytes; raises :data:`WasmError`."""
+    if data[:4] == b"\0asm":
+        return data
+    return bytes(wasmtime.wat2wasm(data.decode("utf-8", "replace")))
 
 
 def sig(params: Sequence[object], results: Sequence[object]) -> str:
@@ -173,16 +186,26 @@ def link(
     return linker, linker.instantiate_pre(module)
 
 
+TABLE_ELEMENT_BYTES = 8  # what wasmtime stores per table element (Store.set_limits' docs)
+
+
 def new_store(
     engine: Engine,
     memory_limit: int,
     deadline: int,
     wasi_streams: tuple[Callable[[bytes], int], Callable[[bytes], int]] | None,
+    *,
+    tables: int = 0,
+    table_elements: int = 0,
 ) -> Store:
-    """A store capped at ``memory_limit`` bytes of linear memory, its epoch deadline armed;
-    ``wasi_streams`` (stdout, stderr writers) sets up WASI with nothing else granted."""
+    """A store with one linear memory of at most ``memory_limit`` bytes, at most ``tables``
+    tables of at most ``table_elements`` elements each (``memory.grow`` and ``table.grow``
+    return -1 beyond; instantiating more fails), its epoch deadline armed; ``wasi_streams``
+    (stdout, stderr writers) sets up WASI with nothing else granted."""
     store = wasmtime.Store(engine)
-    store.set_limits(memory_size=memory_limit)
+    store.set_limits(
+        memory_size=memory_limit, table_elements=table_elements, tables=tables, memories=1
+    )
     if wasi_streams is not None:
         wcfg = wasmtime.WasiConfig()
         wcfg.stdout_custom, wcfg.stderr_custom = wasi_streams

@@ -23,6 +23,7 @@ The parts, by concern:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import weakref
@@ -44,16 +45,19 @@ from flux_edge.errors import (
     PluginTimeout,
     PluginTrap,
 )
+from flux_edge.logs import RateLimitedLog
 from flux_edge.model import Command, ErrorRecord, Measurement, Reading
 from flux_edge.plugins import ffi
-from flux_edge.plugins.abi import BatchEncodeError, decode_output_counted, encode_batch
+from flux_edge.plugins.abi import BatchEncodeError, Decoded, decode_output_counted, encode_batch
 from flux_edge.plugins.cache import ModuleCache
 from flux_edge.plugins.instance import (
     INIT_TIMEOUT_MIN,
     Fault,
+    ModuleShape,
     PluginInstance,
     check_exports,
     check_imports,
+    check_memories,
     deadline_ticks,
 )
 from flux_edge.plugins.logsink import (
@@ -66,15 +70,26 @@ from flux_edge.plugins.logsink import (
     LogSink,
     plugin_logger,
 )
-from flux_edge.plugins.quarantine import CALL_BUCKETS, PluginStats, Quarantine
+from flux_edge.plugins.quarantine import (
+    CALL_BUCKETS,
+    FAILED_CALL_REASONS,
+    FAULT_REASONS,
+    REASONS,
+    PluginStats,
+    Quarantine,
+)
 
 __all__ = [
     "CALL_BUCKETS",
+    "FAILED_CALL_REASONS",
     "INIT_TIMEOUT_MIN",
     "LOG_BURST",
     "LOG_CAP",
     "LOG_LEVELS",
     "LOG_RATE",
+    "MAX_OUTPUT_BYTES",
+    "MAX_RECORDS_PER_MESSAGE",
+    "REASONS",
     "TRACE",
     "TRUNCATED",
     "Plugin",
@@ -85,22 +100,35 @@ __all__ = [
 ]
 
 
+MAX_RECORDS_PER_MESSAGE = 4096  # default of PluginLimits.max_records_per_message
+MAX_OUTPUT_BYTES = 4 * 1024 * 1024  # default of PluginLimits.max_output_bytes
+
+
 @dataclass(frozen=True, slots=True)
 class PluginLimits:
     """What one plugin instance may use. Defaults match docs/plugin-abi.md."""
 
     timeout_s: float = 0.05  # wall time per call
-    memory_limit: int = 16 * 1024 * 1024  # bytes of linear memory
+    memory_limit: int = 16 * 1024 * 1024  # bytes of linear memory and tables, together
     max_failures: int = 3  # consecutive failed calls before quarantine
     quarantine_s: float = 60.0  # how long a quarantined plugin is left alone
+    # records (output lines) about one input message; more: one error record for it instead
+    max_records_per_message: int = MAX_RECORDS_PER_MESSAGE
+    # bytes of output of one call; more: the call fails (every message an error record)
+    max_output_bytes: int = MAX_OUTPUT_BYTES
 
     @classmethod
     def from_config(cls, cfg: PluginConfig) -> PluginLimits:
+        # getattr: PluginConfig gains the output caps in flux_edge/config/schema.py
         return cls(
             timeout_s=cfg.timeout,
             memory_limit=cfg.memory_limit,
             max_failures=cfg.max_failures,
             quarantine_s=cfg.quarantine,
+            max_records_per_message=getattr(
+                cfg, "max_records_per_message", MAX_RECORDS_PER_MESSAGE
+            ),
+            max_output_bytes=getattr(cfg, "max_output_bytes", MAX_OUTPUT_BYTES),
         )
 
 
@@ -210,6 +238,7 @@ class PluginHost:
             config_json = msgspec.json.encode(dict(config))
         except (TypeError, msgspec.EncodeError) as exc:
             raise PluginLoadError(name, f"config cannot be passed as JSON: {exc}") from None
+        shape = _module_shape(name, path)
         module = self._cache.module(name, path)
         check_exports(name, module)
         check_imports(name, module, wasi)
@@ -221,6 +250,7 @@ class PluginHost:
             limits=limits,
             config_json=config_json,
             wasi=wasi,
+            shape=shape,
         )
         self._plugins.add(plugin)
         return plugin
@@ -261,12 +291,16 @@ class Plugin:
         limits: PluginLimits,
         config_json: bytes,
         wasi: bool,
+        shape: ModuleShape | None = None,
     ) -> None:
         self.name = name
         self.path = path
         self.limits = limits
         self.stats = PluginStats()
         self._logger = plugin_logger(name)
+        self._ratelog = RateLimitedLog(self._logger, 60.0)
+        self._found = Decoded()  # reused: filled in by decode_output_counted on error paths
+        self._max_records = limits.max_records_per_message
         self._q = Quarantine(
             name,
             max_failures=limits.max_failures,
@@ -287,8 +321,9 @@ class Plugin:
             config_json,
             wasi=wasi,
             stats=self.stats,
-            sink=LogSink(self._logger),
+            sink=LogSink(self._logger, self.stats),
             logger=self._logger,
+            shape=shape,
         )
         # the call alone (copy in, flux_process, copy out); bench/plugin_call.py times it
         self._call_process = self._runner.call_process
@@ -320,17 +355,20 @@ class Plugin:
         stats = self.stats
         stats.messages += n
         if self._closed:
-            return self._fail_all(messages, "plugin is closed", indices)
+            return self._fail_all(messages, "plugin is closed", indices, "unavailable")
         if not self.has_process:
             return self._fail_all(
-                messages, "the plugin does not export flux_process (it only acts)", indices
+                messages,
+                "the plugin does not export flux_process (it only acts)",
+                indices,
+                "unavailable",
             )
         q = self._q
         until = q.until
         if until is not None:
             now = q.clock()
             if now < until:
-                return self._fail_all(messages, q.text(until - now), indices)
+                return self._fail_all(messages, q.text(until - now), indices, "quarantined")
         t0 = time.perf_counter()
         try:
             data = encode_batch(messages)
@@ -341,18 +379,28 @@ class Plugin:
             runner = self._runner
             inst = runner.inst
             if inst is None:
-                inst = runner.recycle()
+                inst = self._recycle()
             out = runner.call_process(inst, data)
-            result, errors = decode_output_counted(out, messages, self.name, indices=indices)
+            result, errors = decode_output_counted(
+                out,
+                messages,
+                self.name,
+                indices=indices,
+                max_records=self._max_records,
+                found=self._found,
+            )
         except Fault as f:
             result = self._failed(messages, f, indices, mark)
         except PluginABIError as exc:
             result = self._failed(messages, Fault("abi", _abi_text(exc, self.name)), indices, mark)
+        except Exception as exc:  # noqa: BLE001 - contained: a host bug must fail this batch only
+            result = self._failed(messages, self._host_fault(exc), indices, mark)
         else:
             q.failures = 0
             if until is not None:
                 q.recovered()
-            stats.errors += errors
+            if errors:
+                self._count_output_errors(messages)
         dt = time.perf_counter() - t0
         stats.last_call_s = dt
         stats.total_call_s += dt
@@ -390,8 +438,13 @@ class Plugin:
             runner = self._runner
             inst = runner.inst
             if inst is None:
-                inst = runner.recycle()
-            out = runner.call_entry(inst, inst.f_act, "flux_act", data, "the command")
+                inst = self._recycle()
+            try:
+                out = runner.call_entry(inst, inst.f_act, "flux_act", data, "the command")
+            except Fault:
+                raise
+            except Exception as exc:  # noqa: BLE001 - contained, as in process()
+                raise self._host_fault(exc) from None
         except Fault as f:
             msg = self._record_failure(f)
             if f.kind == "timeout":
@@ -429,6 +482,49 @@ class Plugin:
 
     # --- failures -------------------------------------------------------------------------------
 
+    def _recycle(self) -> ffi.GuestInstance:
+        """A fresh instance after a fault; a failure to make one is an ``init`` fault."""
+        try:
+            return self._runner.recycle()
+        except Fault as f:
+            raise Fault("init", f"cannot make a fresh instance: {f}") from None
+
+    def _host_fault(self, exc: Exception) -> Fault:
+        """An unexpected exception while calling the guest or decoding its output (a
+        MemoryError, a host bug): logged with its traceback, a ``host`` failure of the call."""
+        self._ratelog.log(
+            "host-exception",
+            "plugin %r: unexpected %s while handling a call",
+            self.name,
+            type(exc).__name__,
+            level=logging.ERROR,
+        )
+        self._logger.debug("plugin %r: the exception", self.name, exc_info=exc)
+        return Fault("error", f"host error: {type(exc).__name__}: {exc}"[:500])
+
+    def _count_output_errors(self, messages: Sequence[Reading | Measurement]) -> None:
+        """A successful call whose output holds error records: count them by reason."""
+        found = self._found
+        stats = self.stats
+        if found.guest_errors:
+            stats.dead("guest", found.guest_errors)
+        over = found.over
+        if over:
+            stats.dead("records", len(over))
+            i, c = next(iter(over.items()))
+            self._ratelog.warning(
+                "records",
+                "plugin %r: %d input message(s) produced more than %d records each "
+                "(input %d: %d records, source %s, device %s); each became one error record",
+                self.name,
+                len(over),
+                self._max_records,
+                i,
+                c,
+                messages[i].source,
+                messages[i].device,
+            )
+
     def _failed(
         self,
         messages: Sequence[Reading | Measurement],
@@ -439,7 +535,8 @@ class Plugin:
         """A whole call failed: discard the instance, count, maybe quarantine."""
         if indices is not None:
             del indices[mark:]
-        return self._fail_all(messages, self._record_failure(fault), indices)
+        reason = FAULT_REASONS.get(fault.kind, "host")
+        return self._fail_all(messages, self._record_failure(fault), indices, reason)
 
     def _record_failure(self, fault: Fault) -> str:
         """Discard the instance, count the failure, maybe quarantine; returns the message."""
@@ -453,9 +550,10 @@ class Plugin:
         messages: Sequence[Reading | Measurement],
         error: str,
         indices: list[int] | None,
+        reason: str,
     ) -> list[Measurement | ErrorRecord]:
         name = self.name
-        self.stats.errors += len(messages)
+        self.stats.dead(reason, len(messages))
         if indices is not None:
             indices.extend(range(len(messages)))
         return [
@@ -483,7 +581,7 @@ class Plugin:
         sub_idx: list[int] = []
         sub = self.process([messages[i] for i in good], indices=sub_idx) if good else []
         self.stats.messages += len(bad)
-        self.stats.errors += len(bad)
+        self.stats.dead("encode", len(bad))
         pairs: list[tuple[int, Measurement | ErrorRecord]] = [
             (good[k], r) for k, r in zip(sub_idx, sub, strict=True)
         ]
@@ -524,6 +622,16 @@ def encode_command(command: Command) -> bytes:
             "params": command.params,
         }
     )
+
+
+def _module_shape(name: str, path: Path) -> ModuleShape:
+    """Read (and check) what the module declares: one 32-bit memory, its tables. A file that
+    cannot be read or converted is left to the compiled-module cache to report."""
+    try:
+        binary = ffi.module_binary(path.read_bytes())
+    except (OSError, ffi.WasmError):
+        return ModuleShape()
+    return check_memories(name, binary)
 
 
 def _abi_text(exc: PluginABIError, name: str) -> str:

@@ -10,7 +10,10 @@ discarded whole (its memory goes with it) and a fresh one is made before the nex
 no fuel: time is bounded by epoch interruption alone (cheaper: no per-instruction accounting).
 
 Also here: what a module must export and may import (checked at load, so the unchecked call
-path in ffi.py is safe).
+path in ffi.py is safe), and what it declares (:func:`check_memories`: exactly one 32-bit
+memory, its tables), from which :func:`memory_budget` splits the plugin's ``memory_limit``
+between its linear memory and its tables (the store limits are per memory and per table, so
+the sum is bounded by reserving each table's most elements up front).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import suppress
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flux_edge.errors import FluxError, PluginLoadError
@@ -31,6 +35,8 @@ if TYPE_CHECKING:
 
 INIT_TIMEOUT_MIN = 1.0  # seconds: flux_init and instantiation get max(timeout, this)
 WASI_ENOSYS = 52
+PAGE = 65536  # bytes of one wasm page
+TABLE_ELEMENTS_MIN = 4096  # elements a table may grow to at least (its declared size if more)
 
 EXPORTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "flux_abi_version": ((), ("i32",)),
@@ -108,6 +114,125 @@ def check_imports(name: str, module: ffi.Module, wasi: bool) -> None:
         raise PluginLoadError(name, "refused: " + "; ".join(problems))
 
 
+@dataclass(frozen=True, slots=True)
+class ModuleShape:
+    """What a module declares that the memory budget depends on: its tables' initial sizes
+    (None when a table's declaration could not be read; the store limit still applies)."""
+
+    tables: tuple[int | None, ...] = ()
+
+
+def _leb(data: bytes, pos: int) -> tuple[int, int]:
+    """An unsigned LEB128 at ``pos``: (value, next position). Raises IndexError at the end."""
+    result = shift = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("LEB128 too long")
+
+
+def check_memories(name: str, binary: bytes) -> ModuleShape:
+    """Refuse a module that defines more than one memory, a 64-bit or a shared memory (ABI v1:
+    exactly one 32-bit memory, docs/plugin-abi.md), and read its tables. Reads the section
+    headers only; a module too broken to read is left to the compiler to report."""
+    memories: list[int] = []  # the limits flags of each defined memory
+    tables: list[int | None] = []
+    try:
+        if binary[:4] != b"\0asm":
+            return ModuleShape()
+        pos = 8
+        end = len(binary)
+        while pos < end:
+            sid = binary[pos]
+            size, body = _leb(binary, pos + 1)
+            pos = body + size
+            if sid == 5:  # memory section: vec(limits)
+                count, p = _leb(binary, body)
+                for _ in range(min(count, 2)):
+                    flags = binary[p]
+                    memories.append(flags)
+                    _, p = _leb(binary, p + 1)  # min
+                    if flags & 1:
+                        _, p = _leb(binary, p)  # max
+                memories.extend([0] * (count - len(memories)))
+            elif sid == 4:  # table section: vec(tabletype)
+                count, p = _leb(binary, body)
+                readable = True
+                for _ in range(count):
+                    if not readable:
+                        tables.append(None)
+                        continue
+                    ref = binary[p]
+                    if ref in (0x63, 0x64):  # (ref null? heaptype)
+                        _, p = _leb(binary, p + 1)
+                    elif ref in (0x70, 0x6F):
+                        p += 1
+                    else:  # 0x40: a table with an initializer expression; stop reading sizes
+                        readable = False
+                        tables.append(None)
+                        continue
+                    flags = binary[p]
+                    initial, p = _leb(binary, p + 1)
+                    if flags & 1:
+                        _, p = _leb(binary, p)
+                    tables.append(initial)
+    except (IndexError, ValueError):
+        return ModuleShape(tuple(tables))
+    problems = []
+    if len(memories) > 1:
+        problems.append(f"it defines {len(memories)} memories")
+    if any(f & 4 for f in memories):
+        problems.append("its memory is 64-bit (memory64)")
+    if any(f & 2 for f in memories):
+        problems.append("its memory is shared")
+    if problems:
+        raise PluginLoadError(
+            name,
+            "refused: "
+            + " and ".join(problems)
+            + "; ABI v1 allows exactly one 32-bit linear memory (docs/plugin-abi.md)",
+        )
+    return ModuleShape(tuple(tables))
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryBudget:
+    """How one plugin's ``memory_limit`` is spent: its linear memory may grow to ``memory``
+    bytes, each of its ``tables`` tables to ``table_elements`` elements (8 bytes each)."""
+
+    limit: int
+    memory: int
+    tables: int
+    table_elements: int
+
+    @property
+    def table_bytes(self) -> int:
+        return self.tables * self.table_elements * ffi.TABLE_ELEMENT_BYTES
+
+
+def memory_budget(name: str, limit: int, shape: ModuleShape) -> MemoryBudget:
+    """Split ``limit`` between the linear memory and the tables (every table's most elements
+    reserved up front); raises :class:`PluginLoadError` when the tables alone do not fit."""
+    sizes = [t for t in shape.tables if t is not None]
+    elements = max([TABLE_ELEMENTS_MIN, *sizes]) if shape.tables else 0
+    tables = len(shape.tables)
+    reserve = tables * elements * ffi.TABLE_ELEMENT_BYTES
+    memory = (limit - reserve) // PAGE * PAGE
+    if memory < PAGE:
+        raise PluginLoadError(
+            name,
+            f"refused: its {tables} table(s) of up to {elements} elements need "
+            f"{size_text(reserve)} of its memory budget of {size_text(limit)} "
+            "(memory_limit counts linear memory and tables, 8 bytes a table element)",
+        )
+    return MemoryBudget(limit, memory, tables, elements)
+
+
 class PluginInstance:
     """The guest side of one :class:`~flux_edge.plugins.host.Plugin`. Not thread-safe.
 
@@ -128,10 +253,13 @@ class PluginInstance:
         stats: PluginStats,
         sink: LogSink,
         logger: logging.Logger,
+        shape: ModuleShape | None = None,
     ) -> None:
         self.name = name
         self.limits = limits
         self.stats = stats
+        self.budget = memory_budget(name, limits.memory_limit, shape or ModuleShape())
+        self._max_output = limits.max_output_bytes
         self._host = host
         self._config_json = config_json
         self._wasi = wasi
@@ -194,11 +322,19 @@ class PluginInstance:
         if pyexc is not None and not isinstance(pyexc, LogAbort):
             raise Fault("error", f"host import failed: {type(pyexc).__name__}: {pyexc}")
         text = f"trap: {failure.text}{failure.where}"
-        limit = self.limits.memory_limit
         with suppress(ffi.WasmError, ValueError):
-            if inst.memory_len() + 65536 > limit:
-                text += f" (linear memory is at its limit of {size_text(limit)})"
+            if inst.memory_len() + PAGE > self.budget.memory:
+                text += f" (linear memory is at its limit of {self._memory_text()})"
         raise Fault("trap", text)
+
+    def _memory_text(self) -> str:
+        b = self.budget
+        if not b.tables:
+            return size_text(b.memory)
+        return (
+            f"{size_text(b.memory)}: the memory budget of {size_text(b.limit)} less "
+            f"{size_text(b.limit - b.memory)} for its tables"
+        )
 
     def alloc(self, inst: ffi.GuestInstance, size: int, ticks: int) -> int:
         args = self._args
@@ -259,6 +395,13 @@ class PluginInstance:
                 f"ABI error: output (ptr={out_ptr}, len={out_len}) is outside the guest's "
                 f"{inst.view_len}-byte memory",
             )
+        if out_len > self._max_output:  # checked before the copy: nothing big is made
+            raise Fault(
+                "output_bytes",
+                f"output limit: {fname} returned {out_len} bytes "
+                f"(max_output_bytes is {self._max_output})",
+            )
+        self.stats.output_bytes += out_len
         return inst.view[out_ptr:end].tobytes()
 
     def _grow_input(self, inst: ffi.GuestInstance, need: int) -> None:
@@ -277,7 +420,15 @@ class PluginInstance:
         host = self._host
         sink = self._sink
         streams = (sink.stream(logging.INFO), sink.stream(logging.WARNING)) if self._wasi else None
-        store = ffi.new_store(host.engine, self.limits.memory_limit, self._init_ticks, streams)
+        b = self.budget
+        store = ffi.new_store(
+            host.engine,
+            b.memory,
+            self._init_ticks,
+            streams,
+            tables=b.tables,
+            table_elements=b.table_elements,
+        )
         sink.last_error = None
         try:
             with host._busy():
@@ -291,7 +442,12 @@ class PluginInstance:
                 raise Fault("trap", f"cannot instantiate: trap: {exc.text}") from None
             text = exc.text
             if "memory" in text:
-                text += f" (memory_limit is {size_text(self.limits.memory_limit)})"
+                text += f" (linear memory may use {self._memory_text()})"
+            elif "table" in text:
+                text += (
+                    f" (a table may hold {b.table_elements} elements, "
+                    f"{ffi.TABLE_ELEMENT_BYTES} bytes each, within memory_limit)"
+                )
             raise Fault("error", f"cannot instantiate: {text}") from None
         finally:
             sink.abi_error = None

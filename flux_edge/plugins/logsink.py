@@ -6,16 +6,27 @@ a message longer than :data:`LOG_CAP` bytes is cut (never inside a UTF-8 charact
 traps the call as an ABI error; a token bucket (:data:`LOG_RATE` a second, bursts of
 :data:`LOG_BURST`) drops and counts the excess. The last error-level message is kept for the
 error text of a refused ``flux_init`` / failed ``flux_process``.
+
+A guest's text never reaches a log line raw: control characters (C0, DEL, C1, so newlines and
+ANSI escape sequences), the Unicode line and paragraph separators and the bidirectional
+overrides are written as escapes (``\\n``, ``\\x1b``, ``\\u2028``; a backslash as ``\\\\``
+only when the message has something to escape), so a plugin cannot forge a log line or
+repaint a terminal. WASI stdout/stderr is logged one line per ``\\n``.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from flux_edge.errors import FluxError
 from flux_edge.plugins import ffi
+
+if TYPE_CHECKING:
+    from flux_edge.plugins.quarantine import PluginStats
 
 TRACE = 5
 LOG_LEVELS = {"trace": TRACE, "debug": 10, "info": 20, "warn": 30, "error": 40}
@@ -23,6 +34,28 @@ LOG_CAP = 4096  # bytes of one guest log message
 TRUNCATED = "…[truncated]"
 LOG_RATE = 20  # guest log messages per second per plugin, on average
 LOG_BURST = 200  # ... and in a burst; the rest is counted and reported as suppressed
+
+
+# what escape_text rewrites: C0 controls, DEL, C1 controls, U+2028/2029, bidi embeddings,
+# overrides and isolates
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_one(m: re.Match[str]) -> str:
+    c = m.group()
+    named = _NAMED.get(c)
+    if named is not None:
+        return named
+    code = ord(c)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def escape_text(text: str) -> str:
+    """Guest text made safe for one log line (module docstring); unchanged when it is."""
+    if _UNSAFE.search(text) is None:
+        return text
+    return _UNSAFE.sub(_escape_one, text.replace("\\", "\\\\"))
 
 
 def plugin_logger(name: str) -> logging.Logger:
@@ -41,10 +74,19 @@ class LogSink:
     until the linker is freed, so a reference back would keep every plugin alive).
     """
 
-    __slots__ = ("abi_error", "last_error", "logger", "suppressed", "tokens", "tokens_at")
+    __slots__ = (
+        "abi_error",
+        "last_error",
+        "logger",
+        "stats",
+        "suppressed",
+        "tokens",
+        "tokens_at",
+    )
 
-    def __init__(self, logger: logging.Logger) -> None:
+    def __init__(self, logger: logging.Logger, stats: PluginStats | None = None) -> None:
         self.logger = logger
+        self.stats = stats  # logs_dropped counted there
         self.abi_error: str | None = None  # set by a callback that traps the call
         self.last_error: str | None = None  # last message logged at error level
         # token bucket: a plugin logging in a loop must not flood the journal (SD card wear)
@@ -59,6 +101,8 @@ class LogSink:
         if tokens < 1.0:
             self.tokens = tokens
             self.suppressed += 1
+            if self.stats is not None:
+                self.stats.logs_dropped += 1
             return False
         self.tokens = tokens - 1.0
         if self.suppressed:
@@ -98,7 +142,7 @@ class LogSink:
             assert mem is not None
             take = min(n, LOG_CAP)
             raw = ffi.read_caller_memory(caller, mem, p, take) if take else b""
-            text = cut_utf8(raw, take < n)
+            text = escape_text(cut_utf8(raw, take < n))
             if is_error:
                 self.last_error = text
             if allowed:
@@ -107,14 +151,18 @@ class LogSink:
         return log_import
 
     def stream(self, level: int) -> Callable[[bytes], int]:
-        """WASI stdout/stderr writes, logged line by line (capped like log_*)."""
+        """WASI stdout/stderr writes, logged line by line (each capped, escaped and rate
+        limited like a log_* message)."""
 
         def write(data: bytes) -> int:
-            text = cut_utf8(data[:LOG_CAP], len(data) > LOG_CAP).rstrip("\n")
-            if text and self.logger.isEnabledFor(level) and self._allow():
-                if level >= logging.ERROR:
-                    self.last_error = text
-                self.logger.log(level, "%s", text)
+            if not self.logger.isEnabledFor(level):
+                return len(data)
+            for line in data.rstrip(b"\n").split(b"\n"):
+                text = escape_text(cut_utf8(line[:LOG_CAP], len(line) > LOG_CAP))
+                if text and self._allow():
+                    if level >= logging.ERROR:
+                        self.last_error = text
+                    self.logger.log(level, "%s", text)
             return len(data)
 
         return write

@@ -32,9 +32,45 @@ CALL_BUCKETS: tuple[float, ...] = (
 )
 
 
+# Why an error record (dead letter) was made, the keys of PluginStats.dead_letters; the first
+# seven are also the keys of PluginStats.failed_calls (a call that failed as a whole).
+REASONS: tuple[str, ...] = (
+    "trap",  # the guest trapped (memory bombs end here: memory.grow / table.grow return -1)
+    "timeout",  # the call ran to its wall-time limit
+    "abi",  # the guest broke the ABI: bad pointers, malformed / non-UTF-8 / too deep output
+    "refused",  # flux_process returned a negative number (flux_act: the command was refused)
+    "output_bytes",  # the call's output is larger than limits.max_output_bytes
+    "host",  # a wasmtime error, a failed host import, or an unexpected host-side exception
+    "init",  # a fresh instance (after a fault) could not be made or initialised
+    "records",  # one input message produced more than limits.max_records_per_message records
+    "guest",  # the guest reported an error line for the message ({"i": ..., "error": ...})
+    "quarantined",  # the plugin is quarantined: not called
+    "encode",  # the message cannot be put on the wire (host side: register > 65535, ...)
+    "unavailable",  # the plugin is closed, or does not export flux_process
+)
+FAILED_CALL_REASONS: tuple[str, ...] = REASONS[:7]
+# Fault kinds (instance.py) -> reason; "error" is a host-side failure.
+FAULT_REASONS: dict[str, str] = {
+    "trap": "trap",
+    "timeout": "timeout",
+    "abi": "abi",
+    "refused": "refused",
+    "output_bytes": "output_bytes",
+    "error": "host",
+    "init": "init",
+}
+
+
 @dataclass(slots=True)
 class PluginStats:
-    """Counters for metrics. ``calls`` counts ``flux_process`` calls actually made."""
+    """Counters for metrics. ``calls`` counts ``flux_process`` calls actually made.
+
+    ``dead_letters`` counts the error records returned, by reason (:data:`REASONS`, every key
+    present from the start, so metrics can export zeros); ``failed_calls`` the calls that
+    failed as a whole, by reason (:data:`FAILED_CALL_REASONS`). ``errors`` is the sum of
+    ``dead_letters`` and ``failures`` the sum of ``failed_calls``; ``traps``, ``timeouts`` and
+    ``abi_errors`` are kept as they were (the same numbers as ``failed_calls``' entries).
+    """
 
     calls: int = 0
     messages: int = 0  # messages handed to process()
@@ -50,6 +86,17 @@ class PluginStats:
     # calls per CALL_BUCKETS bucket (not cumulative): call_counts[i] counts calls that took at
     # most CALL_BUCKETS[i] and more than the bound before it; the last entry counts the rest
     call_counts: list[int] = field(default_factory=lambda: [0] * (len(CALL_BUCKETS) + 1))
+    dead_letters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
+    failed_calls: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(FAILED_CALL_REASONS, 0)
+    )
+    logs_dropped: int = 0  # guest log messages dropped by the rate limit (total)
+    output_bytes: int = 0  # bytes of output copied out of the guest (total)
+
+    def dead(self, reason: str, n: int = 1) -> None:
+        """Count ``n`` error records made for ``reason``."""
+        self.errors += n
+        self.dead_letters[reason] = self.dead_letters.get(reason, 0) + n
 
 
 class Quarantine:
@@ -105,10 +152,12 @@ class Quarantine:
         )
 
     def record(self, kind: str, msg: str) -> None:
-        """Count a call that failed as a whole (``kind``: trap | timeout | abi | refused |
-        error) and quarantine the plugin if it was one too many."""
+        """Count a call that failed as a whole (``kind``: a key of :data:`FAULT_REASONS`)
+        and quarantine the plugin if it was one too many."""
         stats = self.stats
         stats.failures += 1
+        reason = FAULT_REASONS.get(kind, "host")
+        stats.failed_calls[reason] = stats.failed_calls.get(reason, 0) + 1
         if kind == "trap":
             stats.traps += 1
         elif kind == "timeout":

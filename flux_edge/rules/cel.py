@@ -18,6 +18,17 @@ How it is compiled (facts measured on cel-expr-python 0.1.3):
 * **Hostile input** is refused before CEL sees it: longer than ``MAX_EXPRESSION_CHARS`` or brackets
   nested deeper than ``MAX_NESTING``. CEL's own limits (parser recursion 32, 100k code points,
   comprehension iteration budget) still apply and surface as ``RuleError``, never as a crash.
+* **Budgets.** The library has no cost limit, so ``compile_condition`` estimates each condition's
+  worst-case cost and memory per evaluation (``flux_edge.rules.cost``, from the checked AST and
+  the input caps of a ``Budget``) and refuses one above its budget, naming the construct and its
+  column; regex literals are compiled then (RE2, through CEL), so an invalid one is refused at
+  load time. ``Condition.evaluate`` refuses inputs above the caps (strings longer than
+  ``Budget.max_string``, maps with more than ``Budget.max_entries`` entries), which is what makes
+  the estimate an upper bound.
+* **Evaluation errors** of every kind (a CEL error value, an exception from the library,
+  ``MemoryError``/``std::bad_alloc``, a wrong or too large input) are raised as
+  ``EvaluationError`` (a ``RuleError``) with a ``reason`` from ``ERROR_REASONS``: nothing else
+  escapes ``evaluate``.
 
 Errors are ``RuleError(rule, message, column)``: one clean line (``found no matching overload for
 '_>_' applied to '(double, string)'``), ``column`` the 1-based character offset of the caret within
@@ -34,13 +45,18 @@ from typing import Any, Final
 from cel_expr_python import cel
 
 from flux_edge.errors import RuleError
+from flux_edge.rules.cost import DEFAULT_BUDGET, Budget, BudgetError, Estimate, estimate
 
 __all__ = [
+    "DEFAULT_BUDGET",
+    "ERROR_REASONS",
     "MAP_TYPES",
     "MAX_EXPRESSION_CHARS",
     "MAX_NESTING",
     "VARIABLE_TYPES",
+    "Budget",
     "Condition",
+    "EvaluationError",
     "compile_condition",
 ]
 
@@ -51,6 +67,26 @@ MAX_NESTING: Final = 24  # brackets; CEL's parser gives up at 32 levels of recur
 #: ``delta``/``age`` (a double per name) variables
 VARIABLE_TYPES: Final = ("bool", "int", "double", "string", "map(dyn)", "map(double)")
 MAP_TYPES: Final = ("map(dyn)", "map(double)")
+
+#: why an evaluation failed (a small fixed set: metrics label it)
+ERROR_REASONS: Final = (
+    "missing",  # no value for a variable the condition reads
+    "type",  # a value of the wrong type
+    "too_large",  # an input above the budget's caps (string length, map entries)
+    "iterations",  # CEL's comprehension iteration budget (10,000 per evaluation) ran out
+    "memory",  # MemoryError / std::bad_alloc
+    "runtime",  # a CEL evaluation error: division by zero, no such key, bad regex, overflow
+    "internal",  # any other exception from the CEL library
+)
+
+
+class EvaluationError(RuleError):
+    """A condition's evaluation failed; ``reason`` is one of ``ERROR_REASONS``."""
+
+    def __init__(self, rule: str, message: str, reason: str) -> None:
+        super().__init__(rule, f"evaluation failed: {message}")
+        self.reason = reason
+
 
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _IDENT_FULL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -130,6 +166,24 @@ def _runtime() -> Any:
     return cel.NewEnv()
 
 
+@functools.lru_cache(maxsize=1)
+def _regex_probe() -> Any:
+    """``"".matches(p)``: compiling a pattern the way the runtime does (RE2)."""
+    env = cel.NewEnv(variables={"p": cel.Type.STRING})
+    return env.compile('"".matches(p)')
+
+
+def _regex_error(pattern: str) -> str | None:
+    """RE2's complaint about ``pattern`` (None when it compiles)."""
+    try:
+        result = _regex_probe().eval(data={"p": pattern}).value()
+    except Exception as exc:  # noqa: BLE001 - the library's error for a bad pattern, any class
+        return _clean_status(str(exc)).removeprefix("invalid regular expression: ")
+    if isinstance(result, bool):
+        return None
+    return _clean_status(str(result)).removeprefix("invalid regular expression: ")
+
+
 # --- the compiled condition ---------------------------------------------------------------------
 
 
@@ -147,7 +201,20 @@ _MISSING: Final = object()
 class Condition:
     """A compiled, type-checked boolean expression. Cheap to evaluate (a few µs)."""
 
-    __slots__ = ("_checks", "_program", "expression", "fields", "rule", "types", "variables")
+    __slots__ = (
+        "_checks",
+        "_maps",
+        "_program",
+        "_strings",
+        "budget",
+        "cost",
+        "expression",
+        "fields",
+        "memory",
+        "rule",
+        "types",
+        "variables",
+    )
 
     def __init__(
         self,
@@ -158,6 +225,8 @@ class Condition:
         types: Mapping[str, str],
         *,
         fields: Mapping[str, frozenset[str] | None] | None = None,
+        budget: Budget = DEFAULT_BUDGET,
+        cost: Estimate | None = None,
     ) -> None:
         self.rule = rule
         self.expression = expression
@@ -170,6 +239,13 @@ class Condition:
         #: the declared type of every variable in ``variables``
         self.types: Mapping[str, str] = {n: types[n] for n in sorted(variables)}
         self._checks = tuple((n, _PY_TYPES[t]) for n, t in self.types.items())
+        #: the budget the condition was checked against; its input caps apply at evaluation
+        self.budget = budget
+        #: estimated worst-case cost units and bytes allocated per evaluation
+        self.cost = cost.cost if cost is not None else 0
+        self.memory = cost.memory if cost is not None else 0
+        self._strings = tuple(n for n, t in self.types.items() if t == "string")
+        self._maps = tuple((n, t == "map(dyn)") for n, t in self.types.items() if t in MAP_TYPES)
 
     def __repr__(self) -> str:
         return f"Condition(rule={self.rule!r}, expression={self.expression!r})"
@@ -177,9 +253,11 @@ class Condition:
     def evaluate(self, values: Mapping[str, Any]) -> bool:
         """Evaluate against ``values`` (at least every name in ``variables``).
 
-        An int (or bool) given for a double variable is converted. Raises ``RuleError`` when a
-        value is missing or of the wrong type, or the evaluation fails (division by zero, ...):
-        the caller decides what that means.
+        An int (or bool) given for a double variable is converted. Raises ``EvaluationError``
+        (a ``RuleError`` with a ``reason``) when a value is missing, of the wrong type or above
+        the budget's caps, or the evaluation fails in any way (division by zero, CEL's iteration
+        budget, an exception from the library, MemoryError): the caller decides what that means.
+        Nothing else escapes.
         """
         data = values
         converted: dict[str, Any] | None = None
@@ -193,34 +271,89 @@ class Condition:
                     data = converted = dict(values)
                 converted[name] = float(v)
             elif v is _MISSING:
-                raise RuleError(self.rule, f"evaluation failed: no value for {name!r}")
+                raise EvaluationError(self.rule, f"no value for {name!r}", "missing")
             else:
-                raise RuleError(
+                raise EvaluationError(
                     self.rule,
-                    f"evaluation failed: {name!r} is {got.__name__} {v!r:.40}, "
-                    f"expected {self.types[name]}",
+                    f"{name!r} is {got.__name__} {v!r:.40}, expected {self.types[name]}",
+                    "type",
                 )
+        if self._strings or self._maps:
+            self._check_sizes(data)
         try:
             result = self._program.eval(data=data).value()
-        except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
-            raise RuleError(self.rule, f"evaluation failed: {_clean_status(str(exc))}") from exc
+        except MemoryError as exc:
+            raise EvaluationError(self.rule, f"out of memory ({exc})", "memory") from None
+        except Exception as exc:  # noqa: BLE001 - whatever the library raises stops here
+            message = _clean_status(str(exc)).replace("\n", " ")
+            reason = _reason(message, exc)
+            raise EvaluationError(self.rule, message, reason) from None
         if result is True:
             return True
         if result is False:
             return False
         # CEL returns evaluation errors as an error value whose .value() is the message.
-        raise RuleError(self.rule, f"evaluation failed: {_clean_status(str(result))}")
+        try:
+            message = _clean_status(str(result)).replace("\n", " ")
+        except Exception:  # noqa: BLE001 - a value that cannot even be shown
+            message = "unreadable result"
+        raise EvaluationError(self.rule, message, _reason(message, None))
+
+    def _check_sizes(self, data: Mapping[str, Any]) -> None:
+        cap = self.budget.max_string
+        for name in self._strings:
+            v = data[name]
+            if len(v) > cap:
+                raise EvaluationError(
+                    self.rule, f"{name!r} is {len(v):,} characters long; the limit is {cap:,}",
+                    "too_large",
+                )
+        for name, dyn in self._maps:
+            m = data[name]
+            if len(m) > self.budget.max_entries:
+                raise EvaluationError(
+                    self.rule,
+                    f"{name!r} has {len(m):,} entries; the limit is {self.budget.max_entries:,}",
+                    "too_large",
+                )
+            key_cap = self.budget.max_key
+            for k, v in m.items():
+                if len(k) > key_cap:
+                    raise EvaluationError(
+                        self.rule,
+                        f"{name} has a key of {len(k):,} characters; the limit is {key_cap:,}",
+                        "too_large",
+                    )
+                if dyn and type(v) is str and len(v) > cap:
+                    raise EvaluationError(
+                        self.rule,
+                        f"{name}[{k[:40]!r}] is {len(v):,} characters long; the limit is {cap:,}",
+                        "too_large",
+                    )
+
+
+def _reason(message: str, exc: BaseException | None) -> str:
+    if "Iteration budget" in message:
+        return "iterations"
+    if "bad_alloc" in message:
+        return "memory"
+    if exc is None or isinstance(exc, (RuntimeError, TypeError, ValueError, OverflowError)):
+        return "runtime"
+    return "internal"
 
 
 # --- compiling ----------------------------------------------------------------------------------
 
 
-def compile_condition(rule: str, expr: str, variables: Mapping[str, str]) -> Condition:
+def compile_condition(
+    rule: str, expr: str, variables: Mapping[str, str], *, budget: Budget = DEFAULT_BUDGET
+) -> Condition:
     """Type-check ``expr`` against ``variables`` (name -> "bool" | "int" | "double" | "string").
 
     Raises ``RuleError`` (with the 1-based column when known) if the expression is too long or
-    too deeply nested, does not parse, uses an undeclared name, mixes incompatible types, or is
-    not a bool expression.
+    too deeply nested, does not parse, uses an undeclared name, mixes incompatible types, is
+    not a bool expression, has an invalid regex literal, or may cost or allocate more than
+    ``budget`` allows in one evaluation (worst case, given the budget's input caps).
     """
     for name, type_ in variables.items():
         if not _IDENT_FULL.match(name):
@@ -261,6 +394,15 @@ def compile_condition(rule: str, expr: str, variables: Mapping[str, str]) -> Con
         raise RuleError(rule, message, column) from None
     if result_type != "BOOL":
         raise RuleError(rule, f"condition must be a bool expression, got {_type_name(result_type)}")
+    try:
+        cost = estimate(serialized, variables, budget, _regex_error)
+        cost.check()
+    except BudgetError as exc:
+        raise RuleError(rule, exc.message, exc.column) from None
+    except (ValueError, RecursionError):
+        raise RuleError(
+            rule, "cannot read the checked condition to estimate its cost (a new CEL version?)"
+        ) from None
     maps = frozenset(n for n, t in variables.items() if t in MAP_TYPES)
     fields: dict[str, set[str] | None] = {}
     try:
@@ -270,7 +412,9 @@ def compile_condition(rule: str, expr: str, variables: Mapping[str, str]) -> Con
         used = frozenset(m.group() for m in _IDENT.finditer(code)) & variables.keys()
         fields = dict.fromkeys(used & maps)
     frozen = {n: (None if f is None else frozenset(f)) for n, f in fields.items() if n in used}
-    return Condition(rule, expr, program, used, variables, fields=frozen)
+    return Condition(
+        rule, expr, program, used, variables, fields=frozen, budget=budget, cost=cost
+    )
 
 
 def _type_name(cel_name: str) -> str:

@@ -65,6 +65,16 @@ def check_plugin_configs(ctx: Context) -> None:
             v.report((*path, *where), message, at=at, warning=warning)
 
 
+def _is_text_module(path: Path) -> bool:
+    """A module in the WebAssembly text format (wasmtime compiles .wat too): not binary."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False  # read_manifest reports it
+    return head != b"\0asm" and path.suffix == ".wat"
+
+
 def plugin_config_issues(
     name: str,
     wasm: Path,
@@ -77,11 +87,14 @@ def plugin_config_issues(
     """The problems of plugin ``name`` (its module at ``wasm``, its ``config`` table) as
     (key path below ``plugins.NAME``, message, "key" | "value", is a warning). A module
     without a manifest is a warning unless ``warn_without_manifest`` is false."""
-    try:
-        manifest = read_manifest(wasm)
-    except ManifestError as exc:
-        message = f'plugin "{name}": {exc}; rebuild it with `flux-edge plugin build`'
-        return [((), message, "key", False)]
+    if _is_text_module(wasm):  # WebAssembly text (.wat): no custom sections, so no manifest
+        manifest = None
+    else:
+        try:
+            manifest = read_manifest(wasm)
+        except ManifestError as exc:
+            message = f'plugin "{name}": {exc}; rebuild it with `flux-edge plugin build`'
+            return [((), message, "key", False)]
     if manifest is None:
         if not warn_without_manifest:
             return []

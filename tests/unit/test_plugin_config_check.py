@@ -185,3 +185,16 @@ def test_check_config_refuses_a_file_that_is_not_the_pinned_one(
     assert f"has sha256 {good}" in p.message and "refusing to load it" in p.message
     (p,) = check(base + 'sha256 = "abc"\n')
     assert p.path == "plugins.nmea0183.sha256" and "64 hex digits" in p.message
+
+
+def test_a_text_format_module_passes_check_config_without_a_manifest(
+    check: Callable[[str], list[Problem]], tmp_path: Path
+) -> None:
+    # regression: a .wat plugin (wasmtime compiles the text format) was refused as "not a
+    # WebAssembly module"; it cannot carry a manifest, so only a config table is warned about
+    shutil.copy(REPO / "tests" / "fixtures" / "wat" / "echo.wat", tmp_path / "echo.wat")
+    base = SOURCE.replace('["json_normalize"]', '["echo"]')
+    base += '\n[plugins.echo]\nfile = "echo.wat"\n'
+    assert check(base) == []
+    problems = check(base + "config = { a = 1 }\n")
+    assert [(p.severity, "has no manifest" in p.message) for p in problems] == [("warning", True)]

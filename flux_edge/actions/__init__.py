@@ -11,7 +11,7 @@ Each action kind is declared in one module (``modbus_write_kind.py``, ``serial_w
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from flux_edge.model import Command, Outcome
@@ -34,6 +34,9 @@ class ActionEnv(Protocol):
 
     def load_plugin(self, action: str, cfg: Any) -> Any:
         """Load and initialise the plugin instance action ``action`` needs (a ``Plugin``)."""
+
+    def offload(self, call: Callable[[], Any]) -> Awaitable[Any]:
+        """Run ``call`` (a plugin call: user code) where it cannot block the event loop."""
 
 
 class ActionFactory(Protocol):

@@ -14,9 +14,10 @@ loop's thread, bounded by the plugin's time limit (like the plugin stage).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 from flux_edge.errors import ActionError, PluginError
@@ -27,6 +28,10 @@ if TYPE_CHECKING:  # the struct is declared by the kind module, which imports th
     from flux_edge.actions.wasm_kind import WasmAction
 
 __all__ = ["Sender", "WasmActionExecutor"]
+
+
+# runs a plugin call where it cannot block the event loop (the pipeline's plugin workers)
+Offload = Callable[[Callable[[], bytes]], Awaitable[bytes]]
 
 
 class Sender(Protocol):
@@ -55,7 +60,9 @@ class WasmActionExecutor:
         cfg: WasmAction,
         plugin: Plugin,
         target: Sender,
+        *,
         wall: Callable[[], float] = time.time,
+        offload: Offload | None = None,
     ) -> None:
         if not plugin.has_act:
             raise ActionError(
@@ -68,6 +75,7 @@ class WasmActionExecutor:
         self.plugin = plugin
         self.target = target
         self._wall = wall
+        self._offload = offload
         self._log = logging.getLogger(f"flux_edge.action.{name}")
 
     async def execute(self, cmd: Command) -> Outcome:
@@ -76,7 +84,10 @@ class WasmActionExecutor:
         data = b""
         try:
             try:
-                data = self.plugin.act(cmd)
+                if self._offload is not None:  # on a plugin worker thread, off the loop
+                    data = await self._offload(functools.partial(self.plugin.act, cmd))
+                else:
+                    data = self.plugin.act(cmd)
             except PluginError as exc:
                 raise ActionError(self.name, f"the plugin step failed: {exc}") from exc
             if data:

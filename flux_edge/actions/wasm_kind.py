@@ -77,7 +77,9 @@ def make_executor(name: str, cfg: WasmAction, env: ActionEnv) -> Executor:
         )
     plugin = env.load_plugin(name, cfg)
     try:
-        return WasmActionExecutor(name, cfg, plugin, target, wall=env.clock)
+        return WasmActionExecutor(
+            name, cfg, plugin, target, wall=env.clock, offload=env.offload
+        )
     except ActionError:
         plugin.close()
         raise

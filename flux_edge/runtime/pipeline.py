@@ -26,7 +26,7 @@ import logging
 import operator
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from flux_edge.actions.audit_cli import audit_path
 from flux_edge.actions.guarded import Guarded
 from flux_edge.actions.safety import SafetyLayer
 from flux_edge.config import ActionSpec, Config, SourceSpec
-from flux_edge.errors import FluxError, PluginError, PluginLoadError
+from flux_edge.errors import FluxError, PluginLoadError
 from flux_edge.kinds import KINDS
 from flux_edge.logs import RateLimitedLog
 from flux_edge.model import Command, ErrorRecord, Measurement, Outcome, Quality, Reading
@@ -48,6 +48,7 @@ from flux_edge.rules.engine import RuleEngine
 from flux_edge.rules.state import RuleStore
 from flux_edge.runtime import plugin_instances
 from flux_edge.runtime.health import HealthMonitor, Heartbeat
+from flux_edge.runtime.plugin_lanes import Lanes
 from flux_edge.runtime.queues import BoundedQueue
 from flux_edge.runtime.supervisor import Supervisor
 from flux_edge.sources import Emit, Source, SourceEnv, SourceFactory, SourceHealth, StatusCallback
@@ -109,6 +110,20 @@ class _ActionEnv:
             p.host, p.config, plugin_instances.action_instance(action, cfg)
         )
 
+    def offload(self, call: Callable[[], Any]) -> Awaitable[Any]:
+        lanes = self._pipeline.lanes
+        if lanes is None or lanes.workers is None:  # not started (tests building executors)
+            return _now(call)
+        return lanes.workers.submit(_call, call)
+
+
+def _call(call: Callable[[], Any]) -> Any:
+    return call()
+
+
+async def _now(call: Callable[[], Any]) -> Any:
+    return call()
+
 
 def _topic_key(template: str) -> Callable[[Measurement], Any] | None:
     """What distinguishes the uplink topics of measurements (None: they all share one)."""
@@ -137,21 +152,24 @@ class Pipeline:
         self.readings: BoundedQueue[Reading] = BoundedQueue("readings", qsize)
         self.measurements: BoundedQueue[Measurement] = BoundedQueue("measurements", qsize)
         self.commands: BoundedQueue[Command] = BoundedQueue("commands", qsize)
-        # measurements bound upstream, and int markers: "readings up to this count are in here"
-        self.upstream: BoundedQueue[Measurement | int] = BoundedQueue("uplink", qsize)
+        # measurements bound upstream, and markers (source, n): "that source's readings up to
+        # its n-th are in here"
+        self.upstream: BoundedQueue[Measurement | tuple[str, int]] = BoundedQueue("uplink", qsize)
         self.stats: dict[str, StageStats] = {
             s: StageStats() for s in ("sources", "plugins", "rules", "actions", "uplink")
         }
         self.monitor = monitor or HealthMonitor(config.daemon.stall_timeout)
         self._owns_monitor = monitor is None
         self.beats: dict[str, Heartbeat] = {}
-        # readings emitted / taken by the plugin stage / durable in the outbox (counts)
+        # per source: readings emitted, and how many of them are durable in the outbox (or
+        # were dead letters); the plugin lanes count those taken (plugin_lanes.py)
         self.emitted_seq = 0
-        self.taken_seq = 0
-        self.durable_seq = 0
-        self._durable_waiters: collections.deque[tuple[int, asyncio.Future[None]]] = (
-            collections.deque()
+        self.emitted: collections.Counter[str] = collections.Counter()
+        self.durable: collections.Counter[str] = collections.Counter()
+        self._durable_waiters: dict[str, collections.deque[tuple[int, asyncio.Future[None]]]] = (
+            collections.defaultdict(collections.deque)
         )
+        self.lanes: Lanes | None = None
         # per action: [ok, failed, blocked by the safety layer]
         self.action_counts: dict[str, list[int]] = {a: [0, 0, 0] for a in config.actions}
         self.dead_letters: collections.deque[ErrorRecord] = collections.deque(maxlen=1000)
@@ -216,7 +234,10 @@ class Pipeline:
             self.sources[sname] = make_source(
                 sname, scfg, self._emit, functools.partial(self._on_status, sname),
                 cfg.daemon.name,
-                durable=self.durable_after if self.uplink is not None else None,
+                durable=(
+                    functools.partial(self.durable_after, sname)
+                    if self.uplink is not None else None
+                ),
             )
         # an action that sends through another (wasm) is built after the others
         ordered = sorted(cfg.actions.items(), key=lambda item: item[1].builds_late)
@@ -276,24 +297,27 @@ class Pipeline:
 
     async def _emit(self, reading: Reading) -> None:
         await self.readings.put(reading)
-        self.emitted_seq += 1  # no await since the put: the count matches the queue's order
+        # no await since the put: the count matches the queue's order
+        self.emitted[reading.source] += 1
+        self.emitted_seq += 1
         self.stats["sources"].processed += 1
         self.stats["sources"].last_progress = time.monotonic()
 
-    def durable_after(self) -> asyncio.Future[None] | None:
-        """A future that completes once every reading emitted so far is durable in the outbox
-        (or was a dead letter); None if that is already so. Sources call it right after emit."""
-        seq = self.emitted_seq
-        if seq <= self.durable_seq:
+    def durable_after(self, source: str) -> asyncio.Future[None] | None:
+        """A future that completes once every reading ``source`` emitted so far is durable in
+        the outbox (or was a dead letter); None if that is already so. Sources call it right
+        after emit."""
+        seq = self.emitted[source]
+        if seq <= self.durable[source]:
             return None
         fut = asyncio.get_running_loop().create_future()
-        self._durable_waiters.append((seq, fut))
+        self._durable_waiters[source].append((seq, fut))
         return fut
 
-    def _made_durable(self, seq: int) -> None:
-        self.durable_seq = max(self.durable_seq, seq)
-        waiters = self._durable_waiters
-        while waiters and waiters[0][0] <= self.durable_seq:
+    def _made_durable(self, source: str, seq: int) -> None:
+        self.durable[source] = max(self.durable[source], seq)
+        waiters = self._durable_waiters[source]
+        while waiters and waiters[0][0] <= self.durable[source]:
             fut = waiters.popleft()[1]
             if not fut.done():
                 fut.set_result(None)
@@ -310,6 +334,8 @@ class Pipeline:
         sup.spawn("rules", self._rule_stage)
         if self.uplink is not None:
             sup.spawn("uplink", self._uplink_stage)
+        self.lanes = self._new_lanes()
+        self.lanes.start()
         sup.spawn("plugins", self._plugin_stage)
         if self.config.actuators:
             sup.spawn("safety", self._safety_loop)
@@ -339,6 +365,8 @@ class Pipeline:
         try:
             async with asyncio.timeout(drain_timeout):
                 await self.readings.join()
+                if self.lanes is not None:
+                    await self.lanes.join()
                 await self.measurements.join()
                 await self.upstream.join()
                 await self.commands.join()
@@ -362,14 +390,18 @@ class Pipeline:
             log.info("shutdown: putting %d actuator(s) in their safe state", len(safe))
             await asyncio.gather(*(self._run_action(cmd) for cmd in safe))
         await sup.cancel_all()
+        lanes_closed = True
+        if self.lanes is not None:  # before the plugins are closed: no call may be in flight
+            lanes_closed = await self.lanes.close(self._max_plugin_timeout() + 1.0)
         if self.uplink is not None and self.upstream:  # left over after a timed-out drain
-            self.uplink.add([m for m in self.upstream.drain() if not isinstance(m, int)])
+            self.uplink.add([m for m in self.upstream.drain() if isinstance(m, Measurement)])
             self.uplink.commit()
         for name in self.beats:
             self.monitor.unregister(name)
         self.beats.clear()
-        for _seq, fut in self._durable_waiters:
-            fut.cancel()  # never acknowledged: the broker redelivers it
+        for waiters in self._durable_waiters.values():
+            for _seq, fut in waiters:
+                fut.cancel()  # never acknowledged: the broker redelivers it
         self._durable_waiters.clear()
         self.audit.close()
         self.store.close()
@@ -378,14 +410,20 @@ class Pipeline:
                 await source.close()
             except (OSError, FluxError) as exc:
                 log.warning("closing source %s: %s", source.name, exc)
-        for chain in self.chains.values():
-            for plugin in chain:
-                plugin.close()
+        if lanes_closed:
+            for chain in self.chains.values():
+                for plugin in chain:
+                    plugin.close()
         for executor in self.executors.values():
             owned = getattr(executor, "plugin", None)
             if isinstance(owned, Plugin):
                 owned.close()
         return drained
+
+    def _max_plugin_timeout(self) -> float:
+        timeouts = [p.timeout for p in self.config.plugins.values()]
+        chain_len = max((len(c) for c in self.chains.values()), default=1)
+        return max(timeouts, default=0.0) * max(chain_len, 1)
 
     # --- stages ------------------------------------------------------------------------------
 
@@ -401,65 +439,90 @@ class Pipeline:
         for cb in self.observers.errors:
             cb(rec)
 
-    def run_chain(self, key: tuple[str, str], readings: Sequence[Reading]) -> list[Measurement]:
-        """Pass readings of one (source, device) through its plugin chain, in order."""
+    @staticmethod
+    def chain_results(
+        chain: list[Plugin], readings: Sequence[Reading]
+    ) -> tuple[list[Measurement], list[ErrorRecord]]:
+        """Pass readings of one chain through its plugins, in order: (measurements, dead
+        letters). Runs on a plugin worker thread: it touches nothing but the plugins."""
         msgs: Sequence[Reading | Measurement] = readings
         out: list[Measurement] = []
-        chain = self.chains.get(key)
-        if chain is None:
-            chain = self.chains.get((key[0], ""), [])
+        errors: list[ErrorRecord] = []
         for plugin in chain:
             out = []
             for item in plugin.process(msgs):
                 if isinstance(item, Measurement):
                     out.append(item)
                 else:
-                    self._dead_letter(item)
+                    errors.append(item)
             msgs = out
+        return out, errors
+
+    def run_chain(self, key: tuple[str, str], readings: Sequence[Reading]) -> list[Measurement]:
+        """Pass readings of one (source, device) through its plugin chain, here and now (tools
+        and tests; the pipeline runs chains on its plugin lanes)."""
+        chain = self.chains.get(key)
+        if chain is None:
+            chain = self.chains.get((key[0], ""), [])
+        out, errors = self.chain_results(chain, readings)
+        for rec in errors:
+            self._dead_letter(rec)
         return out
 
-    async def _plugin_stage(self) -> None:
+    async def _deliver(
+        self,
+        source: str,
+        readings: Sequence[Reading],
+        measurements: list[Measurement],
+        errors: list[ErrorRecord],
+    ) -> None:
+        """A lane's results, on the loop: dead letters, observers, the rule stage, upstream."""
+        for rec in errors:
+            self._dead_letter(rec)
+        for cb in self.observers.measurements:
+            cb(source, measurements)
+        latest = self.latest
+        upstream = self.upstream if self.uplink is not None else None
+        for m in measurements:
+            by_name = latest.get(m.device)
+            if by_name is None:
+                by_name = latest[m.device] = {}
+            by_name[m.name] = m
+            await self.measurements.put(m)
+            if upstream is not None:
+                await upstream.put(m)
         stats = self.stats["plugins"]
+        stats.processed += len(readings)
+        stats.last_progress = time.monotonic()
+
+    async def _completed(self, source: str, seq: int) -> None:
+        """Every reading of ``source`` up to its ``seq``-th has been delivered."""
+        if self.uplink is not None:
+            await self.upstream.put((source, seq))
+        else:
+            self._made_durable(source, seq)
+
+    def _new_lanes(self) -> Lanes:
+        return Lanes(
+            self.chains,
+            run_chain=self.chain_results,
+            deliver=self._deliver,
+            completed=self._completed,
+            monitor=self.monitor,
+            batch_max=self.config.daemon.batch_max,
+            capacity=self.config.daemon.queue_size,
+        )
+
+    async def _plugin_stage(self) -> None:
+        """Readings off the queue, to their chains' lanes (plugin_lanes.py): user code runs on
+        worker threads, never on the loop, and a slow chain holds up only its own readings."""
+        assert self.lanes is not None
         beat = self.beats["plugins"]
         batch_max = self.config.daemon.batch_max
-        upstream = self.upstream if self.uplink is not None else None
         while True:
             batch = await self.readings.get_batch(batch_max)
             beat.begin()
-            self.taken_seq += len(batch)
-            groups: dict[tuple[str, str], list[Reading]] = {}
-            for r in batch:
-                groups.setdefault((r.source, r.device), []).append(r)
-            for key, readings in groups.items():
-                source = key[0]
-                try:
-                    measurements = self.run_chain(key, readings)
-                except PluginError as exc:  # host bug guard: Plugin.process should not raise
-                    for r in readings:
-                        self._dead_letter(
-                            ErrorRecord(
-                                stage="plugin", source=source, device=r.device, ts=r.ts,
-                                error=str(exc), plugin=exc.plugin,
-                            )
-                        )
-                    continue
-                for cb in self.observers.measurements:
-                    cb(source, measurements)
-                latest = self.latest
-                for m in measurements:
-                    by_name = latest.get(m.device)
-                    if by_name is None:
-                        by_name = latest[m.device] = {}
-                    by_name[m.name] = m
-                    await self.measurements.put(m)
-                    if upstream is not None:
-                        await upstream.put(m)
-                stats.processed += len(readings)
-            if upstream is not None:
-                await upstream.put(self.taken_seq)
-            else:
-                self._made_durable(self.taken_seq)
-            stats.last_progress = time.monotonic()
+            await self.lanes.dispatch(batch)
             beat.done()
             self.readings.task_done_if_empty()
 
@@ -529,12 +592,14 @@ class Pipeline:
         while True:
             batch = await queue.get_batch(4096)
             beat.begin()
-            mark = 0
+            marks: dict[str, int] = {}
             window: list[Measurement] = []
             while True:
-                ms = [m for m in batch if not isinstance(m, int)]
+                ms = [m for m in batch if isinstance(m, Measurement)]
                 if len(ms) != len(batch):
-                    mark = max(m for m in batch if isinstance(m, int))
+                    for item in batch:
+                        if isinstance(item, tuple):  # (source, n): its readings up to n
+                            marks[item[0]] = item[1]
                 window += ms
                 delay = last_commit + interval - loop.time()
                 if delay > 0:  # committed a moment ago: gather more for this transaction
@@ -555,8 +620,8 @@ class Pipeline:
                 stats.errors += 1
                 self._ratelog.warning("uplink-commit", f"uplink outbox: {exc}")
             else:
-                if mark:
-                    self._made_durable(mark)
+                for source, seq in marks.items():
+                    self._made_durable(source, seq)
             last_commit = loop.time()
             stats.last_progress = time.monotonic()
             beat.done()

@@ -199,12 +199,13 @@ def test_a_wasm_action_publishes_the_frame_through_an_mqtt_publish_action(
 
 
 def test_an_act_only_plugin_in_a_chain_is_refused(tmp_path: Path) -> None:
-    from flux_edge.errors import PluginLoadError
+    from flux_edge.errors import ConfigError, PluginLoadError
+    from flux_edge.plugins import manifest as mf
 
     wasm = bundled_wasm("vendor_frame")
-    text = f"""
+    text = """
 [daemon]
-state_dir = "{tmp_path / 'state'}"
+state_dir = "{state}"
 
 [plugins.vendor_frame]
 file = "{wasm}"
@@ -214,6 +215,12 @@ type = "serial"
 port = "/dev/null"
 chain = ["vendor_frame"]
 """
-    config = load_config_text(text, str(tmp_path / "site.toml"))
+    # check-config already knows from the module's manifest
+    with pytest.raises(ConfigError, match="does not export flux_process"):
+        load_config_text(text.format(state=tmp_path / "state", wasm=wasm))
+    # a module without a manifest is refused when the pipeline loads it
+    bare = tmp_path / "vendor_frame.wasm"
+    bare.write_bytes(mf.remove_section(wasm.read_bytes(), mf.SECTION))
+    config = load_config_text(text.format(state=tmp_path / "state", wasm=bare))
     with pytest.raises(PluginLoadError, match="does not export flux_process"):
         asyncio.run(asyncio.wait_for(run_pipeline(config, stop=asyncio.Event()), 10))

@@ -12,7 +12,8 @@ from flux_edge.config import Config, RuleConfig
 from flux_edge.config.kinds import Context, Domain
 from flux_edge.config.values import Key, _fmt_path, _suggest
 from flux_edge.errors import FluxError, Problem
-from flux_edge.rules.engine import check_rules
+from flux_edge.rules.cost import format_bytes
+from flux_edge.rules.engine import ConditionCost, check_rules
 from flux_edge.rules.replay import check_rule_tests
 
 if TYPE_CHECKING:
@@ -103,8 +104,9 @@ def _semantic(ctx: Context) -> None:
     config = ctx.build(_salvage(ctx))
     if config is None:
         return
+    costs: list[ConditionCost] = []
     try:
-        errors: list[Any] = list(check_rules(config))
+        errors: list[Any] = list(check_rules(config, costs))
     except FluxError as exc:
         errors = [exc]
     for err in errors:
@@ -118,7 +120,32 @@ def _semantic(ctx: Context) -> None:
             line, col = v.pos.in_string(path, column - 1) or (line, col)
         v.problems.append(Problem(v.file, _fmt_path(path), str(err), line, col))
         v.dirty.add(path)
+    _report_costs(ctx, costs)
     _run_rule_tests(ctx, config)
+
+
+#: a condition whose worst case is above this share of its budget is reported (a warning)
+COST_WARNING_SHARE = 0.5
+
+
+def _report_costs(ctx: Context, costs: list[ConditionCost]) -> None:
+    """A warning for each condition whose estimated worst case per evaluation is above half its
+    budget (those above the budget are errors already), so a rule close to its limit is
+    noticed before an edit pushes it over."""
+    for c in costs:
+        if c.cost <= c.max_cost * COST_WARNING_SHARE and (
+            c.memory <= c.max_memory * COST_WARNING_SHARE
+        ):
+            continue
+        where = "interlock" if c.key[0] == "actuators" else "condition"
+        ctx.report(
+            c.key,
+            f"this {where} may cost up to {c.cost:,} units ({c.cost * 100 // max(c.max_cost, 1)} % "
+            f"of its limit, {c.max_cost:,}) and allocate up to {format_bytes(c.memory)} "
+            f"(limit {format_bytes(c.max_memory)}) in one evaluation, in the worst case (inputs at "
+            "their caps); simplify it, or set the rule's max_cost",
+            warning=True,
+        )
 
 
 def _salvage(ctx: Context) -> dict[str, Any]:

@@ -11,10 +11,12 @@ given the caps on the inputs (``Budget``: strings, map entries), how often it ru
 bodies: at most ``ITERATION_BUDGET`` times in all) and so what it costs and allocates.
 
 Units (measured on the development machine, x86, cel-expr-python 0.1.3; see
-docs/performance.md): one **cost unit** is about one list element copied, ~35 ns; a node
-evaluated costs 1, a character copied or compared 1/10, a regex step (program size x input
-character) 1/4. **Memory** is bytes allocated during one evaluation (cel-cpp frees nothing
-before the evaluation ends): a string's characters, 32 bytes per list slot, 64 per map entry.
+docs/performance.md): one **cost unit** is about one list element copied, 5-50 ns (~30 ns); a node
+evaluated costs 1, a comprehension iteration 10, a character copied or compared 1/10, compiling
+a regex 300 + 10 per program size unit (cel-cpp compiles it at every call), a regex step (program
+size x input character) 1/4. **Memory** is bytes allocated during one evaluation (cel-cpp frees
+nothing before the evaluation ends): a string's characters, 32 bytes per list slot, 64 per map
+entry.
 Both are upper bounds: real evaluations usually cost far less.
 
 ``estimate(serialized, variables, budget, regex_check) -> Estimate``; raises ``BudgetError``
@@ -45,6 +47,8 @@ NODE: Final = 1.0  # evaluating one node
 CHAR: Final = 0.1  # one character copied, compared, scanned
 SLOT: Final = 1.0  # one list element or map entry copied or compared
 REGEX: Final = 0.25  # one regex step: program size x input characters
+REGEX_COMPILE: Final = 300.0  # compiling a regex (RE2, at every call), plus 10 per size unit
+ITERATION: Final = 10.0  # one comprehension iteration's own overhead
 SLOT_BYTES: Final = 32
 ENTRY_BYTES: Final = 64
 NUMBER_CHARS: Final = 40  # string(number), string(timestamp), ...
@@ -55,7 +59,7 @@ class Budget:
     """What one evaluation of a condition may cost, and the caps on its inputs that make the
     estimate possible (``Condition.evaluate`` refuses larger inputs)."""
 
-    max_cost: int = 50_000  # cost units per evaluation (~1.75 ms on x86, more on a Pi)
+    max_cost: int = 50_000  # cost units per evaluation (~1.5 ms on x86, more on a Pi)
     max_memory: int = 4 << 20  # bytes allocated per evaluation
     max_string: int = 1024  # characters of a string input (register, input, map value)
     max_entries: int = 256  # entries of a map input (previous, delta, age)
@@ -83,9 +87,12 @@ class _B(NamedTuple):
     n: int = 0
     e: _B | None = None
     k: _B | None = None
+    m: int = 0  # what it may be: LIST | MAP (0: neither)
 
 
 SCALAR: Final = _B()
+LIST: Final = 1
+MAP: Final = 2
 
 
 def _join(a: _B | None, b: _B | None) -> _B | None:
@@ -93,7 +100,7 @@ def _join(a: _B | None, b: _B | None) -> _B | None:
         return b
     if b is None or a == b:
         return a
-    return _B(max(a.s, b.s), max(a.n, b.n), _join(a.e, b.e), _join(a.k, b.k))
+    return _B(max(a.s, b.s), max(a.n, b.n), _join(a.e, b.e), _join(a.k, b.k), a.m | b.m)
 
 
 def _bytes(b: _B | None) -> int:
@@ -146,9 +153,9 @@ class Estimate:
         if self.memory > b.max_memory:
             hot = self.hot_memory
             raise BudgetError(
-                f"condition may allocate up to {_size(self.memory)} in one evaluation; the "
-                f"limit is {_size(b.max_memory)}: {hot.what}. Build fewer or shorter strings "
-                "and lists (no concatenation inside map/filter/all/exists; compare sizes "
+                f"condition may allocate up to {format_bytes(self.memory)} in one evaluation; "
+                f"the limit is {format_bytes(b.max_memory)}: {hot.what}. Build fewer or shorter "
+                "strings and lists (no concatenation inside map/filter/all/exists; compare sizes "
                 "instead of building values)",
                 self.column(hot),
             )
@@ -156,14 +163,14 @@ class Estimate:
             hot = self.hot_cost
             raise BudgetError(
                 f"condition may cost up to {self.cost:,} units in one evaluation (about "
-                f"{self.cost * 35 / 1e6:.1f} ms on a PC, several times that on a Pi); the limit "
+                f"{self.cost * 30 / 1e6:.1f} ms on a PC, several times that on a Pi); the limit "
                 f"is {b.max_cost:,}: {hot.what}. Simplify it (shorter lists, fewer nested "
                 "comprehensions, smaller regexes), or raise the rule's max_cost",
                 self.column(hot),
             )
 
 
-def _size(n: int) -> str:
+def format_bytes(n: int) -> str:
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
@@ -400,7 +407,7 @@ class _Walker:
                 elem = _join(elem, e)
             n = len(elems)
             self.charge(node, runs, NODE + n * SLOT, n * SLOT_BYTES, f"a list of {n} elements")
-            return _B(n=n, e=elem)
+            return _B(n=n, e=elem, m=LIST)
         if kind == _STRUCT:
             if _sub(body, 1):  # message_name: a message, not a map
                 for entry in _subs(body, 2):
@@ -421,7 +428,7 @@ class _Walker:
             self.charge(
                 node, runs, NODE + count * SLOT, count * ENTRY_BYTES, f"a map of {count} entries"
             )
-            return _B(n=count, e=values, k=keys)
+            return _B(n=count, e=values, k=keys, m=MAP)
         if kind == _COMPREHENSION:
             return self._comprehension(node, env, runs)
         return SCALAR
@@ -446,7 +453,7 @@ class _Walker:
             return SCALAR
         if function == "@in":
             needle, hay = [*args, SCALAR, SCALAR][:2]
-            if hay.k is not None:  # a map: one lookup
+            if hay.m == MAP:  # a map: one lookup
                 cost = NODE + _touch(needle)
             else:
                 cost = NODE + hay.n * (SLOT + _touch(_join(needle, hay.e)))
@@ -463,7 +470,7 @@ class _Walker:
             if not (a.s or b.s or a.n or b.n):
                 self.charge(node, runs, NODE, 0, "an addition")
                 return SCALAR
-            out = _B(a.s + b.s, a.n + b.n, _join(a.e, b.e), _join(a.k, b.k))
+            out = _B(a.s + b.s, a.n + b.n, _join(a.e, b.e), _join(a.k, b.k), a.m | b.m)
             accu = next((n for n in map(_accu_name, arg_bufs) if n in self.accus), None)
             if accu is not None:
                 what = (
@@ -495,7 +502,7 @@ class _Walker:
         # A function this estimate does not know: assume it may concatenate its arguments.
         out = _B(sum(a.s for a in args), sum(a.n for a in args))
         for a in args:
-            out = _B(out.s, out.n, _join(out.e, a.e), _join(out.k, a.k))
+            out = _B(out.s, out.n, _join(out.e, a.e), _join(out.k, a.k), out.m | a.m)
         self.charge(
             node,
             runs,
@@ -529,7 +536,7 @@ class _Walker:
                 f"matches() compiles a pattern of up to {size:,} characters at every "
                 "evaluation (write the pattern as a string literal)"
             )
-        cost = NODE + size * SLOT + REGEX * (size + 1) * (subject.s + 1)
+        cost = REGEX_COMPILE + 10 * size + REGEX * (size + 1) * (subject.s + 1)
         self.charge(node, runs, cost, size * SLOT_BYTES, what)
         return SCALAR
 
@@ -549,7 +556,11 @@ class _Walker:
         if iter_var2:  # (index or key, value)
             loop_env[iter_var] = rng.k or SCALAR
             loop_env[iter_var2] = rng.e or SCALAR
-        else:
+        elif rng.m == MAP:  # a map's keys
+            loop_env[iter_var] = rng.k or SCALAR
+        elif rng.m == LIST:
+            loop_env[iter_var] = rng.e or SCALAR
+        else:  # cannot tell: either
             loop_env[iter_var] = _join(rng.e, rng.k) or SCALAR
 
         step = parts.get(6)
@@ -572,9 +583,11 @@ class _Walker:
                 )
             inner = _join(a2.e, a3.e)
             keys = _join(a2.k, a3.k)
-            final = _B(init.s + n * ds, init.n + n * dn, inner, keys)
-            average = _B(init.s + (n * ds) // 2, init.n + (n * dn) // 2, inner, keys)
+            final = _B(init.s + n * ds, init.n + n * dn, inner, keys, a3.m)
+            average = _B(init.s + (n * ds) // 2, init.n + (n * dn) // 2, inner, keys, a3.m)
         self.charge(node, runs, NODE, 0, "a comprehension")
+        if body_runs:
+            self.charge(node, body_runs, ITERATION, 0, f"a comprehension over up to {n:,} elements")
         outer = self.accus.get(accu_var)
         self.accus[accu_var] = final
         if 5 in parts:
@@ -618,9 +631,9 @@ def _input_bound(type_: str, budget: Budget) -> _B:
     if type_ == "string":
         return text
     if type_ == "map(dyn)":
-        return _B(n=budget.max_entries, e=text, k=key)
+        return _B(n=budget.max_entries, e=text, k=key, m=MAP)
     if type_.startswith("map("):
-        return _B(n=budget.max_entries, e=SCALAR, k=key)
+        return _B(n=budget.max_entries, e=SCALAR, k=key, m=MAP)
     return SCALAR
 
 

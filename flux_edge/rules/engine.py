@@ -42,9 +42,16 @@ Semantics (decided here, relied on by tests; docs/configuration.md says the same
   daemon was down, nobody watched the inputs meanwhile: the rule fires on the first evaluation
   after start that is true (at once: the period is complete), and is cancelled if that
   evaluation is false or unknown.
-* **Errors.** An evaluation error is counted in ``stats``, logged on the ``flux_edge.rules``
-  logger (a warning when a rule starts failing, then quiet until it succeeds again) and treated
-  as unknown. Never raised.
+* **Errors.** An evaluation error of any kind (a CEL error, an input above the budget's caps,
+  CEL's iteration budget, MemoryError, any exception from the library) is counted in ``stats``
+  (``errors``, ``errors_by_reason``, ``consecutive_errors``, ``last_error``,
+  ``last_error_reason``), logged on the ``flux_edge.rules`` logger (a warning when a rule starts
+  failing, then quiet until it succeeds again) and treated as unknown. Never raised: one rule's
+  failure never stops the other rules.
+* **Budgets.** Every condition is refused at load time when its estimated worst-case cost or
+  memory per evaluation is above its budget (``flux_edge.rules.cost``): the rule's ``max_cost``
+  (cost units; default ``DEFAULT_BUDGET.max_cost``), 4 MiB; ``stats`` holds each rule's
+  estimate (``cost``, ``memory``).
 * **Firing** logs "rule X fired" at the rule's ``severity`` and emits one ``Command`` per action,
   in config order, with ``params = {"device": ..., "rule_state": "on"}`` (``"off"`` for
   ``off_actions``).
@@ -57,7 +64,7 @@ import heapq
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import msgspec
@@ -65,17 +72,19 @@ import msgspec
 from flux_edge.config import Config, RuleConfig
 from flux_edge.errors import RuleError
 from flux_edge.model import Command, Measurement, Value
-from flux_edge.rules.cel import Condition, compile_condition
+from flux_edge.rules.cel import DEFAULT_BUDGET, Budget, Condition, compile_condition
 from flux_edge.rules.state import RuleStore, StateRecord
 
 __all__ = [
     "BUILTIN_VARIABLES",
     "MAP_VARIABLES",
+    "ConditionCost",
     "ConditionError",
     "RuleEngine",
     "RuleStats",
     "check_rules",
     "compile_interlock",
+    "rule_budget",
     "rule_digest",
     "rule_variables",
 ]
@@ -184,13 +193,32 @@ def _with_maps(variables: dict[str, str]) -> dict[str, str]:
     return out
 
 
+def rule_budget(rule: RuleConfig | None) -> Budget:
+    """The budget of a rule's conditions: its ``max_cost`` (when the config has the field and
+    it is set) over the defaults."""
+    max_cost = getattr(rule, "max_cost", None) if rule is not None else None
+    if isinstance(max_cost, int) and not isinstance(max_cost, bool) and max_cost > 0:
+        return Budget(
+            max_cost=max_cost,
+            max_memory=DEFAULT_BUDGET.max_memory,
+            max_string=DEFAULT_BUDGET.max_string,
+            max_entries=DEFAULT_BUDGET.max_entries,
+            max_key=DEFAULT_BUDGET.max_key,
+        )
+    return DEFAULT_BUDGET
+
+
 def _compile(
-    owner: str, expr: str, variables: dict[str, str], key: tuple[str, ...] | None
+    owner: str,
+    expr: str,
+    variables: dict[str, str],
+    key: tuple[str, ...] | None,
+    budget: Budget = DEFAULT_BUDGET,
 ) -> Condition:
     """Compile one condition; its map keys must be measurement variables; it must read some
     measurement. ``key`` (for conditions other than ``when``) wraps errors in ConditionError."""
     try:
-        condition = compile_condition(owner, expr, _with_maps(variables))
+        condition = compile_condition(owner, expr, _with_maps(variables), budget=budget)
         measurements = set(variables) - BUILTIN_VARIABLES.keys()
         direct = condition.variables & measurements
         for map_name, keys in condition.fields.items():
@@ -223,10 +251,12 @@ def _compile_rule(
 ) -> tuple[Condition, Condition | None]:
     rule = config.rules[rule_name]
     variables = _rule_variables(config, rule_name, registers)
-    when = _compile(rule_name, rule.when, variables, None)
+    budget = rule_budget(rule)
+    when = _compile(rule_name, rule.when, variables, None, budget)
     off = None
     if rule.off_when:
-        off = _compile(rule_name, rule.off_when, variables, ("rules", rule_name, "off_when"))
+        key = ("rules", rule_name, "off_when")
+        off = _compile(rule_name, rule.off_when, variables, key, budget)
     return when, off
 
 
@@ -246,10 +276,28 @@ def compile_interlock(config: Config, actuator: str) -> Condition | None:
     return _compile(actuator, spec.interlock, variables, key)
 
 
-def check_rules(config: Config) -> list[RuleError]:
+@dataclass(frozen=True, slots=True)
+class ConditionCost:
+    """The estimated worst case of one evaluation of a condition, and its budget."""
+
+    rule: str
+    key: tuple[str, ...]  # ("rules", name, "when" | "off_when") or ("actuators", name, ...)
+    cost: int  # cost units
+    memory: int  # bytes
+    max_cost: int
+    max_memory: int
+
+
+def _cost(key: tuple[str, ...], c: Condition) -> ConditionCost:
+    b = c.budget
+    return ConditionCost(key[1], key, c.cost, c.memory, b.max_cost, b.max_memory)
+
+
+def check_rules(config: Config, costs: list[ConditionCost] | None = None) -> list[RuleError]:
     """Compile every rule's conditions and every actuator's interlock of ``config``; return all
     the errors (empty when everything is fine). Errors about a condition other than a rule's
-    ``when`` are ``ConditionError``s naming their key."""
+    ``when`` are ``ConditionError``s naming their key. ``costs``, when given, receives the
+    estimate of every condition that compiled."""
     registers = _registers_by_device(config)
     errors: list[RuleError] = []
     for rule_name, rule in config.rules.items():
@@ -258,18 +306,26 @@ def check_rules(config: Config) -> list[RuleError]:
         except RuleError as exc:
             errors.append(exc)
             continue
+        budget = rule_budget(rule)
         try:
-            _compile(rule_name, rule.when, variables, None)
+            when = _compile(rule_name, rule.when, variables, None, budget)
+            if costs is not None:
+                costs.append(_cost(("rules", rule_name, "when"), when))
         except RuleError as exc:
             errors.append(exc)
         if rule.off_when:
+            key = ("rules", rule_name, "off_when")
             try:
-                _compile(rule_name, rule.off_when, variables, ("rules", rule_name, "off_when"))
+                off = _compile(rule_name, rule.off_when, variables, key, budget)
+                if costs is not None:
+                    costs.append(_cost(key, off))
             except RuleError as exc:
                 errors.append(exc)
     for actuator in config.actuators:
         try:
-            compile_interlock(config, actuator)
+            interlock = compile_interlock(config, actuator)
+            if interlock is not None and costs is not None:
+                costs.append(_cost(("actuators", actuator, "interlock"), interlock))
         except RuleError as exc:
             errors.append(exc)
     return errors
@@ -301,6 +357,18 @@ class RuleStats:
     suppressed: int = 0  # would have fired, but within the cooldown
     last_fired_ts: float | None = None
     last_error: str = ""
+    #: evaluation errors by reason (flux_edge.rules.cel.ERROR_REASONS): missing, type,
+    #: too_large, iterations, memory, runtime, internal
+    errors_by_reason: dict[str, int] = field(default_factory=dict)
+    last_error_reason: str = ""
+    last_error_ts: float | None = None
+    #: evaluation errors since the rule's last successful evaluation (0: healthy)
+    consecutive_errors: int = 0
+    #: the estimated worst case of one evaluation (the largest of when/off_when): cost units,
+    #: bytes; and the budget it was checked against
+    cost: int = 0
+    memory: int = 0
+    max_cost: int = 0
 
 
 class _Cond:
@@ -379,6 +447,10 @@ class _Rule:
         self.states: dict[str, _State] = {}  # per device
         self.failing = False
         self.stats = RuleStats()
+        conds = [c.condition for c in (when, off) if c is not None]
+        self.stats.cost = max(c.cost for c in conds)
+        self.stats.memory = max(c.memory for c in conds)
+        self.stats.max_cost = when.condition.budget.max_cost
 
 
 class _Device:
@@ -397,6 +469,11 @@ class _Device:
 _NUMBERS: Final = (int, float)
 _SKIP: Final = object()  # an input was never seen: leave the rule alone
 _UNKNOWN: Final = object()  # stale/bad/too old/error: unknown
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 class RuleEngine:
@@ -466,6 +543,13 @@ class RuleEngine:
     @property
     def rule_names(self) -> tuple[str, ...]:
         return tuple(r.name for r in self._rules)
+
+    def failing(self, at_least: int = 1) -> dict[str, RuleStats]:
+        """The rules whose last ``at_least`` (or more) evaluations all failed, by name: for
+        health reports (``/healthz``, ``STATUS=``)."""
+        return {
+            r.name: r.stats for r in self._rules if r.stats.consecutive_errors >= at_least
+        }
 
     # --- time ------------------------------------------------------------------------------------
 
@@ -615,15 +699,36 @@ class RuleEngine:
         stats.evaluations += 1
         try:
             result = c.condition.evaluate(data)
-        except RuleError as exc:
-            stats.errors += 1
-            stats.last_error = str(exc)
-            if not r.failing:
-                r.failing = True
-                log.warning("%s (device %r, after %s=%r)", exc, m.device, m.name, m.value)
+        except Exception as exc:  # noqa: BLE001 - a RuleError with a reason, or anything at all
+            self._failed(r, m, now, exc)
             return _UNKNOWN
-        r.failing = False
+        if r.failing:
+            r.failing = False
+            stats.consecutive_errors = 0
         return result
+
+    def _failed(self, r: _Rule, m: Measurement, now: float, exc: Exception) -> None:
+        stats = r.stats
+        reason = getattr(exc, "reason", None)
+        if not isinstance(reason, str):
+            reason = "runtime" if isinstance(exc, RuleError) else "internal"
+        stats.errors += 1
+        stats.consecutive_errors += 1
+        by = stats.errors_by_reason
+        by[reason] = by.get(reason, 0) + 1
+        if isinstance(exc, RuleError):
+            stats.last_error = str(exc)
+        else:  # not from cel.py (which wraps everything): say what it was, on one line
+            text = " ".join(str(exc).split())[:200]
+            stats.last_error = f"rule {r.name!r}: evaluation failed: {type(exc).__name__}: {text}"
+        stats.last_error_reason = reason
+        stats.last_error_ts = now
+        if not r.failing:
+            r.failing = True
+            log.warning(
+                "%s [%s] (device %r, after %s=%r)",
+                stats.last_error, reason, m.device, m.name, _short(m.value),
+            )
 
     def _step(self, r: _Rule, m: Measurement, dev: _Device, now: float, out: list[Command]) -> None:
         device = m.device

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 import struct
+from collections import Counter
 from collections.abc import Callable, Sequence
 from itertools import accumulate
 from operator import attrgetter
@@ -94,6 +95,11 @@ class BatchEncodeError(FluxError, ValueError):
         self.index = index
         self.reason = reason
         super().__init__(f"input message {index}: {reason}")
+
+
+class TooManyRecords(PluginABIError):
+    """An output with more lines than ``max_records`` for every message of the batch: the
+    batch fails as a whole, but as an output limit (the guest is not recycled for it)."""
 
 
 class _WireMeasurement(msgspec.Struct, gc=False):
@@ -297,30 +303,42 @@ def decode_output_counted(
     """:func:`decode_output`, and how many of the records are error records.
 
     With ``max_records``, an input message about which the guest wrote more lines than that
-    gets one error record instead of its records (docs/plugin-abi.md, "Limits and failure");
-    the other messages keep theirs. ``found``, when given, is filled in (:class:`Decoded`).
+    gets one error record instead of its records, after the other records (docs/plugin-abi.md,
+    "Limits and failure"); the other messages keep theirs; the dropped lines are never made
+    into records. ``found``, when given, is filled in (:class:`Decoded`).
     """
     if not data:
         return [], 0
     if len(data) > MAX_LINE and _has_long_line(data):
         _check_line_lengths(data, plugin)  # raises, naming the line
     cap = _NO_LIMIT if max_records is None else max_records
+    # More lines than every message may have: refused before any is decoded (a line is at
+    # least one byte, so only an output longer than that many bytes needs the count).
+    most = cap * len(messages)
+    if len(data) > most:
+        nlines = data.count(b"\n") + (data[-1:] != b"\n")
+        if nlines > most:
+            raise TooManyRecords(
+                plugin,
+                f"output limit: {nlines} lines for {len(messages)} input message(s) "
+                f"(max_records_per_message is {cap})",
+            )
     try:
         plain = _decode_plain(data)
     except (msgspec.DecodeError, UnicodeDecodeError):
         return _decode_general(data, messages, plugin, indices, cap=cap, found=found)
     # Fast path: every line is a measurement about an input message; only the upper bound
-    # of ``i`` is left to check, once per run of lines about the same message. The records
-    # per message are counted only when the whole output has more lines than one message may
-    # have (then per run of lines, not per line).
+    # of ``i`` is left to check, once per run of lines about the same message. Records per
+    # message are counted only when the output has more lines than one message may have.
     n = len(messages)
+    over = _over_cap(plain, n, cap) if len(plain) > cap else None
+    if over:
+        plain = [ln for ln in plain if ln.i not in over]
     out: list[Measurement | ErrorRecord] = []
     append = out.append
     last = -1
     device = source = ""
     ts = 0.0
-    counts: list[int] | None = [0] * n if len(plain) > cap else None
-    start = 0
     for ln in plain:
         i = ln.i
         if i != last:
@@ -328,10 +346,6 @@ def decode_output_counted(
                 return _decode_general(
                     data, messages, plugin, indices, cap=cap, found=found
                 )  # reports it
-            if counts is not None:
-                if last >= 0:
-                    counts[last] += len(out) - start
-                start = len(out)
             m = messages[i]
             device, ts, source, last = m.device, m.ts, m.source, i
         append(
@@ -345,21 +359,10 @@ def decode_output_counted(
                 source=source,
             )
         )
-    if counts is not None:
-        counts[last] += len(out) - start
-        if max(counts) > cap:
-            return _over_limit(
-                out,
-                list(map(_get_i, plain)),
-                counts=counts,
-                cap=cap,
-                messages=messages,
-                plugin=plugin,
-                indices=indices,
-                found=found,
-            )
     if indices is not None:
         indices.extend(map(_get_i, plain))
+    if over:
+        return _over_records(out, over, 0, cap, messages, plugin, indices, found)
     return out, 0
 
 
@@ -373,14 +376,14 @@ def _decode_general(
     found: Decoded | None = None,
 ) -> tuple[list[Measurement | ErrorRecord], int]:
     """Any valid output (error lines, device and ts of a line's own); names what is wrong."""
-    lines: Sequence[OutputLine]
+    decoded: Sequence[OutputLine]
     try:
-        lines = _decode_known(data)
+        decoded = _decode_known(data)
     except (msgspec.DecodeError, UnicodeDecodeError):
         # another key, or malformed: the tolerant decoder skips values, so it recurses
         _check_depth(data, plugin)
         try:
-            lines = _decode_lines(data)
+            decoded = _decode_lines(data)
         except msgspec.DecodeError as exc:
             raise PluginABIError(plugin, _describe_decode_error(data, exc)) from None
         except UnicodeDecodeError:
@@ -390,6 +393,8 @@ def _decode_general(
         except MemoryError:
             raise PluginABIError(plugin, "output is too large to decode") from None
     n = len(messages)
+    over = _over_cap(decoded, n, cap) if len(decoded) > cap else None
+    lines = [ln for ln in decoded if ln.i not in over] if over else decoded
     out: list[Measurement | ErrorRecord] = []
     append = out.append
     errors = 0
@@ -397,28 +402,22 @@ def _decode_general(
     device = source = ""
     ts = 0.0
     lo, hi = _INT64
-    counts: list[int] | None = [0] * n if len(lines) > cap else None
-    start = 0
     for ln in lines:
         i = ln.i
         if i != last:
             if not 0 <= i < n:
-                k = _index_of(lines, ln)
+                k = _index_of(decoded, ln)
                 raise PluginABIError(
                     plugin,
                     f'output line {_line_no(data, k)}: "i": {i} is outside the batch (0..{n - 1})',
                 )
-            if counts is not None:
-                if last is not None:
-                    counts[last] += len(out) - start
-                start = len(out)
             m = messages[i]
             device, ts, source, last = m.device, m.ts, m.source, i
         if ln.error is None:
             name = ln.name
             value = ln.value
             if name is None or value is None or (type(value) is int and not lo <= value <= hi):
-                raise PluginABIError(plugin, _describe_bad_line(data, _index_of(lines, ln), ln))
+                raise PluginABIError(plugin, _describe_bad_line(data, _index_of(decoded, ln), ln))
             append(
                 Measurement(
                     device=device if ln.device is None else ln.device,
@@ -442,75 +441,55 @@ def _decode_general(
                     plugin=plugin,
                 )
             )
-    if counts is not None and last is not None:
-        counts[last] += len(out) - start
-        if max(counts) > cap:
-            return _over_limit(
-                out,
-                list(map(_get_i, lines)),
-                counts=counts,
-                cap=cap,
-                messages=messages,
-                plugin=plugin,
-                indices=indices,
-                found=found,
-            )
+    if indices is not None:
+        indices.extend(map(_get_i, lines))
+    if over:
+        return _over_records(out, over, errors, cap, messages, plugin, indices, found)
     if found is not None:
         found.errors = found.guest_errors = errors
         found.over = {}
-    if indices is not None:
-        indices.extend(map(_get_i, lines))
     return out, errors
 
 
-def _over_limit(
+def _over_cap(lines: Sequence[_PlainLine | OutputLine], n: int, cap: int) -> dict[int, int]:
+    """Input index -> line count, of the messages of the batch with more than ``cap`` lines."""
+    counts = Counter(map(_get_i, lines))
+    return {i: c for i, c in counts.items() if c > cap and 0 <= i < n}
+
+
+def _over_records(  # noqa: PLR0917 - one caller per decoder, both right above
     out: list[Measurement | ErrorRecord],
-    line_i: list[int],
-    *,
-    counts: list[int],
+    over: dict[int, int],
+    guest_errors: int,
     cap: int,
     messages: Sequence[Reading | Measurement],
     plugin: str,
     indices: list[int] | None,
     found: Decoded | None,
 ) -> tuple[list[Measurement | ErrorRecord], int]:
-    """Replace the records of every message over ``cap`` by one error record, where its first
-    record was (error path only)."""
-    over = {i: c for i, c in enumerate(counts) if c > cap}
-    kept: list[Measurement | ErrorRecord] = []
-    kept_i: list[int] = []
-    guest_errors = 0
-    for rec, i in zip(out, line_i, strict=True):
-        c = over.get(i)
-        if c is None:
-            kept.append(rec)
-            kept_i.append(i)
-            if type(rec) is ErrorRecord:
-                guest_errors += 1
-        elif c > 0:
-            over[i] = -c  # its error record is made: drop the rest
-            m = messages[i]
-            kept.append(
-                ErrorRecord(
-                    stage="plugin",
-                    source=m.source,
-                    device=m.device,
-                    ts=m.ts,
-                    error=(
-                        f"output limit: {c} records for one input message "
-                        f"(max_records_per_message is {cap}); its records were dropped"
-                    ),
-                    plugin=plugin,
-                )
+    """One error record for each message whose lines were dropped (after the other records)."""
+    for i, c in over.items():
+        m = messages[i]
+        out.append(
+            ErrorRecord(
+                stage="plugin",
+                source=m.source,
+                device=m.device,
+                ts=m.ts,
+                error=(
+                    f"output limit: {c} records for one input message "
+                    f"(max_records_per_message is {cap}); its records were dropped"
+                ),
+                plugin=plugin,
             )
-            kept_i.append(i)
+        )
+    if indices is not None:
+        indices.extend(over)
     if found is not None:
-        found.over = {i: -c for i, c in over.items()}
+        found.over = over
         found.guest_errors = guest_errors
         found.errors = guest_errors + len(over)
-    if indices is not None:
-        indices.extend(kept_i)
-    return kept, guest_errors + len(over)
+    return out, guest_errors + len(over)
 
 
 # --- error path helpers (never on the hot path) ------------------------------------------------

@@ -48,7 +48,13 @@ from flux_edge.errors import (
 from flux_edge.logs import RateLimitedLog
 from flux_edge.model import Command, ErrorRecord, Measurement, Reading
 from flux_edge.plugins import ffi
-from flux_edge.plugins.abi import BatchEncodeError, Decoded, decode_output_counted, encode_batch
+from flux_edge.plugins.abi import (
+    BatchEncodeError,
+    Decoded,
+    TooManyRecords,
+    decode_output_counted,
+    encode_batch,
+)
 from flux_edge.plugins.cache import ModuleCache
 from flux_edge.plugins.instance import (
     INIT_TIMEOUT_MIN,
@@ -391,6 +397,12 @@ class Plugin:
             )
         except Fault as f:
             result = self._failed(messages, f, indices, mark)
+        except TooManyRecords as exc:
+            if indices is not None:
+                del indices[mark:]
+            text = _abi_text(exc, self.name, "")
+            result = self._fail_all(messages, text, indices, "records")
+            self._ratelog.warning("records", "plugin %r: %s", self.name, text)
         except PluginABIError as exc:
             result = self._failed(messages, Fault("abi", _abi_text(exc, self.name)), indices, mark)
         except Exception as exc:  # noqa: BLE001 - contained: a host bug must fail this batch only
@@ -634,7 +646,7 @@ def _module_shape(name: str, path: Path) -> ModuleShape:
     return check_memories(name, binary)
 
 
-def _abi_text(exc: PluginABIError, name: str) -> str:
+def _abi_text(exc: PluginABIError, name: str, head: str = "ABI error: ") -> str:
     text = str(exc)
     prefix = f"plugin {name!r}: "
-    return "ABI error: " + (text[len(prefix) :] if text.startswith(prefix) else text)
+    return head + (text[len(prefix) :] if text.startswith(prefix) else text)

@@ -46,6 +46,7 @@ GOLDEN_PLUGINS = {
     "sml": PLUGINS / "sml",
     "iec62056": PLUGINS / "iec62056",
     "mbus": PLUGINS / "mbus",
+    "sparkplug_b": PLUGINS / "sparkplug_b",
     "c_scale": PLUGINS / "examples" / "c_scale",
 }
 
@@ -1096,3 +1097,81 @@ def test_mbus_fuzz_damaged_frames_and_noise(wasm: dict[str, Path], data: st.Data
         assert all(("error" in o) or ("name" in o) for o in out)
     names = [o.get("name") for o in _bytes_run(wasm, "mbus", b"\xe5" + good)]
     assert names[-2:] == ["energy_t1", "error_flags"]
+
+
+# --- sparkplug_b: fuzz and properties ---------------------------------------------------------
+
+SPB = _load_encoder("sparkplug_b")
+
+_SPB_TYPES = {
+    SPB.INT8: st.integers(-(2**7), 2**7 - 1),
+    SPB.INT16: st.integers(-(2**15), 2**15 - 1),
+    SPB.INT32: st.integers(-(2**31), 2**31 - 1),
+    SPB.INT64: st.integers(-(2**63), 2**63 - 1),
+    SPB.UINT8: st.integers(0, 2**8 - 1),
+    SPB.UINT16: st.integers(0, 2**16 - 1),
+    SPB.UINT32: st.integers(0, 2**32 - 1),
+    SPB.UINT64: st.integers(0, 2**63 - 1),
+    SPB.FLOAT: st.floats(width=32, allow_nan=False, allow_infinity=False),
+    SPB.DOUBLE: st.floats(allow_nan=False, allow_infinity=False),
+    SPB.BOOLEAN: st.booleans(),
+    SPB.STRING: st.text(),
+}
+
+
+def _spb_run(wasm: dict[str, Path], lines: list[tuple[str, bytes]]) -> list[Any]:
+    rows = [
+        {"device": "b", "ts": 1.0, "topic": t, "payload_b64": base64.b64encode(p).decode()}
+        for t, p in lines
+    ]
+    return _Runner(wasm["sparkplug_b"], {"online": False}).records(rows)
+
+
+@PROPS
+@given(
+    metrics=st.lists(
+        st.sampled_from(sorted(_SPB_TYPES)).flatmap(
+            lambda t: st.tuples(st.just(t), _SPB_TYPES[t], st.integers(0, 2**64 - 1))
+        ),
+        min_size=1,
+        max_size=8,
+        unique_by=lambda m: m[2],
+    ),
+    ts=st.integers(0, 2**42),
+)
+def test_sparkplug_b_decodes_random_metrics(
+    wasm: dict[str, Path], metrics: list[tuple[int, Any, int]], ts: int
+) -> None:
+    birth = SPB.payload(
+        ts, [SPB.metric(v, t, f"m{k}", alias=a) for k, (t, v, a) in enumerate(metrics)]
+    )
+    data = SPB.payload(ts + 1, [SPB.metric(v, t, alias=a) for t, v, a in metrics])
+    out = _spb_run(wasm, [("spBv1.0/g/NBIRTH/e", birth), ("spBv1.0/g/NDATA/e", data)])
+
+    def expect(t: int, v: Any) -> Any:
+        if t == SPB.FLOAT:  # the f32's shortest decimal that reads back as the same f32
+            f32 = struct.unpack("<f", struct.pack("<f", v))[0]
+            for digits in range(1, 10):
+                text = f"{f32:.{digits}g}"
+                if struct.unpack("<f", struct.pack("<f", float(text)))[0] == f32:
+                    return float(text)
+        return v
+
+    want = [(f"m{k}", expect(t, v)) for k, (t, v, _) in enumerate(metrics)]
+    assert [(o["name"], o["value"]) for o in out] == want + want
+    assert all(o["device"] == "e" for o in out)
+    assert [o["ts"] for o in out] == [ts / 1000] * len(want) + [(ts + 1) / 1000] * len(want)
+
+
+@PROPS
+@given(data=st.data())
+def test_sparkplug_b_fuzz_random_payloads(wasm: dict[str, Path], data: st.DataObject) -> None:
+    noise = data.draw(st.binary(max_size=300))
+    topics = ["spBv1.0/g/NBIRTH/e", "spBv1.0/g/DDATA/e/d", "spBv1.0/g/NDEATH/e", "x/y"]
+    good = SPB.payload(5, [SPB.metric(1.5, SPB.DOUBLE, "a", alias=1)])
+    # random bytes as a payload, as a metric, and after a good one
+    lines = [(t, noise) for t in topics]
+    lines += [("spBv1.0/g/NDATA/e", SPB.payload(1, [noise, noise[:7]]))]
+    lines += [("spBv1.0/g/NBIRTH/e", good + noise)]
+    out = _spb_run(wasm, lines)
+    assert all(("error" in o) or ("name" in o) for o in out)

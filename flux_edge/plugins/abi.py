@@ -297,7 +297,7 @@ def decode_output_counted(
     plugin: str,
     *,
     indices: list[int] | None = None,
-    max_records: int | None = None,
+    max_records: int = _NO_LIMIT,
     found: Decoded | None = None,
 ) -> tuple[list[Measurement | ErrorRecord], int]:
     """:func:`decode_output`, and how many of the records are error records.
@@ -311,18 +311,10 @@ def decode_output_counted(
         return [], 0
     if len(data) > MAX_LINE and _has_long_line(data):
         _check_line_lengths(data, plugin)  # raises, naming the line
-    cap = _NO_LIMIT if max_records is None else max_records
-    # More lines than every message may have: refused before any is decoded (a line is at
-    # least one byte, so only an output longer than that many bytes needs the count).
-    most = cap * len(messages)
-    if len(data) > most:
-        nlines = data.count(b"\n") + (data[-1:] != b"\n")
-        if nlines > most:
-            raise TooManyRecords(
-                plugin,
-                f"output limit: {nlines} lines for {len(messages)} input message(s) "
-                f"(max_records_per_message is {cap})",
-            )
+    cap = max_records
+    n = len(messages)
+    if len(data) > cap * n:  # then there may be more lines than every message may have
+        _check_line_count(data, n, cap, plugin)
     try:
         plain = _decode_plain(data)
     except (msgspec.DecodeError, UnicodeDecodeError):
@@ -330,10 +322,11 @@ def decode_output_counted(
     # Fast path: every line is a measurement about an input message; only the upper bound
     # of ``i`` is left to check, once per run of lines about the same message. Records per
     # message are counted only when the output has more lines than one message may have.
-    n = len(messages)
-    over = _over_cap(plain, n, cap) if len(plain) > cap else None
-    if over:
-        plain = [ln for ln in plain if ln.i not in over]
+    over = None
+    if len(plain) > cap:
+        over = _over_cap(plain, n, cap)
+        if over:
+            plain = [ln for ln in plain if ln.i not in over]
     out: list[Measurement | ErrorRecord] = []
     append = out.append
     last = -1
@@ -449,6 +442,18 @@ def _decode_general(
         found.errors = found.guest_errors = errors
         found.over = {}
     return out, errors
+
+
+def _check_line_count(data: bytes, n: int, cap: int, plugin: str) -> None:
+    """Refuse an output with more lines than ``cap`` for each of the ``n`` messages, before
+    any is decoded (a line is at least one byte: only a long output needs the count)."""
+    nlines = data.count(b"\n") + (data[-1:] != b"\n")
+    if nlines > cap * n:
+        raise TooManyRecords(
+            plugin,
+            f"output limit: {nlines} lines for {n} input message(s) "
+            f"(max_records_per_message is {cap})",
+        )
 
 
 def _over_cap(lines: Sequence[_PlainLine | OutputLine], n: int, cap: int) -> dict[int, int]:

@@ -626,8 +626,13 @@ class MqttClient(InboundMixin):
         # paho reads one packet per call. While calls keep delivering messages (or bytes wait
         # in our buffer, which the selector cannot see), read on, up to _READ_BURST packets;
         # the first call that delivers none ends the burst.
+        fast = self.fast_path
         for _ in range(_READ_BURST):
             before = stats.received
+            if fast and not self._buffered and between_packets(c):
+                filled = self._fill()
+                if filled is False:
+                    break  # nothing waiting: the selector tells us when there is
             if self._buffered and between_packets(c):
                 self._fast_publishes()
                 if self._paused:

@@ -109,6 +109,23 @@ class InboundMixin:
         if n:
             mark_received(self._paho, time.monotonic())  # paho's keepalive clock
 
+    def _fill(self) -> bool | None:
+        """Read the socket into the empty buffer, so that the PUBLISH packets of this readiness
+        event reach the fast path (without this, paho's own first recv would fill the buffer
+        and decode its packet itself: with one packet per event, every one of them). True: bytes
+        were read; False: none waiting (EAGAIN); None: end of stream or an error, which paho's
+        next read meets and handles as it always does."""
+        try:
+            data = self._recv_raw(RECV_CHUNK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return None
+        if not data:
+            return None
+        self._rbuf, self._rpos = data, 0
+        return True
+
     @property
     def _buffered(self) -> bool:
         return self._rpos < len(self._rbuf)

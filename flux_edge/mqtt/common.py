@@ -77,6 +77,7 @@ class MqttStats:
     connect_failures: int = 0  # attempts that failed
     disconnects: int = 0  # established connections that were lost
     received: int = 0  # messages delivered to handlers
+    fast_decoded: int = 0  # of them, PUBLISH packets decoded by our codec, not by paho
     unhandled: int = 0  # messages that matched no subscription
     handler_errors: int = 0
     published: int = 0  # publishes completed

@@ -107,6 +107,7 @@ class InboundMixin:
             if self._rbuf is not buf:  # the handler ended the connection
                 return
         if n:
+            self.stats.fast_decoded += n
             mark_received(self._paho, time.monotonic())  # paho's keepalive clock
 
     def _fill(self) -> bool | None:

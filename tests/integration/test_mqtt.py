@@ -656,3 +656,34 @@ def test_bad_source_config_is_a_source_error(broker: Mosquitto) -> None:
         MqttSourceClient("x", mqtt_source(broker, ("a", 0), device_from_topic="a/b"), Collector())
     with pytest.raises(SourceError, match="must fill a whole level"):
         MqttSourceClient("x", mqtt_source(broker, ("a/b#", 0)), Collector())
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_one_message_per_read_still_takes_the_fast_path(broker: Mosquitto, qos: int) -> None:
+    # regression: the fast path ran only on bytes already buffered, so a message arriving on
+    # its own (one PUBLISH per readiness event, the usual case below saturation) was decoded by
+    # paho at ~20x the cost
+    async def scenario() -> tuple[int, int]:
+        got: list[bytes] = []
+        one = asyncio.Event()
+        sub = MqttClient("sub", broker.host, broker.port, reconnect_min=0.05)
+
+        def handler(topic: str, payload: bytes, q: int, retain: bool) -> None:
+            got.append(payload)
+            one.set()
+
+        sub.subscribe("t/#", qos, handler)
+        await sub.connect(timeout=5)
+        await sub.wait_subscribed("t/#")
+        pub = await publisher(broker)
+        for i in range(20):  # each waits for the previous to arrive: one packet per read
+            one.clear()
+            await pub.publish(f"t/{i}", str(i).encode(), qos=qos)
+            await asyncio.wait_for(one.wait(), 5)
+        stats = sub.stats
+        await pub.close()
+        await sub.close()
+        return stats.received, stats.fast_decoded
+
+    received, fast = run(scenario())
+    assert received == 20 and fast == 20

@@ -18,6 +18,31 @@ enum Unknown {
 
 pub struct Config {
     unknown: Unknown,
+    /// FIELDS' labels sorted, with their index: a binary search instead of a scan of 64 labels
+    by_label: Vec<(&'static [u8], usize)>,
+    /// the output key (name + unit, JSON-encoded once) of each of FIELDS
+    keys: Vec<Key>,
+    /// the values of one block, kept between calls (no allocation per block)
+    values: Vec<(usize, Num)>,
+}
+
+/// A parsed value; text borrows from the input, so it is kept as a range.
+#[derive(Clone, Copy)]
+enum Num {
+    F(f64),
+    I(i64),
+    B(bool),
+    /// start and end of the text in the block body
+    T(usize, usize),
+}
+
+impl Config {
+    fn new(unknown: Unknown) -> Config {
+        let mut by_label: Vec<(&'static [u8], usize)> = FIELDS.iter().enumerate().map(|(i, f)| (f.0.as_bytes(), i)).collect();
+        by_label.sort_unstable();
+        let keys = FIELDS.iter().map(|f| Key::new(f.1, f.2)).collect();
+        Config { unknown, by_label, keys, values: Vec::with_capacity(32) }
+    }
 }
 
 fn init(cfg: &Json) -> Result<Config, String> {
@@ -34,7 +59,7 @@ fn init(cfg: &Json) -> Result<Config, String> {
         Some(Json::String(s)) if s == "error" => Unknown::Error,
         Some(v) => return Err(format!("unknown must be \"skip\", \"text\" or \"error\", got {}", v)),
     };
-    Ok(Config { unknown })
+    Ok(Config::new(unknown))
 }
 
 /// How a label's value is read.
@@ -117,8 +142,8 @@ const FIELDS: &[(&str, &str, &str, Kind)] = &[
     ("BMV", "model", "", Kind::Text),
 ];
 
-fn lookup(label: &[u8]) -> Option<&'static (&'static str, &'static str, &'static str, Kind)> {
-    FIELDS.iter().find(|f| f.0.as_bytes() == label)
+fn lookup(cfg: &Config, label: &[u8]) -> Option<usize> {
+    cfg.by_label.binary_search_by(|(l, _)| (*l).cmp(label)).ok().map(|k| cfg.by_label[k].1)
 }
 
 fn int(text: &str) -> Option<i64> {
@@ -139,59 +164,100 @@ fn shown(b: &[u8]) -> String {
 }
 
 /// Decodes the lines of one checked block (`body`: without the Checksum line).
-fn block(cfg: &Config, body: &[u8], out: &mut Output) -> Result<(), String> {
+fn block(cfg: &mut Config, body: &[u8], out: &mut Output) -> Result<(), String> {
     // Parse everything first: a block decodes as a whole or not at all.
-    let mut values: Vec<(&'static str, &'static str, Value<'_>)> = Vec::new();
-    let mut unknown: Vec<(&str, &str)> = Vec::new();
-    for line in body.split(|&c| c == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l)) {
-        if line.is_empty() {
-            continue;
+    let mut values = core::mem::take(&mut cfg.values);
+    values.clear();
+    let r = parse_block(cfg, body, &mut values);
+    if r.is_ok() {
+        for &(i, v) in &values {
+            let key = &cfg.keys[i];
+            match v {
+                Num::F(x) => out.put(key, x),
+                Num::I(x) => out.put(key, x),
+                Num::B(x) => out.put(key, x),
+                // the text was checked as UTF-8 while parsing
+                Num::T(a, b) => out.put(key, core::str::from_utf8(&body[a..b]).unwrap_or("")),
+            }
         }
+        if cfg.unknown == Unknown::Text {
+            for line in lines(body) {
+                if let Some(tab) = line.iter().position(|&c| c == b'\t') {
+                    if lookup(cfg, &line[..tab]).is_none() {
+                        let label = core::str::from_utf8(&line[..tab]).unwrap_or("");
+                        let text = core::str::from_utf8(&line[tab + 1..]).unwrap_or("");
+                        let name: String = label.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
+                        out.measurement(&format!("ve_{}", name), text, "");
+                    }
+                }
+            }
+        }
+    }
+    cfg.values = values;
+    r
+}
+
+fn lines(body: &[u8]) -> impl Iterator<Item = &[u8]> {
+    body.split(|&c| c == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l)).filter(|l| !l.is_empty())
+}
+
+fn parse_block(cfg: &Config, body: &[u8], values: &mut Vec<(usize, Num)>) -> Result<(), String> {
+    let base = body.as_ptr() as usize;
+    for line in lines(body) {
         let tab = line.iter().position(|&c| c == b'\t').ok_or_else(|| format!("line {:?} has no tab between label and value", shown(line)))?;
         let (label, raw) = (&line[..tab], &line[tab + 1..]);
         let text = core::str::from_utf8(raw).map_err(|_| format!("the value of {} is not text", shown(label)))?;
-        match lookup(label) {
-            Some(&(_, name, unit, kind)) => {
+        match lookup(cfg, label) {
+            Some(i) => {
+                let (_, name, _, kind) = FIELDS[i];
                 let value = match kind {
                     Kind::Num(divisor) => match text.parse::<i64>() {
                         // TTG -1 (the battery is not discharging): infinite, not a number of minutes
                         Ok(-1) if name == "time_to_go" => continue,
-                        Ok(v) => Value::F64(v as f64 / divisor),
+                        Ok(v) => Num::F(v as f64 / divisor),
                         // "---": not available (for instance T without a temperature sensor)
                         Err(_) if text.starts_with("---") => continue,
                         Err(_) => return Err(format!("{}: {:?} is not an integer", shown(label), text)),
                     },
                     Kind::OnOff => match text {
-                        "ON" => Value::Bool(true),
-                        "OFF" => Value::Bool(false),
+                        "ON" => Num::B(true),
+                        "OFF" => Num::B(false),
                         _ => return Err(format!("{}: {:?} is not ON or OFF", shown(label), text)),
                     },
-                    Kind::Int => Value::I64(int(text).ok_or_else(|| format!("{}: {:?} is not an integer", shown(label), text))?),
-                    Kind::Text => Value::Str(text),
+                    Kind::Int => Num::I(int(text).ok_or_else(|| format!("{}: {:?} is not an integer", shown(label), text))?),
+                    Kind::Text => {
+                        let start = raw.as_ptr() as usize - base;
+                        Num::T(start, start + raw.len())
+                    }
                 };
-                values.push((name, unit, value));
+                values.push((i, value));
             }
             None => {
                 let label = core::str::from_utf8(label).map_err(|_| format!("label {} is not text", shown(label)))?;
-                match cfg.unknown {
-                    Unknown::Skip => {}
-                    Unknown::Text => unknown.push((label, text)),
-                    Unknown::Error => return Err(format!("unknown label {:?} (set unknown = \"skip\" or \"text\")", label)),
+                if cfg.unknown == Unknown::Error {
+                    return Err(format!("unknown label {:?} (set unknown = \"skip\" or \"text\")", label));
                 }
             }
         }
-    }
-    for (name, unit, value) in values {
-        out.measurement(name, value, unit);
-    }
-    for (label, text) in unknown {
-        let name: String = label.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).collect();
-        out.measurement(&format!("ve_{}", name), text, "");
     }
     Ok(())
 }
 
 const CHECKSUM: &[u8] = b"\r\nChecksum\t";
+
+/// Offset of the first `\r\nChecksum\t` in `b`: a test of the first byte at each position
+/// before the whole comparison (`windows().position()` compared 11 bytes everywhere).
+fn find_checksum(b: &[u8]) -> Option<usize> {
+    let n = CHECKSUM.len();
+    let mut i = 0;
+    while i + n <= b.len() {
+        if b[i] == b'\r' && b[i + 1] == b'\n' && b[i + 2] == b'C' && &b[i..i + n] == CHECKSUM {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
 
 fn process(cfg: &mut Config, m: &Message, out: &mut Output) -> Result<(), String> {
     if m.kind != KIND_BYTES {
@@ -213,7 +279,7 @@ fn process(cfg: &mut Config, m: &Message, out: &mut Output) -> Result<(), String
         if !b[p..].starts_with(b"\r\n") {
             // The rest of a block whose start was lost: skip it, up to its Checksum line.
             let line_end = b[p..].windows(2).position(|w| w == b"\r\n").map_or(b.len(), |i| p + i);
-            let next = match b[p..].windows(CHECKSUM.len()).position(|w| w == CHECKSUM) {
+            let next = match find_checksum(&b[p..]) {
                 Some(i) => (p + i + CHECKSUM.len() + 1).min(b.len()),
                 None => line_end,
             };
@@ -226,7 +292,7 @@ fn process(cfg: &mut Config, m: &Message, out: &mut Output) -> Result<(), String
             p = next;
             continue;
         }
-        let end = match b[p..].windows(CHECKSUM.len()).position(|w| w == CHECKSUM) {
+        let end = match find_checksum(&b[p..]) {
             Some(i) if p + i + CHECKSUM.len() < b.len() => p + i + CHECKSUM.len() + 1,
             _ => {
                 out.error(format_args!("incomplete block at byte {}: no Checksum line after {:?}", p, shown(&b[p..])));
@@ -268,7 +334,7 @@ mod tests {
     }
 
     fn run(payload: &[u8]) -> String {
-        let cfg = Config { unknown: Unknown::Skip };
+        let cfg = Config::new(Unknown::Skip);
         let mut buf = Vec::new();
         {
             let mut out = Output::new(&mut buf, 0);

@@ -24,7 +24,13 @@ pub struct Config {
     names: Vec<(String, String)>,
     /// the bytes of one message with bit 7 cleared, kept between calls
     buf: Vec<u8>,
+    /// address and unit as sent -> output key and "always text"; a meter sends the same data
+    /// sets in the same order, so the next entry is tried first
+    keys: Vec<(String, String, Key, bool)>,
 }
+
+/// Keys kept at most (a readout has a few dozen data sets).
+const MAX_KEYS: usize = 256;
 
 /// `1-0:1.8.0*255` -> `1.8.0`: the `*255` / `&255` of the current value and the `1-0:` of
 /// electricity channel 0 are dropped, so "1-0:1.8.0*255" and "1.8.0" are the same code.
@@ -63,7 +69,7 @@ fn init(cfg: &Json) -> Result<Config, String> {
         }
         Some(v) => return Err(format!("names must be a table of address = name, got {}", v)),
     }
-    Ok(Config { strings, require_bcc, names, buf: Vec::new() })
+    Ok(Config { strings, require_bcc, names, buf: Vec::new(), keys: Vec::new() })
 }
 
 /// Addresses (after [`norm`]) -> names: OBIS C.D.E of electricity, and the common service
@@ -183,8 +189,9 @@ fn shown(b: &[u8]) -> String {
 
 /// Decodes the data lines of one checked readout; a line it cannot read is one error and the
 /// other lines still count.
-fn data_block(cfg: &Config, block: &[u8], out: &mut Output) {
+fn data_block(cfg: &mut Config, block: &[u8], out: &mut Output) {
     let mut scratch = String::new();
+    let mut hint = 0usize;
     let mut bad = 0;
     for line in block.split(|&c| c == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -239,14 +246,42 @@ fn data_block(cfg: &Config, block: &[u8], out: &mut Output) {
                 Some(star) => (&group[..star], &group[star + 1..]),
                 None => (group, ""),
             };
-            let (name, text) = name_of(cfg, addr, &mut scratch);
             if value.is_empty() {
                 continue;
             }
-            match if text { None } else { value_of(value, unit) } {
-                Some(v) => out.measurement(name, v, unit),
-                None if cfg.strings => out.measurement(name, value, unit),
-                None => {}
+            let same = |k: &(String, String, Key, bool)| k.0 == addr && k.1 == unit;
+            let at = match cfg.keys.get(hint) {
+                Some(k) if same(k) => Some(hint),
+                _ => cfg.keys.iter().position(same),
+            };
+            let at = match at {
+                Some(at) => Some(at),
+                None if cfg.keys.len() < MAX_KEYS => {
+                    let (name, text) = name_of(cfg, addr, &mut scratch);
+                    let key = Key::new(name, unit);
+                    cfg.keys.push((addr.to_string(), unit.to_string(), key, text));
+                    Some(cfg.keys.len() - 1)
+                }
+                None => None,
+            };
+            match at {
+                Some(at) => {
+                    hint = at + 1;
+                    let (_, _, key, text) = &cfg.keys[at];
+                    match if *text { None } else { value_of(value, unit) } {
+                        Some(v) => out.put(key, v),
+                        None if cfg.strings => out.put(key, value),
+                        None => {}
+                    }
+                }
+                None => {
+                    let (name, text) = name_of(cfg, addr, &mut scratch);
+                    match if text { None } else { value_of(value, unit) } {
+                        Some(v) => out.measurement(name, v, unit),
+                        None if cfg.strings => out.measurement(name, value, unit),
+                        None => {}
+                    }
+                }
             }
         }
     }
@@ -271,7 +306,7 @@ fn process(cfg: &mut Config, m: &Message, out: &mut Output) -> Result<(), String
     r
 }
 
-fn readouts(cfg: &Config, b: &[u8], out: &mut Output) -> Result<(), String> {
+fn readouts(cfg: &mut Config, b: &[u8], out: &mut Output) -> Result<(), String> {
     let mut p = 0;
     while p < b.len() {
         // What comes before an identification message: a request or acknowledgement echoed by

@@ -1,17 +1,23 @@
-"""The arm64 appliance image, built by image/build.sh, boots under QEMU to a READY flux-edge.
+"""The arm64 appliance image (Debian trixie, A/B layout), built by image/build.sh, boots under
+QEMU to a READY flux-edge.
 
-(FLUX_EDGE_IMAGE_TEST_ARCHS=arm64,amd64 also builds and boots the amd64 twin, under
-qemu-system-x86_64; by default, and in CI, only the arm64 image is tested.)
+(FLUX_EDGE_IMAGE_TEST_ARCHS=arm64,amd64 also boots the amd64 twin this way, under
+qemu-system-x86_64; by default, and in CI, the amd64 twin is booted by test_ab_update.py, through
+its own boot loader, and this test boots the arm64 image. One build per architecture serves both:
+tests/system/image_support.py.)
 
 A real build (mmdebstrap through qemu-user, the Ansible role through a chroot connection,
-genimage) with ``--test-initramfs``, then a real boot of a copy of the image with its own kernel
-and initrd under ``qemu-system-aarch64 -M virt`` (software emulation). The copy is made 256 MiB
-larger than the built image and gets, without loop devices or mounts, a ``flux-edge.toml`` and
-an ``authorized_keys`` on its FAT partition (mtools) and a test-only unit in its root filesystem
-(``debugfs -w``). The unit, pulled in by ``systemd.wants=`` on the kernel command line, waits for
-flux-edge.service to be active (Type=notify: READY was sent), checks the watchdog is armed, that
-the first-boot units grew the root filesystem and installed the test's configuration (and that
-the daemon runs with it), prints PASS/FAIL lines on the serial console and powers off.
+genimage, the RAUC bundle) with ``--test-initramfs``, then a real boot of a copy of the image with
+slot A's kernel and initrd (from the boot partition's a/, where the Pi firmware finds them) under
+``qemu-system-aarch64 -M virt`` (software emulation: no Pi firmware, so config.txt and tryboot are
+checked as files, not run). The copy is made 256 MiB larger than the built image and gets,
+without loop devices or mounts, a ``flux-edge.toml`` and an ``authorized_keys`` on its FAT
+partition (mtools) and a test-only unit in slot A's root filesystem (``debugfs -w``). The unit,
+pulled in by ``systemd.wants=`` on the kernel command line, waits for flux-edge.service to be
+active (Type=notify: READY was sent), checks the watchdog is armed, that the first-boot units grew
+the data partition and installed the test's configuration on it (and that the daemon runs with
+it), that RAUC sees slot A booted and the health gate confirmed it, prints PASS/FAIL lines on the
+serial console and powers off.
 
 Needs root and the image tools (see image/README.md); skipped without them, except on CI (env
 CI set), where a missing tool is a failure. Everything it starts or creates (qemu, the build's
@@ -25,7 +31,6 @@ import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import tempfile
 import time
@@ -34,20 +39,23 @@ from pathlib import Path
 
 import pytest
 
+from tests.system.image_support import (
+    BUILD_TIMEOUT,
+    COMPATIBLE,
+    DISK_ID,
+    QEMU,
+    built_image,
+    partitions,
+    require_tools,
+)
+from tests.system.image_support import debugfs as _debugfs_at
+
 pytestmark = [pytest.mark.slow, pytest.mark.system]
 
 REPO = Path(__file__).resolve().parents[2]
-BUILD_SH = REPO / "image" / "build.sh"
 DEFAULT_CONFIG = REPO / "image" / "config" / "flux-edge.toml"
 ARCHS = os.environ.get("FLUX_EDGE_IMAGE_TEST_ARCHS", "arm64").split(",")
-TOOLS = ("mmdebstrap", "genimage", "mke2fs", "mkfs.vfat", "mcopy", "mdir", "debugfs", "zstd")
-# how each image boots in QEMU (software emulation: TCG), and its serial console
-QEMU = {
-    "arm64": (["qemu-system-aarch64", "-M", "virt", "-cpu", "cortex-a72"], "ttyAMA0"),
-    "amd64": (["qemu-system-x86_64", "-M", "q35", "-cpu", "max"], "ttyS0"),
-}
 GROW = 256 * 1024 * 1024
-BUILD_TIMEOUT = 900.0
 BOOT_TIMEOUT = 420.0
 MARK = "FLUX-EDGE-IMAGE-TEST:"
 TEST_UNIT = "flux-edge-image-test.service"
@@ -55,36 +63,6 @@ METRICS_PORT = 9191
 # a public key (its private half was thrown away): the SSH import must install it for admin
 TEST_KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILepAJ59ZbkuMvPNUYpDKmxLzV9KC4vgS+YwKwe1X/32 "
             "flux-edge-image-test")
-
-
-def _require_tools(arch: str) -> None:
-    problems = []
-    if os.geteuid() != 0:
-        problems.append("not root")
-    tools = [*TOOLS, QEMU[arch][0][0]] + (["update-binfmts"] if arch == "arm64" else [])
-    problems += [f"{t} missing" for t in tools if shutil.which(t) is None]
-    if not os.access("/proc/sys/fs/binfmt_misc", os.F_OK):
-        problems.append("no binfmt_misc")
-    if problems:
-        msg = "image boot test needs: " + ", ".join(problems)
-        if os.environ.get("CI"):
-            pytest.fail(msg + " (CI: a missing tool is a failure; tools/setup.sh installs them)")
-        pytest.skip(msg)
-
-
-def _partitions(image: Path) -> list[tuple[int, int]]:
-    """(start, size) in bytes of the MBR's primary partitions, read from the image itself."""
-    with image.open("rb") as f:
-        mbr = f.read(512)
-    assert mbr[510:512] == b"\x55\xaa", f"{image}: no MBR boot signature"
-    parts = []
-    for i in range(4):
-        entry = mbr[446 + 16 * i: 446 + 16 * (i + 1)]
-        ptype = entry[4]
-        start, count = struct.unpack_from("<II", entry, 8)
-        if ptype:
-            parts.append((start * 512, count * 512))
-    return parts
 
 
 def _run(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
@@ -119,7 +97,7 @@ WIFI_PASSPHRASE = "correct horse battery"
 HOSTNAME = "fe-test-01"
 
 
-def _script(root_part_size: int) -> str:
+def _script(data_part_size: int, arch: str) -> str:
     """The checks, run on the booted image. Every line of its verdict goes to the console."""
     ssid_hex = WIFI_SSID.encode().hex()
     psk = hashlib.pbkdf2_hmac("sha1", WIFI_PASSPHRASE.encode(), WIFI_SSID.encode(), 4096, 32).hex()
@@ -147,15 +125,43 @@ wd=$(show flux-edge.service WatchdogUSec)
 check "watchdog armed (WatchdogUSec=$wd)" test -n "$wd" -a "$wd" != 0 -a "$wd" != infinity
 check "no restarts" test "$(show flux-edge.service NRestarts)" = 0
 
-# first boot (a): the root partition and filesystem grew to the end of the (larger) disk
-part=$(findmnt -n -o SOURCE /)
+# first boot (a): the data partition grew to the end of the (larger) disk, the root filesystem
+# to its slot partition
+part=$(findmnt -n -o SOURCE /data)
 psize=$(( $(cat /sys/class/block/${{part##*/}}/size) * 512 ))
-fsize=$(df -B1 --output=size / | tail -n 1 | tr -d ' ')
-out "detail root $part: partition $psize bytes (built {root_part_size}), filesystem $fsize bytes"
+fsize=$(df -B1 --output=size /data | tail -n 1 | tr -d ' ')
+out "detail data $part: partition $psize bytes (built {data_part_size}), filesystem $fsize bytes"
 check "growroot ran once (stamp)" test -f /var/lib/flux-edge-image/root-grown
-check "root partition grown by the added 256 MiB" \
-    test "$psize" -ge $(( {root_part_size} + {GROW} - 8388608 ))
-check "root filesystem resized to its partition" test "$fsize" -ge $(( psize * 9 / 10 ))
+check "data partition grown by the added 256 MiB" \
+    test "$psize" -ge $(( {data_part_size} + {GROW} - 8388608 ))
+check "data filesystem resized to its partition" test "$fsize" -ge $(( psize * 9 / 10 ))
+root=$(findmnt -n -o SOURCE /)
+rpsize=$(( $(cat /sys/class/block/${{root##*/}}/size) * 512 ))
+rfsize=$(df -B1 --output=size / | tail -n 1 | tr -d ' ')
+check "root filesystem fills its slot partition" test "$rfsize" -ge $(( rpsize * 9 / 10 ))
+
+# A/B: slot A booted (partition 2), config and state on the data partition, RAUC agrees
+check "root is slot A (PARTUUID {DISK_ID}-02)" \
+    test "$(findmnt -n -o PARTUUID /)" = {DISK_ID}-02
+check "kernel command line names slot A" grep -q 'rauc.slot=A' /proc/cmdline
+for d in /etc/flux-edge /var/lib/flux-edge /home /var/log/journal; do
+    src=$(findmnt -n -o SOURCE "$d")  # a bind mount: /dev/vda4[/flux-edge/etc]
+    check "$d on the data partition ($src)" test "${{src%%\[*}}" = "$part"
+done
+systemctl start flux-edge-health-gate.service
+check "health gate confirmed slot A" test "$(show flux-edge-health-gate.service Result)" = success
+rauc status --output-format=json >/tmp/rauc.json 2>/tmp/rauc.err
+out "detail rauc: $(tr -d '\n' </tmp/rauc.json | cut -c1-400) $(tail -n 2 /tmp/rauc.err)"
+check "rauc: booted A, compatible {COMPATIBLE[arch]}" python3 -c 'import json
+s = json.load(open("/tmp/rauc.json"))
+assert s["booted"] == "A" and s["compatible"] == "{COMPATIBLE[arch]}", s'
+check "flux-edge runs on Python 3.13 (trixie)" \
+    /opt/flux-edge/venv/bin/python -c 'import sys; assert sys.version_info[:2] == (3, 13)'
+check "flux-edge-update status works" /usr/local/sbin/flux-edge-update status
+check "systemd feeds a hardware watchdog (RuntimeWatchdogSec)" \
+    test "$(systemctl show -p RuntimeWatchdogUSec --value)" = 30s
+check "the manual the unit names is installed" \
+    test -s "$(show flux-edge.service Documentation | sed 's|^file://||; s| .*||')"
 
 # first boot (b): flux-edge.toml from the FAT partition checked, installed, removed from the FAT
 check "flux-edge-import.service succeeded" test "$(show flux-edge-import.service Result)" = success
@@ -222,57 +228,16 @@ def workdir() -> Iterator[Path]:
 
 
 def _debugfs(image: Path, offset: int, commands: str, workdir: Path) -> str:
-    cmdfile = workdir / "debugfs.cmds"
-    cmdfile.write_text(commands)
-    res = _run(["debugfs", "-w", "-f", str(cmdfile), f"{image}?offset={offset}"])
-    # debugfs exits 0 even when a command fails: its complaints are on stderr
-    errors = [ln for ln in res.stderr.splitlines()
-              if ln.strip() and not ln.startswith("debugfs ")]
-    assert not errors, f"debugfs: {errors}"
-    return res.stdout
-
-
-def _build(workdir: Path, arch: str) -> tuple[Path, float]:
-    """Run image/build.sh; returns its output directory and how long it took."""
-    out = workdir / "out"
-    t0 = time.monotonic()
-    build_log = workdir / "build.log"
-    with build_log.open("w") as log:
-        proc = subprocess.Popen(
-            [str(BUILD_SH), "--arch", arch, "--test-initramfs", "--out", str(out)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
-        try:
-            rc = proc.wait(timeout=BUILD_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            # TERM to the whole group (mmdebstrap waits out a TERM of its own): build.sh's trap
-            # then disables the binfmt entry it enabled and removes its work directory
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            pytest.fail(f"build did not finish in {BUILD_TIMEOUT:.0f}s:\n"
-                        + build_log.read_text()[-3000:])
-    build_out = build_log.read_text()
-    assert rc == 0, f"image/build.sh failed (exit {rc}):\n{build_out[-4000:]}"
-    return out, time.monotonic() - t0
+    return _debugfs_at(f"{image}?offset={offset}", commands, workdir)
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT + BOOT_TIMEOUT + 180)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_image_boots_to_ready_flux_edge(workdir: Path, arch: str) -> None:
-    _require_tools(arch)
-    name = f"flux-edge-bookworm-{arch}"
-    # FLUX_EDGE_TEST_IMAGE_DIR: boot an image built before (an image/build.sh --test-initramfs
-    # output directory, left unchanged) instead of building one; for iterating on the checks
-    prebuilt = os.environ.get("FLUX_EDGE_TEST_IMAGE_DIR")
-    if prebuilt:
-        out, build_s = Path(prebuilt), float("nan")
-    else:
-        out, build_s = _build(workdir, arch)
-    image = out / f"{name}.img"
+    require_tools(arch)
+    build = built_image(arch)
+    out, build_s, name = build.out, build.seconds, build.name
+    image = build.image
     assert image.is_file() and (out / f"{name}.img.zst").is_file(), sorted(out.iterdir())
     raw_size = image.stat().st_size
     zst_size = (out / f"{name}.img.zst").stat().st_size
@@ -280,13 +245,11 @@ def test_image_boots_to_ready_flux_edge(workdir: Path, arch: str) -> None:
     # --- a larger copy, with the test's files on its FAT and its unit in its root ---------------
     disk = workdir / "disk.img"
     _run(["cp", "--sparse=always", str(image), str(disk)])
-    if not prebuilt:
-        image.unlink()  # keep the disk usage down: only the copy is booted
     with disk.open("r+b") as f:
         f.truncate(raw_size + GROW)
-    parts = _partitions(disk)
-    assert len(parts) == 2, parts
-    (fat_off, _), (root_off, root_size) = parts
+    parts = partitions(disk)
+    assert len(parts) == 4, parts  # boot, slot A, slot B, data
+    (fat_off, _), (root_off, _), _, (_, data_size) = parts
     fat = f"{disk}@@{fat_off}"
     config = workdir / "flux-edge.toml"
     config.write_text(_test_config())
@@ -301,16 +264,30 @@ def test_image_boots_to_ready_flux_edge(workdir: Path, arch: str) -> None:
     for name, content in settings.items():
         (workdir / name).write_bytes(content.encode())
         _run(["mcopy", "-i", fat, str(workdir / name), f"::{name}"])
-    listing = _run(["mdir", "-b", "-i", fat, "::"]).stdout.split()
-    kernel = next(n for n in listing if re.fullmatch(r"::/vmlinuz-.*", n))
-    initrd = next(n for n in listing if re.fullmatch(r"::/initrd\.img-.*", n))
-    _run(["mcopy", "-i", fat, kernel, str(workdir / "vmlinuz")])
-    _run(["mcopy", "-i", fat, initrd, str(workdir / "initrd.img")])
+    if arch == "arm64":
+        # what the Pi firmware reads: config.txt boots slot A's directory, which holds the kernel,
+        # the initrd, cmdline.txt and the device trees of the Pi 3, 4 and 5
+        listing = _run(["mdir", "-b", "-i", fat, "::", "::/a"]).stdout.split()
+        for need in ("::/config.txt", "::/bootcode.bin", "::/start4.elf", "::/fixup4.dat",
+                     "::/a/vmlinuz", "::/a/initrd.img", "::/a/cmdline.txt",
+                     "::/a/bcm2837-rpi-3-b.dtb", "::/a/bcm2711-rpi-4-b.dtb",
+                     "::/a/bcm2712-rpi-5-b.dtb"):
+            assert need in listing, (need, listing)
+        _run(["mcopy", "-i", fat, "::/config.txt", str(workdir / "config.txt")])
+        _run(["mcopy", "-i", fat, "::/a/cmdline.txt", str(workdir / "cmdline.txt")])
+        assert "\nos_prefix=a/\n" in (workdir / "config.txt").read_text()
+        pi_cmdline = (workdir / "cmdline.txt").read_text()
+        assert f"root=PARTUUID={DISK_ID}-02 rauc.slot=A" in pi_cmdline, pi_cmdline
+        _run(["mcopy", "-i", fat, "::/a/vmlinuz", str(workdir / "vmlinuz")])
+        _run(["mcopy", "-i", fat, "::/a/initrd.img", str(workdir / "initrd.img")])
+    else:
+        shutil.copy(out / f"{name}.vmlinuz", workdir / "vmlinuz")
+        shutil.copy(out / f"{name}.initrd.img", workdir / "initrd.img")
 
     unit = workdir / TEST_UNIT
     unit.write_text(_unit())
     script = workdir / "image-test"
-    script.write_text(_script(root_size))
+    script.write_text(_script(data_size, arch))
     _debugfs(disk, root_off, f"""cd /etc/systemd/system
 write {unit} {TEST_UNIT}
 cd /usr/local/lib/flux-edge-image
@@ -331,7 +308,8 @@ sif /etc/systemd/system/{TEST_UNIT} mode 0100644
     console = workdir / "console.log"
     # as the image's cmdline.txt, with the console on the emulated board's UART
     machine, tty = QEMU[arch]
-    cmdline = (f"root=LABEL=RASPIROOT rw fsck.repair=yes net.ifnames=0 rootwait console={tty} "
+    cmdline = (f"root=PARTUUID={DISK_ID}-02 rauc.slot=A rw rootflags=noatime fsck.repair=yes "
+               f"net.ifnames=0 rootwait console={tty} "
                f"panic=-1 systemd.wants={TEST_UNIT}")
     qemu_cmd = [
         *machine, "-smp", "2", "-m", "1024",

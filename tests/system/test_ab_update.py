@@ -107,16 +107,18 @@ class Gateway:
     def sh(self, command: str, check: bool = True, timeout: float = 120) -> str:
         res = subprocess.run(["ssh", *self.ssh_opts, "-i", str(self.key), "-p", str(self.port),
                               "admin@127.0.0.1", "sudo", "sh", "-c", f"'{command}'"],
-                             capture_output=True, text=True, timeout=timeout)
+                             capture_output=True, text=True, timeout=timeout, check=False)
         if check:
-            assert res.returncode == 0, f"{command}: exit {res.returncode}\n{res.stdout}{res.stderr}"
+            assert res.returncode == 0, \
+                f"{command}: exit {res.returncode}\n{res.stdout}{res.stderr}"
         return res.stdout
 
     def wait_ssh(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             res = subprocess.run(["ssh", *self.ssh_opts, "-i", str(self.key), "-p", str(self.port),
-                                  "admin@127.0.0.1", "true"], capture_output=True, timeout=60)
+                                  "admin@127.0.0.1", "true"], capture_output=True, timeout=60,
+                                 check=False)
             if res.returncode == 0:
                 return
             time.sleep(2)
@@ -155,7 +157,7 @@ class Gateway:
             [str(ANSIBLE_PLAYBOOK), "-i", str(inventory), "update.yml",
              "-e", f"flux_edge_update_bundle={bundle}",
              "-e", f"flux_edge_update_health_timeout={HEALTH_TIMEOUT}",
-             "-e", "flux_edge_update_health_stable=10"],
+             "-e", "flux_edge_update_health_stable=10"], check=False,
             cwd=REPO / "ansible", capture_output=True, text=True, timeout=1800,
             env={"PATH": f"{REPO / '.venv' / 'bin'}:/usr/sbin:/usr/bin:/sbin:/bin",
                  "ANSIBLE_NOCOLOR": "1", "ANSIBLE_HOST_KEY_CHECKING": "False"})
@@ -184,7 +186,8 @@ def test_ab_update_rollback_and_refusal_under_qemu(workdir: Path) -> None:
     dropin = workdir / "never-ready.conf"
     dropin.write_text("[Service]\nExecStartPre=\nExecStart=\nExecStart=/bin/sleep infinity\n")
     never = _bundle(build, workdir, "never-ready", _release_edit(workdir, "never-ready")
-                    + f"write {dropin} /etc/systemd/system/flux-edge.service.d/90-never-ready.conf\n")
+                    + f"write {dropin} "
+                    "/etc/systemd/system/flux-edge.service.d/90-never-ready.conf\n")
     rogue = _small_bundle(workdir, rogue_keys)
     bundles_s = time.monotonic() - t0
 

@@ -44,7 +44,7 @@ GOLDEN_PLUGINS = {
     "json_normalize": PLUGINS / "json_normalize",
     "vedirect": PLUGINS / "vedirect",
     "sml": PLUGINS / "sml",
-    "iec62056": PLUGINS / "iec62056",
+    "iec62056_21": PLUGINS / "iec62056_21",
     "mbus": PLUGINS / "mbus",
     "sparkplug_b": PLUGINS / "sparkplug_b",
     "c_scale": PLUGINS / "examples" / "c_scale",
@@ -972,9 +972,9 @@ def test_sml_fuzz_damaged_frames_and_noise(wasm: dict[str, Path], data: st.DataO
     ]  # fmt: skip
 
 
-# --- iec62056: fuzz and properties ------------------------------------------------------------
+# --- iec62056_21: fuzz and properties ------------------------------------------------------------
 
-IEC = _load_encoder("iec62056")
+IEC = _load_encoder("iec62056_21")
 
 
 @PROPS
@@ -992,7 +992,7 @@ IEC = _load_encoder("iec62056")
     framed=st.booleans(),
     parity=st.booleans(),
 )
-def test_iec62056_decodes_random_values(
+def test_iec62056_21_decodes_random_values(
     wasm: dict[str, Path], values: list[tuple[int, int, str, bool]], framed: bool, parity: bool
 ) -> None:
     lines, expected = [], []
@@ -1006,14 +1006,14 @@ def test_iec62056_decodes_random_values(
         expected.append((f"obis_99_{k}_0", int(text) if plain else float(text), unit))
     raw = (IEC.mode_c if framed else IEC.mode_d)("ABC5TEST", lines)
     raw = IEC.even_parity(raw) if parity else raw
-    got = [(o["name"], o["value"], o["unit"]) for o in _bytes_run(wasm, "iec62056", raw)]
+    got = [(o["name"], o["value"], o["unit"]) for o in _bytes_run(wasm, "iec62056_21", raw)]
     assert got == [("ident", "ABC5TEST", ""), *expected]
     assert all(type(g[1]) is type(e[1]) for g, e in zip(got[1:], expected, strict=True))
 
 
 @PROPS
 @given(data=st.data())
-def test_iec62056_fuzz_damaged_readouts_and_noise(
+def test_iec62056_21_fuzz_damaged_readouts_and_noise(
     wasm: dict[str, Path], data: st.DataObject
 ) -> None:
     good = IEC.mode_c("ISk5MT174-0001", IEC.MT174)
@@ -1023,14 +1023,14 @@ def test_iec62056_fuzz_damaged_readouts_and_noise(
     damaged = bytearray(good)
     at = data.draw(st.integers(stx, len(good) - 1))
     damaged[at] ^= data.draw(st.integers(1, 127))
-    out = _bytes_run(wasm, "iec62056", bytes(damaged))
+    out = _bytes_run(wasm, "iec62056_21", bytes(damaged))
     assert out and all("error" in o for o in out), (at, out)
     noise = data.draw(st.binary(max_size=400) | st.text(max_size=200).map(str.encode))
-    _bytes_run(wasm, "iec62056", noise)
-    _bytes_run(wasm, "iec62056", b"/" + noise + b"!\r\n")
-    _bytes_run(wasm, "iec62056", IEC.mode_d("ABC5X", [noise.decode("latin-1")]))
+    _bytes_run(wasm, "iec62056_21", noise)
+    _bytes_run(wasm, "iec62056_21", b"/" + noise + b"!\r\n")
+    _bytes_run(wasm, "iec62056_21", IEC.mode_d("ABC5X", [noise.decode("latin-1")]))
     lead = bytes(c for c in noise[:5] if c & 0x7F != ord("/"))  # noise, not a new "/" line
-    names = [o.get("name") for o in _bytes_run(wasm, "iec62056", lead + good)]
+    names = [o.get("name") for o in _bytes_run(wasm, "iec62056_21", lead + good)]
     assert names[-4:] == ["energy_import_t1", "energy_import_t2", "energy_export", "error_register"]
 
 

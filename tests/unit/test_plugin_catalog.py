@@ -18,7 +18,8 @@ from flux_edge.plugins.tooling import build_plugin
 
 REPO = Path(__file__).resolve().parents[2]
 FOLDERS = ("modbus_decode", "json_normalize", "nmea0183", "examples/c_scale",
-           "examples/vendor_frame", "vedirect", "iec62056_21")  # fmt: skip
+           "examples/vendor_frame", "vedirect", "iec62056_21", "sml", "mbus",
+           "sparkplug_b")  # fmt: skip
 
 
 @pytest.fixture(scope="module")

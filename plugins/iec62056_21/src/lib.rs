@@ -1,4 +1,4 @@
-//! iec62056: IEC 62056-21 (formerly IEC 61107, "D0") readouts from an optical port -> measurements.
+//! iec62056_21: IEC 62056-21 (formerly IEC 61107, "D0") readouts from an optical port -> measurements.
 //! See README.md.
 //!
 //! A readout is an identification message `/XXXZ<ident>CR LF` followed by a data message. In

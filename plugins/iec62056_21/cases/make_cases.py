@@ -1,10 +1,10 @@
-"""Writes the golden inputs of the iec62056 plugin (``*.in.jsonl``): readouts in the format of
+"""Writes the golden inputs of the iec62056_21 plugin (``*.in.jsonl``): readouts in the format of
 IEC 62056-21 (identification message ``/XXXZident`` CR LF; mode C data message STX, data lines
 ``address(value*unit)``, ``!`` CR LF, ETX and the BCC, the XOR of every byte after STX up to and
 including ETX; push mode D without STX, ETX and BCC). The ``*.out.jsonl`` files are the
 plugin's output, checked by hand. tests/integration/test_plugin_golden.py imports this module.
 
-    python3 plugins/iec62056/cases/make_cases.py
+    python3 plugins/iec62056_21/cases/make_cases.py
 
 The readouts are laid out like those of common meters (an Iskra MT174, a Landis+Gyr ZMD, an
 eBZ DD3 pushing in mode D); the identifiers and values are made up.

@@ -145,14 +145,15 @@ def test_infinite_loop_times_out_and_is_quarantined(host: PluginHost) -> None:
 
 
 def test_memory_bomb_traps_at_the_limit(host: PluginHost) -> None:
-    plugin = load(host, "memory_bomb", memory_limit=8 * MiB)
+    plugin = load(host, "memory_bomb", memory_limit=8 * MiB, timeout_s=5.0)
     (err,) = errors_of(plugin.process(batch(1)))
     assert err == "trap: unreachable (linear memory is at its limit of 8 MiB)"
     assert counts(plugin) == ({"trap": 1}, {"trap": 1})
 
 
 def test_memory_bomb_rss_is_bounded_by_the_memory_limit() -> None:
-    r = run_child("memory_bomb", calls=3, memory_limit=64 * MiB)
+    # 1,024 grows and 64 MiB written take longer than 50 ms on a busy machine
+    r = run_child("memory_bomb", calls=3, memory_limit=64 * MiB, timeout_s=5.0)
     assert r["dead"]["trap"] == 9
     # each call wrote all 64 MiB (then the instance went, and its memory with it)
     assert r["peak"] - r["base"] < 64 + 24, r
@@ -207,7 +208,7 @@ def test_the_engine_refuses_them_too(host: PluginHost, name: str) -> None:
 
 
 def test_huge_output_fails_the_call_before_it_is_copied(host: PluginHost) -> None:
-    plugin = load(host, "huge_output")
+    plugin = load(host, "huge_output", timeout_s=2.0)
     errs = errors_of(plugin.process(batch(3)))
     assert (
         errs
@@ -221,10 +222,16 @@ def test_huge_output_fails_the_call_before_it_is_copied(host: PluginHost) -> Non
     assert counts(plugin) == ({"output_bytes": 3}, {"output_bytes": 1})
     # the byte cap is what stopped it; raised, the 12 Mi blank lines meet the line count
     # (blank lines count: a line is at least a byte), and with that raised too, they pass
-    roomy = load(host, "huge_output", max_output_bytes=16 * MiB)
+    roomy = load(host, "huge_output", timeout_s=2.0, max_output_bytes=16 * MiB)
     assert errors_of(roomy.process(batch(3)))[0].startswith("output limit: 12582912 lines")
     assert counts(roomy) == ({"records": 3}, {})
-    roomier = load(host, "huge_output", max_output_bytes=16 * MiB, max_records_per_message=5 * MiB)
+    roomier = load(
+        host,
+        "huge_output",
+        timeout_s=2.0,
+        max_output_bytes=16 * MiB,
+        max_records_per_message=5 * MiB,
+    )
     assert roomier.process(batch(3)) == []
     assert roomier.stats.output_bytes == 12 * MiB
 
@@ -256,7 +263,7 @@ def test_deep_output_is_refused_the_same_way_from_a_deep_stack(host: PluginHost)
 
 
 def test_record_bomb_is_stopped_by_the_output_cap(host: PluginHost) -> None:
-    plugin = load(host, "record_bomb")
+    plugin = load(host, "record_bomb", timeout_s=2.0)
     errs = errors_of(plugin.process(batch(3)))
     assert len(errs) == 3 and all(e.startswith("output limit: flux_process returned") for e in errs)
     assert counts(plugin) == ({"output_bytes": 3}, {"output_bytes": 1})
@@ -264,7 +271,7 @@ def test_record_bomb_is_stopped_by_the_output_cap(host: PluginHost) -> None:
 
 def test_record_bomb_with_room_for_its_bytes_is_too_many_records(host: PluginHost) -> None:
     # 500,002 lines for 3 messages, more than 3 x 4096: refused before a line is decoded
-    plugin = load(host, "record_bomb", max_output_bytes=16 * MiB)
+    plugin = load(host, "record_bomb", timeout_s=2.0, max_output_bytes=16 * MiB)
     errs = errors_of(plugin.process(batch(3)))
     assert (
         errs
@@ -281,7 +288,13 @@ def test_record_bomb_with_room_for_its_bytes_is_too_many_records(host: PluginHos
 
 def test_record_bomb_fails_only_its_message_under_the_records_cap(host: PluginHost) -> None:
     # a cap that the whole output fits (3 x 200,000 lines) but message 0 does not
-    plugin = load(host, "record_bomb", max_output_bytes=16 * MiB, max_records_per_message=200_000)
+    plugin = load(
+        host,
+        "record_bomb",
+        timeout_s=2.0,
+        max_output_bytes=16 * MiB,
+        max_records_per_message=200_000,
+    )
     indices: list[int] = []
     out = plugin.process(batch(3), indices=indices)
     assert [(r.name, r.value) for r in out if isinstance(r, Measurement)] == [("v", 1), ("v", 1)]
@@ -301,6 +314,7 @@ def test_record_bomb_rss_is_bounded(per_message: int) -> None:
     r = run_child(
         "record_bomb",
         calls=2,
+        timeout_s=2.0,
         max_output_bytes=16 * MiB,
         max_records_per_message=per_message,
     )

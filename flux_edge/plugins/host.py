@@ -8,6 +8,13 @@ memory exhaustion and ABI violations turn every message of the batch into an
 :class:`~flux_edge.model.ErrorRecord`, the instance is recycled, and repeated failures quarantine
 the plugin (docs/plugin-abi.md, "Limits and failure").
 
+Budgets per plugin (:class:`PluginLimits`): ``memory_limit`` over its one linear memory and its
+tables together (a module with more memories, or memory64, is refused at load),
+``max_output_bytes`` per call and ``max_records_per_message``. Any failure, the host's own
+included (a MemoryError or RecursionError while decoding), fails only that plugin's batch:
+every record it makes is counted by reason in ``PluginStats.dead_letters``, every failed call
+in ``PluginStats.failed_calls`` (reasons: ``quarantine.REASONS``).
+
 Hot path (one batch): encode (abi.py) -> one slice assignment into a cached memoryview over guest
 memory -> ONE ``flux_process`` call through the C API -> one copy of the output -> decode (abi.py).
 

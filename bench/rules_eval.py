@@ -11,7 +11,13 @@ Rule kinds (``--kinds``): ``plain`` (edge/level, no time), ``timed`` (``for``, `
 a rule's state changes, which this steady stream rarely does). The engine reads the real clock
 (``time.time``), as in production.
 
+Also (``guard``) the per-evaluation overhead of the budget guards in ``Condition.evaluate``
+(input caps on strings and maps, every library exception caught): the same compiled program
+evaluated by a copy of the evaluate of before the guards and by the current one, alternately in
+the same run, and their ratio.
+
     .venv/bin/python bench/rules_eval.py [--seconds 1.0] [--kinds plain,timed,delta,stored]
+        [--guard-only]
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from flux_edge.config import Config, RuleConfig
+from flux_edge.errors import RuleError
 from flux_edge.model import Measurement
 from flux_edge.rules import RuleEngine, compile_condition
 from flux_edge.rules.state import RuleStore
@@ -118,11 +126,75 @@ def bench_engine(n_rules: int, seconds: float, kind: str, state_dir: Path) -> No
     )
 
 
+_MISSING = object()
+
+
+def legacy_evaluate(cond: Any, values: Mapping[str, Any]) -> bool:
+    """``Condition.evaluate`` as it was before the budget guards (type checks, one eval)."""
+    data = values
+    converted: dict[str, Any] | None = None
+    for name, want in cond._checks:
+        v = values.get(name, _MISSING)
+        got = type(v)
+        if got is want:
+            continue
+        if want is float and (got is int or got is bool):
+            if converted is None:
+                data = converted = dict(values)
+            converted[name] = float(v)
+        elif v is _MISSING:
+            raise RuleError(cond.rule, f"evaluation failed: no value for {name!r}")
+        else:
+            raise RuleError(cond.rule, f"evaluation failed: {name!r} is {got.__name__}")
+    try:
+        result = cond._program.eval(data=data).value()
+    except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+        raise RuleError(cond.rule, f"evaluation failed: {exc}") from exc
+    if result is True or result is False:
+        return bool(result)
+    raise RuleError(cond.rule, f"evaluation failed: {result}")
+
+
+def bench_guard(seconds: float) -> None:
+    """Old and new evaluate, alternately (best of 9 rounds each), on three conditions."""
+    cases: list[tuple[str, str, dict[str, str], dict[str, Any]]] = [
+        ("scalars", "temperature > 80 && !pump", {"temperature": "double", "pump": "bool"},
+         {"temperature": 81.0, "pump": False}),
+        ("a string", 'mode == "auto" && temperature > 80.0',
+         {"mode": "string", "temperature": "double"}, {"mode": "auto", "temperature": 81.0}),
+        ("a map of 8", "delta.exists(k, delta[k] > 5.0) && temperature > 80.0",
+         {"delta": "map(double)", "temperature": "double"},
+         {"delta": {f"m{i}": float(i) for i in range(8)}, "temperature": 81.0}),
+    ]  # fmt: skip
+    for label, expr, variables, data in cases:
+        cond = compile_condition("r", expr, variables)
+        old = new = float("inf")
+
+        def before(c: Any = cond, d: dict[str, Any] = data) -> object:
+            return legacy_evaluate(c, d)
+
+        def now(c: Any = cond, d: dict[str, Any] = data) -> object:
+            return c.evaluate(d)
+
+        for _ in range(9):
+            old = min(old, per_call(before, seconds / 9))
+            new = min(new, per_call(now, seconds / 9))
+        print(
+            f"guard, {label:>10}: evaluate before {old * 1e6:5.2f} µs, now {new * 1e6:5.2f} µs, "
+            f"ratio {new / old:.3f} (estimated worst case {cond.cost:,} units)"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="time budget per figure")
     parser.add_argument("--kinds", default="plain,timed,delta,stored", help="rule kinds")
+    parser.add_argument("--guard-only", action="store_true", help="only the guard overhead")
     args = parser.parse_args()
+
+    bench_guard(args.seconds)
+    if args.guard_only:
+        return
 
     cond = compile_condition(
         "r", "temperature > 80 && !pump", {"temperature": "double", "pump": "bool"}

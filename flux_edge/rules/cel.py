@@ -202,6 +202,7 @@ class Condition:
     """A compiled, type-checked boolean expression. Cheap to evaluate (a few µs)."""
 
     __slots__ = (
+        "_cap",
         "_checks",
         "_maps",
         "_program",
@@ -245,7 +246,13 @@ class Condition:
         self.cost = cost.cost if cost is not None else 0
         self.memory = cost.memory if cost is not None else 0
         self._strings = tuple(n for n, t in self.types.items() if t == "string")
-        self._maps = tuple((n, t == "map(dyn)") for n, t in self.types.items() if t in MAP_TYPES)
+        # (map, values may be strings, the keys it is read with or None: any key)
+        self._maps = tuple(
+            (n, t == "map(dyn)", self.fields.get(n))
+            for n, t in self.types.items()
+            if t in MAP_TYPES
+        )
+        self._cap = budget.max_string
 
     def __repr__(self) -> str:
         return f"Condition(rule={self.rule!r}, expression={self.expression!r})"
@@ -278,8 +285,13 @@ class Condition:
                     f"{name!r} is {got.__name__} {v!r:.40}, expected {self.types[name]}",
                     "type",
                 )
-        if self._strings or self._maps:
-            self._check_sizes(data)
+        if self._strings:
+            cap = self._cap
+            for name in self._strings:
+                if len(data[name]) > cap:
+                    raise self._too_long(name, data[name])
+        if self._maps:
+            self._check_maps(data)
         try:
             result = self._program.eval(data=data).value()
         except MemoryError as exc:
@@ -299,37 +311,46 @@ class Condition:
             message = "unreadable result"
         raise EvaluationError(self.rule, message, _reason(message, None))
 
-    def _check_sizes(self, data: Mapping[str, Any]) -> None:
-        cap = self.budget.max_string
-        for name in self._strings:
-            v = data[name]
-            if len(v) > cap:
-                raise EvaluationError(
-                    self.rule, f"{name!r} is {len(v):,} characters long; the limit is {cap:,}",
-                    "too_large",
-                )
-        for name, dyn in self._maps:
+    def _too_long(self, name: str, v: str) -> EvaluationError:
+        return EvaluationError(
+            self.rule,
+            f"{name} is {len(v):,} characters long; the limit is {self._cap:,}",
+            "too_large",
+        )
+
+    def _check_maps(self, data: Mapping[str, Any]) -> None:
+        """Map inputs within the caps. A map read only as ``map.key`` costs nothing per entry
+        (only those keys are looked up): then only their values are checked."""
+        cap = self._cap
+        for name, dyn, keys in self._maps:
             m = data[name]
+            if keys is not None:
+                if dyn:
+                    for k in keys:
+                        v = m.get(k)
+                        if type(v) is str and len(v) > cap:
+                            raise self._too_long(f"{name}.{k}", v)
+                continue
             if len(m) > self.budget.max_entries:
                 raise EvaluationError(
                     self.rule,
                     f"{name!r} has {len(m):,} entries; the limit is {self.budget.max_entries:,}",
                     "too_large",
                 )
+            if not m:
+                continue
             key_cap = self.budget.max_key
-            for k, v in m.items():
-                if len(k) > key_cap:
-                    raise EvaluationError(
-                        self.rule,
-                        f"{name} has a key of {len(k):,} characters; the limit is {key_cap:,}",
-                        "too_large",
-                    )
-                if dyn and type(v) is str and len(v) > cap:
-                    raise EvaluationError(
-                        self.rule,
-                        f"{name}[{k[:40]!r}] is {len(v):,} characters long; the limit is {cap:,}",
-                        "too_large",
-                    )
+            longest = max(map(len, m))
+            if longest > key_cap:
+                raise EvaluationError(
+                    self.rule,
+                    f"{name} has a key of {longest:,} characters; the limit is {key_cap:,}",
+                    "too_large",
+                )
+            if dyn:
+                for k, v in m.items():
+                    if type(v) is str and len(v) > cap:
+                        raise self._too_long(f"{name}[{k[:40]!r}]", v)
 
 
 def _reason(message: str, exc: BaseException | None) -> str:

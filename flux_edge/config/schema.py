@@ -76,6 +76,10 @@ class PluginConfig(_S, frozen=True):
     max_failures: Annotated[int, Meta(ge=1, le=1_000_000)] = 3
     # seconds a quarantined plugin is left alone before a retry
     quarantine: Annotated[float, Meta(ge=0), DURATION] = 60.0
+    # records about one input message; more: one error record for that message instead
+    max_records_per_message: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096
+    # bytes of output of one call; more: the call fails (every message an error record)
+    max_output_bytes: Annotated[int, Meta(ge=4096, le=2**30), SIZE] = 4 * 1024 * 1024
     # pin the .wasm file: 64 hex digits (sha256sum FILE); a different file is refused
     sha256: Annotated[str, SHA256] = ""
     wasi: bool = False  # grant WASI (no preopened dirs, no env, no args) when true
@@ -173,6 +177,8 @@ class RuleConfig(_S, frozen=True):
     max_age: Annotated[float, Meta(ge=0), DURATION] = 0.0
     allow_stale: bool = False  # stale/bad inputs may satisfy the condition (default: never)
     severity: Literal["debug", "info", "warning", "error"] = "info"  # log level when it fires
+    # cost units one evaluation may take (flux_edge/rules/cost.py); 0 = the default, 50,000
+    max_cost: Annotated[int, Meta(ge=0, le=10_000_000)] = 0
     tests: tuple[RuleTest, ...] = ()
 
 

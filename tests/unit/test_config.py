@@ -1782,3 +1782,20 @@ def test_uplink_topic_format_specs_are_refused(topic: str, column: int) -> None:
     [problem] = problems
     assert problem.path == "uplink.topic" and problem.line == 3
     assert problem.severity == "error" and problem.column >= column
+
+
+def test_plugin_output_caps_and_rule_budget_are_config_keys(site: Path) -> None:
+    # the plugin host and the rules engine read these (PluginLimits.from_config, rule_budget)
+    caps = '[plugins.dec]\nmax_records_per_message = 10\nmax_output_bytes = "64KiB"'
+    text = BASE.replace("[plugins.dec]", caps, 1)
+    path = site / "flux.toml"
+    path.write_text(text, encoding="utf-8")
+    cfg, problems = check_config(path)
+    assert cfg is not None, problems
+    from flux_edge.plugins.host import PluginLimits
+
+    limits = PluginLimits.from_config(cfg.plugins["dec"])
+    assert (limits.max_records_per_message, limits.max_output_bytes) == (10, 65536)
+    bad = BASE.replace("[plugins.dec]", "[plugins.dec]\nmax_records_per_message = 0", 1)
+    (p,) = errors(site, bad)
+    assert p.path == "plugins.dec.max_records_per_message" and "between 1 and" in p.message

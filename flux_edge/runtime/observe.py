@@ -7,6 +7,7 @@ base units). The list, with meanings, is in docs/operations.md.
 
 from __future__ import annotations
 
+import collections
 import os
 import time
 from collections import defaultdict
@@ -164,8 +165,13 @@ def render_metrics(daemon: Daemon) -> str:
                    for res, n in zip(("ok", "failed", "blocked"), counts, strict=True)])
     plugins = _plugins(daemon)
     calls, msgs, perr, touts, traps, quar, hist = [], [], [], [], [], [], []
+    dead: list[tuple[dict[str, str], float]] = []
     for name, instances in sorted(plugins.items()):
         labels = {"plugin": name}
+        reasons: collections.Counter[str] = collections.Counter()
+        for i in instances:
+            reasons.update(i.stats.dead_letters)
+        dead += [({"plugin": name, "reason": r}, n) for r, n in sorted(reasons.items())]
         calls.append((labels, sum(i.stats.calls for i in instances)))
         msgs.append((labels, sum(i.stats.messages for i in instances)))
         perr.append((labels, sum(i.stats.errors for i in instances)))
@@ -180,7 +186,21 @@ def render_metrics(daemon: Daemon) -> str:
     w.counter("flux_edge_plugin_timeouts_total", "Calls stopped at their time limit.", touts)
     w.counter("flux_edge_plugin_traps_total", "Calls that trapped (crashed) in the guest.", traps)
     w.counter("flux_edge_plugin_quarantines_total", "Times a plugin was quarantined.", quar)
+    w.counter("flux_edge_plugin_dead_letters_total",
+              "Error records a plugin's messages became, by reason.", dead)
     w.histogram("flux_edge_plugin_call_seconds", "Wall time per plugin call.", CALL_BUCKETS, hist)
+    if p is not None:
+        rule_errors = [
+            ({"rule": r, "reason": reason}, n)
+            for r, st in sorted(p.engine.stats.items())
+            for reason, n in sorted(st.errors_by_reason.items())
+        ]
+        w.counter("flux_edge_rule_error_reasons_total",
+                  "Evaluations of a rule that failed, by reason (flux_edge.rules.cel).",
+                  rule_errors)
+        w.gauge("flux_edge_rule_consecutive_errors",
+                "Failed evaluations of a rule in a row (0 once one succeeds).",
+                [({"rule": r}, st.consecutive_errors) for r, st in sorted(p.engine.stats.items())])
     up_link = daemon.uplink
     if up_link is not None:
         st = up_link.stats

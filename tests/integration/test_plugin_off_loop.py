@@ -57,6 +57,15 @@ registers = [{{ name = "junk", address = 1, type = "uint16" }}]
 """
 
 
+async def _get(port: int, path: str) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    body = await reader.read()
+    writer.close()
+    return body
+
+
 async def _healthz(port: int) -> float:
     """Seconds one GET /healthz takes (status line read)."""
     started = time.monotonic()
@@ -74,7 +83,7 @@ def test_a_plugin_at_its_time_limit_holds_up_nothing_else(tmp_path: Path) -> Non
     shutil.copy(ROOT / "tests" / "fixtures" / "wat" / "echo.wat", tmp_path / "echo.wat")
     metrics_port = free_port()
 
-    async def go() -> tuple[list[float], list[float], list[float], int]:
+    async def go() -> tuple[list[float], list[float], list[float], int, bytes]:
         async with SimulatedModbusServer(port=0) as good, SimulatedModbusServer(port=0) as slow:
             good.set_holding(0, 42)
             text = CONFIG.format(
@@ -121,12 +130,13 @@ def test_a_plugin_at_its_time_limit_holds_up_nothing_else(tmp_path: Path) -> Non
                     lags.append(time.monotonic() - before - 0.01)
                     if len(lags) % 5 == 0:
                         health.append(await _healthz(metrics_port))
+                metrics = await _get(metrics_port, "/metrics")
             finally:
                 stop.set()
                 await runner
-            return arrivals, lags, health, len(timeouts)
+            return arrivals, lags, health, len(timeouts), metrics
 
-    arrivals, lags, health, timeouts = asyncio.run(go())
+    arrivals, lags, health, timeouts, metrics = asyncio.run(go())
     assert timeouts >= 5  # the spinner really ran to its limit, call after call
     assert len(arrivals) > 50
     steady = arrivals[5:]
@@ -135,3 +145,12 @@ def test_a_plugin_at_its_time_limit_holds_up_nothing_else(tmp_path: Path) -> Non
     assert max(gaps) < 0.15, f"largest gap between healthy readings: {max(gaps):.3f} s"
     assert max(lags) < 0.1, f"the loop was held up for {max(lags):.3f} s"
     assert max(health) < 0.1, f"/healthz took {max(health):.3f} s"
+    # the spinner's messages are counted as dead letters by reason, and its lane is a stage
+    text = metrics.decode()
+    lines = [
+        ln for ln in text.splitlines()
+        if ln.startswith('flux_edge_plugin_dead_letters_total{plugin="spinner",reason="timeout"}')
+    ]
+    assert len(lines) == 1, [ln for ln in text.splitlines() if "dead_letters" in ln]
+    assert float(lines[0].rsplit(" ", 1)[1]) >= 5
+    assert 'flux_edge_stage_busy_seconds{stage="plugins:slow/slow"}' in text

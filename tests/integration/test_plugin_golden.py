@@ -658,6 +658,24 @@ def test_rust_native_unit_tests() -> None:
     assert "scanner_agrees_on_random_documents ... ok" in proc.stdout
 
 
+@pytest.mark.parametrize("plugin", ["vedirect", "sml", "iec62056_21", "mbus", "sparkplug_b"])
+def test_converter_native_unit_tests(plugin: str) -> None:
+    """Each converter's own unit tests, natively: among them 20,000 damaged or random inputs
+    that must not panic (a panic in the module would trap)."""
+    from flux_edge.plugins.tooling import _cargo, _registry_flags
+
+    try:
+        cargo, env = _cargo()
+    except PluginError as exc:
+        pytest.skip(f"plugin toolchain missing: {exc}")
+    env.setdefault("CARGO_TARGET_DIR", str(PLUGINS / "target"))
+    manifest = PLUGINS / plugin / "Cargo.toml"
+    cmd = [cargo, "test", "--lib", "--manifest-path", str(manifest), *_registry_flags()]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "never_panics_on_noise ... ok" in proc.stdout
+
+
 # --- the C SDK, through the echo fixture ----------------------------------------------------------
 
 

@@ -30,6 +30,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
+from flux_edge.errors import FluxError
+
 __all__ = [
     "DEFAULT_BUDGET",
     "ITERATION_BUDGET",
@@ -69,7 +71,7 @@ class Budget:
 DEFAULT_BUDGET: Final = Budget()
 
 
-class BudgetError(ValueError):
+class BudgetError(FluxError, ValueError):
     """Internal: ``cel.py`` turns it into a ``RuleError`` (message, 1-based column)."""
 
     def __init__(self, message: str, column: int = 0) -> None:

@@ -254,8 +254,11 @@ def test_a_stuck_stage_stops_the_watchdog_pings(
         wait_until(lambda: late is not None and late.server.request_count() > 0,
                    what="the late device polled")
         stuck_at = time.monotonic()
-        time.sleep(4 * WATCHDOG_USEC / 1e6)  # observing an absence: a bounded wait is the test
-        pings = [ts for ts, _ in notify.fields("WATCHDOG") if ts > stuck_at + 0.3]
+        # the call runs on a plugin worker thread, so the loop (and the feeder) carry on until
+        # the chain's stage has been busy for stall_timeout (1 s); from then on, no ping
+        stuck_for = 1.0
+        time.sleep(stuck_for + 4 * WATCHDOG_USEC / 1e6)  # observing an absence: a bounded wait
+        pings = [ts for ts, _ in notify.fields("WATCHDOG") if ts > stuck_at + stuck_for + 0.3]
         assert pings == [], f"{len(pings)} ping(s) while stuck"
         assert d.proc.poll() is None  # alive but stuck: exactly what systemd must restart
     finally:

@@ -167,8 +167,9 @@ def test_failing_and_heavy_rules_never_hurt_the_healthy_rule(tmp_path: Path) -> 
                 assert st[name].evaluations >= readings
                 assert 0 < st[name].cost <= st[name].max_cost
             assert pipeline.stats["rules"].errors == 0  # the rule stage never failed
-            rss, _ = _rss()
-            assert rss < MEMORY_MAX // 2
+            # this process also holds whatever the tests before this one left (pytest runs them
+            # all in one process), so what counts is the growth while the bombs ran
             assert rss_max[0] - rss_before < 64 << 20
+            assert _rss()[0] - rss_before < MEMORY_MAX // 4
 
     asyncio.run(go())

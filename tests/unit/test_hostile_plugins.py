@@ -83,10 +83,14 @@ def counts(plugin: Plugin) -> tuple[dict[str, int], dict[str, int]]:
 def _child(name: str, limits: dict[str, Any], calls: int, wasi: bool) -> None:  # pragma: no cover
     """Run in a child: load echo.wat as a baseline, then ``name``; print both peak RSS (MiB)
     and the hostile plugin's counts as JSON."""
-    import resource
-
     def peak() -> float:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork and exec, so a child of a
+        # pytest process that has grown to 300 MB would read 300 MB before doing anything
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        raise AssertionError("no VmHWM in /proc/self/status")
 
     with PluginHost(None) as h:
         echo = h.load("echo", ROOT / "tests" / "fixtures" / "wat" / "echo.wat", PluginLimits(), {})

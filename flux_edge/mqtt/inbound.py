@@ -28,6 +28,7 @@ import asyncio
 import collections
 import functools
 import logging
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -76,9 +77,13 @@ class InboundMixin:
     _acks: collections.deque[PendingAck]
     _handling: set[asyncio.Future[object]]
     _handler_log_ts: float
+    _recv_error: OSError | None = None  # met by _fill, raised to paho's next read
 
     def _buffered_recv(self, bufsize: int) -> bytes:
         buf, pos = self._rbuf, self._rpos
+        if pos >= len(buf) and self._recv_error is not None:
+            exc, self._recv_error = self._recv_error, None
+            raise exc
         if pos >= len(buf):
             buf = self._recv_raw(max(bufsize, RECV_CHUNK))  # BlockingIOError when none
             if not buf:
@@ -118,9 +123,10 @@ class InboundMixin:
         next read meets and handles as it always does."""
         try:
             data = self._recv_raw(RECV_CHUNK)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantReadError):
             return False
-        except OSError:
+        except OSError as exc:  # handed to paho's next read, which reports it as it always has
+            self._recv_error = exc
             return None
         if not data:
             return None

@@ -11,7 +11,7 @@ fails naming the cause and the running pipeline keeps delivering.
 Plugin calls still run on the event loop in flux_edge/runtime/pipeline.py at the time of
 writing (another change moves them to a worker thread), so these tests assert delivery and
 counts, not latency; test_a_plugin_at_its_time_limit_does_not_delay_the_healthy_source is the
-latency target and is marked xfail until the calls are off the loop.
+latency target, which holds now that plugin calls run off the loop (runtime/plugin_lanes.py).
 """
 
 from __future__ import annotations
@@ -293,11 +293,6 @@ def test_a_module_refused_at_load_fails_the_reload_and_the_pipeline_carries_on(
     run(go(), timeout=60)
 
 
-@pytest.mark.xfail(
-    reason="needs plugin calls off the event loop (issue #12 item 2: the worker-thread change "
-    "to flux_edge/runtime/pipeline.py); on the loop, a 1 s call delays everything by 1 s",
-    strict=False,
-)
 def test_a_plugin_at_its_time_limit_does_not_delay_the_healthy_source(tmp_path: Path) -> None:
     # the target of issue #12: a plugin that runs to its time limit on every call raises the
     # healthy source's latency by <= 50 ms. Healthy readings come every 50 ms, so no gap

@@ -623,9 +623,8 @@ class MqttClient(InboundMixin):
     def _read(self) -> None:
         c = self._paho
         stats = self.stats
-        # paho reads one packet per call. While calls keep delivering messages (or bytes wait
-        # in our buffer, which the selector cannot see), read on, up to _READ_BURST packets;
-        # the first call that delivers none ends the burst.
+        # paho reads one packet per call: while calls deliver messages (or bytes wait in our
+        # buffer, unseen by the selector), read on, up to _READ_BURST; none delivered ends it.
         fast = self.fast_path
         for _ in range(_READ_BURST):
             before = stats.received

@@ -29,7 +29,7 @@ BUNDLE_SH = REPO / "image" / "bundle.sh"
 KEYS_SH = REPO / "image" / "make-dev-keys.sh"
 SUITE = "trixie"
 DISK_ID = "464c5845"
-BUILD_TIMEOUT = 1200.0
+BUILD_TIMEOUT = 1500.0
 TOOLS = ("mmdebstrap", "genimage", "mke2fs", "mkfs.vfat", "mcopy", "mdir", "debugfs", "zstd",
          "rauc", "mksquashfs", "openssl")
 QEMU = {

@@ -12,7 +12,7 @@ echo "test: mypy --strict flux_edge"
 .venv/bin/mypy
 echo "test: pytest"
 set +e
-.venv/bin/python -m pytest --cov --cov-report=term "$@"
+.venv/bin/python -m pytest --cov --cov-report=term --durations=40 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -137,10 +137,11 @@ def render_metrics(daemon: Daemon) -> str:
         w.counter("flux_edge_dead_letters_total",
                   "Messages that could not be processed (logged with the reason).",
                   [({}, p.dead_letter_total)])
-        polls, errors, up, last_ok = [], [], [], []
+        polls, errors, up, last_ok, failures = [], [], [], [], []
         for sname, src in p.sources.items():
             for dev, h in src.health.items():
                 labels = {"source": sname, "device": dev}
+                failures += [({**labels, "reason": r}, n) for r, n in sorted(h.failures.items())]
                 polls.append((labels, h.polls))
                 errors.append((labels, h.total_errors))
                 up.append((labels, 1 if h.quality == "good" else 0))
@@ -148,6 +149,9 @@ def render_metrics(daemon: Daemon) -> str:
                     last_ok.append((labels, h.last_success_ts))
         w.counter("flux_edge_device_polls_total", "Polls (or messages) per device.", polls)
         w.counter("flux_edge_device_errors_total", "Failed polls/errors per device.", errors)
+        w.counter("flux_edge_device_failures_total",
+                  "Failed requests per device by reason (timeout, crc, unit_id, function_code, "
+                  "byte_count, garbage, truncated, exception, ...).", failures)
         w.gauge("flux_edge_device_up", "1 while the device answers (quality good).", up)
         w.gauge("flux_edge_device_last_success_timestamp_seconds",
                 "Unix time of the device's last good poll or message.", last_ok)

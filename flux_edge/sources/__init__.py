@@ -26,7 +26,7 @@ Every source class follows the same shape (the runtime relies on it):
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from flux_edge.model import Quality, Reading
@@ -57,6 +57,8 @@ class SourceHealth:
     missed_polls: int = 0  # schedule slots skipped because a poll overran its interval
     last_error: str = ""
     quality: Literal["good", "bad"] = "bad"  # "bad" until the first successful poll
+    # failed requests by reason (Modbus: modbus/replies.py REASONS: timeout, crc, unit_id, ...)
+    failures: dict[str, int] = field(default_factory=dict)
 
 
 class Source(Protocol):

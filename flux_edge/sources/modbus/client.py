@@ -9,7 +9,19 @@ here: ``SourceError`` (naming host:port or serial port and unit id), ``ModbusExc
   (3.5 characters, 1.75 ms above 19200 baud) between the last byte on the line and its next
   request, timed to ~0.1 ms (timing.py). Both are ``ModbusLink``s (link.py), what the poller
   talks to; ``open_link`` is the ``LinkFactory`` that makes them from a source's config.
-- pymodbus log filtering: a dead device does not log pymodbus' warning on every retry.
+- Replies checked, not trusted: every byte received goes through ``replies.check_reply``
+  before pymodbus sees it (``_guard``, wrapping the transaction manager's ``callback_data``), so
+  a reply that is not exactly the answer to the request sent (wrong function code, unit id,
+  transaction id, byte count, CRC; truncated; garbage before or after it) fails the request at
+  once with ``BadReply`` (a reason and what exactly), and pymodbus only ever decodes well-formed
+  answers. Whatever pymodbus still raises in its receive callback is caught there too: no
+  traceback from a device's bytes reaches the log.
+- pymodbus' own logging is routed into ours (``flux_edge.source.modbus.pymodbus``), one line per
+  message per minute at most; a dead device does not log pymodbus' warning on every retry.
+
+pymodbus internals we rely on (3.16), checked when a client is made: ``client.ctx`` (the
+transaction manager), its ``callback_data`` (what the transport calls with the bytes received
+so far; returns how many it used) and ``call_create`` (the connection factory).
 """
 
 from __future__ import annotations
@@ -25,9 +37,17 @@ from pymodbus.exceptions import ModbusException
 from pymodbus.pdu import ModbusPDU
 
 from flux_edge.errors import SourceError
+from flux_edge.logs import RateLimitedLog
 from flux_edge.model import FN_COIL, FN_DISCRETE, FN_HOLDING
-from flux_edge.sources.modbus.link import ModbusExceptionResponse, ModbusLink, exception_text
+from flux_edge.sources.modbus.link import (
+    BadReply,
+    LinkFailure,
+    ModbusExceptionResponse,
+    ModbusLink,
+    exception_text,
+)
 from flux_edge.sources.modbus.plan import _TABLE_NAMES, ReadBlock, request_bytes, response_bytes
+from flux_edge.sources.modbus.replies import Bad, Framing, Incomplete, check_reply, leftover
 from flux_edge.sources.modbus.spec import ModbusRtuSource, ModbusTcpSource
 from flux_edge.sources.modbus.timing import PreciseTimer, char_time, inter_frame_gap
 
@@ -64,6 +84,32 @@ class _PymodbusLogFilter(logging.Filter):
         return not self._dropped_last
 
 
+class _RouteToOurs(logging.Handler):
+    """pymodbus' records, re-logged under ``flux_edge.source.modbus.pymodbus`` at most once per
+    minute per message template (the count of the rest rides on the next line), without
+    tracebacks (a traceback's one-line summary is kept; the full one at debug)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.target = logging.getLogger("flux_edge.source.modbus.pymodbus")
+        self.limit = RateLimitedLog(self.target, 60.0)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+        except (TypeError, ValueError):  # a record whose arguments do not fit its format
+            text = str(record.msg)
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            text += f" ({type(exc).__name__}: {exc})"
+        if not self.target.isEnabledFor(record.levelno):
+            return
+        self.limit.log(str(record.msg)[:80], "%s", text[:500], level=record.levelno)
+
+
+_pymodbus_log = logging.getLogger("pymodbus")
+_pymodbus_log.addHandler(_RouteToOurs())
+_pymodbus_log.propagate = False
 logging.getLogger("pymodbus.logging").addFilter(_PymodbusLogFilter())
 
 
@@ -108,6 +154,8 @@ class _Client:
     time: callers serialise (the poller holds a lock per link)."""
 
     drop_on_timeout = True  # a late answer would be taken for the next request's
+    drop_on_bad_reply = True  # a TCP stream that carried a bad frame is out of step
+    framing: Framing = "tcp"
     lost_text = "the device closed the connection"
 
     def __init__(self, source: str, *, timeout: float) -> None:
@@ -118,6 +166,9 @@ class _Client:
         # once (pymodbus would leave it waiting for the timeout).
         self._waiting: asyncio.Task[object] | None = None
         self._lost = False
+        self._sent: bytes | None = None  # the request frame out now, as sent (None: none)
+        self._received = b""  # what has arrived for it so far (pymodbus' buffer)
+        self._bad: Bad | None = None  # why the reply to it was refused
 
     # -- what each transport provides --
 
@@ -147,6 +198,62 @@ class _Client:
 
     # -- shared --
 
+    def _trace_sent(self, data: bytes) -> None:
+        """The request frame pymodbus is about to write (its transaction id included)."""
+        if self._waiting is not None:
+            self._sent, self._received = data, b""
+
+    def _heard(self, data: bytes) -> None:
+        """Bytes arrived (``data``: all not yet used); RTU keeps its line timing here."""
+
+    def _guard(self, callback: Callable[..., int]) -> Callable[..., int]:
+        """Wrap the transaction manager's ``callback_data``: check what arrived against the
+        request (replies.py) and pass it to pymodbus only when it is exactly its answer."""
+
+        def on_data(data: bytes, addr: tuple[object, ...] | None = None) -> int:
+            self._heard(data)
+            sent, waiting = self._sent, self._waiting
+            if sent is None or waiting is None or waiting.done() or self._bad is not None:
+                self._noise(data)
+                return len(data)
+            self._received = data
+            verdict = check_reply(self.framing, sent, data)
+            if isinstance(verdict, Incomplete):
+                return 0  # keep it; more is coming (or the timeout says why not)
+            if isinstance(verdict, Bad):
+                self._refuse(verdict)
+                return len(data)
+            try:
+                return callback(data, addr)
+            except Exception as exc:  # noqa: BLE001 - pymodbus raising in its receive callback
+                self._refuse(Bad("undecodable", f"{type(exc).__name__}: {exc}"))
+                return len(data)
+
+        return on_data
+
+    def _refuse(self, bad: Bad) -> None:
+        self._bad = bad
+        waiting = self._waiting
+        if waiting is not None and not waiting.done():
+            waiting.cancel()
+
+    def _noise(self, data: bytes) -> None:
+        """Bytes with no request waiting for them: dropped, counted."""
+        self.noise_bytes += len(data)
+
+    noise_bytes = 0  # bytes received while no request waited (line noise, late answers)
+
+    def _install(self, client: ModbusBaseClient) -> None:
+        ctx = getattr(client, "ctx", None)
+        callback = getattr(ctx, "callback_data", None)
+        if ctx is None or callback is None:
+            raise SourceError(
+                self.source,
+                "this pymodbus has no ctx.callback_data (flux-edge needs pymodbus 3.16): replies "
+                "cannot be checked, so none is read",
+            )
+        setattr(ctx, "callback_data", self._guard(callback))  # noqa: B010 - not typed
+
     def _on_connection(self, connected: bool) -> None:
         if not connected and self._waiting is not None and not self._waiting.done():
             self._lost = True
@@ -167,19 +274,24 @@ class _Client:
             return
         self._drop()
         client = self._new_client()
+        self._install(client)
         errors = remember_oserror(client.ctx)
         try:
             async with asyncio.timeout(self.timeout):
                 ok = await client.connect()
         except TimeoutError as exc:
             client.close()
-            raise SourceError(self.source, self._connect_failed("", timed_out=True)) from exc
+            raise LinkFailure(
+                self.source, self._connect_failed("", timed_out=True), "connect"
+            ) from exc
         except asyncio.CancelledError:
             client.close()
             raise
         if not ok:
             client.close()
-            raise SourceError(self.source, self._connect_failed(os_reason(errors), False))
+            raise LinkFailure(
+                self.source, self._connect_failed(os_reason(errors), False), "connect"
+            )
         self._client = client
 
     async def _call(
@@ -189,8 +301,11 @@ class _Client:
         request: Request,
         per_request: float | None,
         frame: tuple[int, int],
+        *,
+        function: int,
     ) -> ModbusPDU:
-        """One request and its response; ``frame``: their sizes in bytes on an RTU line."""
+        """One request and its response; ``frame``: their sizes in bytes on an RTU line;
+        ``function``: the request's function code (the answer must carry it)."""
         await self.connect()
         client = self._client
         assert client is not None
@@ -199,6 +314,7 @@ class _Client:
         task = asyncio.current_task()
         cancelling = task.cancelling() if task is not None else 0
         self._waiting, self._lost = task, False
+        self._sent, self._received, self._bad = None, b"", None
         try:
             await self._before_request()
             async with asyncio.timeout(limit) as deadline:
@@ -212,24 +328,50 @@ class _Client:
         except TimeoutError as exc:
             if self.drop_on_timeout:
                 self._drop()
-            raise SourceError(
-                self.source, f"{self._where(unit_id)}: {self._timeout_text(what, limit)}"
+            sent, got = self._sent, self._received
+            if sent is not None and got:
+                bad = leftover(self.framing, sent, got)
+                raise BadReply(
+                    self.source, f"{self._where(unit_id)}: {what}: bad reply: {bad}", bad.reason
+                ) from None
+            raise LinkFailure(
+                self.source, f"{self._where(unit_id)}: {self._timeout_text(what, limit)}",
+                "timeout",
             ) from exc
         except (ModbusException, OSError) as exc:
             self._drop()
-            raise SourceError(self.source, f"{self._where(unit_id)}: {what} failed: {exc}") from exc
+            raise LinkFailure(
+                self.source, f"{self._where(unit_id)}: {what} failed: {exc}", "link"
+            ) from exc
         except asyncio.CancelledError:
+            bad = self._bad
+            if bad is not None and task is not None and task.uncancel() == 0:
+                if self.drop_on_bad_reply:
+                    self._drop()
+                raise BadReply(
+                    self.source, f"{self._where(unit_id)}: {what}: bad reply: {bad}", bad.reason
+                ) from None
             # A late answer would be taken for the next request's: start afresh.
             self._drop()
             if self._lost and task is not None and task.uncancel() == 0:
-                raise SourceError(
+                raise LinkFailure(
                     self.source,
                     f"{self._where(unit_id)}: {self.lost_text} during {what}",
+                    "link",
                 ) from None
             raise
         finally:
             self._waiting = None
+            self._sent = None
             self._waiting_for(None, timeout, 0)
+        fn = response.function_code & 0x7F
+        if fn != function:  # replies.py saw to it already; pymodbus must agree
+            self._drop()
+            raise BadReply(
+                self.source,
+                f"{self._where(unit_id)}: {what}: bad reply: function code {fn}",
+                "function_code",
+            )
         if response.isError():
             code = int(getattr(response, "exception_code", 0))
             raise ModbusExceptionResponse(
@@ -258,7 +400,7 @@ class _Client:
         if fn not in _TABLE_NAMES:
             raise SourceError(self.source, f"{what}: unknown function code {fn}")
         frame = (request_bytes(block), response_bytes(block))
-        response = await self._call(what, unit_id, request, per_request, frame)
+        response = await self._call(what, unit_id, request, per_request, frame, function=fn)
         if fn in (FN_COIL, FN_DISCRETE):
             bits = list(response.bits)
             if len(bits) < count:
@@ -286,6 +428,7 @@ class _Client:
             lambda c: c.write_coil(address, bool(value), device_id=unit_id),
             per_request,
             (8, 8),
+            function=5,
         )
 
     async def write_register(
@@ -306,6 +449,7 @@ class _Client:
             lambda c: c.write_register(address, word, device_id=unit_id),
             per_request,
             (8, 8),
+            function=6,
         )
 
     async def close(self) -> None:
@@ -338,8 +482,14 @@ class ModbusTcpClient(_Client):
             retries=0,
             reconnect_delay=0,  # 0 = pymodbus never reconnects behind our back
             reconnect_delay_max=0,
+            trace_packet=self._trace_packet,
             trace_connect=self._on_connection,
         )
+
+    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
+        if sending:
+            self._trace_sent(data)
+        return data
 
     def _connect_failed(self, reason: str, timed_out: bool) -> str:
         if timed_out:
@@ -367,6 +517,8 @@ class ModbusRtuClient(_Client):
     """
 
     drop_on_timeout = False
+    drop_on_bad_reply = False  # the next request waits for the line's silence anyway
+    framing: Framing = "rtu"
     lost_text = "the port was closed"
 
     def __init__(
@@ -403,18 +555,19 @@ class ModbusRtuClient(_Client):
         return f"{self.baudrate} baud {self.bytesize}{self.parity}{self.stopbits}"
 
     def _trace_packet(self, sending: bool, data: bytes) -> bytes:
-        now = time.monotonic()
-        # Sending: the line is busy until our last character is out. Receiving: pymodbus passes
-        # what it has buffered so far; its last byte arrived now.
+        # Sending: the line is busy until our last character is out. (Receiving: ``_heard``.)
         if sending:
-            self._quiet_from = now + len(data) * self.char_time
-            return data
-        self._quiet_from = now
+            self._trace_sent(data)
+            self._quiet_from = time.monotonic() + len(data) * self.char_time
+        return data
+
+    def _heard(self, data: bytes) -> None:
+        # pymodbus passes what it has buffered so far; its last byte arrived now
+        self._quiet_from = time.monotonic()
         deadline = self._deadline
         if deadline is not None and not self._rx_started:
             self._rx_started = True
             deadline.reschedule(asyncio.get_running_loop().time() + self._rx_allowance)
-        return data
 
     def _new_client(self) -> ModbusBaseClient:
         return AsyncModbusSerialClient(

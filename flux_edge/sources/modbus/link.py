@@ -9,9 +9,13 @@ at a time (a lock per link). Three kinds plug in the same way:
 - ``SimulatedModbusLink`` (flux_edge/sim/modbus_link.py): in-process devices, for tests.
 
 The error contract: a request that got no answer, or a link that failed, raises
-``SourceError`` (the poller retries, then backs the device off); a device that answered with a
-Modbus exception response raises ``ModbusExceptionResponse`` (the device is alive: no retry,
-no backoff).
+``SourceError`` (the poller retries, then backs the device off); ``LinkFailure`` says why
+(``reason``: ``timeout``, ``link``, ``connect``), and its subclass ``BadReply`` that the device
+answered with something that is not the answer (replies.py: a wrong function code, unit id or
+transaction id, a byte count that disagrees, a CRC error, a truncated frame, garbage): the
+poller treats it like no answer, never as data. A device that answered with a Modbus exception
+response raises ``ModbusExceptionResponse`` (the device is alive: no retry, no backoff, except
+for the codes that say the device itself failed or is absent behind a gateway: 4, 10, 11).
 
 A ``LinkFactory`` makes the links of one source: ``factory(source_name, source_cfg, timeout)``,
 ``timeout`` being the response time limit of the device(s) it serves. The poller decides how
@@ -28,8 +32,11 @@ from flux_edge.sources.modbus.plan import ReadBlock
 from flux_edge.sources.modbus.spec import ModbusRtuSource, ModbusTcpSource
 
 __all__ = [
+    "DEVICE_DOWN_CODES",
     "EXCEPTION_CODES",
+    "BadReply",
     "LinkFactory",
+    "LinkFailure",
     "ModbusExceptionResponse",
     "ModbusLink",
     "exception_text",
@@ -62,6 +69,20 @@ class ModbusLink(Protocol):
 LinkFactory = Callable[[str, ModbusTcpSource | ModbusRtuSource, float], ModbusLink]
 
 
+class LinkFailure(SourceError):
+    """A request got no usable answer; ``reason`` says why in one word (a metric label, one of
+    ``replies.REASONS``)."""
+
+    def __init__(self, source: str, message: str, reason: str = "link") -> None:
+        self.reason = reason
+        super().__init__(source, message)
+
+
+class BadReply(LinkFailure):
+    """The device (or something on the line) answered, but not with the answer to the request:
+    a bad reading, never data."""
+
+
 class ModbusExceptionResponse(SourceError):
     """The device answered, with a Modbus exception response (``code``, e.g. 2 illegal address).
 
@@ -69,9 +90,16 @@ class ModbusExceptionResponse(SourceError):
     them in its health.
     """
 
+    reason = "exception"
+
     def __init__(self, source: str, message: str, code: int) -> None:
         self.code = code
         super().__init__(source, message)
+
+
+# Exception codes that speak for the device, not for one block: it failed (4), or a gateway has
+# no path to it or got no answer from it (10, 11). The poller treats these like no answer.
+DEVICE_DOWN_CODES = frozenset({4, 10, 11})
 
 
 EXCEPTION_CODES: dict[int, tuple[str, str]] = {

@@ -25,9 +25,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from flux_edge.errors import SourceError
+from flux_edge.logs import RateLimitedLog
 from flux_edge.model import FN_COIL, FN_HOLDING, KIND_REGISTERS, Reading
 from flux_edge.sources import Emit, SourceHealth, StatusCallback
-from flux_edge.sources.modbus.link import LinkFactory, ModbusExceptionResponse, ModbusLink
+from flux_edge.sources.modbus.link import (
+    DEVICE_DOWN_CODES,
+    BadReply,
+    LinkFactory,
+    ModbusExceptionResponse,
+    ModbusLink,
+)
 from flux_edge.sources.modbus.plan import PollGroup, ReadBlock, bus_devices, plan_device
 from flux_edge.sources.modbus.spec import ModbusDeviceConfig, ModbusRtuSource, ModbusTcpSource
 
@@ -142,6 +149,8 @@ class ModbusBusPoller:
         self._backoff_min = backoff_min
         self._backoff_max = max(cfg.backoff_max, backoff_min)
         self._log = logging.getLogger(f"flux_edge.source.{name}")
+        # one line per device and reason a minute: a device sending garbage on every poll
+        self._bad_log = RateLimitedLog(self._log, 60.0)
         devices = bus_devices(cfg, name)
         names = [d.name for d in devices]
         if len(set(names)) != len(names):
@@ -269,12 +278,26 @@ class ModbusBusPoller:
             try:
                 async with link.lock:
                     return await link.client.read(block, dev.cfg.unit_id, per_request=dev.timeout)
-            except ModbusExceptionResponse:
-                raise
+            except ModbusExceptionResponse as exc:
+                self._failed(dev, exc)
+                if exc.code not in DEVICE_DOWN_CODES:
+                    raise
+                last = exc  # the device failed, or a gateway says it is not there
             except SourceError as exc:
+                self._failed(dev, exc)
                 last = exc
         assert last is not None
         raise _Unreachable(last)
+
+    def _failed(self, dev: _Device, exc: SourceError) -> None:
+        """Count one failed request by its reason; a bad reply gets a (rate-limited) line."""
+        reason = getattr(exc, "reason", "link")
+        failures = dev.health.failures
+        failures[reason] = failures.get(reason, 0) + 1
+        if isinstance(exc, BadReply):
+            self._bad_log.warning(
+                f"{dev.name}\0{reason}", "%s: bad reply (%s), not used: %s", dev.label, reason, exc
+            )
 
     async def _poll_group(self, dev: _Device, group: PollGroup, attempts: int) -> None:
         """Read every block of ``group`` and emit a Reading per block.
@@ -336,9 +359,10 @@ class ModbusBusPoller:
             if not dev.unexpected_logged:
                 dev.unexpected_logged = True
                 self._log.warning(
-                    "%s: poll failed: %r (logged once until a poll succeeds)",
-                    dev.label, exc, exc_info=exc,
+                    "%s: poll failed: %s: %s (logged once until a poll succeeds)",
+                    dev.label, type(exc).__name__, exc,
                 )
+                self._log.debug("%s: the failed poll's traceback", dev.label, exc_info=exc)
             return "error"
         h.last_success_ts = self._wall()
         h.consecutive_errors = 0
@@ -380,9 +404,9 @@ class ModbusBusPoller:
         dev.health.quality = "bad"
         if dev.state != "bad":
             dev.state = "bad"
+            what = "gives no valid reply" if isinstance(error, BadReply) else "does not answer"
             self._log.warning(
-                "%s does not answer: %s (backing off; logged again when it answers)",
-                dev.label, error,
+                "%s %s: %s (backing off; logged again when it answers)", dev.label, what, error
             )
             self._status(dev, "bad", str(error))
         else:

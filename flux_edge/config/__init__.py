@@ -16,12 +16,16 @@ table's fields), ``references`` (checks across tables no kind owns), ``plugin_fi
 
 Loading happens in passes, each collecting *every* problem it finds (docs/configuration.md):
 
-1. syntax: tomlkit parses the text; a syntax error is reported with its line and column;
+0. limits: a regular file of at most 2 MiB (``load.MAX_CONFIG_BYTES``), UTF-8 text (UTF-16/32
+   and NUL bytes said so), then integers within 64 bits and nesting within 32 levels, each
+   reported at its key; whatever else goes wrong is a problem of the file, never a traceback;
+1. syntax: the standard library's tomllib parses the text; a document it refuses is given to
+   tomlkit for the message (line, column; a duplicate key with the lines of both);
 2. schema: the whole document is walked against the structs (unknown keys with a suggestion,
    types deep in lists, missing keys, durations, sizes, ranges), a source or action table against
    the struct of the kind its ``type`` names; each problem placed at the line and column of the
-   offending key or value by a small position scanner (``positions._Scanner``), since tomlkit does
-   not expose positions;
+   offending key or value by a small position scanner (``positions._Scanner``, run only once a
+   problem is to be placed), since no TOML parser exposes positions;
 3. references: chains name plugins, plugin files exist, device names are unique, one source per
    serial port; then each entry's kind (``Kind.cross_check``: an action's source) and each domain
    (``Domain.references``: rules name actions);

@@ -6,6 +6,9 @@ domain of this build (``load_config`` etc.), so this module names no domain."""
 from __future__ import annotations
 
 import logging
+import os
+import stat
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,13 @@ from flux_edge.config.validate import _BAD, _Validator
 from flux_edge.errors import ConfigError, Problem
 
 _log = logging.getLogger("flux_edge.config")
+
+# The largest configuration file read: a 2 MiB file (20,000 Modbus registers written out) is
+# checked in about 1 s on the development machine; larger ones are refused with this limit
+# rather than taking many seconds (10 MB: 5 s) of a gateway's start-up or reload.
+MAX_CONFIG_BYTES = 2 * 1024 * 1024
+MAX_DEPTH = 32  # tables and arrays nested deeper than any schema needs
+INT64 = (-(2**63), 2**63 - 1)  # TOML integers are 64-bit (the spec: refuse what is not)
 
 
 def build_config(data: dict[str, Any], kinds: Kinds) -> Config:
@@ -69,6 +79,8 @@ def _check(
         except (msgspec.ValidationError, KeyError):
             return None
 
+    if not _within_limits(v, raw):
+        return None, v.problems
     ctx: Context | None = None
     try:
         data = v.check(raw, Config, ())
@@ -111,9 +123,78 @@ def _check(
     return config, problems
 
 
+def _within_limits(v: _Validator, raw: dict[str, Any]) -> bool:
+    """Integers outside 64 bits and nesting past ``MAX_DEPTH``, each reported at its key;
+    checked before the schema walk (which would meet them as an OverflowError or a
+    RecursionError)."""
+    before = v.errors
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(raw, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            if not INT64[0] <= value <= INT64[1]:
+                digits = len(str(abs(value))) if abs(value) < 10**4300 else 4300
+                v.report(path, f"integer out of range: {digits} digits (TOML integers are 64-bit, "
+                         f"{INT64[0]}..{INT64[1]})")
+            continue
+        if isinstance(value, dict | list):
+            if len(path) > MAX_DEPTH:
+                v.report(path, f"values nested more than {MAX_DEPTH} levels deep")
+                continue
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack.extend((item, (*path, key)) for key, item in items)
+    return v.errors == before
+
+
 def _split(problems: list[Problem]) -> tuple[list[Problem], list[Problem]]:
     errors = [p for p in problems if p.severity == "error"]
     return errors, [p for p in problems if p.severity != "error"]
+
+
+def _too_large(file: str) -> Problem:
+    return Problem(
+        file, "", f"the file is larger than {MAX_CONFIG_BYTES // 1024 // 1024} MiB, the limit of a "
+        "flux-edge configuration (split a gateway this large in two, or use device profiles: "
+        "config/devices/*.toml)",
+    )
+
+
+def _not_text(file: str, data: bytes) -> Problem | None:
+    """UTF-16/32 text (by its byte-order mark or its NUL bytes) and binary files, said so."""
+    head = data[:4]
+    odd, even = data[1:8:2], data[0:8:2]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or (
+        len(data) >= 4 and (odd.count(0) == len(odd)) != (even.count(0) == len(even))
+    ):
+        wide = "UTF-32" if head in (b"\xff\xfe\0\0", b"\0\0\xfe\xff") else "UTF-16"
+        return Problem(file, "", f"the file is {wide} text: save it as UTF-8", 1, 1)
+    nul = data.find(b"\0")
+    if nul >= 0:
+        line = data.count(b"\n", 0, nul) + 1
+        column = nul - (data.rfind(b"\n", 0, nul) + 1) + 1
+        return Problem(file, "", "a NUL byte: a configuration is text (is this the right "
+                       "file?)", line, column)
+    return None
+
+
+def _guarded(
+    file: str, check: Callable[[], tuple[Config | None, list[Problem]]]
+) -> tuple[Config | None, list[Problem]]:
+    """Whatever happens while checking is a problem of the file, never a traceback."""
+    try:
+        return check()
+    except MemoryError:
+        return None, [Problem(file, "", "not enough memory to check this configuration")]
+    except RecursionError:
+        return None, [Problem(file, "", "values are nested too deeply")]
+    except Exception as exc:  # noqa: BLE001 - a bug of ours must not end check-config in a traceback
+        _log.debug("checking %s failed", file, exc_info=exc)
+        return None, [Problem(
+            file, "", f"internal error while checking this file ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); the file is refused: please report it",
+        )]
 
 
 def check_config_text(
@@ -121,8 +202,12 @@ def check_config_text(
 ) -> tuple[Config | None, list[Problem]]:
     """Like ``check_config`` for text in memory. ``path`` names it in problems; unless it is
     ``"<...>"`` it also sets ``Config.path`` (so relative plugin paths resolve next to it)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        return None, [_too_large(path)]
     config_path = "" if path.startswith("<") else str(Path(path).resolve())
-    return _check(text, path, config_path, kinds)
+    if "\0" in text:
+        return None, [_not_text(path, text.encode("utf-8", "replace")) or _too_large(path)]
+    return _guarded(path, lambda: _check(text, path, config_path, kinds))
 
 
 def check_config(path: str | Path, kinds: Kinds) -> tuple[Config | None, list[Problem]]:
@@ -134,9 +219,19 @@ def check_config(path: str | Path, kinds: Kinds) -> tuple[Config | None, list[Pr
     """
     file = str(path)
     try:
-        data = Path(path).read_bytes()
+        # non-blocking: opening a FIFO must not wait for a writer
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None, [Problem(file, "", "cannot read the configuration: not a regular "
+                                      "file (a directory, a device or a pipe)")]
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         return None, [Problem(file, "", f"cannot read the configuration: {exc.strerror or exc}")]
+    if len(data) > MAX_CONFIG_BYTES:
+        return None, [_too_large(file)]
+    if bad := _not_text(file, data):
+        return None, [bad]
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -144,7 +239,7 @@ def check_config(path: str | Path, kinds: Kinds) -> tuple[Config | None, list[Pr
         column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
         message = f"not UTF-8 text: byte 0x{data[exc.start]:02x} cannot be decoded"
         return None, [Problem(file, "", message, line, column)]
-    return _check(text, file, str(Path(path).resolve()), kinds)
+    return _guarded(file, lambda: _check(text, file, str(Path(path).resolve()), kinds))
 
 
 def _finish(config: Config | None, problems: list[Problem]) -> Config:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import re
+import tomllib
 from typing import Any
 
 import tomlkit
@@ -34,13 +35,30 @@ class _Positions:
         self.keys: dict[Key, int] = {}
         self.values: dict[Key, tuple[int, int]] = {}
         self.duplicate: int | None = None  # offset of the first key defined twice
-        self._line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
+        self.duplicate_first: int | None = None  # ... and where it was defined before
+        self._lines: list[int] | None = None
+        self._pending = False  # the scan is still to run (``_scan``: on the first question)
+
+    @property
+    def _line_starts(self) -> list[int]:
+        if self._lines is None:
+            self._lines = [0] + [m.end() for m in re.finditer("\n", self.text)]
+        return self._lines
+
+    def _ensure(self) -> None:
+        if self._pending:
+            self._pending = False
+            # On a failure what was recorded so far stays usable; the rest falls back to
+            # enclosing keys.
+            with contextlib.suppress(_ScanError, RecursionError):
+                _Scanner(self.text, self).run()
 
     def linecol(self, offset: int) -> tuple[int, int]:
         line = bisect.bisect_right(self._line_starts, offset)
         return line, offset - self._line_starts[line - 1] + 1
 
     def _nearest(self, path: Key) -> int | None:
+        self._ensure()
         for n in range(len(path), 0, -1):
             off = self.keys.get(path[:n])
             if off is not None:
@@ -54,6 +72,7 @@ class _Positions:
 
     def value(self, path: Key) -> tuple[int, int]:
         """(line, column) of the value for ``path``, else as ``key``."""
+        self._ensure()
         span = self.values.get(path)
         if span is not None:
             return self.linecol(span[0])
@@ -64,6 +83,7 @@ class _Positions:
 
         Exact for strings without escapes; otherwise close to it.
         """
+        self._ensure()
         span = self.values.get(path)
         if span is None:
             return None
@@ -150,9 +170,10 @@ class _Scanner:
         else:
             raise self.fail()
 
-    def dup(self, offset: int) -> None:
+    def dup(self, offset: int, path: Key = ()) -> None:
         if self.p.duplicate is None:
             self.p.duplicate = offset
+            self.p.duplicate_first = self.p.keys.get(path)
 
     # document
     def run(self) -> None:
@@ -180,10 +201,10 @@ class _Scanner:
             resolved = (*resolved, name)
             last = j == len(parts) - 1
             if resolved in self.assigned:
-                self.dup(off)
+                self.dup(off, resolved)
             if last and is_aot:
                 if resolved in self.explicit or resolved in self.dotted:
-                    self.dup(off)
+                    self.dup(off, resolved)
                 count = self.aot.get(resolved, 0)
                 self.aot[resolved] = count + 1
                 self.p.keys.setdefault(resolved, off)
@@ -192,9 +213,9 @@ class _Scanner:
                 self.p.keys[resolved] = off
             elif last:
                 if resolved in self.aot:
-                    self.dup(off)
+                    self.dup(off, resolved)
                 if resolved in self.explicit or resolved in self.dotted:
-                    self.dup(off)
+                    self.dup(off, resolved)
                 self.explicit.add(resolved)
                 self.p.keys[resolved] = off
             else:
@@ -235,13 +256,13 @@ class _Scanner:
         for j, (name, off) in enumerate(parts):
             path = (*path, name)
             if path in self.assigned:
-                self.dup(off)
+                self.dup(off, path)
             if j < len(parts) - 1:
                 self.dotted.add(path)
                 self.p.keys.setdefault(path, off)
             else:
                 if path in self.explicit or path in self.dotted:
-                    self.dup(off)
+                    self.dup(off, path)
                 self.p.keys.setdefault(path, off)
         self.value(path)
         self.assigned.add(path)
@@ -368,10 +389,10 @@ class _Scanner:
 
 
 def _scan(text: str) -> _Positions:
+    """The positions of ``text``, scanned when first asked for: a file without problems is
+    never scanned (0.8 s of a 2 MB file)."""
     positions = _Positions(text)
-    # On a failure what was recorded so far stays usable; the rest falls back to enclosing keys.
-    with contextlib.suppress(_ScanError, RecursionError):
-        _Scanner(text, positions).run()
+    positions._pending = True
     return positions
 
 
@@ -389,6 +410,10 @@ def _syntax_problem(file: str, exc: Exception, positions: _Positions) -> Problem
         if positions.duplicate is not None:
             line, column = positions.linecol(positions.duplicate)
         message = message.rstrip(".") + ": each key and table may be defined only once"
+        first = positions.duplicate_first
+        if positions.duplicate is not None and first is not None and first != positions.duplicate:
+            fl, fc = positions.linecol(first)
+            message += f" (first defined at line {fl}, column {fc}; again at line {line})"
     elif message == "Unexpected character: '\\n'":
         message = "unexpected end of line: a value, a closing quote or a bracket is missing"
     return Problem(file, "", f"invalid TOML: {message}", line, column)
@@ -396,12 +421,33 @@ def _syntax_problem(file: str, exc: Exception, positions: _Positions) -> Problem
 
 def parse_document(text: str, file: str) -> tuple[str, dict[str, Any] | None, list[Problem]]:
     """Parse TOML text (a byte-order mark dropped): ``(text, data, [])`` with the document as
-    plain data, or ``(text, None, [the syntax problem at its line and column])``."""
+    plain data, or ``(text, None, [the syntax problem at its line and column])``.
+
+    The standard library's parser reads the document (ten times faster than tomlkit: 0.4 s
+    against 4-6 s for 2 MB); a document it refuses is handed to tomlkit for the message, whose
+    wording and positions the tests and docs show (tomllib's is the fallback)."""
     if text.startswith("\ufeff"):
         text = text[1:]
     try:
-        return text, tomlkit.parse(text).unwrap(), []
+        return text, tomllib.loads(text), []
+    except tomllib.TOMLDecodeError as exc:
+        first: Exception = exc
+    except RecursionError:
+        return text, None, [Problem(file, "", "invalid TOML: values are nested too deeply")]
+    try:
+        tomlkit.parse(text)
     except (tomlkit.exceptions.TOMLKitError, ValueError, OverflowError) as exc:
         return text, None, [_syntax_problem(file, exc, _Positions(text))]
     except RecursionError:
         return text, None, [Problem(file, "", "invalid TOML: values are nested too deeply")]
+    return text, None, [_tomllib_problem(file, first)]
+
+
+_TOMLLIB_AT = re.compile(r" \(at line (\d+), column (\d+)\)$")
+
+
+def _tomllib_problem(file: str, exc: Exception) -> Problem:
+    message = str(exc)
+    m = _TOMLLIB_AT.search(message)
+    line, column = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    return Problem(file, "", f"invalid TOML: {_TOMLLIB_AT.sub('', message)}", line, column)

@@ -26,11 +26,12 @@ Design (measured in bench/mqtt_paho.py, see the numbers there):
 - **Flow control for incoming QoS 1/2** (:mod:`flux_edge.mqtt.inbound`): acknowledgements go
   in the order received, each held back until its handler's awaitable (if any) completes, so
   the broker's in-flight window throttles a slow consumer; ``pause_reading()`` stops reading.
-- **Reading** takes up to 64 packets per readiness event while they carry messages (paho reads
-  one packet per ``loop_read``): about 1.5x the drain rate of one packet per event. Socket
-  reads are buffered and complete QoS 0/1 PUBLISH packets decoded without paho
-  (:mod:`flux_edge.mqtt.inbound`), unless paho's internals fail their start-up check
-  (:mod:`flux_edge.mqtt.paho_internals`: then paho reads alone, after one warning).
+- **Reading** (:mod:`flux_edge.mqtt.inbound`) takes up to 64 packets per readiness event while
+  they carry messages; socket reads are buffered and complete QoS 0/1 PUBLISH packets decoded
+  without paho, unless paho's internals fail their start-up check
+  (:mod:`flux_edge.mqtt.paho_internals`: then paho reads alone, after one warning). With a
+  ``linger``, a busy socket is read at most once per linger, so one wake-up carries many
+  messages; the first message after a quiet spell is read at once.
 - **publish()** waits for a connection, then completes when the message is written (QoS 0) or
   acknowledged by the broker (QoS 1 PUBACK / QoS 2 PUBCOMP) and raises MqttError when the broker
   refuses it (MQTT 5 reason code). QoS 1/2 messages survive a reconnect: paho resends them and
@@ -57,7 +58,6 @@ import contextlib
 import logging
 import random
 import socket
-import ssl
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
@@ -77,7 +77,6 @@ from flux_edge.mqtt.common import (
 from flux_edge.mqtt.inbound import InboundMixin, PendingAck
 from flux_edge.mqtt.paho_internals import (
     PahoErrors,
-    between_packets,
     fast_path_usable,
     install_recv_hook,
 )
@@ -92,7 +91,6 @@ log = logging.getLogger("flux_edge.mqtt")
 
 _STABLE_AFTER = 10.0  # a connection that lasted this long resets the backoff
 _MISC_INTERVAL = 1.0  # loop_misc (keepalive) period
-_READ_BURST = 64  # packets read per readiness event while they keep carrying messages
 
 
 class MqttClient(InboundMixin):
@@ -126,6 +124,7 @@ class MqttClient(InboundMixin):
         protocol: Literal["5", "3.1.1"] = "5",
         connect_timeout: float = 10.0,
         tcp_nodelay: bool = True,
+        linger: float = 0.0,
         on_connection_change: ConnectionCallback | None = None,
         on_subscribe_error: SubscribeErrorCallback | None = None,
     ) -> None:
@@ -142,6 +141,7 @@ class MqttClient(InboundMixin):
         self.keepalive = max(round(keepalive), 0)
         self.connect_timeout = connect_timeout
         self.tcp_nodelay = tcp_nodelay  # False only to measure what Nagle costs
+        self.linger = max(linger, 0.0)  # see inbound.py: reads of a busy socket gather this long
         self.reconnect_min = max(reconnect_min, 0.001)
         self.reconnect_max = max(reconnect_max, self.reconnect_min)
         self.max_inflight = min(max_inflight, 65535)
@@ -228,6 +228,8 @@ class MqttClient(InboundMixin):
         self._writer_on = False
         self._paused = False  # reading paused by the consumer (pause_reading)
         self._misc_timer: asyncio.TimerHandle | None = None
+        self._linger_timer: asyncio.TimerHandle | None = None
+        self._last_read = -float("inf")
         self._gen = 0  # connection generation: acks never cross to a new connection
         self._subs: dict[str, tuple[int, Handler]] = {}
         self._sub_mids: dict[int, list[str]] = {}
@@ -387,10 +389,10 @@ class MqttClient(InboundMixin):
         if not self._paused:
             return
         self._paused = False
-        if self._attached and self._loop is not None:
+        if self._attached and self._loop is not None and self._linger_timer is None:
             self._loop.add_reader(self._fd, self._on_readable)
             if self._buffered:
-                self._loop.call_soon(self._on_readable)
+                self._loop.call_soon(self._read_now)
 
     def abort_connection(self, reason: str = "connection aborted") -> None:
         """Drop the current connection as a network failure would (no DISCONNECT, so the broker
@@ -583,6 +585,9 @@ class MqttClient(InboundMixin):
         if self._misc_timer is not None:
             self._misc_timer.cancel()
             self._misc_timer = None
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         if self._loop.is_closed():
             return
         self._loop.remove_reader(self._fd)
@@ -616,40 +621,6 @@ class MqttClient(InboundMixin):
                 self.abort_connection(f"internal error in {what}: {exc!r}")
             except Exception:  # noqa: BLE001
                 self._detach()
-
-    def _on_readable(self) -> None:
-        self._guarded("read", self._read)
-
-    def _read(self) -> None:
-        c = self._paho
-        stats = self.stats
-        # paho reads one packet per call: while calls deliver messages (or bytes wait in our
-        # buffer, unseen by the selector), read on, up to _READ_BURST; none delivered ends it.
-        fast = self.fast_path
-        for _ in range(_READ_BURST):
-            before = stats.received
-            if fast and not self._buffered and between_packets(c):
-                filled = self._fill()
-                if filled is False:
-                    break  # nothing waiting: the selector tells us when there is
-            if self._buffered and between_packets(c):
-                self._fast_publishes()
-                if self._paused:
-                    break
-                if not self._buffered and stats.received != before:
-                    continue  # all of it was PUBLISH: read the socket again
-            if c.loop_read() != 0 or self._paused:
-                break
-            if not self._buffered and stats.received == before:
-                break
-        if self._buffered and not self._paused and self._attached and self._loop is not None:
-            self._loop.call_soon(self._on_readable)  # the rest of the buffer, after others ran
-        sock = c.socket()
-        # TLS: OpenSSL may hold decrypted bytes the fd no longer signals.
-        while not self._paused and isinstance(sock, ssl.SSLSocket) and sock.pending():
-            if c.loop_read() != 0:
-                break
-            sock = c.socket()
 
     def _on_writable(self) -> None:
         self._guarded("write", self._paho.loop_write)

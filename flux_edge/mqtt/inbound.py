@@ -7,6 +7,14 @@ PUBLISH fast path, dispatch to the subscriptions' handlers and acknowledgements 
   While paho is between packets, complete QoS 0/1 PUBLISH packets at the head of that buffer
   are decoded here (:mod:`flux_edge.mqtt.codec`) instead of by paho. When the start-up check of
   paho's internals fails, neither is used and paho reads alone.
+- **Linger** (``linger`` seconds, 0 = none). A socket that was read less than a linger ago is
+  not read again at once: the reader is taken off the selector until a linger has passed since
+  that read, and then everything that arrived meanwhile is read and handed on together. At 1,000
+  msg/s with a 5 ms linger a wake-up carries ~5 messages instead of one, and every stage after
+  this one (the source, the plugin lanes, rules, the uplink) runs once for them. A message after
+  a quiet spell (no read for a linger) is read at once, so linger adds at most ``linger`` to
+  the latency of messages that arrive while others are coming in, and nothing when traffic is
+  sparse.
 - **Dispatch.** A message goes to every subscription whose filter matches its topic (cached per
   topic). A handler that raises costs nothing but a counted, rate-limited log line.
 - **Flow control for incoming QoS 1/2.** The client acknowledges messages itself (paho's
@@ -35,7 +43,7 @@ from typing import TYPE_CHECKING
 
 from flux_edge.mqtt.codec import decode_publish
 from flux_edge.mqtt.common import Handler, MqttStats
-from flux_edge.mqtt.paho_internals import mark_received
+from flux_edge.mqtt.paho_internals import between_packets, mark_received
 from flux_edge.mqtt.topics import filter_body, match_levels
 
 if TYPE_CHECKING:
@@ -45,6 +53,7 @@ log = logging.getLogger("flux_edge.mqtt")
 
 _DISPATCH_CACHE_MAX = 4096
 RECV_CHUNK = 65536  # bytes taken from the socket per recv (paho asks for 1 byte, then the rest)
+READ_BURST = 64  # packets read per readiness event while they keep carrying messages
 
 
 class PendingAck:
@@ -78,6 +87,73 @@ class InboundMixin:
     _handling: set[asyncio.Future[object]]
     _handler_log_ts: float
     _recv_error: OSError | None = None  # met by _fill, raised to paho's next read
+    _loop: asyncio.AbstractEventLoop | None
+    _fd: int
+    _attached: bool
+    fast_path: bool
+    linger: float
+    _linger_timer: asyncio.TimerHandle | None
+    _last_read: float
+
+    def _guarded(self, what: str, fn: Callable[[], object]) -> None: ...
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        linger = self.linger
+        loop = self._loop
+        if linger > 0.0 and loop is not None:
+            now = loop.time()
+            if now - self._last_read < linger:  # busy: let more gather before reading
+                loop.remove_reader(self._fd)
+                self._linger_timer = loop.call_at(self._last_read + linger, self._lingered)
+                return
+            self._last_read = now
+        self._guarded("read", self._read)
+
+    def _lingered(self) -> None:
+        self._linger_timer = None
+        loop = self._loop
+        if not self._attached or loop is None or self._paused:
+            return  # detached: a new connection registers its own reader; paused: resume does
+        loop.add_reader(self._fd, self._on_readable)
+        self._last_read = loop.time()
+        self._guarded("read", self._read)
+
+    def _read_now(self) -> None:
+        self._guarded("read", self._read)
+
+    def _read(self) -> None:
+        c = self._paho
+        stats = self.stats
+        stats.reads += 1
+        # paho reads one packet per call: while calls deliver messages (or bytes wait in our
+        # buffer, unseen by the selector), read on, up to READ_BURST; none delivered ends it.
+        fast = self.fast_path
+        for _ in range(READ_BURST):
+            before = stats.received
+            if fast and not self._buffered and between_packets(c):
+                filled = self._fill()
+                if filled is False:
+                    break  # nothing waiting: the selector tells us when there is
+            if self._buffered and between_packets(c):
+                self._fast_publishes()
+                if self._paused:
+                    break
+                if not self._buffered and stats.received != before:
+                    continue  # all of it was PUBLISH: read the socket again
+            if c.loop_read() != 0 or self._paused:
+                break
+            if not self._buffered and stats.received == before:
+                break
+        if self._buffered and not self._paused and self._attached and self._loop is not None:
+            self._loop.call_soon(self._read_now)  # the rest of the buffer, after others ran
+        sock = c.socket()
+        # TLS: OpenSSL may hold decrypted bytes the fd no longer signals.
+        while not self._paused and isinstance(sock, ssl.SSLSocket) and sock.pending():
+            if c.loop_read() != 0:
+                break
+            sock = c.socket()
 
     def _buffered_recv(self, bufsize: int) -> bytes:
         buf, pos = self._rbuf, self._rpos

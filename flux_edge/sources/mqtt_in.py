@@ -146,6 +146,7 @@ class MqttSourceClient:
                 reconnect_min=cfg.reconnect_min,
                 reconnect_max=cfg.reconnect_max,
                 protocol=cfg.protocol,
+                linger=cfg.linger,
                 tls=None if cfg.tls is None else TlsSettings(
                     ca_file=cfg.tls.ca_file,
                     cert_file=cfg.tls.cert_file,

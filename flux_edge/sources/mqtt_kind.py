@@ -54,6 +54,9 @@ class MqttSource(SourceSpec, frozen=True, kw_only=True, tag="mqtt"):
     buffer_size: Annotated[int, Meta(ge=1, le=1_000_000)] = 1000
     protocol: Literal["5", "3.1.1"] = "5"
     tls: TlsConfig | None = None  # set (even empty: tls = {}) to connect with TLS
+    # a busy connection is read at most once per linger, so one wake-up carries many messages
+    # (the first message after a quiet spell is read at once); 0 = read every message at once
+    linger: Annotated[float, Meta(ge=0, le=1), DURATION] = 0.002
 
     def plugin_context(self, name: str, key: str) -> dict[str, Any]:
         return {"device": self.device or name}

@@ -687,3 +687,46 @@ def test_one_message_per_read_still_takes_the_fast_path(broker: Mosquitto, qos: 
 
     received, fast = run(scenario())
     assert received == 20 and fast == 20
+
+
+def test_linger_batches_a_busy_connection_but_not_the_first_message(broker: Mosquitto) -> None:
+    # issue #12: a busy socket is read at most once per linger (many messages per wake-up);
+    # a message after a quiet spell is read at once
+    linger = 1.0
+
+    async def scenario() -> tuple[float, float, int, int]:
+        loop = asyncio.get_running_loop()
+        got: list[tuple[float, bytes]] = []
+        first = asyncio.Event()
+        done = asyncio.Event()
+        sub = MqttClient("sub", broker.host, broker.port, reconnect_min=0.05, linger=linger)
+
+        def handler(topic: str, payload: bytes, q: int, retain: bool) -> None:
+            got.append((loop.time(), payload))
+            first.set()
+            if len(got) == 51:
+                done.set()
+
+        sub.subscribe("t/#", 0, handler)
+        await sub.connect(timeout=5)
+        await sub.wait_subscribed("t/#")
+        pub = await publisher(broker)
+        reads_before = sub.stats.reads
+        t0 = loop.time()
+        await pub.publish("t/first", b"0", qos=0)
+        await asyncio.wait_for(first.wait(), 5)
+        t_first = loop.time() - t0
+        for i in range(50):  # within the linger of the first read: gathered, not read one by one
+            await pub.publish(f"t/{i}", str(i).encode(), qos=0)
+        await asyncio.wait_for(done.wait(), 10)
+        t_all = loop.time() - t0
+        reads = sub.stats.reads - reads_before
+        await pub.close()
+        await sub.close()
+        return t_first, t_all, reads, len(got)
+
+    t_first, t_all, reads, n = run(scenario())
+    assert n == 51
+    assert t_first < linger  # the first message after quiet is not held back
+    assert t_all >= linger * 0.9  # the rest waited for the linger ...
+    assert reads <= 3, reads  # ... and came in one or two wake-ups, not 50

@@ -1,12 +1,15 @@
 """The `flux-edge` command line.
 
-Exit codes: 0 ok; 1 runtime failure; 2 usage error; 78 (EX_CONFIG) the configuration is invalid,
-which the systemd unit lists in RestartPreventExitStatus so a bad file is not restarted in a loop.
+Exit codes: 0 ok; 1 runtime failure; 2 usage error; 75 (EX_TEMPFAIL) a transient failure at
+start-up (out of memory, a full disk: systemd restarts it); 78 (EX_CONFIG) the configuration is
+invalid (or a plugin file broken), which the systemd unit lists in RestartPreventExitStatus so a
+bad file is not restarted in a loop.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -18,6 +21,7 @@ from flux_edge.errors import ConfigError, FluxError
 EX_OK = 0
 EX_FAIL = 1
 EX_USAGE = 2
+EX_TEMPFAIL = 75  # a transient failure (no memory, a full disk): systemd restarts the service
 EX_CONFIG = 78
 
 
@@ -63,10 +67,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     setup_logging(args.log or os.environ.get("FLUX_EDGE_LOG") or config.daemon.log_level)
     try:
         asyncio.run(Daemon(config, serve_metrics=True).run())
-    except PluginLoadError as exc:  # a restart cannot fix a broken .wasm: like a bad config
-        _err(f"{exc}; fix the plugin or the config, then restart")
-        return EX_CONFIG
+    except ConfigError:
+        raise
+    except (FluxError, OSError, MemoryError) as exc:
+        if transient(exc):  # out of memory, a full disk: a restart may well succeed
+            _err(f"{exc or type(exc).__name__} (a transient failure: exit {EX_TEMPFAIL}, "
+                 "for systemd to restart the service)")
+            return EX_TEMPFAIL
+        if isinstance(exc, PluginLoadError):  # a restart cannot fix a broken .wasm
+            _err(f"{exc}; fix the plugin or the config, then restart")
+            return EX_CONFIG
+        raise
     return EX_OK
+
+
+# errnos that say "not now" rather than "never": restarting later may well succeed
+_TRANSIENT_ERRNOS = frozenset({
+    errno.ENOMEM, errno.EAGAIN, errno.ENOSPC, errno.EIO, errno.EMFILE, errno.ENFILE,
+    errno.EBUSY, errno.EINTR, errno.ETIMEDOUT, errno.EADDRINUSE, errno.EROFS, errno.EDQUOT,
+})
+_TRANSIENT_TEXTS = ("cannot allocate memory", "out of memory", "resource temporarily unavailable",
+                    "no space left on device", "failed to allocate", "mmap failed")
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is a failure of the moment: no memory, no disk, too
+    many files, a busy resource. Such a failure at start-up exits ``EX_TEMPFAIL`` (75), which
+    systemd restarts; 78 is only for what a restart cannot fix (RestartPreventExitStatus=78)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, MemoryError):
+            return True
+        if isinstance(cur, OSError) and cur.errno in _TRANSIENT_ERRNOS:
+            return True
+        if any(t in str(cur).lower() for t in _TRANSIENT_TEXTS):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -167,9 +206,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None, *, signals_held: bool = False) -> int:
+    """``signals_held``: SIGHUP/SIGTERM/SIGINT were blocked by ``__main__`` (the command line):
+    every command but ``run`` lets them through at once; ``run`` once its handlers are in place
+    (runtime/signals.py)."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except SystemExit:
+        if signals_held:
+            from flux_edge.runtime.signals import unblock
+
+            unblock()
+        raise
+    if signals_held and args.func is not cmd_run:
+        from flux_edge.runtime.signals import unblock
+
+        unblock()
     try:
         rc: int = args.func(args)
         return rc
@@ -181,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         return EX_FAIL
     except KeyboardInterrupt:
         return 130
+    except MemoryError:
+        _err(f"out of memory (exit {EX_TEMPFAIL})")
+        return EX_TEMPFAIL
+    except OSError as exc:
+        _err(f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""))
+        return EX_TEMPFAIL if transient(exc) else EX_FAIL
     except BrokenPipeError:
         return EX_FAIL
 

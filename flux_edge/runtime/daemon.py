@@ -31,7 +31,7 @@ from flux_edge.config import Config
 from flux_edge.errors import FluxError, Problem
 from flux_edge.kinds import check_config
 from flux_edge.plugins.host import PluginHost
-from flux_edge.runtime import plugin_instances
+from flux_edge.runtime import plugin_instances, signals
 from flux_edge.runtime.health import HealthMonitor, WatchdogFeeder
 from flux_edge.runtime.pipeline import Observers, Pipeline
 from flux_edge.runtime.systemd import Notifier
@@ -90,6 +90,7 @@ class Daemon:
         self.reloads_failed = 0
         self.reload_error = ""  # first problem of the last failed reload; "" after a good one
         self.stopping = False
+        self.hurry = asyncio.Event()  # a second stop signal: cut the shutdown short
 
     # --- start / stop ------------------------------------------------------------------------
 
@@ -154,7 +155,16 @@ class Daemon:
             # with the link down there is nobody to flush to: the outbox keeps the records, and
             # a reboot should not wait out the budget for a broker that is not there
             up = self.uplink
-            flushed = await up.flush(remaining if up.connected else 0.0)
+            if self.hurry.is_set():
+                remaining = 0.0
+            flush = asyncio.ensure_future(up.flush(remaining if up.connected else 0.0))
+            hurry = asyncio.ensure_future(self.hurry.wait())
+            await asyncio.wait({flush, hurry}, return_when=asyncio.FIRST_COMPLETED)
+            hurry.cancel()
+            if not flush.done():
+                flush.cancel()
+                await asyncio.wait({flush})
+            flushed = not flush.cancelled() and flush.result()
             if not flushed:
                 log.warning(
                     "stop: %d record(s) not yet acknowledged upstream stay in the outbox and "
@@ -250,22 +260,17 @@ class Daemon:
         started: Callable[[Pipeline], None] | None = None,
     ) -> None:
         """Start, serve until ``stop`` is set or SIGTERM/SIGINT arrives (SIGHUP reloads), then
-        shut down cleanly."""
+        shut down cleanly. Signals are handled at any moment (runtime/signals.py): during the
+        start (a stop abandons it), a reload (a SIGHUP is done after it) and the shutdown (a
+        second stop signal cuts it short; a SIGHUP is ignored)."""
         stop = stop or asyncio.Event()
         reload_requested = asyncio.Event()
         loop = asyncio.get_running_loop()
-        installed: list[signal.Signals] = []
-        handlers = {signal.SIGTERM: stop.set, signal.SIGINT: stop.set,
-                    signal.SIGHUP: reload_requested.set}
-        for sig, handler in handlers.items():
-            try:
-                loop.add_signal_handler(sig, handler)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError):  # not the main thread
-                pass
+        installed = self._install_signals(loop, stop, reload_requested)
         feeder: asyncio.Task[None] | None = None
         try:
-            await self.start()
+            if not await self._start_unless_stopped(stop):
+                return
             assert self.pipeline is not None
             if started is not None:
                 started(self.pipeline)
@@ -288,15 +293,82 @@ class Daemon:
                 await self.reload()
             log.info("stopping: draining queues")
         finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            # the feeder keeps feeding while the drain makes progress
+            # the handlers stay through the shutdown: a second SIGTERM cuts it short, a SIGHUP
+            # is ignored (with the default action back, either would kill the process)
             try:
                 await self.shutdown()
             finally:
                 if feeder is not None:
                     feeder.cancel()
+                for sig in installed:
+                    loop.remove_signal_handler(sig)
         log.info("stopped")
+
+    def _install_signals(
+        self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event, reload: asyncio.Event
+    ) -> list[signal.Signals]:
+        """SIGTERM/SIGINT stop (a second one hurries the shutdown), SIGHUP reloads (ignored
+        while stopping); then the signals held since the first instruction are let through."""
+
+        def on_stop(sig: signal.Signals) -> None:
+            if not stop.is_set():
+                log.info("%s: stopping", sig.name)
+                stop.set()
+            elif not self.hurry.is_set():
+                log.warning(
+                    "%s again while stopping: cutting the drain and the outbox flush short "
+                    "(actuators still go to their safe state; unsent records stay in the "
+                    "outbox)", sig.name,
+                )
+                self.hurry.set()
+                if self.pipeline is not None:
+                    self.pipeline.hurry()
+
+        def on_hup() -> None:
+            if stop.is_set():
+                log.info("SIGHUP while stopping: no reload")
+            else:
+                reload.set()
+
+        installed: list[signal.Signals] = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, on_stop, sig)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError):  # not the main thread
+                pass
+        try:
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
+            installed.append(signal.SIGHUP)
+        except (NotImplementedError, RuntimeError):
+            pass
+        if installed:
+            signals.unblock()  # what came since the first instruction arrives now
+        return installed
+
+    async def _start_unless_stopped(self, stop: asyncio.Event) -> bool:
+        """``start()``, abandoned (cancelled) if a stop comes first. True when it started."""
+        loop = asyncio.get_running_loop()
+        # a signal held since the first instruction reaches its handler two loop turns after
+        # the unblock (the wakeup fd is read, then the handler runs): before anything starts
+        for _ in range(2):
+            await asyncio.sleep(0)
+        if stop.is_set():
+            log.info("stop requested before the start")
+            return False
+        starting = loop.create_task(self.start(), name="start")
+        stopped = loop.create_task(stop.wait(), name="stop-wait")
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            stopped.cancel()
+            starting.result()  # its error, if it failed
+            return not stop.is_set()  # stopped as it finished: no READY, straight to shutdown
+        log.info("stop requested during start-up: abandoning the start")
+        starting.cancel()
+        await asyncio.wait({starting})
+        if not starting.cancelled() and starting.exception() is not None:
+            log.info("start-up ended by: %s", starting.exception())
+        return False
 
 
 async def run_pipeline(

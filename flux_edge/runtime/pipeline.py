@@ -352,6 +352,14 @@ class Pipeline:
             len(self.executors),
         )
 
+    _drain_deadline: asyncio.Timeout | None = None
+
+    def hurry(self) -> None:
+        """End a drain in progress now (a second SIGTERM): ``stop`` goes on to the safe state."""
+        deadline = self._drain_deadline
+        if deadline is not None and not deadline.expired():
+            deadline.reschedule(asyncio.get_running_loop().time())
+
     async def stop(self, drain_timeout: float = 10.0, *, safe_state: bool = True) -> bool:
         """Stop sources, let queued data flow through every stage (into the outbox, if there is
         an uplink), then stop the stages. ``safe_state``: put actuators in their configured safe
@@ -363,7 +371,7 @@ class Pipeline:
         await sup.cancel(*[f"source:{n}" for n in self.sources])
         drained = True
         try:
-            async with asyncio.timeout(drain_timeout):
+            async with asyncio.timeout(drain_timeout) as self._drain_deadline:
                 await self.readings.join()
                 if self.lanes is not None:
                     await self.lanes.join()

@@ -226,6 +226,7 @@ class MqttClient(InboundMixin):
         self._fd = -1
         self._attached = False  # reader/writer registered with the loop
         self._writer_on = False
+        self._flush_due = False  # a _flush_writes is scheduled
         self._paused = False  # reading paused by the consumer (pause_reading)
         self._misc_timer: asyncio.TimerHandle | None = None
         self._linger_timer: asyncio.TimerHandle | None = None
@@ -601,8 +602,21 @@ class MqttClient(InboundMixin):
             self._sock_closed.set()
 
     def _on_register_write(self, client: Client, userdata: object, sock: Any) -> None:
-        if self._attached and not self._writer_on and self._loop is not None:
-            self._loop.add_writer(self._fd, self._on_writable)
+        # paho queued a packet: write it (and whatever else is queued by then) soon, from a
+        # callback of its own, rather than after a writability event: the socket nearly always
+        # has room, and watching it costs two epoll_ctl calls and a loop iteration per packet.
+        # The writer is registered only when a write leaves data behind (flush_writes).
+        if self._attached and not self._writer_on and not self._flush_due and self._loop:
+            self._flush_due = True
+            self._loop.call_soon(self._flush_writes)
+
+    def _flush_writes(self) -> None:
+        self._flush_due = False
+        if not self._attached or self._writer_on or self._loop is None:
+            return
+        self._guarded("write", self._paho.loop_write)
+        if self._attached and not self._writer_on and self._paho.want_write():
+            self._loop.add_writer(self._fd, self._on_writable)  # the socket is full: wait
             self._writer_on = True
 
     def _on_unregister_write(self, client: Client, userdata: object, sock: Any) -> None:

@@ -28,7 +28,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 from flux_edge.errors import FluxError
 from flux_edge.model import Command, Value
@@ -215,13 +215,31 @@ def _not_a_field(inner: str, placeholders: Sequence[str], formats: Sequence[str]
     )
 
 
+_iso_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
 def iso_utc(ts: float) -> str:
-    """Unix seconds -> ``2026-11-28T07:00:00.123Z``."""
+    """Unix seconds -> ``2026-11-28T07:00:00.123Z`` (milliseconds truncated, as datetime's
+    microseconds // 1000). Every command and audit record needs one: the text of the second is
+    kept, so most calls only format the milliseconds."""
     try:
-        dt = datetime.fromtimestamp(ts, UTC)
-    except (OverflowError, OSError, ValueError):
+        frac, whole = math.modf(ts)
+        us = round(frac * 1e6)  # datetime.fromtimestamp's own rounding
+        sec = int(whole)
+    except (OverflowError, ValueError):
         return ""
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    if us >= 1_000_000:
+        sec, us = sec + 1, us - 1_000_000
+    elif us < 0:
+        sec, us = sec - 1, us + 1_000_000
+    cached = _iso_second
+    if cached[0] != sec:
+        try:
+            text = datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+        except (OverflowError, OSError, ValueError):
+            return ""
+        cached[0], cached[1] = sec, text
+    return f"{cached[1]}{us // 1000:03d}Z"
 
 
 def command_context(cmd: Command) -> dict[str, Value | None]:

@@ -62,7 +62,7 @@ from __future__ import annotations
 import heapq
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -368,6 +368,23 @@ class RuleEngine:
     def on_measurement(self, m: Measurement) -> list[Command]:
         """Record ``m`` and evaluate the rules it triggers (and fire what is due); return the
         commands they emit."""
+        commands = self._on_one(m)
+        if self._dirty:
+            self._flush()
+        return commands
+
+    def on_measurements(self, batch: Sequence[Measurement]) -> list[Command]:
+        """``on_measurement`` for each of ``batch`` in order, with the state of every rule they
+        changed written once, in one transaction, at the end (the rule stage's batch: what one
+        wake-up of a source delivered)."""
+        commands: list[Command] = []
+        for m in batch:
+            commands += self._on_one(m)
+        if self._dirty:
+            self._flush()
+        return commands
+
+    def _on_one(self, m: Measurement) -> list[Command]:
         index = self._index
         rules = index.get((m.device, m.name)) or index.get(("*", m.name))
         if rules is None:
@@ -395,8 +412,6 @@ class RuleEngine:
             self._fire_due(now, commands)
         for r in rules:
             self._step(r, m, dev, now, commands)
-        if self._dirty:
-            self._flush()
         return commands
 
     def _data(self, r: _Rule, c: _Cond, m: Measurement, dev: _Device, now: float) -> Any:

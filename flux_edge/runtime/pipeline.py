@@ -490,15 +490,14 @@ class Pipeline:
         for cb in self.observers.measurements:
             cb(source, measurements)
         latest = self.latest
-        upstream = self.upstream if self.uplink is not None else None
         for m in measurements:
             by_name = latest.get(m.device)
             if by_name is None:
                 by_name = latest[m.device] = {}
             by_name[m.name] = m
-            await self.measurements.put(m)
-            if upstream is not None:
-                await upstream.put(m)
+        await self.measurements.put_many(measurements)
+        if self.uplink is not None:
+            await self.upstream.put_many(measurements)
         stats = self.stats["plugins"]
         stats.processed += len(readings)
         stats.last_progress = time.monotonic()
@@ -556,9 +555,9 @@ class Pipeline:
                     beat.done()
                     continue
             beat.begin()
-            for m in batch:
-                for cmd in engine.on_measurement(m):
-                    await self.commands.put(cmd)
+            commands = engine.on_measurements(batch)  # rule state: one write for the batch
+            if commands:
+                await self.commands.put_many(commands)
             stats.processed += len(batch)
             stats.last_progress = time.monotonic()
             beat.done()

@@ -10,7 +10,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Generic, Literal, TypeVar
 
 T = TypeVar("T")
@@ -93,6 +93,29 @@ class BoundedQueue(Generic[T]):
             while len(self._items) >= self.capacity:
                 await self._not_full.wait()
         self._push(item)
+
+    async def put_many(self, items: Sequence[T]) -> None:
+        """``put`` each item in order; one call for a batch (a lane's measurements)."""
+        if self.policy == "drop_oldest":
+            for item in items:
+                self.offer(item)
+            return
+        buf = self._items
+        cap = self.capacity
+        if len(buf) + len(items) <= cap:  # room for all of them: no waiting, one bookkeeping
+            if not items:
+                return
+            buf.extend(items)
+            self.put_total += len(items)
+            n = len(buf)
+            self.high_watermark = max(self.high_watermark, n)
+            if n >= cap:
+                self._not_full.clear()
+            self._not_empty.set()
+            self._empty.clear()
+            return
+        for item in items:
+            await self.put(item)
 
     async def get_batch(self, max_items: int) -> list[T]:
         """Wait for at least one item, then take up to ``max_items`` without waiting further."""

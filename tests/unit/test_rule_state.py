@@ -284,3 +284,20 @@ def test_a_level_rule_firing_again_writes_nothing(tmp_path: Path) -> None:
     for t in range(10):
         e2.on_measurement(at(clock, float(t), 90.0))
     assert len(store2.saves) == 10
+
+
+def test_a_batch_of_measurements_writes_the_rule_state_once(tmp_path: Path) -> None:
+    # issue #12: the rule stage hands the engine what one wake-up delivered; the state of every
+    # rule the batch changed goes to SQLite in one transaction, not one per measurement
+    store = CountingStore(tmp_path / STATE_FILE)
+    clock = Now()
+    config = cfg(b=hot(when="temperature > 60.0"))
+    e = RuleEngine(config, clock=clock, store=store)
+    batch = [at(clock, 0.0, v) for v in (90.0, 10.0, 95.0, 12.0, 99.0)]  # on, off, on, off, on
+    commands = e.on_measurements(batch)
+    assert acts(commands) == ["fan_on"] * 3
+    assert len(store.saves) == 1
+    assert {r.rule: r.on for r in store.load()} == {"b": True}
+    single = RuleEngine(config, clock=clock, store=CountingStore(tmp_path / "other.sqlite"))
+    per_one = [c for m in batch for c in single.on_measurement(m)]
+    assert acts(per_one) == acts(commands)  # same commands as one by one

@@ -51,6 +51,26 @@ def test_queue_block_policy_waits_for_room() -> None:
     asyncio.run(go())
 
 
+def test_queue_put_many_keeps_order_and_waits_for_room() -> None:
+    async def go() -> None:
+        q: BoundedQueue[int] = BoundedQueue("t", 4)
+        await q.put_many([0, 1, 2])
+        assert q.put_total == 3 and q.high_watermark == 3 and len(q) == 3
+        putter = asyncio.create_task(q.put_many([3, 4, 5]))  # one fits, two wait for room
+        await asyncio.sleep(0)
+        assert not putter.done() and len(q) == 4
+        assert await q.get_batch(2) == [0, 1]
+        await putter
+        assert await q.get_batch(10) == [2, 3, 4, 5]
+        await q.put_many([])
+        assert q.put_total == 6 and q.dropped_total == 0
+        d: BoundedQueue[int] = BoundedQueue("d", 2, "drop_oldest")
+        await d.put_many([1, 2, 3])
+        assert d.dropped_total == 1 and await d.get_batch(5) == [2, 3]
+
+    asyncio.run(go())
+
+
 def test_queue_offer_on_full_block_queue_is_counted() -> None:
     q: BoundedQueue[int] = BoundedQueue("t", 1)
     assert q.offer(1)

@@ -87,3 +87,25 @@ def test_json_fields_always_give_valid_json(value: Value) -> None:
         assert decoded == {"v": None}
     else:
         assert decoded == {"v": value}
+
+
+@given(st.one_of(
+    st.floats(min_value=-2e10, max_value=2e11, allow_nan=False),
+    st.integers(min_value=0, max_value=2**33).map(lambda s: s + 0.9999996),
+))
+def test_iso_utc_matches_datetime(ts: float) -> None:
+    # iso_utc keeps the text of the last second (commands and audit records call it per
+    # command): the cached text must never differ from formatting with datetime directly
+    from datetime import UTC, datetime
+
+    from flux_edge.actions.templates import iso_utc
+
+    dt = datetime.fromtimestamp(ts, UTC)
+    assert iso_utc(ts) == dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    assert iso_utc(ts) == iso_utc(ts)
+
+
+def test_iso_utc_out_of_range_is_empty() -> None:
+    from flux_edge.actions.templates import iso_utc
+
+    assert iso_utc(1e20) == iso_utc(float("nan")) == iso_utc(float("inf")) == ""

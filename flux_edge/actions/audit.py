@@ -54,6 +54,7 @@ from typing import Any
 import msgspec
 
 from flux_edge.actions.templates import iso_utc
+from flux_edge.files import ensure_dir, open_state_file
 from flux_edge.model import Command, Outcome
 
 __all__ = ["AuditLog", "AuditStats", "rotated_path"]
@@ -226,8 +227,8 @@ class AuditLog:
             log.warning("audit log: %s; records are counted but lost until this works", message)
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        ensure_dir(self.path.parent)  # 0750; the log 0640, never through a link
+        self._fd = open_state_file(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
         self._size = os.fstat(self._fd).st_size
         # a power cut during a write may have left a partial last line
         self._broken_line = self._size > 0 and os.pread(self._fd, 1, self._size - 1) != b"\n"
@@ -272,7 +273,7 @@ class AuditLog:
                     os.replace(older, rotated_path(self.path, i + 1))
             os.replace(self.path, rotated_path(self.path, 1))
         self.stats.rotations += 1
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        self._fd = open_state_file(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         self._size = 0
         self._broken_line = False
 

@@ -18,6 +18,7 @@ from flux_edge.config.kinds import SECTIONS, Context, Kinds
 from flux_edge.config.positions import _Positions, _scan, parse_document
 from flux_edge.config.references import check_references
 from flux_edge.config.schema import Config
+from flux_edge.config.security import check_security
 from flux_edge.config.validate import _BAD, _Validator
 from flux_edge.errors import ConfigError, Problem
 
@@ -72,6 +73,7 @@ def _check(
     positions = _scan(text)
     v = make_validator(file, positions, kinds)
     base_dir = Path(config_path).parent if config_path else Path.cwd()
+    v.base_dir = base_dir
 
     def build(data: dict[str, Any]) -> Config | None:
         try:
@@ -87,6 +89,7 @@ def _check(
         if data is not _BAD:
             ctx = Context(v, raw=raw, data=data, base_dir=base_dir, kinds=kinds, build=build)
             check_references(ctx)
+            check_security(v, data, config_path)
             for domain in kinds.domains:
                 if domain.references is not None:
                     domain.references(ctx)

@@ -27,6 +27,8 @@ from flux_edge.config.values import (
     MODULE,
     NAME,
     NAME_KEYS,
+    SECRET,
+    SECRET_PATH,
     SHA256,
     SIZE,
 )
@@ -90,8 +92,10 @@ class TlsConfig(_S, frozen=True):
     """TLS towards an MQTT broker. Paths are relative to the config file."""
 
     ca_file: str = ""  # CA bundle (PEM) that signed the broker's certificate; "" = system CAs
-    cert_file: str = ""  # client certificate (PEM) for mutual TLS
-    key_file: str = ""  # its private key (PEM); "" = inside cert_file
+    # client certificate (PEM) for mutual TLS; a path or { credential = "name" } (systemd)
+    cert_file: Annotated[str, SECRET_PATH] = ""
+    # its private key (PEM); "" = inside cert_file; a path or { credential = "name" }
+    key_file: Annotated[str, SECRET_PATH] = ""
     verify_hostname: bool = True  # the broker's certificate must name the host we dial
 
 
@@ -223,7 +227,8 @@ class UplinkConfig(_S, frozen=True):
     port: Annotated[int, Meta(ge=1, le=65535)] = 1883
     client_id: str = ""  # default: flux-edge-<daemon.name>-uplink
     username: str = ""
-    password: str = ""
+    # "text", { file = "/path" } or { credential = "name" } (systemd LoadCredential=)
+    password: Annotated[str, SECRET] = ""
     keepalive: Annotated[float, Meta(ge=0, le=65535), DURATION] = 30.0
     protocol: Literal["5", "3.1.1"] = "5"
     tls: TlsConfig | None = None  # set (even empty: tls = {}) to connect with TLS

@@ -8,6 +8,7 @@ import math
 from collections.abc import Mapping, Sequence
 from datetime import date, datetime, time
 from decimal import InvalidOperation
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Union, get_args, get_origin
 
 import msgspec
@@ -18,6 +19,7 @@ from flux_edge.config.schema import (
     Config,
     SourceSpec,
 )
+from flux_edge.config.secrets import resolve_secret
 from flux_edge.config.tables import TABLE_CHECKS
 from flux_edge.config.values import (
     Key,
@@ -84,6 +86,8 @@ class _Validator:
         self.pos = positions
         self.problems: list[Problem] = []
         self.dirty: set[Key] = set()
+        self.base_dir = Path.cwd()  # where relative secret files are (the config file's dir)
+        self.secrets: list[Key] = []  # secrets written in the file itself (not from a file)
         self._rules = {**_RULES, **(rules or {})}
         self._table_checks = {**TABLE_CHECKS, **(table_checks or {})}
         # a field typed SourceSpec/ActionSpec is a table of one of that registry's kinds
@@ -136,6 +140,8 @@ class _Validator:
     def check(self, value: Any, tp: Any, path: Key, rule: _Rule | None = None) -> Any:
         tp, own = unwrap(tp)
         rule = merge_rules(own, rule)
+        if rule is not None and rule.secret:
+            return self._secret(value, path, rule)
         if rule is not None and rule.kind:
             return self._measure(value, path, rule)
         origin = get_origin(tp)
@@ -217,6 +223,18 @@ class _Validator:
             self.report(path, message)
             return False
         return True
+
+    def _secret(self, value: Any, path: Key, rule: _Rule) -> Any:
+        """A secret: resolved from its file or systemd credential; never shown in a problem."""
+        resolved, problem, literal = resolve_secret(
+            value, path, self.base_dir, as_path=rule.secret == "path"
+        )
+        if resolved is None:
+            self.report(path, problem)
+            return _BAD
+        if literal:
+            self.secrets.append(path)
+        return resolved
 
     def _measure(self, value: Any, path: Key, rule: _Rule) -> Any:
         """A duration (-> float seconds) or a size (-> int bytes)."""

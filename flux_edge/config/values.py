@@ -251,6 +251,8 @@ class _Rule:
     check: Callable[[str], str | None] | None = None  # for non-empty strings
     keys: Callable[[str], str | None] | None = None  # for the keys of a table
     help: str = ""  # what is expected, for messages about a missing key
+    # a secret (config/secrets.py): "value", { file = ... } or { credential = ... }; never echoed
+    secret: Literal["", "value", "path"] = ""
 
 
 # --- describing values --------------------------------------------------------------------------
@@ -374,6 +376,8 @@ NAME_KEYS = _Rule(keys=_check_name)
 CEL_KEYS = _Rule(keys=_check_cel_ident)
 LOG_LEVEL = _Rule(choices=_LOG_LEVELS)
 SHA256 = _Rule(check=check_sha256_value)
+SECRET = _Rule(secret="value")  # a password: text, { file = ... } or { credential = ... }
+SECRET_PATH = _Rule(secret="path")  # a key/certificate file: a path or { credential = ... }
 
 
 def merge_rules(a: _Rule | None, b: _Rule | None) -> _Rule | None:

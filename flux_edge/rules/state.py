@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from flux_edge.files import ensure_dir, prepare_sqlite
+
 __all__ = ["STATE_FILE", "RuleStore", "StateRecord"]
 
 log = logging.getLogger("flux_edge.rules")
@@ -75,8 +77,7 @@ class RuleStore:
     @classmethod
     def in_state_dir(cls, state_dir: str | os.PathLike[str]) -> RuleStore:
         """The store at ``<state_dir>/rules.sqlite`` (the directory is created if needed)."""
-        directory = Path(state_dir)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = ensure_dir(state_dir)  # 0750; the database 0640, never through a link
         return cls(directory / STATE_FILE)
 
     # --- opening ---------------------------------------------------------------------------------
@@ -130,6 +131,7 @@ class RuleStore:
     def _connect(self) -> sqlite3.Connection:
         # a short busy timeout: the engine runs on the event loop, and only a second daemon on
         # the same state directory (a misconfiguration) would hold the write lock
+        prepare_sqlite(self.path)  # no symlink at it or its -wal/-shm; created 0640
         db = sqlite3.connect(self.path, timeout=0.2, isolation_level=None, check_same_thread=False)
         try:
             app = db.execute("PRAGMA application_id").fetchone()[0]

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from flux_edge.config import Config
 from flux_edge.errors import FluxError, Problem
+from flux_edge.files import ensure_dir
 from flux_edge.kinds import check_config
 from flux_edge.plugins.host import PluginHost
 from flux_edge.runtime import plugin_instances, signals
@@ -41,10 +42,11 @@ log = logging.getLogger("flux_edge.runtime")
 
 
 def prepare_state_dir(config: Config) -> Path:
-    """Create <state_dir>/cache; a clear error if it cannot be written."""
+    """Create <state_dir>/cache (directories 0750 whatever the umask); a clear error if it
+    cannot be written."""
     cache = Path(config.daemon.state_dir) / "cache"
     try:
-        cache.mkdir(parents=True, exist_ok=True)
+        ensure_dir(cache)
     except OSError as exc:
         raise FluxError(
             f"daemon.state_dir: cannot create {cache}: {exc.strerror}; set daemon.state_dir to a "

@@ -15,6 +15,7 @@ from flux_edge.config.values import (
     DURATION,
     HOST,
     NAME,
+    SECRET,
     Key,
     Rule,
     _got,
@@ -40,7 +41,7 @@ class MqttSource(SourceSpec, frozen=True, kw_only=True, tag="mqtt"):
     port: Annotated[int, Meta(ge=1, le=65535)] = 1883
     client_id: str = ""  # default: flux-edge-<daemon.name>-<source>
     username: str = ""
-    password: str = ""
+    password: Annotated[str, SECRET] = ""  # text, { file = ... } or { credential = ... }
     keepalive: Annotated[float, Meta(ge=0, le=65535), DURATION] = 30.0
     # fixed device name; default: the source's table name
     device: Annotated[str, NAME] = ""

@@ -54,7 +54,8 @@ from typing import NamedTuple
 
 import msgspec
 
-from flux_edge.errors import UplinkError
+from flux_edge.errors import FluxError, UplinkError
+from flux_edge.files import ensure_dir, open_state_file, prepare_sqlite
 from flux_edge.model import Measurement
 from flux_edge.mqtt import check_topic
 from flux_edge.uplink.topics import TemplateError, compile_topic
@@ -245,8 +246,8 @@ class Outbox:
         """One process per outbox: a second daemon on the same file would send every row twice
         and upset the counters."""
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            ensure_dir(self.path.parent)  # 0750; files 0640, never through a link
+            fd = open_state_file(f"{self.path}.lock", os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             raise self._unwritable(exc.strerror or str(exc)) from exc
         try:
@@ -295,6 +296,10 @@ class Outbox:
         return aside
 
     def _connect(self) -> sqlite3.Connection:
+        try:
+            prepare_sqlite(self.path)  # no symlink at it or its -wal/-shm; created 0640
+        except (OSError, FluxError) as exc:
+            raise self._unwritable(str(exc)) from exc
         try:
             db = sqlite3.connect(
                 str(self.path), timeout=1.0, isolation_level=None, check_same_thread=False

@@ -156,22 +156,28 @@ class PluginHost:
     def __init__(
         self,
         cache_dir: Path | None = None,
-        epoch_tick: float = 0.002,
+        epoch_tick: float = 0.005,
         *,
         clock: Callable[[], float] = time.monotonic,
+        park_after: float = 0.1,
     ) -> None:
         if epoch_tick <= 0:
             raise ValueError("epoch_tick must be > 0")
         self.epoch_tick = epoch_tick
+        # the ticker keeps ticking this long after the last call before it parks: with calls
+        # coming every few ms, waking it for each one (a futex and a GIL hand-off per call)
+        # cost more than ticking on; idle, it still sleeps
+        self.park_after_ticks = max(0, round(park_after / epoch_tick))
         self.clock = clock
         self.engine = ffi.new_engine()
         self._cache = ModuleCache(self.engine, cache_dir)
         self._plugins: weakref.WeakSet[Plugin] = weakref.WeakSet()
-        # Ticker: runs while a guest call is in progress (``_active`` > 0), parks otherwise so
-        # an idle daemon does not wake up 500 times a second. PluginInstance.invoke inlines
-        # _busy() on the hot path.
+        # Ticker: runs while guest calls are in progress (``_active`` > 0) and for
+        # ``park_after`` after the last one, parks otherwise so an idle daemon does not wake.
+        # PluginInstance.invoke inlines _busy() on the hot path.
         self._active = 0
         self._wake = threading.Event()
+        self.parked = threading.Event()  # set while the ticker is parked (tests, diagnostics)
         self._stopping = False
         self._closed = False
         self._ticker = threading.Thread(target=self._tick_loop, name="flux-epoch", daemon=True)
@@ -199,13 +205,22 @@ class PluginHost:
         engine = self.engine
         monotonic = time.monotonic
         next_t = monotonic()
+        idle_ticks = 0
+        park_after = self.park_after_ticks
         while not self._stopping:
             if self._active == 0:
-                wake.clear()
-                if self._active == 0:  # re-check after clear: see _busy()
-                    wake.wait()
-                    next_t = monotonic()
-                    continue
+                idle_ticks += 1
+                if idle_ticks > park_after:  # quiet for a while: park until the next call
+                    wake.clear()
+                    if self._active == 0:  # re-check after clear: see _busy()
+                        self.parked.set()
+                        wake.wait()
+                        self.parked.clear()
+                        next_t = monotonic()
+                        idle_ticks = 0
+                        continue
+            else:
+                idle_ticks = 0
             next_t += tick
             delay = next_t - monotonic()
             if delay > 0:

@@ -153,6 +153,20 @@ def test_infinite_loop_times_out_within_the_limit(host: PluginHost) -> None:
     assert plugin.stats.recycles == 1
 
 
+def test_the_ticker_ticks_on_between_calls_then_parks() -> None:
+    # issue #12: waking the epoch ticker for every call cost a futex and a GIL hand-off per
+    # call; it ticks on for park_after after the last call, then parks (an idle daemon sleeps)
+    with PluginHost(None, epoch_tick=0.005, park_after=0.05) as h:
+        plugin = load_echo(h)
+        assert h.parked.wait(5)  # after loading (its init call), quiet: parked
+        plugin.process([reading()])
+        assert h.parked.wait(5)  # parked again after the call
+        t0 = time.perf_counter()
+        out = plugin.process([reading(address=LOOP)])  # still stopped at its time limit
+        assert only_errors(out, 1) == ["timed out after 50 ms"]
+        assert time.perf_counter() - t0 < 0.05 + 0.05
+
+
 def test_memory_grow_bomb_is_contained(host: PluginHost) -> None:
     plugin = load_echo(host, memory_limit=4 << 20)
     (err,) = only_errors(plugin.process([reading(address=GROW)]), 1)

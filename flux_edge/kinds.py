@@ -8,7 +8,7 @@ its own code. This module finds them by a naming rule, so that a new kind is one
   ``flux_edge.actions`` (or a package below them); it defines ``KIND`` or ``KINDS``
   (``flux_edge.config.kinds.Kind``);
 - a **domain module** is a module named ``checks`` in those packages or in ``flux_edge.plugins``,
-  ``flux_edge.rules`` or ``flux_edge.uplink`` that defines ``DOMAIN``
+  ``flux_edge.rules``, ``flux_edge.uplink`` or ``flux_edge.console`` that defines ``DOMAIN``
   (``flux_edge.config.kinds.Domain``).
 
 Kind modules import nothing heavy: their factories import the protocol code (pymodbus, pyserial,
@@ -23,6 +23,7 @@ from pathlib import Path
 from types import ModuleType
 
 import flux_edge.actions
+import flux_edge.console
 import flux_edge.plugins
 import flux_edge.rules
 import flux_edge.sources
@@ -37,7 +38,7 @@ from flux_edge.errors import Problem
 
 _KIND_PACKAGES: tuple[ModuleType, ...] = (flux_edge.sources, flux_edge.actions)
 _DOMAIN_PACKAGES: tuple[ModuleType, ...] = (
-    *_KIND_PACKAGES, flux_edge.plugins, flux_edge.rules, flux_edge.uplink
+    *_KIND_PACKAGES, flux_edge.plugins, flux_edge.rules, flux_edge.uplink, flux_edge.console
 )
 
 

@@ -220,6 +220,31 @@ class MetricsConfig(_S, frozen=True):
     port: Annotated[int, Meta(ge=0, le=65535)] = 9180
 
 
+class ConsoleConfig(_S, frozen=True):
+    """The local web console and its JSON API (/api/v1): docs/console.md. Off unless enabled;
+    every request needs a login (or a token); a bind beyond loopback needs TLS."""
+
+    enabled: bool = False
+    # a non-loopback host (the LAN) requires TLS: check-config refuses tls = "off" there
+    host: Annotated[str, Meta(min_length=1), HOST] = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 9181
+    # "auto": TLS unless host is a loopback address
+    tls: Literal["auto", "on", "off"] = "auto"
+    cert_file: str = ""  # PEM certificate; "" = self-signed, made in <state_dir>/console/
+    key_file: str = ""  # its private key (PEM); "" = inside cert_file
+    users_file: str = ""  # password hashes and tokens; "" = <state_dir>/console/users.json
+    # a session ends this long after login, or after idle_timeout without a request
+    session_timeout: Annotated[float, Meta(ge=60, le=30 * 86400), DURATION] = 8 * 3600.0
+    idle_timeout: Annotated[float, Meta(ge=60, le=30 * 86400), DURATION] = 1800.0
+    # failed logins from one address (or for one user) within login_window before refusal
+    login_attempts: Annotated[int, Meta(ge=1, le=1000)] = 5
+    login_window: Annotated[float, Meta(ge=1, le=86400), DURATION] = 300.0
+    trend: Annotated[float, Meta(ge=10, le=86400), DURATION] = 600.0  # history per value
+    trend_points: Annotated[int, Meta(ge=2, le=10_000)] = 120  # points kept per value
+    log_lines: Annotated[int, Meta(ge=0, le=100_000)] = 500  # recent log records kept
+    max_clients: Annotated[int, Meta(ge=1, le=256)] = 8  # live (SSE) streams at once
+
+
 class UplinkConfig(_S, frozen=True):
     """Every measurement forwarded to an upstream MQTT broker through a durable outbox."""
 
@@ -232,8 +257,12 @@ class UplinkConfig(_S, frozen=True):
     keepalive: Annotated[float, Meta(ge=0, le=65535), DURATION] = 30.0
     protocol: Literal["5", "3.1.1"] = "5"
     tls: TlsConfig | None = None  # set (even empty: tls = {}) to connect with TLS
-    # 1 or 2: the outbox deletes a record only when the broker acknowledged it
-    qos: Annotated[int, Meta(ge=1, le=2)] = 1
+    # 0, 1 or 2; every record goes through the outbox and is deleted once the broker has
+    # acknowledged it (QoS 1/2) or once it is written to the connection (QoS 0)
+    qos: Annotated[int, Meta(ge=0, le=2)] = 1
+    # the payload format: [uplink.encoder] type = "records" (default), "json", "influx",
+    # "sparkplug_b", "thingsboard", "homeassistant"; its options in docs/northbound.md
+    encoder: dict[str, Any] = {}
     # topic of each publish; {gateway}, {source}, {device} and {name} are filled in
     topic: Annotated[str, Meta(min_length=1)] = "flux-edge/{gateway}/{device}/{name}"
     # "single": one JSON object per publish; "batch": a JSON array of up to batch_max records
@@ -266,6 +295,7 @@ class Config(_S, frozen=True):
     actuators: Annotated[dict[str, ActuatorConfig], NAME_KEYS] = {}
     uplink: UplinkConfig | None = None
     metrics: MetricsConfig = MetricsConfig()
+    console: ConsoleConfig = ConsoleConfig()
     # Set by the loader, not by the file:
     path: str = ""  # the file it was loaded from
 

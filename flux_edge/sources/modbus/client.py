@@ -86,8 +86,9 @@ class _PymodbusLogFilter(logging.Filter):
 
 class _RouteToOurs(logging.Handler):
     """pymodbus' records, re-logged under ``flux_edge.source.modbus.pymodbus`` at most once per
-    minute per message template (the count of the rest rides on the next line), without
-    tracebacks (a traceback's one-line summary is kept; the full one at debug)."""
+    minute per place in pymodbus that logs (pymodbus formats its messages itself, data bytes
+    included, so the text cannot be the key; the count of the rest rides on the next line),
+    without tracebacks (an exception's one-line summary is kept)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -104,7 +105,8 @@ class _RouteToOurs(logging.Handler):
             text += f" ({type(exc).__name__}: {exc})"
         if not self.target.isEnabledFor(record.levelno):
             return
-        self.limit.log(str(record.msg)[:80], "%s", text[:500], level=record.levelno)
+        key = f"{record.pathname}:{record.lineno}:{record.levelno}"
+        self.limit.log(key, "%s", text[:500], level=record.levelno)
 
 
 _pymodbus_log = logging.getLogger("pymodbus")

@@ -9,18 +9,22 @@ import io
 import math
 import os
 import time
+import types
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
 
+import msgspec
 import pytest
 import tomlkit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flux_edge import cli
+from flux_edge.config import ActionSpec, Config, SourceSpec
 from flux_edge.config.load import MAX_CONFIG_BYTES
-from flux_edge.kinds import check_config, check_config_text
+from flux_edge.config.values import unwrap
+from flux_edge.kinds import KINDS, check_config, check_config_text
 from tests.conftest import ROOT
 
 EXAMPLES = sorted((ROOT / "config").glob("*.toml"))
@@ -196,9 +200,73 @@ def mutated_document(draw: st.DrawFn) -> str:
         return base.read_text()
 
 
+# --- documents built from the schema: every struct of config and of every registered kind --
+
+NAMES = st.sampled_from(["boiler", "meter", "a", "b_2", "x-y"])
+
+
+def from_type(tp: Any, depth: int = 0) -> st.SearchStrategy[Any]:
+    """Values for a field of type ``tp`` (annotations read as the schema walk reads them)."""
+    tp, rule = unwrap(tp)
+    if rule is not None and rule.kind == "duration":
+        return st.sampled_from(["50ms", "1s", "2m", "1h30m", 0.5, 3])
+    if rule is not None and rule.kind == "size":
+        return st.sampled_from(["64KiB", "16MiB", 4096])
+    if rule is not None and rule.secret:
+        return st.one_of(st.text(max_size=8), st.just({"file": "missing.pass"}),
+                         st.just({"credential": "c"}))
+    origin = get_origin(tp)
+    if tp is Any:
+        return st.integers(0, 9)
+    if origin is Literal:
+        return st.sampled_from(get_args(tp))
+    if origin is tuple:
+        return st.lists(from_type(get_args(tp)[0], depth + 1), max_size=2 if depth < 3 else 0)
+    if origin is dict:
+        return st.dictionaries(NAMES, from_type(get_args(tp)[1], depth + 1),
+                               max_size=2 if depth < 3 else 0)
+    if origin is Union or isinstance(tp, types.UnionType):
+        return st.one_of(*[from_type(a, depth) for a in get_args(tp) if a is not type(None)])
+    if tp in (SourceSpec, ActionSpec):
+        registry = KINDS.sources if tp is SourceSpec else KINDS.actions
+        return st.one_of(*[from_struct(k, depth + 1) for k in registry.structs])
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return from_struct(tp, depth + 1)
+    if tp is bool:
+        return st.booleans()
+    if tp is int:
+        lo = int(rule.min) if rule is not None and rule.min is not None else -5
+        hi = int(rule.max) if rule is not None and rule.max is not None else 70000
+        return st.integers(lo, min(hi, lo + 70000))
+    if tp is float:
+        return st.floats(-10, 1e6, allow_nan=False)
+    return st.one_of(NAMES, st.sampled_from(["127.0.0.1", "holding", "temperature > 80", ""]))
+
+
+def from_struct(cls: type[msgspec.Struct], depth: int = 0) -> st.SearchStrategy[dict[str, Any]]:
+    fields = [f for f in msgspec.structs.fields(cls) if f.name != "path"]
+    required = {f.encode_name: from_type(f.type, depth) for f in fields if f.required}
+    optional = {f.encode_name: from_type(f.type, depth) for f in fields if not f.required}
+    base = st.fixed_dictionaries(required, optional=optional) if depth < 4 else st.just({})
+    conf = cls.__struct_config__
+    if conf.tag_field and isinstance(conf.tag, str):
+        tag_field, tag = conf.tag_field, conf.tag
+        return base.map(lambda d: {tag_field: tag, **d})
+    return base
+
+
+@st.composite
+def schema_document(draw: st.DrawFn) -> str:
+    data = draw(from_struct(Config))
+    try:
+        return tomlkit.dumps(data)
+    except (ValueError, TypeError):
+        return ""
+
+
 @st.composite
 def mutated_text(draw: st.DrawFn) -> str:
-    text = draw(mutated_document())
+    text = draw(st.one_of(mutated_document(), schema_document()))
     lines = text.splitlines(keepends=True)
     for _ in range(draw(st.integers(0, 3))):
         if not lines:
@@ -222,7 +290,7 @@ FUZZ = settings(max_examples=150, deadline=None,
 
 
 @FUZZ
-@given(text=st.one_of(mutated_document(), mutated_text()))
+@given(text=st.one_of(mutated_document(), schema_document(), mutated_text()))
 def test_check_config_never_raises(text: str) -> None:
     config, problems = check_config_text(text)
     assert config is not None or any(p.severity == "error" for p in problems)

@@ -79,7 +79,8 @@ class Daemon:
         notifier: Notifier | None = None,
     ) -> None:
         self.config = config
-        self.observers = observers
+        # one Observers for every pipeline (the console's observer outlives a reload)
+        self.observers = observers or Observers()
         self.serve_metrics = serve_metrics
         self.notifier = notifier or Notifier()
         self.monitor = HealthMonitor(config.daemon.stall_timeout)
@@ -87,6 +88,10 @@ class Daemon:
         self.uplink: Uplink | None = None
         self.pipeline: Pipeline | None = None
         self.metrics: object | None = None  # MetricsServer, imported only when served
+        self.console: object | None = None  # console.app.Console, imported only when enabled
+        self.overrides: dict[str, dict[str, object]] = {}  # actuators held by an operator
+        self._reload_lock = asyncio.Lock()
+        self._console_task: asyncio.Task[None] | None = None
         self.started_at = time.time()
         self.reloads_ok = 0
         self.reloads_failed = 0
@@ -109,6 +114,8 @@ class Daemon:
         await self.pipeline.start()
         if self.serve_metrics and config.metrics.enabled:
             await self._start_metrics(config)
+        if self.serve_metrics and config.console.enabled:
+            await self._start_console()
 
     def _new_pipeline(self, config: Config) -> Pipeline:
         assert self.host is not None
@@ -134,6 +141,31 @@ class Daemon:
         log.info("metrics on http://%s:%d/metrics (health: /healthz)",
                  config.metrics.host, server.port)
 
+    async def _start_console(self) -> None:
+        from flux_edge.console.app import Console
+
+        console = Console(self)
+        try:
+            await console.start()
+        except FluxError as exc:  # like the metrics: the pipeline matters more
+            log.error("%s; running without the console", exc)
+            await console.close()
+            return
+        self.console = console
+
+    async def _stop_console(self) -> None:
+        console, self.console = self.console, None
+        if console is not None:
+            from flux_edge.console.app import Console
+
+            assert isinstance(console, Console)
+            await console.close()
+
+    async def _restart_console(self) -> None:
+        await self._stop_console()
+        if self.config.console.enabled:
+            await self._start_console()
+
     async def _stop_metrics(self) -> None:
         server, self.metrics = self.metrics, None
         if server is not None:
@@ -145,6 +177,7 @@ class Daemon:
     async def shutdown(self) -> None:
         """Drain, safe state, flush the outbox: within daemon.shutdown_timeout in all."""
         self.stopping = True
+        await self._stop_console()  # no operator action while the pipeline drains
         budget = self.config.daemon.shutdown_timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + budget
@@ -180,7 +213,12 @@ class Daemon:
     # --- reload --------------------------------------------------------------------------------
 
     async def reload(self) -> bool:
-        """Re-read the config file; swap pipelines only if the new one checks and loads."""
+        """Re-read the config file; swap pipelines only if the new one checks and loads.
+        One reload at a time (SIGHUP, the console)."""
+        async with self._reload_lock:
+            return await self._reload()
+
+    async def _reload(self) -> bool:
         self.notifier.reloading()
         path = self.config.path
         log.info("reload: reading %s", path)
@@ -213,10 +251,18 @@ class Daemon:
                 await self._swap_uplink(self.config)
             self.pipeline = self._new_pipeline(self.config)
             await self.pipeline.start()
+            if self.console is not None:
+                self.console.pipeline_changed()  # type: ignore[attr-defined]
             return self._reload_failed(str(exc))
         self.pipeline = pipeline
         metrics_changed = new.metrics != self.config.metrics
+        console_changed = new.console != self.config.console
         self.config = new
+        if self.console is not None:
+            self.console.pipeline_changed()  # type: ignore[attr-defined]
+        if console_changed and self.serve_metrics:
+            # not awaited here: the reload may have been asked for by the console itself
+            self._console_task = asyncio.get_running_loop().create_task(self._restart_console())
         if metrics_changed and self.serve_metrics:
             await self._stop_metrics()
             if new.metrics.enabled:

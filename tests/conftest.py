@@ -44,3 +44,19 @@ def cli_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """When the arm64 image test is selected, start its build now, in the background: under
+    qemu-user it is the longest step of the suite (~12 minutes) and it runs on the second core
+    while the tests before it run on the first (tests/system/image_support.py)."""
+    if session.config.option.collectonly:
+        return
+    wanted = "test_image_boot.py::test_image_boots_to_ready_flux_edge[arm64]"
+    if not any(item.nodeid.endswith(wanted) for item in session.items):
+        return
+    from tests.system import image_support
+
+    if not image_support.missing("arm64"):
+        image_support.start_build("arm64")
+

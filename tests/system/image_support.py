@@ -39,7 +39,8 @@ QEMU = {
 COMPATIBLE = {"arm64": "flux-edge-rpi-arm64", "amd64": "flux-edge-pc-amd64"}
 
 
-def require_tools(arch: str, extra: tuple[str, ...] = ()) -> None:
+def missing(arch: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """What this machine lacks to build and boot the ``arch`` image (empty: nothing)."""
     problems = []
     if os.geteuid() != 0:
         problems.append("not root")
@@ -47,6 +48,11 @@ def require_tools(arch: str, extra: tuple[str, ...] = ()) -> None:
     problems += [f"{t} missing" for t in tools if shutil.which(t) is None]
     if arch == "arm64" and not os.access("/proc/sys/fs/binfmt_misc", os.F_OK):
         problems.append("no binfmt_misc")
+    return problems
+
+
+def require_tools(arch: str, extra: tuple[str, ...] = ()) -> None:
+    problems = missing(arch, extra)
     if problems:
         msg = "image test needs: " + ", ".join(problems)
         if os.environ.get("CI"):
@@ -137,6 +143,20 @@ _failed: dict[str, str] = {}
 _session_dir: Path | None = None
 
 
+@dataclass
+class _Running:
+    proc: subprocess.Popen[bytes]
+    work: Path
+    out: Path
+    version: str
+    keys: Keys
+    started: float
+    log: Path
+
+
+_running: dict[str, _Running] = {}
+
+
 def _session() -> Path:
     global _session_dir
     if _session_dir is None:
@@ -146,54 +166,77 @@ def _session() -> Path:
     return _session_dir
 
 
-def built_image(arch: str) -> Build:
-    """image/build.sh --test-initramfs --bundle for ``arch``, once per pytest process, signed
-    with a CA made for this run. FLUX_EDGE_TEST_IMAGE_DIR=DIR reuses a build made before with
-    the keys in DIR/keys (for iterating on the checks)."""
-    if arch in _builds:
-        return _builds[arch]
-    if arch in _failed:
-        pytest.fail(f"the {arch} image build failed earlier in this run:\n{_failed[arch]}")
-    prebuilt = os.environ.get("FLUX_EDGE_TEST_IMAGE_DIR")
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """TERM to the whole group (mmdebstrap waits out a TERM of its own): build.sh's trap then
+    disables the binfmt entry it enabled and removes its work directory."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def start_build(arch: str) -> None:
+    """Start image/build.sh --test-initramfs --bundle for ``arch`` in the background (once per
+    pytest process), signed with a CA made for this run; ``built_image`` waits for it. The
+    session starts the arm64 build at collection (conftest.py), so that the longest build of
+    the suite runs on the second core while the other tests run on the first."""
+    if arch in _builds or arch in _failed or arch in _running or \
+            os.environ.get("FLUX_EDGE_TEST_IMAGE_DIR"):
+        return
     work = _session() / arch
     work.mkdir()
-    if prebuilt:
-        out = Path(prebuilt)
-        keys = Keys(out / "keys")
-        info = (out / f"flux-edge-{SUITE}-{arch}.build-info").read_text()
-        version = re.search(r"^version: +(\S+)", info, re.MULTILINE).group(1)  # type: ignore[union-attr]
-        _builds[arch] = Build(arch, out, version, keys, float("nan"), work)
-        return _builds[arch]
     keys = make_keys(work / "keys", f"flux-edge test {arch}")
     out = work / "out"
     version = f"1.0.0+test.a.{arch}"
     log_path = work / "build.log"
-    t0 = time.monotonic()
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [str(BUILD_SH), "--arch", arch, "--test-initramfs", "--bundle", "--out", str(out),
              "--version", version, "--keyring", str(keys.ca), "--signing-cert", str(keys.cert),
              "--signing-key", str(keys.key)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=BUILD_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            # TERM to the whole group (mmdebstrap waits out a TERM of its own): build.sh's trap
-            # then disables the binfmt entry it enabled and removes its work directory
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            rc = -1
-    text = log_path.read_text()
+    atexit.register(_stop, proc)  # a session that ends early does not leave a build running
+    _running[arch] = _Running(proc, work, out, version, keys, time.monotonic(), log_path)
+
+
+def built_image(arch: str) -> Build:
+    """The build of ``arch`` (started now if it was not started before), once it is done.
+    FLUX_EDGE_TEST_IMAGE_DIR=DIR reuses a build made before with the keys in DIR/keys (for
+    iterating on the checks)."""
+    if arch in _builds:
+        return _builds[arch]
+    if arch in _failed:
+        pytest.fail(f"the {arch} image build failed earlier in this run:\n{_failed[arch]}")
+    prebuilt = os.environ.get("FLUX_EDGE_TEST_IMAGE_DIR")
+    if prebuilt:
+        out = Path(prebuilt)
+        keys = Keys(out / "keys")
+        info = (out / f"flux-edge-{SUITE}-{arch}.build-info").read_text()
+        version = re.search(r"^version: +(\S+)", info, re.MULTILINE).group(1)  # type: ignore[union-attr]
+        work = _session() / arch
+        work.mkdir(exist_ok=True)
+        _builds[arch] = Build(arch, out, version, keys, float("nan"), work)
+        return _builds[arch]
+    start_build(arch)
+    job = _running.pop(arch)
+    left = BUILD_TIMEOUT - (time.monotonic() - job.started)
+    try:
+        rc = job.proc.wait(timeout=max(left, 1.0))
+    except subprocess.TimeoutExpired:
+        _stop(job.proc)
+        rc = -1
+    text = job.log.read_text()
     if rc != 0:
         _failed[arch] = text[-4000:]
-        pytest.fail(f"image/build.sh --arch {arch} failed (exit {rc}):\n{text[-4000:]}")
-    build = Build(arch, out, version, keys, time.monotonic() - t0, work)
+        pytest.fail(f"image/build.sh --arch {arch} failed (exit {rc}, build timeout "
+                    f"{BUILD_TIMEOUT:.0f}s):\n{text[-4000:]}")
+    build = Build(arch, job.out, job.version, job.keys, time.monotonic() - job.started, job.work)
     assert build.image.is_file() and build.bundle.is_file() and build.rootfs.is_file(), \
-        sorted(p.name for p in out.iterdir())
+        sorted(p.name for p in job.out.iterdir())
     _builds[arch] = build
     return build
 

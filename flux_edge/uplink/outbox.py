@@ -412,6 +412,18 @@ class Outbox:
         if rejected:
             self._note_dropped(rejected)
 
+    def add_rows(self, rows: Sequence[tuple[float, str, bytes]], measurements: int) -> None:
+        """Stage rows an uplink encoder made (``(ts, topic, payload)``, payload stored and sent
+        as it is; ``measurements``: how many measurements they carry, for the statistics)."""
+        staged = self._staged
+        total = 0
+        for ts, topic, payload in rows:
+            size = len(payload) + len(topic.encode()) + ROW_OVERHEAD
+            staged.append((size, ts, topic, payload))
+            total += size
+        self._staged_bytes += total
+        self.stats.staged += measurements
+
     @property
     def staged(self) -> int:
         return len(self._staged)

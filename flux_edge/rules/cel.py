@@ -45,6 +45,7 @@ from typing import Any, Final
 from cel_expr_python import cel
 
 from flux_edge.errors import RuleError
+from flux_edge.rules import protobuf
 from flux_edge.rules.cost import DEFAULT_BUDGET, Budget, BudgetError, Estimate, estimate
 
 __all__ = [
@@ -550,57 +551,11 @@ _EXPR_IDENT, _EXPR_STRUCT, _EXPR_COMPREHENSION = 4, 8, 9
 _CHILDREN: dict[int, tuple[int, ...]] = {5: (1,), 6: (1, 3), 7: (1,)}
 
 
-def _fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) pairs of one protobuf message; value is an int or bytes."""
-    i, n = 0, len(buf)
-    while i < n:
-        key = buf[i]
-        if key < 0x80:  # every field number below 16 has a one-byte key
-            i += 1
-        else:
-            key, i = _varint(buf, i)
-        field, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-            yield field, value
-        elif wire == 2:
-            size = buf[i] if i < n else 0x80
-            if size < 0x80:
-                i += 1
-            else:
-                size, i = _varint(buf, i)
-            if i + size > n:
-                raise ValueError("truncated field")
-            yield field, buf[i : i + size]
-            i += size
-        elif wire == 1:
-            i += 8
-        elif wire == 5:
-            i += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-    if i != n:
-        raise ValueError("truncated message")
-
-
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if i >= len(buf) or shift > 63:
-            raise ValueError("bad varint")
-        b = buf[i]
-        i += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, i
-        shift += 7
-
-
 def _sub(buf: bytes, field: int) -> bytes:
-    for f, v in _fields(buf):
-        if f == field and isinstance(v, bytes):
-            return v
-    raise ValueError(f"field {field} missing")
+    found = protobuf.first(buf, field)
+    if found is None:
+        raise ValueError(f"field {field} missing")
+    return found
 
 
 def _select_of_map(
@@ -608,7 +563,7 @@ def _select_of_map(
 ) -> tuple[str, str] | None:
     """(map variable, key) when a Select node reads ``map.key`` of a declared map variable."""
     operand = field_name = None
-    for f, v in _fields(select):
+    for f, v in protobuf.fields(select):
         if f == 1 and isinstance(v, bytes):
             operand = v
         elif f == 2 and isinstance(v, bytes):
@@ -617,7 +572,7 @@ def _select_of_map(
             return None
     if operand is None or field_name is None:
         return None
-    for f, v in _fields(operand):
+    for f, v in protobuf.fields(operand):
         if f == _EXPR_IDENT and isinstance(v, bytes):
             name = _sub(v, 1).decode()
             if name in maps and name not in bound:
@@ -641,7 +596,7 @@ def _referenced_variables(
     stack: list[tuple[bytes, frozenset[str]]] = [(expr, frozenset())]
     while stack:
         node, bound = stack.pop()
-        for field, value in _fields(node):
+        for field, value in protobuf.fields(node):
             if not isinstance(value, bytes):
                 continue
             if field == _EXPR_IDENT:
@@ -659,14 +614,16 @@ def _referenced_variables(
             elif field in _CHILDREN:  # select, call, list: sub-expressions at known fields
                 children = _CHILDREN[field]
                 stack.extend(
-                    (v, bound) for f, v in _fields(value) if f in children and isinstance(v, bytes)
+                    (v, bound)
+                    for f, v in protobuf.fields(value)
+                    if f in children and isinstance(v, bytes)
                 )
             elif field == _EXPR_STRUCT:  # entries = 2: map_key = 3, value = 4
-                for f, entry in _fields(value):
+                for f, entry in protobuf.fields(value):
                     if f == 2 and isinstance(entry, bytes):
                         stack.extend(
                             (v, bound)
-                            for g, v in _fields(entry)
+                            for g, v in protobuf.fields(entry)
                             if g in (3, 4) and isinstance(v, bytes)
                         )
             elif field == _EXPR_COMPREHENSION:
@@ -677,7 +634,7 @@ def _referenced_variables(
 def _comprehension(buf: bytes, bound: frozenset[str]) -> Iterator[tuple[bytes, frozenset[str]]]:
     # iter_var = 1, iter_range = 2, accu_var = 3, accu_init = 4, loop_condition = 5,
     # loop_step = 6, result = 7, iter_var2 = 8
-    parts = [(f, v) for f, v in _fields(buf) if isinstance(v, bytes)]
+    parts = [(f, v) for f, v in protobuf.fields(buf) if isinstance(v, bytes)]
     names = {f: v.decode() for f, v in parts if f in (1, 3, 8)}
     in_loop = bound | set(names.values())
     in_result = bound | ({names[3]} if 3 in names else set())

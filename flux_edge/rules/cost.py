@@ -26,11 +26,12 @@ condition above its limits, with the construct responsible and what to change.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
 from flux_edge.errors import FluxError
+from flux_edge.rules import protobuf
 
 __all__ = [
     "DEFAULT_BUDGET",
@@ -182,52 +183,8 @@ def format_bytes(n: int) -> str:
 # --- protobuf reading (field numbers: cel/expr/checked.proto, syntax.proto) ---------------------
 
 
-def _fields(buf: bytes) -> Iterator[tuple[int, int | bytes]]:
-    i, n = 0, len(buf)
-    while i < n:
-        key, i = _varint(buf, i)
-        fnum, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-            yield fnum, value
-        elif wire == 2:
-            size, i = _varint(buf, i)
-            if i + size > n:
-                raise ValueError("truncated field")
-            yield fnum, buf[i : i + size]
-            i += size
-        elif wire == 1:
-            i += 8
-        elif wire == 5:
-            i += 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-    if i != n:
-        raise ValueError("truncated message")
-
-
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if i >= len(buf) or shift > 63:
-            raise ValueError("bad varint")
-        b = buf[i]
-        i += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, i
-        shift += 7
-
-
-def _sub(buf: bytes, fnum: int) -> bytes | None:
-    for f, v in _fields(buf):
-        if f == fnum and isinstance(v, bytes):
-            return v
-    return None
-
-
-def _subs(buf: bytes, fnum: int) -> list[bytes]:
-    return [v for f, v in _fields(buf) if f == fnum and isinstance(v, bytes)]
+_sub = protobuf.first
+_subs = protobuf.every
 
 
 class _Node:
@@ -239,7 +196,7 @@ class _Node:
         self.id = 0
         self.kind = 0
         self.body = b""
-        for f, v in _fields(buf):
+        for f, v in protobuf.fields(buf):
             if f == 2 and isinstance(v, int):
                 self.id = v
             elif f >= 3 and isinstance(v, bytes):
@@ -384,7 +341,7 @@ class _Walker:
     def _walk(self, node: _Node, env: dict[str, _B], runs: int) -> _B:
         kind, body = node.kind, node.body
         if kind == _CONST:
-            for f, v in _fields(body):
+            for f, v in protobuf.fields(body):
                 if f == 6 and isinstance(v, bytes):  # string_value
                     return _B(s=len(v.decode("utf-8", "replace")))
                 if f == 7 and isinstance(v, bytes):  # bytes_value
@@ -396,7 +353,7 @@ class _Walker:
             return env.get(name, SCALAR)
         if kind == _SELECT:
             operand = _sub(body, 1)
-            test_only = any(f == 3 and v for f, v in _fields(body))
+            test_only = any(f == 3 and v for f, v in protobuf.fields(body))
             o = self.walk(operand, env, runs) if operand is not None else SCALAR
             self.charge(node, runs, NODE, 0, "a field selection")
             return SCALAR if test_only else (o.e or SCALAR)
@@ -413,7 +370,7 @@ class _Walker:
         if kind == _STRUCT:
             if _sub(body, 1):  # message_name: a message, not a map
                 for entry in _subs(body, 2):
-                    for f, v in _fields(entry):
+                    for f, v in protobuf.fields(entry):
                         if f == 4 and isinstance(v, bytes):
                             self.walk(v, env, runs)
                 return SCALAR
@@ -422,7 +379,7 @@ class _Walker:
             count = 0
             for entry in _subs(body, 2):
                 count += 1
-                for f, v in _fields(entry):
+                for f, v in protobuf.fields(entry):
                     if f == 3 and isinstance(v, bytes):
                         keys = _join(keys, self.walk(v, env, runs))
                     elif f == 4 and isinstance(v, bytes):
@@ -544,7 +501,7 @@ class _Walker:
 
     def _comprehension(self, node: _Node, env: dict[str, _B], runs: int) -> _B:
         parts: dict[int, bytes] = {}
-        for f, v in _fields(node.body):
+        for f, v in protobuf.fields(node.body):
             if isinstance(v, bytes):
                 parts[f] = v
         iter_var = parts.get(1, b"").decode()
@@ -646,7 +603,7 @@ def _positions(checked: bytes) -> dict[int, int]:
         return out
     for entry in _subs(info, 4):
         key = value = None
-        for f, v in _fields(entry):
+        for f, v in protobuf.fields(entry):
             if f == 1 and isinstance(v, int):
                 key = v
             elif f == 2 and isinstance(v, int):

@@ -1,5 +1,6 @@
 """The uplink's checks at load time (a ``Domain`` of the config loader): its topics use our
-placeholder syntax (``topics.py``), TLS files exist, reconnect bounds are in order, a batch topic
+placeholder syntax (``topics.py``), the encoder table is one encoder kind's (``encoders/``), TLS
+files exist, reconnect bounds are in order, a batch topic
 does not name a measurement."""
 
 from __future__ import annotations
@@ -10,7 +11,25 @@ from flux_edge.config.kinds import Context, Domain
 from flux_edge.config.schema import UplinkConfig, _default
 from flux_edge.config.tables import resolve_tls_files
 from flux_edge.config.values import _is_number, _Rule
+from flux_edge.uplink.encoders.registry import encoder_kinds, union
 from flux_edge.uplink.topics import check_uplink_topic
+
+
+def _check_encoder(ctx: Context, up: dict[str, object]) -> None:
+    """``[uplink.encoder]`` against its kind's struct (every problem at its key path), then the
+    kind's own checks (templates, topics)."""
+    table = ctx.raw.get("uplink", {}).get("encoder") if isinstance(
+        ctx.raw.get("uplink"), dict) else None
+    if not isinstance(table, dict) or not table:
+        return
+    path = ("uplink", "encoder")
+    checked = ctx.v.check(table, union(), path)
+    if not isinstance(checked, dict) or not ctx.clean(path):
+        return
+    kind = encoder_kinds()[checked["type"]]
+    if kind.check is not None:
+        kind.check(ctx, checked, path)
+    up["encoder"] = table
 
 
 def _check_uplink(ctx: Context) -> None:
@@ -21,6 +40,7 @@ def _check_uplink(ctx: Context) -> None:
     if not isinstance(up, dict):
         return
     resolve_tls_files(v, up.get("tls"), ("uplink", "tls"), base_dir)
+    _check_encoder(ctx, up)
     outbox = up.get("outbox_file", "")
     if isinstance(outbox, str) and outbox and not Path(outbox).is_absolute():
         up["outbox_file"] = str(base_dir / outbox)

@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,7 +38,10 @@ from flux_edge.errors import UplinkError
 from flux_edge.logs import RateLimitedLog
 from flux_edge.model import Measurement
 from flux_edge.mqtt import MqttClient, MqttError, TlsSettings, Will, check_topic
-from flux_edge.uplink.outbox import Outbox, Unit, UplinkStats, record
+from flux_edge.uplink.encoders.base import EncoderEnv, Message
+from flux_edge.uplink.encoders.records import RecordsEncoder
+from flux_edge.uplink.encoders.registry import build, spec_of
+from flux_edge.uplink.outbox import Outbox, Unit, UplinkStats
 from flux_edge.uplink.topics import TemplateError, compile_topic
 
 if TYPE_CHECKING:
@@ -68,6 +71,7 @@ class Uplink:
         gateway: str,
         state_dir: Path,
         clock: Callable[[], float] = time.time,
+        precision: Mapping[tuple[str, str], int] | None = None,
     ) -> None:
         self.cfg = cfg
         self.gateway = gateway
@@ -80,6 +84,14 @@ class Uplink:
             problem = check_topic(self.status_topic)
             if problem:
                 raise UplinkError(f"uplink.status_topic: {problem}")
+        env = EncoderEnv(
+            gateway=gateway, precision=dict(precision or {}), status_topic=self.status_topic,
+            state_dir=str(state_dir),
+        )
+        self.encoder = build(spec_of(cfg.encoder), env)
+        if isinstance(self.encoder, RecordsEncoder):
+            self.encoder.batch = cfg.format == "batch"
+            self.encoder.rows_per_publish = cfg.batch_max if self.encoder.batch else 1
         self.stats = UplinkStats()
         self._out = Outbox(
             path, max_size=cfg.outbox_max_size, gateway=gateway, topic=cfg.topic, where=where,
@@ -94,8 +106,15 @@ class Uplink:
                 ca_file=cfg.tls.ca_file, cert_file=cfg.tls.cert_file, key_file=cfg.tls.key_file,
                 verify_hostname=cfg.tls.verify_hostname,
             )
-        will = Will(self.status_topic, b"offline", qos=1, retain=True) if self.status_topic \
-            else None
+        own_will = self.encoder.will()
+        if own_will is not None:
+            will: Will | None = Will(own_will.topic, own_will.payload,
+                                     qos=1 if own_will.qos is None else own_will.qos,
+                                     retain=own_will.retain)
+        elif self.status_topic:
+            will = Will(self.status_topic, b"offline", qos=1, retain=True)
+        else:
+            will = None
         try:
             self._client = MqttClient(
                 self.client_id, cfg.host, cfg.port,
@@ -110,7 +129,9 @@ class Uplink:
             self._out.close()
             key = "uplink.tls" if tls is not None and "TLS" in str(exc) else "uplink"
             raise UplinkError(f"{key}: {exc}") from exc
-        self._rows_per_publish = cfg.batch_max if cfg.format == "batch" else 1
+        self._rows_per_publish = self.encoder.rows_per_publish
+        self._session = asyncio.Event()  # the encoder's session messages went out
+        self._session_task: asyncio.Task[None] | None = None
         self._inflight: dict[asyncio.Task[None], Unit] = {}
         self._status_tasks: set[asyncio.Task[None]] = set()
         self._sender: asyncio.Task[None] | None = None
@@ -145,8 +166,14 @@ class Uplink:
         )
 
     def add(self, measurements: Sequence[Measurement]) -> None:
-        """Stage measurements for the next commit (no I/O)."""
-        self._out.add(measurements)
+        """Stage measurements for the next commit (no I/O), in the encoder's rows."""
+        enc = self.encoder
+        rows = enc.stage(measurements)
+        if rows is None:
+            assert isinstance(enc, RecordsEncoder)
+            self._out.add(enc.prepare(measurements))
+        else:
+            self._out.add_rows(rows, len(measurements))
 
     def commit(self) -> int:
         """Write what is staged (and delete what was acknowledged) in one transaction; returns
@@ -195,17 +222,22 @@ class Uplink:
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._session_task is not None:
+            self._status_tasks.add(self._session_task)
         pending = list(self._inflight) + list(self._status_tasks)
         for task in pending:
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
-        if self.status_topic and self._client.connected:
+        if self._client.connected:
+            last = self.encoder.on_close()
+            if self.status_topic:
+                last.append(Message(self.status_topic, b"offline", True, 1))
             try:
                 async with asyncio.timeout(_STATUS_TIMEOUT):
-                    await self._client.publish(self.status_topic, b"offline", 1, retain=True)
+                    await self._send_messages(last)
             except (MqttError, TimeoutError) as exc:
-                log.debug("uplink: offline status not sent: %s", exc)
+                log.debug("uplink: closing messages not sent: %s", exc)
         await self._client.close()
 
     async def _close_outbox(self) -> None:
@@ -261,7 +293,7 @@ class Uplink:
                 )
                 await asyncio.sleep(delay)
                 continue
-            if self._client.connected and not self._failed:
+            if self._client.connected and self._session.is_set() and not self._failed:
                 # after a failure one publish goes alone until it succeeds, so what was held
                 # back arrives in order
                 limit = 1 if self._failures else window
@@ -280,14 +312,14 @@ class Uplink:
             await self._wake.wait()
 
     def _publish(self, unit: Unit) -> None:
-        oid = self._oid
-        if len(unit.rows) == 1 and self.cfg.format == "single":
-            payload = record(oid, unit.rows[0])
+        messages = self.encoder.wire(self._oid, unit.rows)
+        loop = asyncio.get_running_loop()
+        if len(messages) == 1:
+            m = messages[0]
+            qos = self.cfg.qos if m.qos is None else m.qos
+            task = loop.create_task(self._client.publish(m.topic, m.payload, qos, m.retain))
         else:
-            payload = b"[" + b",".join([record(oid, r) for r in unit.rows]) + b"]"
-        task = asyncio.get_running_loop().create_task(
-            self._client.publish(unit.rows[0].topic, payload, self.cfg.qos)
-        )
+            task = loop.create_task(self._send_messages(messages))
         self._inflight[task] = unit
         task.add_done_callback(self._published)
 
@@ -317,7 +349,42 @@ class Uplink:
         self._sync_wake.set()
         self._wake.set()
 
+    async def _send_messages(self, messages: Sequence[Message]) -> None:
+        """Publish in order (each handed to the client before the next), wait for them all."""
+        if not messages:
+            return
+        loop = asyncio.get_running_loop()
+        qos = self.cfg.qos
+        tasks = [
+            loop.create_task(self._client.publish(
+                m.topic, m.payload, qos if m.qos is None else m.qos, m.retain))
+            for m in messages
+        ]
+        try:
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            for t in tasks:
+                t.cancel()
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+
+    async def _start_session(self) -> None:
+        """The encoder's session messages (births, discovery, connects), then the rows."""
+        try:
+            await self._send_messages(self.encoder.on_connect())
+        except MqttError as exc:  # the connection went: sent again at the next one
+            log.debug("uplink: session messages not sent: %s", exc)
+            return
+        except ValueError as exc:
+            log.error("uplink: session messages refused: %s", exc)
+        self._session.set()
+        self._wake.set()
+
     def _on_connection(self, connected: bool, reason: str) -> None:
+        if not connected:
+            self._session.clear()
+            self.encoder.on_disconnect()
         if connected:
             self._connects += 1
             if self._connects > 1:
@@ -329,6 +396,10 @@ class Uplink:
                 task = asyncio.get_running_loop().create_task(self._publish_status(b"online"))
                 self._status_tasks.add(task)
                 task.add_done_callback(self._status_tasks.discard)
+            if not self._closing:
+                self._session.clear()
+                self._session_task = asyncio.get_running_loop().create_task(
+                    self._start_session(), name="uplink:session")
             self._wake.set()
         elif not self._closing:
             self.stats.last_error = reason

@@ -45,8 +45,9 @@ from typing import Any, Final
 from cel_expr_python import cel
 
 from flux_edge.errors import RuleError
-from flux_edge.rules import protobuf
 from flux_edge.rules.cost import DEFAULT_BUDGET, Budget, BudgetError, Estimate, estimate
+from flux_edge.rules.protobuf import fields as pb_fields
+from flux_edge.rules.protobuf import first as pb_first
 
 __all__ = [
     "DEFAULT_BUDGET",
@@ -552,7 +553,7 @@ _CHILDREN: dict[int, tuple[int, ...]] = {5: (1,), 6: (1, 3), 7: (1,)}
 
 
 def _sub(buf: bytes, field: int) -> bytes:
-    found = protobuf.first(buf, field)
+    found = pb_first(buf, field)
     if found is None:
         raise ValueError(f"field {field} missing")
     return found
@@ -563,7 +564,7 @@ def _select_of_map(
 ) -> tuple[str, str] | None:
     """(map variable, key) when a Select node reads ``map.key`` of a declared map variable."""
     operand = field_name = None
-    for f, v in protobuf.fields(select):
+    for f, v in pb_fields(select):
         if f == 1 and isinstance(v, bytes):
             operand = v
         elif f == 2 and isinstance(v, bytes):
@@ -572,7 +573,7 @@ def _select_of_map(
             return None
     if operand is None or field_name is None:
         return None
-    for f, v in protobuf.fields(operand):
+    for f, v in pb_fields(operand):
         if f == _EXPR_IDENT and isinstance(v, bytes):
             name = _sub(v, 1).decode()
             if name in maps and name not in bound:
@@ -596,7 +597,7 @@ def _referenced_variables(
     stack: list[tuple[bytes, frozenset[str]]] = [(expr, frozenset())]
     while stack:
         node, bound = stack.pop()
-        for field, value in protobuf.fields(node):
+        for field, value in pb_fields(node):
             if not isinstance(value, bytes):
                 continue
             if field == _EXPR_IDENT:
@@ -615,15 +616,15 @@ def _referenced_variables(
                 children = _CHILDREN[field]
                 stack.extend(
                     (v, bound)
-                    for f, v in protobuf.fields(value)
+                    for f, v in pb_fields(value)
                     if f in children and isinstance(v, bytes)
                 )
             elif field == _EXPR_STRUCT:  # entries = 2: map_key = 3, value = 4
-                for f, entry in protobuf.fields(value):
+                for f, entry in pb_fields(value):
                     if f == 2 and isinstance(entry, bytes):
                         stack.extend(
                             (v, bound)
-                            for g, v in protobuf.fields(entry)
+                            for g, v in pb_fields(entry)
                             if g in (3, 4) and isinstance(v, bytes)
                         )
             elif field == _EXPR_COMPREHENSION:
@@ -634,7 +635,7 @@ def _referenced_variables(
 def _comprehension(buf: bytes, bound: frozenset[str]) -> Iterator[tuple[bytes, frozenset[str]]]:
     # iter_var = 1, iter_range = 2, accu_var = 3, accu_init = 4, loop_condition = 5,
     # loop_step = 6, result = 7, iter_var2 = 8
-    parts = [(f, v) for f, v in protobuf.fields(buf) if isinstance(v, bytes)]
+    parts = [(f, v) for f, v in pb_fields(buf) if isinstance(v, bytes)]
     names = {f: v.decode() for f, v in parts if f in (1, 3, 8)}
     in_loop = bound | set(names.values())
     in_result = bound | ({names[3]} if 3 in names else set())

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
 from flux_edge.errors import FluxError
-from flux_edge.rules import protobuf
+from flux_edge.rules.protobuf import every as pb_every
+from flux_edge.rules.protobuf import fields as pb_fields
+from flux_edge.rules.protobuf import first as pb_first
 
 __all__ = [
     "DEFAULT_BUDGET",
@@ -183,8 +185,8 @@ def format_bytes(n: int) -> str:
 # --- protobuf reading (field numbers: cel/expr/checked.proto, syntax.proto) ---------------------
 
 
-_sub = protobuf.first
-_subs = protobuf.every
+_sub = pb_first
+_subs = pb_every
 
 
 class _Node:
@@ -196,7 +198,7 @@ class _Node:
         self.id = 0
         self.kind = 0
         self.body = b""
-        for f, v in protobuf.fields(buf):
+        for f, v in pb_fields(buf):
             if f == 2 and isinstance(v, int):
                 self.id = v
             elif f >= 3 and isinstance(v, bytes):
@@ -341,7 +343,7 @@ class _Walker:
     def _walk(self, node: _Node, env: dict[str, _B], runs: int) -> _B:
         kind, body = node.kind, node.body
         if kind == _CONST:
-            for f, v in protobuf.fields(body):
+            for f, v in pb_fields(body):
                 if f == 6 and isinstance(v, bytes):  # string_value
                     return _B(s=len(v.decode("utf-8", "replace")))
                 if f == 7 and isinstance(v, bytes):  # bytes_value
@@ -353,7 +355,7 @@ class _Walker:
             return env.get(name, SCALAR)
         if kind == _SELECT:
             operand = _sub(body, 1)
-            test_only = any(f == 3 and v for f, v in protobuf.fields(body))
+            test_only = any(f == 3 and v for f, v in pb_fields(body))
             o = self.walk(operand, env, runs) if operand is not None else SCALAR
             self.charge(node, runs, NODE, 0, "a field selection")
             return SCALAR if test_only else (o.e or SCALAR)
@@ -370,7 +372,7 @@ class _Walker:
         if kind == _STRUCT:
             if _sub(body, 1):  # message_name: a message, not a map
                 for entry in _subs(body, 2):
-                    for f, v in protobuf.fields(entry):
+                    for f, v in pb_fields(entry):
                         if f == 4 and isinstance(v, bytes):
                             self.walk(v, env, runs)
                 return SCALAR
@@ -379,7 +381,7 @@ class _Walker:
             count = 0
             for entry in _subs(body, 2):
                 count += 1
-                for f, v in protobuf.fields(entry):
+                for f, v in pb_fields(entry):
                     if f == 3 and isinstance(v, bytes):
                         keys = _join(keys, self.walk(v, env, runs))
                     elif f == 4 and isinstance(v, bytes):
@@ -501,7 +503,7 @@ class _Walker:
 
     def _comprehension(self, node: _Node, env: dict[str, _B], runs: int) -> _B:
         parts: dict[int, bytes] = {}
-        for f, v in protobuf.fields(node.body):
+        for f, v in pb_fields(node.body):
             if isinstance(v, bytes):
                 parts[f] = v
         iter_var = parts.get(1, b"").decode()
@@ -603,7 +605,7 @@ def _positions(checked: bytes) -> dict[int, int]:
         return out
     for entry in _subs(info, 4):
         key = value = None
-        for f, v in protobuf.fields(entry):
+        for f, v in pb_fields(entry):
             if f == 1 and isinstance(v, int):
                 key = v
             elif f == 2 and isinstance(v, int):

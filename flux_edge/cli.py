@@ -34,6 +34,29 @@ def _print_problems(problems: list[object], stream: TextIO) -> None:
         print(str(p), file=stream)
 
 
+DEFAULT_CONFIG = "/etc/flux-edge/flux-edge.toml"
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    """Every subcommand that reads the daemon's config takes it the same way: ``-c FILE``,
+    ``--config FILE`` or a plain ``FILE``; default $FLUX_EDGE_CONFIG, else DEFAULT_CONFIG.
+    The resolved path is ``args.config_path`` (and ``args.config``)."""
+    parser.add_argument("--config", "-c", metavar="FILE",
+                        help=f"the config (default: $FLUX_EDGE_CONFIG or {DEFAULT_CONFIG})")
+    parser.add_argument("config_file", nargs="?", metavar="FILE", help="the same as --config")
+    parser.set_defaults(takes_config=True)
+
+
+def _resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if not getattr(args, "takes_config", False):
+        return
+    if args.config and args.config_file and args.config != args.config_file:
+        parser.error("give the config once: FILE or --config FILE")
+    path = (args.config or args.config_file or os.environ.get("FLUX_EDGE_CONFIG")
+            or DEFAULT_CONFIG)
+    args.config = args.config_path = args.path = path
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from flux_edge.kinds import check_config
 
@@ -157,13 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon from a TOML config")
-    run.add_argument("--config", "-c", required=True, help="path to flux-edge.toml")
+    add_config_argument(run)
     run.add_argument("--log", help="log filter, e.g. 'info,plugin.modbus_decode=trace' "
                      "(default: $FLUX_EDGE_LOG or info)")
     run.set_defaults(func=cmd_run)
 
     chk = sub.add_parser("check-config", help="validate a config; exit 0 if valid, 78 if not")
-    chk.add_argument("path")
+    add_config_argument(chk)
     chk.set_defaults(func=cmd_check_config)
 
     demo = sub.add_parser("demo", help="run the pipeline against a simulated boiler")
@@ -200,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="grant WASI (no preopened dirs, env or args), as `wasi = true` does")
     prun.add_argument("--log", help="log filter (default: warn)")
     prun.set_defaults(func=cmd_plugin_run)
+    from flux_edge.commission import add_test_parser
+    from flux_edge.console.cli import add_console_parser, add_status_parser
+
+    add_status_parser(sub, add_config_argument)
+    add_test_parser(sub, add_config_argument)
+    add_console_parser(sub, add_config_argument)
     from flux_edge.plugins.catalog import add_catalog_parsers
 
     add_catalog_parsers(psub)
@@ -213,6 +242,7 @@ def main(argv: list[str] | None = None, *, signals_held: bool = False) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        _resolve_config(args, parser)
     except SystemExit:
         if signals_held:
             from flux_edge.runtime.signals import unblock

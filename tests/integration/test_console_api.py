@@ -118,6 +118,33 @@ def run_console(tmp_path: Path, body: Callable[[Daemon, BoilerSimulator, int], A
     return asyncio.run(go())
 
 
+def test_flux_edge_test_reads_and_writes_nothing(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """`flux-edge test`: one poll, the measurements, the rule that would fire and what the
+    safety layer would say; the burner coil is not written."""
+    from flux_edge.cli import main
+
+    bundled_wasm("modbus_decode")
+
+    async def go() -> int:
+        sim = BoilerSimulator(port=0, start_temperature=95.0, burner=True, tick=3600.0)
+        await sim.start()
+        path = tmp_path / "site.toml"
+        path.write_text(CONFIG.format(state=tmp_path / "state", port=sim.port, tls="on"))
+        try:
+            rc = await asyncio.to_thread(main, ["test", str(path), "--source", "boiler"])
+            assert sim.burner is True
+            return rc
+        finally:
+            await sim.stop()
+
+    assert asyncio.run(go()) == 0
+    out = capsys.readouterr().out
+    assert "temperature = 95.0 °C" in out
+    assert "hot would fire: action burner_off" in out and "(not run)" in out
+    assert not (tmp_path / "state" / "audit.jsonl").exists()
+
+
 def audit_lines(tmp_path: Path) -> list[dict[str, Any]]:
     text = (tmp_path / "state" / "audit.jsonl").read_text()
     return [json.loads(line) for line in text.splitlines()]
@@ -247,6 +274,13 @@ def test_console_api_end_to_end(tmp_path: Path) -> None:
         assert st == 200 and summary["devices"]["total"] == 1
         bad = ApiClient(port, tls=True, token="fxe_wrong")
         assert (await asyncio.to_thread(bad.get, "summary"))[0] == 401
+
+        # `flux-edge status` reads the API with the daemon's local token
+        from flux_edge.cli import main
+
+        rc = await asyncio.to_thread(main, ["status", "-c", daemon.config.path,
+                                               "--port", str(port)])
+        assert rc == 0
 
         # wrong passwords: refused, then rate limited (login_attempts = 3)
         mallory = ApiClient(port, tls=True)

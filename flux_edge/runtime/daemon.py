@@ -317,8 +317,31 @@ class Daemon:
         installed = self._install_signals(loop, stop, reload_requested)
         feeder: asyncio.Task[None] | None = None
         try:
-            if not await self._start_unless_stopped(stop):
-                return
+            if await self._start_unless_stopped(stop):
+                feeder = await self._serve(loop, stop, reload_requested, started)
+        finally:
+            # the handlers stay through the shutdown: a second SIGTERM cuts it short, a SIGHUP
+            # is ignored (with the default action back, either would kill the process)
+            try:
+                await self.shutdown()
+            finally:
+                if feeder is not None:
+                    feeder.cancel()
+                for sig in installed:
+                    loop.remove_signal_handler(sig)
+        log.info("stopped")
+
+    async def _serve(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        stop: asyncio.Event,
+        reload_requested: asyncio.Event,
+        started: Callable[[Pipeline], None] | None,
+    ) -> asyncio.Task[None]:
+        """READY, the watchdog, reloads on SIGHUP until ``stop``; returns the watchdog task."""
+        assert self.pipeline is not None
+        feeder: asyncio.Task[None] | None = None
+        try:
             assert self.pipeline is not None
             if started is not None:
                 started(self.pipeline)
@@ -340,17 +363,11 @@ class Daemon:
                 reload_requested.clear()
                 await self.reload()
             log.info("stopping: draining queues")
-        finally:
-            # the handlers stay through the shutdown: a second SIGTERM cuts it short, a SIGHUP
-            # is ignored (with the default action back, either would kill the process)
-            try:
-                await self.shutdown()
-            finally:
-                if feeder is not None:
-                    feeder.cancel()
-                for sig in installed:
-                    loop.remove_signal_handler(sig)
-        log.info("stopped")
+        except BaseException:
+            if feeder is not None:
+                feeder.cancel()
+            raise
+        return feeder
 
     def _install_signals(
         self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event, reload: asyncio.Event

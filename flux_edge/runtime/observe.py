@@ -77,6 +77,18 @@ def health_report(daemon: Daemon) -> tuple[bool, dict[str, object]]:
     return not problems, body
 
 
+def stage_busy(snapshot: dict[str, dict[str, float | bool | None]]) -> list[
+    tuple[dict[str, str], float]
+]:
+    """flux_edge_stage_busy_seconds from HealthMonitor.snapshot(): seconds on the current unit
+    of work, 0 while idle."""
+    out = []
+    for stage, info in snapshot.items():
+        busy = info.get("busy")
+        out.append(({"stage": stage}, float(busy) if isinstance(busy, float) else 0.0))
+    return out
+
+
 def _plugins(daemon: Daemon) -> dict[str, list[Plugin]]:
     by_name: dict[str, list[Plugin]] = defaultdict(list)
     p = daemon.pipeline
@@ -110,13 +122,9 @@ def render_metrics(daemon: Daemon) -> str:
     w.gauge("flux_edge_event_loop_lag_seconds", "How late the watchdog feeder woke last time.",
             [({}, daemon.monitor.loop_lag)])
     snap = daemon.monitor.snapshot()
-    now = time.monotonic()
-    busy = []
-    for stage, info in snap.items():
-        since = info.get("busy_since")
-        busy.append(({"stage": stage}, now - since if isinstance(since, float) else 0.0))
     w.gauge("flux_edge_stage_busy_seconds",
-            "How long each stage has been on its current unit of work (0 = idle).", busy)
+            "How long each stage has been on its current unit of work (0 = idle).",
+            stage_busy(snap))
     w.gauge("flux_edge_healthy", "1 while no critical stage is stuck (the watchdog is fed).",
             [({}, 0 if daemon.monitor.check() else 1)])
     if p is not None:

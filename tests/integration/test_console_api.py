@@ -82,6 +82,8 @@ port = 1
 password = "hunter2-secret"
 """
 
+RULES_TEXT = (Path(__file__).resolve().parents[2] / "flux_edge/console/alerts/"
+              "flux-edge.rules.yml").read_text()
 OPERATOR, VIEWER = ("olga", "correct horse battery"), ("vic", "viewer password 1")
 
 
@@ -274,6 +276,18 @@ def test_console_api_end_to_end(tmp_path: Path) -> None:
         assert st == 200 and summary["devices"]["total"] == 1
         bad = ApiClient(port, tls=True, token="fxe_wrong")
         assert (await asyncio.to_thread(bad.get, "summary"))[0] == 401
+
+        # the shipped alert rules name only metrics this daemon really exports
+        import re
+        import urllib.request
+
+        mport = daemon.metrics.port  # type: ignore[attr-defined]
+        scrape = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{mport}/metrics").read().decode())
+        exported = set(re.findall(r"^# TYPE (\w+)", scrape, re.M))
+        rules = RULES_TEXT
+        used = set(re.findall(r"\b(flux_edge_[a-z_]+)\b", rules))
+        assert used <= exported, sorted(used - exported)
 
         # `flux-edge status` reads the API with the daemon's local token
         from flux_edge.cli import main

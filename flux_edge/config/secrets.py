@@ -17,12 +17,20 @@ only ("got an integer"), a file's content never, its path and the OS error only.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 from flux_edge.config.values import Key, _check_name
 
-__all__ = ["MAX_SECRET_BYTES", "SECRET_HELP", "resolve_secret", "type_name"]
+__all__ = [
+    "MAX_SECRET_BYTES",
+    "SECRET_HELP",
+    "exposed",
+    "resolve_secret",
+    "secret_file",
+    "type_name",
+]
 
 MAX_SECRET_BYTES = 64 * 1024
 SECRET_HELP = 'a string, { file = "/path/to/file" } or { credential = "name" } (systemd)'
@@ -69,6 +77,15 @@ def _credential_path(name: object) -> tuple[Path | None, str]:
     return path, ""
 
 
+def exposed(path: Path) -> int | None:
+    """The mode of a secret file every user can read (None: it is not, or cannot be seen)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    return stat.S_IMODE(mode) if mode & stat.S_IROTH else None
+
+
 def _read(path: Path) -> tuple[str | None, str]:
     try:
         with path.open("rb") as f:
@@ -86,6 +103,14 @@ def _read(path: Path) -> tuple[str | None, str]:
     elif text.endswith("\n"):
         text = text[:-1]
     return text, ""
+
+
+def secret_file(value: Any, base_dir: Path) -> Path | None:
+    """The file a ``{ file = ... }`` secret names (None for other forms)."""
+    if isinstance(value, dict) and isinstance(value.get("file"), str) and value["file"]:
+        raw = Path(value["file"])
+        return raw if raw.is_absolute() else base_dir / raw
+    return None
 
 
 def resolve_secret(

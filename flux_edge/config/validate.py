@@ -19,7 +19,7 @@ from flux_edge.config.schema import (
     Config,
     SourceSpec,
 )
-from flux_edge.config.secrets import resolve_secret
+from flux_edge.config.secrets import exposed, resolve_secret, secret_file
 from flux_edge.config.tables import TABLE_CHECKS
 from flux_edge.config.values import (
     Key,
@@ -234,6 +234,14 @@ class _Validator:
             return _BAD
         if literal:
             self.secrets.append(path)
+        file = secret_file(value, self.base_dir)
+        if file is not None and (mode := exposed(file)) is not None:
+            self.report(
+                path,
+                f"the secret file {file} can be read by every user of this machine (mode "
+                f"{mode:04o}): chmod 640 it (group flux-edge) or 600",
+                warning=True,
+            )
         return resolved
 
     def _measure(self, value: Any, path: Key, rule: _Rule) -> Any:

@@ -58,10 +58,16 @@ def test_a_secret_of_the_wrong_type_is_never_echoed(tmp_path: Path) -> None:
 
 def test_a_password_from_a_file_relative_to_the_config(tmp_path: Path) -> None:
     (tmp_path / "uplink.pass").write_text("hunter2\n")
+    (tmp_path / "uplink.pass").chmod(0o600)
     path = write(tmp_path, '[uplink]\nhost = "localhost"\npassword = { file = "uplink.pass" }\n')
     config, found = check_config(path)
     assert config is not None and config.uplink is not None, found
     assert config.uplink.password == "hunter2"  # one trailing newline off
+    assert found == []
+    (tmp_path / "uplink.pass").chmod(0o644)
+    (warning,) = check_config(path)[1]
+    assert warning.severity == "warning" and "every user" in warning.message
+    assert "hunter2" not in warning.message
     path = write(tmp_path, '[uplink]\nhost = "localhost"\npassword = { file = "nope.pass" }\n')
     (msg,) = problems(path)
     assert "cannot read the secret file" in msg and "No such file" in msg

@@ -130,7 +130,10 @@ class Uplink:
             key = "uplink.tls" if tls is not None and "TLS" in str(exc) else "uplink"
             raise UplinkError(f"{key}: {exc}") from exc
         self._rows_per_publish = self.encoder.rows_per_publish
+        for topic_filter in self.encoder.subscriptions():
+            self._client.subscribe(topic_filter, 1, self._on_upstream)
         self._session = asyncio.Event()  # the encoder's session messages went out
+        self.rebirths = 0  # session messages sent again on request (Sparkplug NCMD)
         self._session_task: asyncio.Task[None] | None = None
         self._inflight: dict[asyncio.Task[None], Unit] = {}
         self._status_tasks: set[asyncio.Task[None]] = set()
@@ -318,8 +321,8 @@ class Uplink:
             m = messages[0]
             qos = self.cfg.qos if m.qos is None else m.qos
             task = loop.create_task(self._client.publish(m.topic, m.payload, qos, m.retain))
-        else:
-            task = loop.create_task(self._send_messages(messages))
+        else:  # every publish started now, so they reach the client in this order
+            task = loop.create_task(_all(self._start_publishes(messages)))
         self._inflight[task] = unit
         task.add_done_callback(self._published)
 
@@ -349,25 +352,18 @@ class Uplink:
         self._sync_wake.set()
         self._wake.set()
 
-    async def _send_messages(self, messages: Sequence[Message]) -> None:
-        """Publish in order (each handed to the client before the next), wait for them all."""
-        if not messages:
-            return
+    def _start_publishes(self, messages: Sequence[Message]) -> list[asyncio.Task[None]]:
         loop = asyncio.get_running_loop()
         qos = self.cfg.qos
-        tasks = [
+        return [
             loop.create_task(self._client.publish(
                 m.topic, m.payload, qos if m.qos is None else m.qos, m.retain))
             for m in messages
         ]
-        try:
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-        finally:
-            for t in tasks:
-                t.cancel()
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+
+    async def _send_messages(self, messages: Sequence[Message]) -> None:
+        """Publish in order (each handed to the client before the next), wait for them all."""
+        await _all(self._start_publishes(messages))
 
     async def _start_session(self) -> None:
         """The encoder's session messages (births, discovery, connects), then the rows."""
@@ -380,6 +376,16 @@ class Uplink:
             log.error("uplink: session messages refused: %s", exc)
         self._session.set()
         self._wake.set()
+
+    def _on_upstream(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        """A message from upstream on the encoder's subscriptions (only this connection's)."""
+        asked = self.encoder.on_message(topic, payload)
+        if asked == "rebirth" and self._client.connected and not self._closing:
+            log.info("uplink: rebirth requested on %s", topic)
+            self.rebirths += 1
+            self._session.clear()
+            self._session_task = asyncio.get_running_loop().create_task(
+                self._start_session(), name="uplink:session")
 
     def _on_connection(self, connected: bool, reason: str) -> None:
         if not connected:
@@ -444,6 +450,20 @@ class Uplink:
                     out.dirty = True
                     self._sync_wake.set()
             await asyncio.sleep(interval)
+
+
+async def _all(tasks: list[asyncio.Task[None]]) -> None:
+    """Wait for every task; the first failure is raised once all are done (or cancelled)."""
+    if not tasks:
+        return
+    try:
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        for t in tasks:
+            t.cancel()
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
 
 
 def _render_status(template: str, gateway: str) -> str:

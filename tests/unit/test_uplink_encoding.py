@@ -291,3 +291,46 @@ def test_readings_are_consecutive_runs(keys: list[tuple[str, float]]) -> None:
         assert len({(m.device, m.ts) for m in g}) == 1
     for a, b in itertools.pairwise(groups):
         assert (a[-1].device, a[-1].ts) != (b[0].device, b[0].ts)
+
+
+# --- sparkplug_b protobuf ---------------------------------------------------------------------
+
+
+def test_spb_varint_and_metric_bytes_by_hand() -> None:
+    from flux_edge.uplink.encoders import spb_proto as pb
+
+    assert pb.varint(0) == b"\x00" and pb.varint(300) == b"\xac\x02"
+    assert pb.varint(-1) == b"\xff" * 9 + b"\x01"  # Int64 -1 as two's complement uint64
+    # Metric{name="a", alias=1, datatype=Boolean(11), boolean_value=true}
+    m = pb.Metric(name="a", alias=1, datatype=pb.BOOLEAN, value=True).encode()
+    assert m == b"\x0a\x01a" + b"\x10\x01" + b"\x20\x0b" + b"\x70\x01"
+    # Payload{timestamp=1, metrics=[m], seq=0}
+    assert pb.payload(1, 0, [pb.Metric(name="a", alias=1, datatype=pb.BOOLEAN, value=True)]) \
+        == b"\x08\x01" + b"\x12" + bytes([len(m)]) + m + b"\x18\x00"
+
+
+@settings(max_examples=300)
+@given(st.lists(st.one_of(st.booleans(), st.integers(-(2**63), 2**63 - 1),
+                          st.floats(allow_nan=False), st.text(max_size=30)), max_size=8),
+       st.integers(0, 255), st.integers(0, 2**63))
+def test_spb_payload_round_trips(values: list[object], seq: int, ts: int) -> None:
+    from flux_edge.uplink.encoders import spb_proto as pb
+    from flux_edge.uplink.encoders.sparkplug_b import datatype
+
+    metrics = [pb.Metric(name=f"m{i}", alias=i + 1, datatype=datatype(v), value=v,  # type: ignore[arg-type]
+                         timestamp=ts) for i, v in enumerate(values)]
+    out = pb.decode_payload(pb.payload(ts, seq, metrics))
+    assert out["seq"] == seq and out["timestamp"] == ts
+    assert [m["value"] for m in out["metrics"]] == values
+    assert [m["name"] for m in out["metrics"]] == [f"m{i}" for i in range(len(values))]
+
+
+@settings(max_examples=1000)
+@given(st.binary(max_size=64))
+def test_spb_reader_never_raises_but_valueerror(data: bytes) -> None:
+    from flux_edge.uplink.encoders import spb_proto as pb
+
+    try:
+        pb.decode_payload(data)
+    except ValueError:
+        pass

@@ -111,6 +111,15 @@ class Encoder:
         """Messages sent on a clean shutdown, before the DISCONNECT."""
         return []
 
+    def subscriptions(self) -> list[str]:
+        """Topic filters the uplink subscribes to on its own connection (commands)."""
+        return []
+
+    def on_message(self, topic: str, payload: bytes) -> str | None:
+        """A message on one of ``subscriptions()``: what it asks of the uplink ("rebirth":
+        send the session messages again), or None."""
+        return None
+
 
 TableCheck = Callable[["Context", dict[str, Any], "Key"], None]
 

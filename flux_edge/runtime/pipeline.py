@@ -84,11 +84,13 @@ def make_source(
     gateway: str = "",
     *,
     durable: Callable[[], asyncio.Future[None] | None] | None = None,
+    emit_nowait: Callable[[Reading], bool] | None = None,
 ) -> Source:
     """The source object for one config entry, built by its kind's factory (which imports the
     protocol's module only when a config uses it)."""
     factory: SourceFactory = KINDS.sources.of(cfg).factory
-    return factory(name, cfg, emit, on_status, SourceEnv(gateway=gateway, durable=durable))
+    env = SourceEnv(gateway=gateway, durable=durable, emit_nowait=emit_nowait)
+    return factory(name, cfg, emit, on_status, env)
 
 
 class _ActionEnv:
@@ -238,6 +240,7 @@ class Pipeline:
                     functools.partial(self.durable_after, sname)
                     if self.uplink is not None else None
                 ),
+                emit_nowait=self._emit_nowait,
             )
         # an action that sends through another (wasm) is built after the others
         ordered = sorted(cfg.actions.items(), key=lambda item: item[1].builds_late)
@@ -302,6 +305,16 @@ class Pipeline:
         self.emitted_seq += 1
         self.stats["sources"].processed += 1
         self.stats["sources"].last_progress = time.monotonic()
+
+    def _emit_nowait(self, reading: Reading) -> bool:
+        if not self.readings.try_put(reading):
+            return False
+        self.emitted[reading.source] += 1
+        self.emitted_seq += 1
+        stats = self.stats["sources"]
+        stats.processed += 1
+        stats.last_progress = time.monotonic()
+        return True
 
     def durable_after(self, source: str) -> asyncio.Future[None] | None:
         """A future that completes once every reading ``source`` emitted so far is durable in

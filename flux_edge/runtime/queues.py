@@ -84,6 +84,14 @@ class BoundedQueue(Generic[T]):
         self._push(item)
         return not dropped
 
+    def try_put(self, item: T) -> bool:
+        """Put if there is room (True); otherwise change nothing, count nothing (False): the
+        caller falls back to ``put`` and waits."""
+        if len(self._items) >= self.capacity:
+            return False
+        self._push(item)
+        return True
+
     async def put(self, item: T) -> None:
         if self.policy == "drop_oldest":
             self.offer(item)

@@ -40,10 +40,14 @@ class SourceEnv:
     """What the pipeline offers a source besides its config. ``gateway``: the daemon's name.
     ``durable``: for sources whose data can be re-sent (MQTT QoS 1/2), a call that returns a
     future done once everything read so far is in the outbox (None: no uplink, nothing to wait
-    for)."""
+    for). ``emit_nowait``: see below; a source that uses it still uses ``emit`` when it returns
+    False (no room: back-pressure) and while readings wait in its own buffer (order)."""
 
     gateway: str = ""
     durable: Callable[[], Any] | None = None
+    # take a reading now if there is room (True), without waiting: for sources whose data
+    # arrives in a callback (MQTT), so a wake-up's readings need no task of their own
+    emit_nowait: Callable[[Reading], bool] | None = None
 
 
 @dataclass

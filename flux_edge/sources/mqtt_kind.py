@@ -152,7 +152,8 @@ def make_source(
     from flux_edge.sources.mqtt_in import MqttSourceClient  # paho: only when used
 
     return MqttSourceClient(
-        name, cfg, emit, on_status=on_status, gateway_name=env.gateway, durable=env.durable
+        name, cfg, emit, on_status=on_status, gateway_name=env.gateway, durable=env.durable,
+        emit_nowait=env.emit_nowait
     )
 
 

@@ -731,3 +731,47 @@ def test_linger_batches_a_busy_connection_but_not_the_first_message(broker: Mosq
     assert t_first < linger * 0.8  # the first message after quiet is not held back
     assert t_all >= linger * 0.9  # the rest waited for the linger ...
     assert reads <= 3, reads  # ... and came in one or two wake-ups, not 50
+
+
+def test_emit_nowait_takes_messages_at_once_and_emit_keeps_the_order_when_full(
+    broker: Mosquitto,
+) -> None:
+    # issue #12: with room in the pipeline's queue a message is handed over in the read
+    # callback (no task hop); when the queue is full the source buffers and awaits emit, and
+    # every message still arrives once, in order, QoS 1 acknowledged only after it was taken
+    n = 200
+
+    async def scenario() -> tuple[list[int], int, int]:
+        order: list[int] = []
+        room = [True]
+        taken_now = [0]
+        all_in = asyncio.Event()
+
+        def nowait(reading: Reading) -> bool:
+            if not room[0]:
+                return False
+            order.append(int(reading.payload))
+            all_in.set() if len(order) == n else None
+            taken_now[0] += 1
+            room[0] = taken_now[0] % 50 != 0  # full after every 50th: emit's path until drained
+            return True
+
+        async def emit(reading: Reading) -> None:
+            order.append(int(reading.payload))
+            all_in.set() if len(order) == n else None
+            room[0] = True
+
+        src = MqttSourceClient("bus", mqtt_source(broker, ("t/x", 1)), emit, emit_nowait=nowait)
+        task = await started(src)
+        pub = await publisher(broker)
+        for i in range(n):
+            await pub.publish("t/x", b"%d" % i, qos=1)
+        await asyncio.wait_for(all_in.wait(), 30)
+        await pub.close()
+        await stop(task)
+        return order, taken_now[0], src.stats.emitted
+
+    order, now, emitted = run(scenario())
+    assert order == list(range(n))
+    assert 0 < now < n  # both paths were taken
+    assert emitted == n

@@ -460,3 +460,38 @@ def test_pymodbus_logging_is_routed_into_ours_and_rate_limited() -> None:
     names = [r.name for r in keep.records]
     assert names.count("flux_edge.source.modbus.pymodbus") == 1, names
     assert not [n for n in names if n.startswith("pymodbus")], names
+
+
+def test_rtu_bytes_between_transactions_are_counted_on_the_device_before(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Stray bytes after a correct answer (a slave that sends a late tail, noise): dropped,
+    counted on that device as ``unsolicited``, logged once; its readings are unaffected."""
+    caplog.set_level(logging.INFO)
+    holder: dict[str, PtySlave] = {}
+
+    def answer(req: bytes) -> bytes:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.01, os.write, holder["pty"].master, b"\x00\xff\x13")
+        return rtu_reply(req, Reply("valid", 0, 0, b""))
+
+    async def main() -> ModbusBusPoller:
+        with PtySlave(answer) as pty:
+            holder["pty"] = pty
+            cfg = ModbusRtuSource(
+                port=pty.path, baudrate=115200, parity="N", interval=0.05, timeout=0.1,
+                retries=0, devices=(device("good_one", 1),),
+            )
+            got, status = Collector(), StatusLog()
+            poller = ModbusBusPoller("bus", cfg, got, on_status=status)
+            task = asyncio.create_task(poller.run())
+            await got.wait_for(8)
+            await stop_task(task)
+            assert all(r.registers == WORDS for r in got.readings)
+            return poller
+
+    poller = run(main())
+    h = poller.health["good_one"]
+    assert h.failures.get("unsolicited", 0) >= 3 and h.quality == "good"
+    lines = [r for r in caplog.records if "arrived after its last transaction" in r.getMessage()]
+    assert len(lines) == 1

@@ -64,6 +64,15 @@ class _Link:
     client: ModbusLink
     devices: list[_Device] = field(default_factory=list)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    last: _Device | None = None  # the device of the last request (stray bytes are its)
+    noise_seen: int = 0  # the client's count of stray bytes when last looked at
+
+    def stray_bytes(self) -> int:
+        """Bytes that arrived while no request waited since the last call (a late answer, the
+        tail of a bad frame, line noise); links that cannot tell say 0."""
+        total = int(getattr(self.client, "noise_bytes", 0))
+        new, self.noise_seen = total - self.noise_seen, total
+        return new
 
 
 @dataclass(eq=False)
@@ -277,6 +286,8 @@ class ModbusBusPoller:
         for _ in range(attempts):
             try:
                 async with link.lock:
+                    self._stray(link)
+                    link.last = dev
                     return await link.client.read(block, dev.cfg.unit_id, per_request=dev.timeout)
             except ModbusExceptionResponse as exc:
                 self._failed(dev, exc)
@@ -288,6 +299,20 @@ class ModbusBusPoller:
                 last = exc
         assert last is not None
         raise _Unreachable(last)
+
+    def _stray(self, link: _Link) -> None:
+        """Bytes between two transactions belong to the one before (its late or trailing
+        bytes, or noise on its line): counted on that device as ``unsolicited``, never data."""
+        stray = link.stray_bytes()
+        dev = link.last
+        if stray and dev is not None:
+            failures = dev.health.failures
+            failures["unsolicited"] = failures.get("unsolicited", 0) + 1
+            self._bad_log.warning(
+                f"{dev.name}\0unsolicited",
+                "%s: %d byte(s) arrived after its last transaction (a late answer, the rest of a "
+                "bad frame, or line noise): dropped", dev.label, stray,
+            )
 
     def _failed(self, dev: _Device, exc: SourceError) -> None:
         """Count one failed request by its reason; a bad reply gets a (rate-limited) line."""

@@ -26,6 +26,12 @@ def _check_encoder(ctx: Context, up: dict[str, object]) -> None:
     checked = ctx.v.check(table, union(), path)
     if not isinstance(checked, dict) or not ctx.clean(path):
         return
+    commands = checked.get("commands", {})
+    if isinstance(commands, dict) and commands:
+        declared = list(ctx.entries("actions"))
+        for name, action in commands.items():
+            if isinstance(action, str) and action not in declared:
+                ctx.report((*path, "commands", name), ctx.missing_ref("action", action, declared))
     kind = encoder_kinds()[checked["type"]]
     if kind.check is not None:
         kind.check(ctx, checked, path)

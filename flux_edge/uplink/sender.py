@@ -30,15 +30,24 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import msgspec
 
 from flux_edge.errors import UplinkError
 from flux_edge.logs import RateLimitedLog
 from flux_edge.model import Measurement
 from flux_edge.mqtt import MqttClient, MqttError, TlsSettings, Will, check_topic
+from flux_edge.uplink.commands import (
+    Commander,
+    CommandResult,
+    CommandStats,
+    UpstreamCommand,
+)
 from flux_edge.uplink.encoders.base import EncoderEnv, Message
+from flux_edge.uplink.encoders.numbers import declared_precision
 from flux_edge.uplink.encoders.records import RecordsEncoder
 from flux_edge.uplink.encoders.registry import build, spec_of
 from flux_edge.uplink.outbox import Outbox, Unit, UplinkStats
@@ -84,11 +93,16 @@ class Uplink:
             problem = check_topic(self.status_topic)
             if problem:
                 raise UplinkError(f"uplink.status_topic: {problem}")
+        self._declared: dict[tuple[str, str], int] = dict(precision or {})
         env = EncoderEnv(
-            gateway=gateway, precision=dict(precision or {}), status_topic=self.status_topic,
+            gateway=gateway, precision=self._declared, status_topic=self.status_topic,
             state_dir=str(state_dir),
         )
-        self.encoder = build(spec_of(cfg.encoder), env)
+        self.encoder_spec = spec_of(cfg.encoder)
+        self.encoder = build(self.encoder_spec, env)
+        self.commander: Commander | None = None  # bind_commands(); None: commands refused
+        self.command_stats = CommandStats()
+        self._command_tasks: set[asyncio.Task[None]] = set()
         if isinstance(self.encoder, RecordsEncoder):
             self.encoder.batch = cfg.format == "batch"
             self.encoder.rows_per_publish = cfg.batch_max if self.encoder.batch else 1
@@ -132,6 +146,9 @@ class Uplink:
         self._rows_per_publish = self.encoder.rows_per_publish
         for topic_filter in self.encoder.subscriptions():
             self._client.subscribe(topic_filter, 1, self._on_upstream)
+        self._command_topic = _render_status(self.encoder_spec.command_topic, gateway)
+        if self._command_topic:
+            self._client.subscribe(self._command_topic + "/+", 1, self._on_plain_command)
         self._session = asyncio.Event()  # the encoder's session messages went out
         self.rebirths = 0  # session messages sent again on request (Sparkplug NCMD)
         self._session_task: asyncio.Task[None] | None = None
@@ -227,7 +244,7 @@ class Uplink:
                     await task
         if self._session_task is not None:
             self._status_tasks.add(self._session_task)
-        pending = list(self._inflight) + list(self._status_tasks)
+        pending = list(self._inflight) + list(self._status_tasks) + list(self._command_tasks)
         for task in pending:
             task.cancel()
         if pending:
@@ -377,10 +394,83 @@ class Uplink:
         self._session.set()
         self._wake.set()
 
+    def bind(self, pipeline: object) -> None:
+        """The pipeline that feeds this uplink: upstream commands run through its guarded
+        action path from now on, and measurements are sent at the precision its register maps
+        declare (again at each reload: the new pipeline binds itself)."""
+        self.commander = Commander(pipeline, self.encoder_spec.commands)  # type: ignore[arg-type]
+        config = getattr(pipeline, "config", None)
+        sources = getattr(config, "sources", None)
+        if isinstance(sources, Mapping):
+            self._declared.clear()
+            self._declared.update(declared_precision(sources))
+
+    def _on_plain_command(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        name = topic.rsplit("/", 1)[1]
+        params: dict[str, object] = {}
+        bad = ""
+        if payload.strip():
+            try:
+                decoded = msgspec.json.decode(payload)
+            except msgspec.DecodeError as exc:
+                bad = f"payload is not JSON: {exc}"
+            else:
+                params = decoded if isinstance(decoded, dict) else {"value": decoded}
+        request_id = params.pop("id", None)
+        reply_topic = f"{topic}/reply"
+
+        def reply(result: CommandResult) -> list[Message]:
+            body: dict[str, object] = {"ok": result.ok, "status": result.status}
+            if result.reason:
+                body["reason"] = result.reason
+            if request_id is not None:
+                body["id"] = request_id
+            if result.verified is not None:
+                body["verified"] = result.verified
+            return [Message(reply_topic, msgspec.json.encode(body), False, 1)]
+
+        req = UpstreamCommand("mqtt", name, params=params, reply=reply)
+        if bad:
+            self._answer(req, CommandResult(False, bad, status="failed"))
+            return
+        self._start_command(req)
+
+    def _start_command(self, req: UpstreamCommand) -> None:
+        task = asyncio.get_running_loop().create_task(self._run_command(req))
+        self._command_tasks.add(task)
+        task.add_done_callback(self._command_tasks.discard)
+
+    async def _run_command(self, req: UpstreamCommand) -> None:
+        if self.commander is None:
+            result = CommandResult(False, "commands are not enabled on this uplink",
+                                   status="unavailable")
+        else:
+            try:
+                result = await self.commander.run(req)
+            except Exception as exc:
+                log.error("uplink: command %r failed: %r", req.name, exc, exc_info=exc)
+                result = CommandResult(False, f"internal error: {exc}", status="failed")
+        self._answer(req, result)
+
+    def _answer(self, req: UpstreamCommand, result: CommandResult) -> None:
+        self.command_stats.count(result)
+        level = logging.INFO if result.ok else logging.WARNING
+        log.log(level, "uplink: %s command %r (device %r): %s%s", req.protocol, req.name,
+                req.device, result.status, f": {result.reason}" if result.reason else "")
+        if req.reply is not None and self._client.connected:
+            messages = req.reply(result)
+            if messages:
+                task = asyncio.get_running_loop().create_task(
+                    _quiet(self._send_messages(messages)))
+                self._status_tasks.add(task)
+                task.add_done_callback(self._status_tasks.discard)
+
     def _on_upstream(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         """A message from upstream on the encoder's subscriptions (only this connection's)."""
         asked = self.encoder.on_message(topic, payload)
-        if asked == "rebirth" and self._client.connected and not self._closing:
+        if isinstance(asked, UpstreamCommand):
+            self._start_command(asked)
+        elif asked == "rebirth" and self._client.connected and not self._closing:
             log.info("uplink: rebirth requested on %s", topic)
             self.rebirths += 1
             self._session.clear()
@@ -450,6 +540,13 @@ class Uplink:
                     out.dirty = True
                     self._sync_wake.set()
             await asyncio.sleep(interval)
+
+
+async def _quiet(coro: Awaitable[None]) -> None:
+    try:
+        await coro
+    except (MqttError, ValueError) as exc:
+        log.debug("uplink: reply not sent: %s", exc)
 
 
 async def _all(tasks: list[asyncio.Task[None]]) -> None:

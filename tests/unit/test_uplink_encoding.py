@@ -3,6 +3,7 @@ protocol reference's examples), number formatting, config checks, property tests
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -330,7 +331,11 @@ def test_spb_payload_round_trips(values: list[object], seq: int, ts: int) -> Non
 def test_spb_reader_never_raises_but_valueerror(data: bytes) -> None:
     from flux_edge.uplink.encoders import spb_proto as pb
 
-    try:
+    with contextlib.suppress(ValueError):
         pb.decode_payload(data)
-    except ValueError:
-        pass
+
+
+def test_check_config_commands_name_declared_actions() -> None:
+    got = problems('type = "json"\ncommand_topic = "cmd/{gateway}"\n'
+                   'commands = { start = "pump_onn" }\n')
+    assert any(p.startswith("uplink.encoder.commands.start@") and "pump_onn" in p for p in got)

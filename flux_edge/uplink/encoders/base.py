@@ -33,6 +33,7 @@ from flux_edge.model import Measurement
 if TYPE_CHECKING:
     from flux_edge.config.kinds import Context
     from flux_edge.config.values import Key
+    from flux_edge.uplink.commands import UpstreamCommand
     from flux_edge.uplink.outbox import Row
 
 __all__ = [
@@ -50,11 +51,17 @@ class EncoderSpec(Table, frozen=True, tag_field="type"):
 
     ``decimals``: digits after the point for every float (-1, the default: the measurement's
     declared precision: the register map's ``scale``, else the shortest form of the value).
-    ``precision``: decimals per measurement, by ``"device.name"`` or ``"name"``."""
+    ``precision``: decimals per measurement, by ``"device.name"`` or ``"name"``.
+    ``commands``: command name -> action name, what upstream may ask (``uplink/commands.py``);
+    ``command_topic``: a plain MQTT command topic (``<command_topic>/<name>``, JSON params,
+    answered on ``<command_topic>/<name>/reply``), for any encoder; "" = none."""
 
     decimals: Annotated[int, Meta(ge=-1, le=15)] = -1
     precision: dict[str, Annotated[int, Meta(ge=0, le=15)]] = msgspec.field(
         default_factory=dict)
+    commands: dict[str, Annotated[str, Meta(min_length=1)]] = msgspec.field(
+        default_factory=dict)
+    command_topic: str = ""
 
 
 class StagedRow(NamedTuple):
@@ -115,9 +122,9 @@ class Encoder:
         """Topic filters the uplink subscribes to on its own connection (commands)."""
         return []
 
-    def on_message(self, topic: str, payload: bytes) -> str | None:
+    def on_message(self, topic: str, payload: bytes) -> str | UpstreamCommand | None:
         """A message on one of ``subscriptions()``: what it asks of the uplink ("rebirth":
-        send the session messages again), or None."""
+        send the session messages again; a command to run), or None."""
         return None
 
 

@@ -56,7 +56,7 @@ def declared_precision(sources: Mapping[str, Any]) -> dict[tuple[str, str], int]
 class Precision:
     """The decimals of each (device, name); ``round(value)`` applies them to floats."""
 
-    __slots__ = ("_by_name", "_by_point", "_cache", "_default")
+    __slots__ = ("_by_name", "_by_point", "_declared", "_default")
 
     def __init__(
         self,
@@ -65,7 +65,9 @@ class Precision:
         table: Mapping[str, int] | None = None,
     ) -> None:
         self._default = decimals if decimals is not None and decimals >= 0 else None
-        self._by_point: dict[tuple[str, str], int] = dict(declared or {})
+        # held, not copied: the runtime fills it from the register maps (Uplink.bind)
+        self._declared: Mapping[tuple[str, str], int] = declared if declared is not None else {}
+        self._by_point: dict[tuple[str, str], int] = {}
         self._by_name: dict[str, int] = {}
         for key, d in (table or {}).items():
             if "." in key:
@@ -73,20 +75,14 @@ class Precision:
                 self._by_point[(dev, name)] = d
             else:
                 self._by_name[key] = d
-        self._cache: dict[tuple[str, str], int | None] = {}
 
     def of(self, device: str, name: str) -> int | None:
         key = (device, name)
-        try:
-            return self._cache[key]
-        except KeyError:
-            pass
         d = self._by_point.get(key)
         if d is None:
-            d = self._by_name.get(name, self._default)
-        if len(self._cache) > 10_000:
-            self._cache.clear()
-        self._cache[key] = d
+            d = self._by_name.get(name)
+        if d is None:
+            d = self._declared.get(key, self._default)
         return d
 
     def round(self, device: str, name: str, value: Value) -> Value:

@@ -43,7 +43,8 @@ class RecordsEncoder(Encoder):
     def __init__(self, spec: RecordsEncoderSpec, env: EncoderEnv, *, batch: bool = False,
                  batch_max: int = 100) -> None:
         self._precision = Precision(env.precision, spec.decimals, spec.precision)
-        self._identity = spec.decimals < 0 and not spec.precision and not env.precision
+        self._declared = env.precision
+        self._identity = spec.decimals < 0 and not spec.precision
         self.batch = batch
         self.rows_per_publish = batch_max if batch else 1
 
@@ -52,7 +53,7 @@ class RecordsEncoder(Encoder):
 
     def prepare(self, measurements: Sequence[Measurement]) -> Sequence[Measurement]:
         """The measurements with floats at their declared precision."""
-        if self._identity:
+        if self._identity and not self._declared:
             return measurements
         p = self._precision
         out: list[Measurement] = []

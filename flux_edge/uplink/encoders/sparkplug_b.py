@@ -46,6 +46,7 @@ from msgspec import Meta
 
 from flux_edge.config.values import NAME
 from flux_edge.model import Measurement, Value
+from flux_edge.uplink.commands import UpstreamCommand
 from flux_edge.uplink.encoders import spb_proto as pb
 from flux_edge.uplink.encoders.base import (
     Encoder,
@@ -232,17 +233,31 @@ class SparkplugEncoder(Encoder):
     def subscriptions(self) -> list[str]:
         return [self.t_ncmd, self.t_dcmd]
 
-    def on_message(self, topic: str, payload: bytes) -> str | None:
-        """What an upstream message asks: "rebirth" (NCMD Node Control/Rebirth = true)."""
-        if topic != self.t_ncmd:
-            return None
+    def on_message(self, topic: str, payload: bytes) -> str | UpstreamCommand | None:
+        """What an upstream message asks: "rebirth" (NCMD Node Control/Rebirth = true), or a
+        command: an NCMD/DCMD metric by name (or by the alias its birth gave it), its value
+        passed as ``value``; the device from the DCMD topic. One command per message (its
+        first metric); the protocol has no replies, so the outcome is logged, audited and
+        counted."""
         try:
             decoded = pb.decode_payload(payload)
         except ValueError:
             return None
-        for m in decoded.get("metrics", []):
-            if m.get("name") == REBIRTH and m.get("value") is True:
-                return "rebirth"
+        metrics = decoded.get("metrics", [])
+        if topic == self.t_ncmd:
+            for m in metrics:
+                if m.get("name") == REBIRTH and m.get("value") is True:
+                    return "rebirth"
+            device = ""
+        else:
+            device = topic.rsplit("/", 1)[1]
+        for m in metrics:
+            name = m.get("name")
+            if not name and "alias" in m:
+                name = next((n for (d, n), a in self.aliases.items()
+                             if a == m["alias"] and d == device), None)
+            if name:
+                return UpstreamCommand("sparkplug_b", name, device, {"value": m.get("value")})
         return None
 
 

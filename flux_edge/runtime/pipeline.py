@@ -150,6 +150,8 @@ class Pipeline:
         self.observers = observers or Observers()
         self._clock = clock
         self.uplink = uplink
+        if uplink is not None:  # upstream commands through this pipeline's guard; precision
+            uplink.bind(self)
         qsize = config.daemon.queue_size
         self.readings: BoundedQueue[Reading] = BoundedQueue("readings", qsize)
         self.measurements: BoundedQueue[Measurement] = BoundedQueue("measurements", qsize)

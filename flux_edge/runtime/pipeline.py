@@ -385,6 +385,8 @@ class Pipeline:
         sup = self._supervisor
         await sup.cancel(*[f"source:{n}" for n in self.sources])
         drained = True
+        loop = asyncio.get_running_loop()
+        began = loop.time()
         try:
             async with asyncio.timeout(drain_timeout) as self._drain_deadline:
                 await self.readings.join()
@@ -397,10 +399,12 @@ class Pipeline:
                     await asyncio.wait(set(self._in_flight))
         except TimeoutError:
             drained = False
+            took = loop.time() - began
             log.warning(
-                "stop: queues not drained within %.0f s (readings %d, measurements %d, "
+                "stop: queues not drained (%s after %.1f s: readings %d, measurements %d, "
                 "uplink %d, commands %d, actions in flight %d)",
-                drain_timeout,
+                "cut short by a second stop signal" if took < drain_timeout - 0.05
+                else "the drain timeout", took,
                 len(self.readings),
                 len(self.measurements),
                 len(self.upstream),

@@ -398,7 +398,8 @@ class Uplink:
         """The pipeline that feeds this uplink: upstream commands run through its guarded
         action path from now on, and measurements are sent at the precision its register maps
         declare (again at each reload: the new pipeline binds itself)."""
-        self.commander = Commander(pipeline, self.encoder_spec.commands)  # type: ignore[arg-type]
+        commands = {**self.encoder.extra_commands(), **self.encoder_spec.commands}
+        self.commander = Commander(pipeline, commands)  # type: ignore[arg-type]
         config = getattr(pipeline, "config", None)
         sources = getattr(config, "sources", None)
         if isinstance(sources, Mapping):

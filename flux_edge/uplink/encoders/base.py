@@ -118,6 +118,10 @@ class Encoder:
         """Messages sent on a clean shutdown, before the DISCONNECT."""
         return []
 
+    def extra_commands(self) -> dict[str, str]:
+        """Command names -> actions the encoder's own options declare (HA switches)."""
+        return {}
+
     def subscriptions(self) -> list[str]:
         """Topic filters the uplink subscribes to on its own connection (commands)."""
         return []

@@ -339,3 +339,16 @@ def test_check_config_commands_name_declared_actions() -> None:
     got = problems('type = "json"\ncommand_topic = "cmd/{gateway}"\n'
                    'commands = { start = "pump_onn" }\n')
     assert any(p.startswith("uplink.encoder.commands.start@") and "pump_onn" in p for p in got)
+
+
+@settings(max_examples=300)
+@given(st.integers(1, 2**20), st.one_of(st.booleans(), st.integers(-(2**63), 2**63 - 1),
+                                        st.floats(allow_nan=False), st.text(max_size=30)),
+       st.booleans())
+def test_spb_fast_data_metric_is_the_metric_encoding(alias: int, v: object, hist: bool) -> None:
+    from flux_edge.uplink.encoders import spb_proto as pb
+    from flux_edge.uplink.encoders.sparkplug_b import datatype
+
+    dt = datatype(v)  # type: ignore[arg-type]
+    slow = pb.Metric(alias=alias, datatype=dt, value=v, historical=hist).encode()  # type: ignore[arg-type]
+    assert pb.data_metric(alias, dt, v, hist) == b"\x12" + pb.varint(len(slow)) + slow  # type: ignore[arg-type]

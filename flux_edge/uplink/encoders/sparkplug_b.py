@@ -194,12 +194,12 @@ class SparkplugEncoder(Encoder):
         if born is None or new:
             out.append(self._dbirth(device, now_ms))
         historical = ts_ms < self.session_start * 1000 - 1000
+        aliases = self.aliases
         data = [
-            pb.Metric(alias=self._alias(device, n), datatype=datatype(v), value=v,
-                      timestamp=ts_ms, historical=historical)
+            pb.data_metric(aliases[(device, n)], datatype(v), v, historical)
             for n, v in metrics
-        ]
-        out.append(Message(row.topic, pb.payload(ts_ms, self._next_seq(), data)))
+        ]  # every name has its alias: the birth above gave it
+        out.append(Message(row.topic, pb.data_payload(ts_ms, self._next_seq(), data)))
         return out
 
     def will(self) -> Message:

@@ -84,6 +84,37 @@ class Metric:
         return bytes(out)
 
 
+_SMALL = [bytes([i]) for i in range(128)]
+_DT_KEY = {dt: b"\x20" + bytes([dt]) for dt in range(1, 35)}  # datatype = 4, varint
+
+
+def _uv(n: int) -> bytes:
+    return _SMALL[n] if 0 <= n < 128 else varint(n)
+
+
+def data_metric(alias: int, dt: int, v: Value, historical: bool = False) -> bytes:
+    """One DATA metric (alias, datatype, value), already framed as Payload field 2: the hot
+    path of NDATA/DDATA, the same bytes as ``Metric(alias=..., ...).encode()`` framed."""
+    m = b"\x10" + _uv(alias) + _DT_KEY[dt]
+    if historical:
+        m += b"\x28\x01"
+    if dt == DOUBLE:
+        m += b"\x69" + _D.pack(v)  # double_value = 13, 64-bit
+    elif dt == BOOLEAN:
+        m += b"\x70\x01" if v else b"\x70\x00"  # boolean_value = 14
+    elif dt == INT64:
+        m += b"\x58" + _uv(v) if isinstance(v, int) and 0 <= v < 128 else b"\x58" + varint(
+            int(v))  # long_value = 11
+    else:
+        s = str(v).encode()
+        m += b"\x7a" + _uv(len(s)) + s  # string_value = 15
+    return b"\x12" + _uv(len(m)) + m
+
+
+def data_payload(timestamp: int, seq: int, framed: list[bytes]) -> bytes:
+    return b"\x08" + varint(timestamp) + b"".join(framed) + b"\x18" + _uv(seq)
+
+
 def payload(timestamp: int | None, seq: int | None, metrics: list[Metric]) -> bytes:
     out = bytearray()
     if timestamp is not None:

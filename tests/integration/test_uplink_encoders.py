@@ -105,8 +105,36 @@ def influx_seqs(c: Consumer) -> list[int]:
     return out
 
 
-SEQS = {"json": json_seqs, "influx": influx_seqs}
-ENCODERS = {"json": JSON, "influx": INFLUX}
+def thingsboard_seqs(c: Consumer) -> list[int]:
+    out = []
+    connected = False
+    for topic, payload, _ in c.messages:
+        if topic == "v1/gateway/connect":
+            connected = True
+        elif topic == "v1/gateway/telemetry":
+            assert connected, "telemetry before v1/gateway/connect"
+            for entry in json.loads(payload)["d1"]:
+                out.append(entry["values"]["seq"])
+                assert entry["ts"] == 1732780000000 + out[-1]
+    return out
+
+
+def homeassistant_seqs(c: Consumer) -> list[int]:
+    out = []
+    announced = False
+    for topic, payload, _ in c.messages:
+        if topic.startswith("homeassistant/sensor/gw1_d1/"):
+            announced = True
+        elif topic == "flux-edge/gw1/d1/state":
+            assert announced, "state before its discovery config"
+            out.append(json.loads(payload)["seq"])
+    return out
+
+
+SEQS = {"json": json_seqs, "influx": influx_seqs, "thingsboard": thingsboard_seqs,
+        "homeassistant": homeassistant_seqs}
+ENCODERS = {"json": JSON, "influx": INFLUX, "thingsboard": {"type": "thingsboard"},
+            "homeassistant": {"type": "homeassistant"}}
 
 
 @pytest.mark.parametrize("qos", [0, 1, 2])
@@ -140,7 +168,7 @@ def test_json_one_message_per_reading_at_each_qos(tmp_path: Path, qos: int) -> N
         broker.close()
 
 
-@pytest.mark.parametrize("name", ["json", "influx"])
+@pytest.mark.parametrize("name", list(ENCODERS))
 def test_a_broker_outage_loses_nothing(tmp_path: Path, name: str) -> None:
     broker = Mosquitto(tmp_path, extra_config=f"persistence true\npersistence_location "
                        f"{tmp_path}/\n")
@@ -205,7 +233,7 @@ asyncio.run(main())
 """
 
 
-@pytest.mark.parametrize("name", ["json", "influx"])
+@pytest.mark.parametrize("name", list(ENCODERS))
 def test_kill_9_loses_nothing_committed(tmp_path: Path, name: str) -> None:
     """A child commits 300 readings towards a broker that is down and is killed with SIGKILL;
     a new uplink on the same outbox delivers every one, in order."""

@@ -28,7 +28,8 @@ def test_discovery_finds_every_kind_and_domain() -> None:
     kinds = discover()
     assert kinds.sources.tags == ["modbus_tcp", "modbus_rtu", "serial", "mqtt"]
     assert kinds.actions.tags == ["modbus_write", "serial_write", "mqtt_publish", "wasm"]
-    assert sorted(d.name for d in kinds.domains) == ["actuators", "plugins", "rules", "uplink"]
+    assert sorted(d.name for d in kinds.domains) == ["actuators", "console", "plugins", "rules",
+                                                       "uplink"]
 
 
 def test_every_kind_is_documented_in_the_configuration_reference() -> None:

@@ -109,6 +109,7 @@ class Console:
         self.server = HttpServer(self.cfg.host, self.cfg.port, self.handle, ssl_context=ctx,
                                  base_headers=headers)
         await self.server.start()
+        self.hub.bind()
         if self.cfg.log_lines:
             logging.getLogger().addHandler(self.logbuf)
         observers = self.daemon.observers

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -65,9 +66,13 @@ class LogBuffer(logging.Handler):
         self.seq += 1
         rec = {"seq": self.seq, "ts": record.created, "level": record.levelname.lower(),
                "logger": record.name, "message": msg[:2000]}
-        self.records.append(rec)
-        if self.hub is not None and self.hub.clients:
-            self.hub.publish("log", rec)
+        self.records.append(rec)  # deque.append is atomic: records may come from any thread
+        hub = self.hub
+        if hub is not None and hub.clients and hub.loop is not None:
+            if threading.get_ident() == hub.loop_thread:
+                hub.publish("log", rec)
+            else:  # a plugin lane's worker thread: the hub belongs to the loop
+                hub.loop.call_soon_threadsafe(hub.publish, "log", rec)
 
 
 class _Client:
@@ -88,6 +93,13 @@ class Hub:
         self.flush_s = flush_s
         self._pending: dict[tuple[str, str], Measurement] = {}
         self._timer: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.loop_thread = 0
+
+    def bind(self) -> None:
+        """Call on the event loop that serves the streams."""
+        self.loop = asyncio.get_running_loop()
+        self.loop_thread = threading.get_ident()
 
     def join(self) -> _Client:
         c = _Client()

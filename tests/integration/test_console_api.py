@@ -54,6 +54,13 @@ device = "boiler"
 when = "temperature > 90"
 actions = ["burner_off"]
 
+[rules.warm]
+device = "boiler"
+when = "temperature > 50"
+for = "1h"
+cooldown = "10m"
+actions = ["burner_off"]
+
 [actions.burner_off]
 type = "modbus_write"
 source = "boiler"
@@ -210,6 +217,14 @@ def test_console_api_end_to_end(tmp_path: Path) -> None:
         took = await asyncio.to_thread(wait_for_value, 61.5)
         await changer
         assert took - 0.5 < 2.0, took
+
+        # rules: a `for` timer pending, with the time left
+        st, rules = await asyncio.to_thread(op.get, "rules")
+        warm = next(r for r in rules if r["name"] == "warm")
+        assert warm["state"] == "pending", warm
+        left = warm["devices"][0]["pending_left_s"]
+        assert 3500 < left <= 3600 and warm["for_s"] == 3600.0
+        assert next(r for r in rules if r["name"] == "hot")["state"] == "armed"
 
         # a state-changing request without the CSRF token is refused
         st, err = await asyncio.to_thread(op.post, "actuators/burner/override",

@@ -263,6 +263,9 @@ class UplinkConfig(_S, frozen=True):
     # the payload format: [uplink.encoder] type = "records" (default), "json", "influx",
     # "sparkplug_b", "thingsboard", "homeassistant"; its options in docs/northbound.md
     encoder: dict[str, Any] = {}
+    # more upstream brokers at once, each a table like [uplink] (its own encoder, outbox and
+    # connection): [uplink.extra.NAME]; checked by the uplink's domain (docs/northbound.md)
+    extra: dict[str, dict[str, Any]] = {}
     # topic of each publish; {gateway}, {source}, {device} and {name} are filled in
     topic: Annotated[str, Meta(min_length=1)] = "flux-edge/{gateway}/{device}/{name}"
     # "single": one JSON object per publish; "batch": a JSON array of up to batch_max records

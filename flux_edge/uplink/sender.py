@@ -167,6 +167,19 @@ class Uplink:
         self._closing = False
         self._closed = False
         self._ratelog = RateLimitedLog(log, _LOG_EVERY)
+        # [uplink.extra.NAME]: more upstreams, each its own Uplink (encoder, outbox, client,
+        # sender), fed the same measurements; none waits for another
+        self.extras: dict[str, Uplink] = {}
+        try:
+            for name, table in cfg.extra.items():
+                self.extras[name] = _extra(name, table, gateway=gateway,
+                                           state_dir=Path(state_dir), clock=clock,
+                                           precision=self._declared)
+        except BaseException:
+            for ex in self.extras.values():
+                ex._out.close()
+            self._out.close()
+            raise
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -175,6 +188,8 @@ class Uplink:
         if self._started or self._closing:
             return
         self._started = True
+        for ex in self.extras.values():
+            await ex.start()
         loop = asyncio.get_running_loop()
         self._client.start()
         self._sender = loop.create_task(self._send_loop(), name="uplink:sender")
@@ -187,6 +202,8 @@ class Uplink:
 
     def add(self, measurements: Sequence[Measurement]) -> None:
         """Stage measurements for the next commit (no I/O), in the encoder's rows."""
+        for ex in self.extras.values():
+            ex.add(measurements)
         enc = self.encoder
         rows = enc.stage(measurements)
         if rows is None:
@@ -197,7 +214,10 @@ class Uplink:
 
     def commit(self) -> int:
         """Write what is staged (and delete what was acknowledged) in one transaction; returns
-        the records committed. Raises UplinkError when the outbox cannot be written."""
+        the records committed. Raises UplinkError when the outbox cannot be written (every
+        extra uplink's outbox is written first, so a failing one is reported, not hidden)."""
+        for ex in self.extras.values():
+            ex.commit()
         n = self._out.commit()
         if n:
             self._wake.set()
@@ -207,7 +227,14 @@ class Uplink:
 
     async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109
         """Commit, then wait until every record is acknowledged or ``timeout`` passes. True if
-        the outbox is empty."""
+        the outbox is empty (and every extra uplink's)."""
+        if self.extras:
+            results = await asyncio.gather(
+                self._flush_own(timeout), *(ex.flush(timeout) for ex in self.extras.values()))
+            return all(results)
+        return await self._flush_own(timeout)
+
+    async def _flush_own(self, timeout: float) -> bool:  # noqa: ASYNC109
         try:
             self.commit()
         except UplinkError as exc:
@@ -228,6 +255,9 @@ class Uplink:
         if self._closing:
             return
         self._closing = True
+        if self.extras:
+            await asyncio.gather(*(ex.close() for ex in self.extras.values()),
+                                 return_exceptions=True)
         try:
             await self._stop_sending()
         finally:  # whatever happened above, the file is left consistent and unlocked
@@ -398,6 +428,8 @@ class Uplink:
         """The pipeline that feeds this uplink: upstream commands run through its guarded
         action path from now on, and measurements are sent at the precision its register maps
         declare (again at each reload: the new pipeline binds itself)."""
+        for ex in self.extras.values():
+            ex.bind(pipeline)
         commands = {**self.encoder.extra_commands(), **self.encoder_spec.commands}
         self.commander = Commander(pipeline, commands)  # type: ignore[arg-type]
         config = getattr(pipeline, "config", None)
@@ -541,6 +573,24 @@ class Uplink:
                     out.dirty = True
                     self._sync_wake.set()
             await asyncio.sleep(interval)
+
+
+def _extra(name: str, table: dict[str, object], *, gateway: str, state_dir: Path,
+           clock: Callable[[], float], precision: Mapping[tuple[str, str], int]) -> Uplink:
+    from flux_edge.config.schema import UplinkConfig
+
+    try:
+        sub = msgspec.convert(table, UplinkConfig)
+    except msgspec.ValidationError as exc:
+        raise UplinkError(f"uplink.extra.{name}: {exc}") from exc
+    changes: dict[str, str] = {}
+    if not sub.outbox_file:
+        changes["outbox_file"] = f"outbox-{name}.sqlite"
+    if not sub.client_id:
+        changes["client_id"] = f"flux-edge-{gateway}-uplink-{name}"
+    if changes:
+        sub = msgspec.structs.replace(sub, **changes)
+    return Uplink(sub, gateway=gateway, state_dir=state_dir, clock=clock, precision=precision)
 
 
 async def _quiet(coro: Awaitable[None]) -> None:

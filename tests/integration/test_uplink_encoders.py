@@ -333,3 +333,46 @@ def test_influx_lines_are_accepted_by_a_real_influxdb(tmp_path: Path) -> None:
     finally:
         db.close()
         broker.close()
+
+
+def test_several_uplinks_a_slow_one_holds_no_other_back(tmp_path: Path) -> None:
+    """[uplink] json to one broker, [uplink.extra.plant] influx to another, which is down:
+    the first gets every reading at once; the second its backlog, in order, once it is up."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    lan = Mosquitto(tmp_path / "a")
+    plant = Mosquitto(tmp_path / "b")
+    lan.start()
+
+    async def scenario() -> None:
+        sub = Consumer(lan)
+        await sub.start()
+        extra = {"host": plant.host, "port": plant.port, "reconnect_min": 0.05,
+                 "reconnect_max": 0.2, "encoder": INFLUX}
+        up = Uplink(cfg(lan, JSON, extra={"plant": extra}), gateway=GW,
+                    state_dir=tmp_path / "state", precision={("d1", "temp"): 1})
+        assert list(up.extras) == ["plant"]
+        assert up.extras["plant"].client_id == f"flux-edge-{GW}-uplink-plant"
+        await up.start()
+        for i in range(100):
+            up.add(poll(i))
+            up.commit()
+        await sub.until(lambda: len(json_seqs(sub)) >= 100)
+        assert json_seqs(sub) == list(range(100))
+        assert up.extras["plant"].depth() == 100  # all waiting there, none held here
+        assert (tmp_path / "state" / "outbox-plant.sqlite").exists()
+        await asyncio.to_thread(plant.start)
+        sub2 = Consumer(plant)
+        await sub2.start()
+        assert await up.flush(20)
+        await sub2.until(lambda: len(influx_seqs(sub2)) >= 100)
+        assert influx_seqs(sub2) == list(range(100))
+        await up.close()
+        await sub.close()
+        await sub2.close()
+
+    try:
+        run(scenario(), 60)
+    finally:
+        lan.close()
+        plant.close()

@@ -1745,7 +1745,7 @@ def test_uplink_and_metrics_load_with_defaults_and_conversions(site: Path) -> No
 
 def test_uplink_problems_are_named_with_their_positions(site: Path) -> None:
     text = BASE + (
-        '\n[uplink]\nhost = "broker.example"\ntopic = "gw/{gatway}/{device}"\nqos = 0\n'
+        '\n[uplink]\nhost = "broker.example"\ntopic = "gw/{gatway}/{device}"\nqos = 3\n'
         'reconnect_min = "10s"\nreconnect_max = "1s"\ntls = { ca_file = "missing-ca.pem" }\n'
         'client_id = "same"\n'
         '\n[sources.feed]\ntype = "mqtt"\nclient_id = "same"\n'
@@ -1754,7 +1754,7 @@ def test_uplink_problems_are_named_with_their_positions(site: Path) -> None:
     probs = errors(site, text)
     topic = by_path(probs, "uplink.topic")
     assert "{gatway}" in topic.message and "{gateway}" in topic.message and topic.line > 0
-    assert by_path(probs, "uplink.qos").line > 0
+    assert by_path(probs, "uplink.qos").line > 0  # 0, 1 and 2 are allowed (issue #14)
     assert "reconnect_min" in by_path(probs, "uplink.reconnect_max").message
     assert "missing-ca.pem" in by_path(probs, "uplink.tls.ca_file").message
     assert "already used" in by_path(probs, "uplink.client_id").message

@@ -352,3 +352,17 @@ def test_spb_fast_data_metric_is_the_metric_encoding(alias: int, v: object, hist
     dt = datatype(v)  # type: ignore[arg-type]
     slow = pb.Metric(alias=alias, datatype=dt, value=v, historical=hist).encode()  # type: ignore[arg-type]
     assert pb.data_metric(alias, dt, v, hist) == b"\x12" + pb.varint(len(slow)) + slow  # type: ignore[arg-type]
+
+
+def test_check_config_extra_uplinks() -> None:
+    text = ('[uplink]\nhost = "h"\n[uplink.extra.plant]\nhost = "p"\nqos = 5\n'
+            '[uplink.extra.plant.encoder]\ntype = "sparkplug_b"\n'
+            '[uplink.extra.b]\nhost = "b"\noutbox_file = "outbox.sqlite"\n')
+    got = [f"{p.path}: {p.message}" for p in check_config_text(text)[1]]
+    assert any(p.startswith("uplink.extra.plant.qos:") for p in got)
+    assert any(p.startswith("uplink.extra.plant.encoder.group_id:") for p in got)
+    assert any(p.startswith("uplink.extra.b.outbox_file:") and "its own" in p for p in got)
+    cfg, probs = check_config_text('[uplink]\nhost = "h"\n[uplink.extra.plant]\nhost = "p"\n'
+                                   'encoder = { type = "sparkplug_b", group_id = "p1" }\n')
+    assert probs == [] and cfg is not None and cfg.uplink is not None
+    assert cfg.uplink.extra["plant"]["encoder"]["group_id"] == "p1"

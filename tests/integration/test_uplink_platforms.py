@@ -219,6 +219,11 @@ def test_homeassistant_discovery_state_availability_and_a_switch(tmp_path: Path)
         while up.command_stats.received < 2:  # noqa: ASYNC110 - HA commands have no reply
             await asyncio.sleep(0.01)
         assert p.device.calls == ["burner_on"] and up.command_stats.unknown == 1
+        # HA restarts: its birth message brings every config again
+        n_cfg = sum(1 for t, _, _ in w.messages if t.startswith("homeassistant/sensor/"))
+        await ha.publish("homeassistant/status", b"online", 1)
+        await w.until(lambda: sum(1 for t, _, _ in w.messages
+                                  if t.startswith("homeassistant/sensor/")) >= 2 * n_cfg)
         await ha.close()
         await up.close()
         await w.until(lambda: any(t == "flux-edge/gw1/status" and pl == b"offline"

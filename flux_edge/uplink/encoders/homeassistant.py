@@ -24,7 +24,9 @@ States: one retained JSON object per reading on ``<base_topic>/<device>/state``
 (``{"temp": 81.2, "run": true}``); ``<base_topic>/<device>/availability`` is ``online``, or
 ``offline`` when the device's measurements all turn bad. A switch's command topic
 ``<base_topic>/<device>/<name>/set`` takes ``ON``/``OFF`` and runs the ``on``/``off`` action
-through the safety layer; its state is the measurement of the same name.
+through the safety layer; its state is the measurement of the same name. When Home Assistant
+publishes ``online`` on ``<discovery_prefix>/status`` (its birth, after a restart), every config
+and availability is sent again.
 """
 
 from __future__ import annotations
@@ -224,9 +226,13 @@ class HomeAssistantEncoder(Encoder):
         self.available = set()
 
     def subscriptions(self) -> list[str]:
-        return [f"{self.base}/+/+/set"] if self.spec.switches else []
+        birth = [f"{self.spec.discovery_prefix}/status"]
+        return birth + ([f"{self.base}/+/+/set"] if self.spec.switches else [])
 
-    def on_message(self, topic: str, payload: bytes) -> UpstreamCommand | None:
+    def on_message(self, topic: str, payload: bytes) -> str | UpstreamCommand | None:
+        if topic == f"{self.spec.discovery_prefix}/status":
+            # Home Assistant (re)started: it asks for every config again (its birth message)
+            return "rebirth" if payload.strip() == b"online" else None
         parts = topic.split("/")
         if len(parts) < 3:
             return None

@@ -130,3 +130,11 @@ class ActionVerifyError(ActionError):
 
 class UplinkError(FluxError):
     """The upstream broker could not be reached or refused us."""
+
+
+# --- durable state ------------------------------------------------------------------------------
+
+
+class StateError(FluxError):
+    """A state file cannot be used as it is: written by a newer flux-edge, or it cannot be
+    migrated or backed up. The message names the file, both versions and what to do."""

@@ -52,6 +52,7 @@ from flux_edge.runtime.plugin_lanes import Lanes
 from flux_edge.runtime.queues import BoundedQueue
 from flux_edge.runtime.supervisor import Supervisor
 from flux_edge.sources import Emit, Source, SourceEnv, SourceFactory, SourceHealth, StatusCallback
+from flux_edge.state.faults import Backoff
 from flux_edge.uplink.sender import Uplink
 from flux_edge.uplink.topics import compile_topic
 
@@ -615,10 +616,21 @@ class Pipeline:
         queue = self.upstream
         loop = asyncio.get_running_loop()
         last_commit = -float("inf")
+        # a failed commit (disk full, read-only, I/O error) is retried on its own timer, not
+        # only when the next batch comes: sources waiting to acknowledge send no next batch
+        marks: dict[str, int] = {}  # readings per source that become durable with a commit
+        retry = Backoff(first=max(interval, 0.05), limit=5.0)
+        retry_at: float | None = None
         while True:
-            batch = await queue.get_batch(4096)
+            if retry_at is None:
+                batch = await queue.get_batch(4096)
+            else:
+                try:
+                    async with asyncio.timeout_at(retry_at):
+                        batch = await queue.get_batch(4096)
+                except TimeoutError:
+                    batch = []
             beat.begin()
-            marks: dict[str, int] = {}
             window: list[Measurement] = []
             while True:
                 ms = [m for m in batch if isinstance(m, Measurement)]
@@ -642,12 +654,16 @@ class Pipeline:
                 stats.processed += len(window)
             try:
                 uplink.commit()
-            except FluxError as exc:  # disk full, I/O error: counted, logged, retried next time
+            except FluxError as exc:  # disk full, I/O error: counted, logged, retried
                 stats.errors += 1
                 self._ratelog.warning("uplink-commit", f"uplink outbox: {exc}")
+                retry_at = loop.time() + retry.next()
             else:
+                retry.reset()
+                retry_at = None
                 for source, seq in marks.items():
                     self._made_durable(source, seq)
+                marks.clear()
             last_commit = loop.time()
             stats.last_progress = time.monotonic()
             beat.done()

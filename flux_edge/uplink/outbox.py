@@ -47,7 +47,7 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import NamedTuple
@@ -58,6 +58,7 @@ from flux_edge.errors import FluxError, UplinkError
 from flux_edge.files import ensure_dir, open_state_file, prepare_sqlite
 from flux_edge.model import Measurement
 from flux_edge.mqtt import check_topic
+from flux_edge.state.faults import StoreHealth
 from flux_edge.uplink.topics import TemplateError, compile_topic
 
 __all__ = [
@@ -76,6 +77,9 @@ ROW_OVERHEAD = 64  # bytes counted per row besides payload and topic (seq, size,
 PAGE_ROWS = 500  # rows read from the file at a time
 SCHEMA_VERSION = "1"
 _DROP_LOG_EVERY = 10.0  # seconds between two "outbox full" warnings
+# while the file cannot be written, staged records wait in memory up to this many bytes (or
+# max_size, if smaller); past it the oldest are dropped, counted as "store_unavailable"
+STAGED_MEMORY_MAX = 16 * 1024 * 1024
 _TOPIC_CACHE_MAX = 10_000
 _TOPIC_UNSAFE = str.maketrans({"+": "_", "#": "_", "\x00": "_"})
 
@@ -92,6 +96,10 @@ class UplinkStats:
     published: int = 0  # publishes acknowledged by the broker (one per batch in "batch" format)
     acked: int = 0  # records acknowledged by the broker
     dropped: int = 0  # records deleted unsent because the outbox was full (or unpublishable)
+    # the same, by reason: "outbox_full" (the size bound), "store_unavailable" (the file could
+    # not be written and memory was full), "unpublishable" (a topic the broker cannot take),
+    # "shutdown" (staged, never committed, at close)
+    dropped_by_reason: dict[str, int] = field(default_factory=dict)
     publish_errors: int = 0
     reconnects: int = 0  # connections accepted after the first one
     last_error: str = ""
@@ -179,6 +187,8 @@ class Outbox:
         except TemplateError as exc:
             raise UplinkError(f"uplink.topic {topic!r}: bad placeholder: {exc}") from exc
         self.stats = stats if stats is not None else UplinkStats()
+        self.health = StoreHealth("outbox", str(self.path))
+        self.memory_max = min(max_size, STAGED_MEMORY_MAX)
         self._clock = clock
         self._lock_fd = -1
         self._ckpt: sqlite3.Connection | None = None  # the checkpoint thread's connection
@@ -227,7 +237,7 @@ class Outbox:
             else:
                 self._db_rows -= dropped
                 self._db_bytes -= freed
-                self._note_dropped(dropped)
+                self._note_dropped(dropped, "outbox_full")
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -410,7 +420,7 @@ class Outbox:
         self._staged_bytes += total
         self.stats.staged += len(measurements)
         if rejected:
-            self._note_dropped(rejected)
+            self._note_dropped(rejected, "unpublishable")
 
     def add_rows(self, rows: Sequence[tuple[float, str, bytes]], measurements: int) -> None:
         """Stage rows an uplink encoder made (``(ts, topic, payload)``, payload stored and sent
@@ -463,9 +473,9 @@ class Outbox:
             self._after_failed_commit(exc)
             raise UplinkError(
                 f"uplink outbox {self.path}: cannot write ({exc}); {len(self._staged)} "
-                "record(s) kept in memory and retried at the next commit (is the disk full "
-                "or read-only?)"
+                "record(s) kept in memory and retried (is the disk full or read-only?)"
             ) from exc
+        self._write_ok()
         self._db_rows, self._db_bytes = db_rows, db_bytes
         self._acked_done()
         if dropped_rows:
@@ -477,7 +487,7 @@ class Outbox:
         if n > keep_from:
             self.stats.commits += 1
         if dropped_rows or keep_from:
-            self._note_dropped(dropped_rows + keep_from)
+            self._note_dropped(dropped_rows + keep_from, "outbox_full")
         return n
 
     def delete_acked(self) -> None:
@@ -491,8 +501,10 @@ class Outbox:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback()
+            self._write_failed(exc)
             raise UplinkError(f"uplink outbox {self.path}: cannot delete sent records: {exc}") \
                 from exc
+        self._write_ok()
         self._db_rows -= rows
         self._db_bytes -= size
         self._acked_done()
@@ -561,9 +573,29 @@ class Outbox:
             buf.popleft()
         self._read_pos = max(self._read_pos, last)
 
-    def _after_failed_commit(self, exc: sqlite3.Error) -> None:
+    def _write_failed(self, exc: sqlite3.Error) -> None:
         self.stats.last_error = f"outbox: {exc}"
-        over = self._staged_bytes - self.max_size
+        if self.health.failed(exc):
+            log.error(
+                "uplink outbox %s cannot be written (%s: %s): records wait in memory (up to "
+                "%d bytes, then the oldest are dropped and counted), inputs that can be sent "
+                "again are not acknowledged, the write is retried with back-off",
+                self.path, self.health.reason, exc, self.memory_max,
+            )
+
+    def _write_ok(self) -> None:
+        since = self.health.since
+        if self.health.ok():
+            lost = self.stats.dropped_by_reason.get("store_unavailable", 0)
+            log.warning(
+                "uplink outbox %s: writing works again after %.1f s (%d record(s) dropped "
+                "while it failed, in total)", self.path,
+                0.0 if since is None else self.health.clock() - since, lost,
+            )
+
+    def _after_failed_commit(self, exc: sqlite3.Error) -> None:
+        self._write_failed(exc)
+        over = self._staged_bytes - self.memory_max
         if over <= 0:
             return
         staged = self._staged
@@ -573,19 +605,22 @@ class Outbox:
             cut += 1
         self._staged_bytes -= sum(r[0] for r in staged[:cut])
         del staged[:cut]
-        self._note_dropped(cut)
+        self._note_dropped(cut, "store_unavailable")
 
-    def _note_dropped(self, n: int) -> None:
+    def _note_dropped(self, n: int, reason: str) -> None:
         if n <= 0:
             return
         self.stats.dropped += n
+        by = self.stats.dropped_by_reason
+        by[reason] = by.get(reason, 0) + n
         self._drops_unlogged += n
         now = time.monotonic()
         if now - self._drop_log_ts >= _DROP_LOG_EVERY:
             self._drop_log_ts = now
             log.warning(
-                "uplink outbox %s full (%d bytes): dropped the %d oldest unsent record(s); "
-                "%d dropped in total", self.path, self.max_size, self._drops_unlogged,
+                "uplink outbox %s: dropped the %d oldest unsent record(s) (%s; bound %d bytes "
+                "on disk, %d in memory while the file cannot be written); %d dropped in total",
+                self.path, self._drops_unlogged, reason, self.max_size, self.memory_max,
                 self.stats.dropped,
             )
             self._drops_unlogged = 0
@@ -651,7 +686,7 @@ class Outbox:
                   len(unit.rows), unit.rows[0].topic, why)
         self.acked(unit)
         self.stats.acked -= len(unit.rows)
-        self._note_dropped(len(unit.rows))
+        self._note_dropped(len(unit.rows), "unpublishable")
 
     def rewind(self) -> None:
         """Read again from the oldest row not acknowledged (after a failed publish; nothing may
@@ -710,7 +745,7 @@ class Outbox:
         if self._closed:
             return
         self._closed = True
-        self._note_dropped(len(self._staged))
+        self._note_dropped(len(self._staged), "shutdown")
         self._staged.clear()
         self._staged_bytes = 0
         try:

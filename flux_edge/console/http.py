@@ -92,6 +92,7 @@ class HttpServer:
         self._base = base_headers or []
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     async def start(self) -> None:
         try:
@@ -118,6 +119,7 @@ class HttpServer:
         if server is None:
             return
         server.close()
+        self._closing = True
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -162,6 +164,11 @@ class HttpServer:
                     return
         except (ConnectionError, ssl.SSLError, TimeoutError):
             pass
+        except asyncio.CancelledError:
+            # close(): end normally, or asyncio's stream callback (3.11) logs the cancellation
+            # as an unhandled exception
+            if not self._closing:
+                raise
         finally:
             self._tasks.discard(task)
             writer.close()

@@ -34,7 +34,8 @@ DOCS = Path(__file__).resolve().parents[2] / "docs"
 class Running:
     """The daemon and the boiler on a loop of their own (selenium is synchronous)."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, tls: str = "on") -> None:
+        self.tls = tls
         bundled_wasm("modbus_decode")
         self.state = tmp_path / "state"
         users = self.state / "console" / "users.json"
@@ -55,7 +56,7 @@ class Running:
         self.sim = sim = BoilerSimulator(port=0, start_temperature=55.0, burner=False,
                                          tick=3600.0)
         await sim.start()
-        self.path.write_text(CONFIG.format(state=self.state, port=sim.port, tls="on"))
+        self.path.write_text(CONFIG.format(state=self.state, port=sim.port, tls=self.tls))
         self.daemon = daemon = Daemon(load_config(self.path), serve_metrics=True)
         self._stop = asyncio.Event()
         up = asyncio.Event()
@@ -172,3 +173,21 @@ def test_console_in_a_browser(running: Running, shots: Path) -> None:
             shutil.copy(shots / "05-override-denied.png", DOCS / "console.png")
     finally:
         b.close()
+
+
+def test_plain_http_on_loopback(tmp_path: Path) -> None:
+    """The default: loopback without TLS. The browser keeps the Secure cookie there (a
+    loopback origin counts as secure), so the login works."""
+    running = Running(tmp_path, tls="off")
+    b = web.Browser()
+    try:
+        b.get(f"http://127.0.0.1:{running.port}/")
+        b.wait(lambda: b.visible("#login"))
+        b.type("#user", OPERATOR[0])
+        b.type("#password", OPERATOR[1])
+        b.click("#login-btn")
+        b.wait(lambda: b.visible("#app"))
+        b.wait(lambda: "55" in b.text('[data-value="boiler\u0000temperature"]'))
+    finally:
+        b.close()
+        running.stop()

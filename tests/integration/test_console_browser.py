@@ -169,6 +169,23 @@ def test_console_in_a_browser(running: Running, shots: Path) -> None:
         b.wait(lambda: "min_on" in b.text("#res-burner"))
         assert "denied by the safety layer" in b.text("#res-burner")
         b.screenshot(shots / "05-override-denied.png")
+        # the audit trail names the operator
+        b.wait(lambda: "console:olga" in b.text("#audit"))
+
+        # the config: an edit checked, its error shown at its line
+        b.get(url + "#config")
+        b.wait(lambda: b.visible("#cfg-load"))
+        b.click("#cfg-load")
+        b.wait(lambda: "min_on" in b.driver.find_element("css selector", "#cfg-text")
+               .get_attribute("value"))
+        text = running.path.read_text()
+        line = text.splitlines().index('min_on = "1h"') + 1
+        b.driver.execute_script("document.querySelector('#cfg-text').value = arguments[0]",
+                                text.replace('min_on = "1h"', 'min_on = "an hour"'))
+        b.click("#cfg-check")
+        b.wait(lambda: f"line {line}:" in b.text("#cfg-problems"))
+        assert "actuators.burner.min_on" in b.text("#cfg-problems")
+        b.screenshot(shots / "06-config-check.png")
         if os.environ.get("FLUX_EDGE_DOCS_SCREENSHOT") == "1":
             shutil.copy(shots / "05-override-denied.png", DOCS / "console.png")
     finally:

@@ -72,7 +72,7 @@ function renderStatus() {
 
 const pending = {};
 function renderActuators() {
-  const el = $("#actuators");
+  const el = $("#act-list");
   if (el.contains(document.activeElement) && document.activeElement.tagName === "INPUT") return; // typing a reason
   el.innerHTML = status.actuators.map((a) => `<div class="card" id="act-${esc(a.name)}"><h3>${esc(a.name)} <span class="pill ${a.state === "on" ? "ok" : "warn"}" data-act-state="${esc(a.name)}">${esc(a.state ?? "unknown")}</span>
     ${a.override ? `<span class="pill warn">held ${esc(a.override.state)} by ${esc(a.override.user)}</span>` : ""}</h3>
@@ -89,12 +89,19 @@ document.addEventListener("click", async (ev) => {
     const r = b.dataset.ovr ? await api(`actuators/${encodeURIComponent(name)}/override`, {state: b.dataset.state, reason}) : await api(`actuators/${encodeURIComponent(name)}/release`, {reason});
     pending[name] = r.ok ? `<span class="ok pill">${r.data.state ? `switched ${esc(r.data.state)}, read back ${esc(JSON.stringify(r.data.verified))} (verified)` : "released"}</span>` : `<span class="err">${esc(r.data.error)}</span>`;
     const res = $(`#res-${CSS.escape(name)}`); if (res) res.innerHTML = pending[name];
-    refresh();
+    refresh(); loadAudit();
   } else if (b.dataset.retry) {
     const r = await api(`plugins/${encodeURIComponent(b.dataset.retry)}/retry`, {reason: "acknowledged in the console"});
     if (!r.ok) alert(r.data.error); refresh();
   }
 });
+
+async function loadAudit() {
+  const r = await api("audit?limit=30"); if (!r.ok) return;
+  $("#audit").innerHTML = r.data.map((a) => `<tr><td class="muted">${esc(a.ts.slice(11, 19))}</td><td>${esc(a.rule)}</td><td>${esc(a.action)}</td>
+    <td><span class="pill ${a.decision === "allowed" ? (a.outcome && !a.outcome.ok ? "bad" : "ok") : "bad"}">${esc(a.decision)}</span></td>
+    <td class="muted">${esc(a.reason || (a.params && a.params.reason) || (a.outcome && a.outcome.error) || "")}</td></tr>`).join("");
+}
 
 async function refresh() { const r = await api("status"); if (r.ok) { status = r.data; renderStatus(); } }
 
@@ -102,6 +109,7 @@ function show(tab) {
   for (const a of document.querySelectorAll("nav a")) a.classList.toggle("on", a.getAttribute("href") === "#" + tab);
   for (const s of document.querySelectorAll("main section")) s.hidden = s.id !== tab;
   if (tab === "config") api("config").then((r) => { $("#cfg-running").textContent = JSON.stringify(r.data.config, null, 1); });
+  if (tab === "actuators") loadAudit();
   if (tab === "log") api("logs").then((r) => { $("#log-lines").textContent = ""; (r.data || []).forEach(addLog); });
 }
 window.addEventListener("hashchange", () => show(location.hash.slice(1) || "values"));

@@ -117,6 +117,10 @@ class Host:
         p = parse(payload)
         self.log.append((kind, p))
         err = self.errors.append
+        if kind in ("NBIRTH", "DBIRTH", "DDEATH") and qos != 0:
+            err(f"{kind} at QoS {qos}, the specification asks for 0")
+        if kind == "NDEATH" and qos != 1:
+            err(f"NDEATH at QoS {qos}, the specification asks for 1")
         if kind == "NDEATH":
             bd = [m["value"] for m in p["metrics"] if m.get("name") == "bdSeq"]
             if bd != [self.bdseq]:

@@ -29,6 +29,10 @@ What an edge node must do, and where it is done:
   is a DDEATH; the next good reading is a DBIRTH again.
 - NCMD ``Node Control/Rebirth = true``: NBIRTH and every DBIRTH again (``on_message``).
 
+QoS as the specification asks: NBIRTH, DBIRTH and DDEATH 0, NDEATH (the will) 1; DDATA at
+``uplink.qos`` (0 conforms strictly; the default 1 keeps what the broker had not acknowledged
+when a link died, and such a message may then arrive once before the new NBIRTH).
+
 Datatypes: bool -> Boolean (11), int -> Int64 (4), float -> Double (10), str -> String (12).
 """
 
@@ -167,7 +171,7 @@ class SparkplugEncoder(Encoder):
         ]
         self.born[device] = frozenset(values)
         payload = pb.payload(now_ms, self._next_seq(), metrics)
-        return Message(f"{self._base}/DBIRTH/{self.node}/{device}", payload, False, 1)
+        return Message(f"{self._base}/DBIRTH/{self.node}/{device}", payload, False, 0)
 
     def wire(self, oid: bytes, rows: Sequence[Row]) -> list[Message]:
         row = rows[0]
@@ -180,7 +184,7 @@ class SparkplugEncoder(Encoder):
                 return []
             del self.born[device]
             payload = pb.payload(now_ms, self._next_seq(), [])
-            return [Message(f"{self._base}/DDEATH/{self.node}/{device}", payload, False, 1)]
+            return [Message(f"{self._base}/DDEATH/{self.node}/{device}", payload, False, 0)]
         self.dead.discard(device)
         values = self.last.setdefault(device, {})
         out: list[Message] = []
@@ -217,7 +221,7 @@ class SparkplugEncoder(Encoder):
             pb.Metric(name="bdSeq", datatype=pb.UINT64, value=self.bdseq, timestamp=now_ms),
             pb.Metric(name=REBIRTH, datatype=pb.BOOLEAN, value=False, timestamp=now_ms),
         ]
-        out = [Message(self.t_nbirth, pb.payload(now_ms, 0, metrics), False, 1)]
+        out = [Message(self.t_nbirth, pb.payload(now_ms, 0, metrics), False, 0)]
         for device in self.last:
             if device not in self.dead:
                 out.append(self._dbirth(device, now_ms))

@@ -44,6 +44,7 @@ Architecture: $arch
 Maintainer: flux-edge developers <flux-edge@localhost>
 Installed-Size: $size
 Depends: python3 (>= $pyver), python3 (<< $next), python3-venv, procps, systemd, adduser
+Recommends: openssl
 Section: net
 Priority: optional
 Description: IoT gateway daemon: Modbus/serial/MQTT in, Wasm plugins, CEL rules, MQTT uplink

@@ -17,6 +17,7 @@ from flux_edge import __version__
 from flux_edge.plugins.host import CALL_BUCKETS, Plugin
 from flux_edge.runtime.metrics import MetricsWriter
 from flux_edge.runtime.queues import BoundedQueue
+from flux_edge.state.faults import StoreHealth
 
 if TYPE_CHECKING:
     from flux_edge.runtime.daemon import Daemon
@@ -36,6 +37,14 @@ def _count(n: int) -> str:
     return f"{n:,}"
 
 
+def stores(daemon: Daemon) -> list[StoreHealth]:
+    """Every durable store's health (flux_edge.state.faults)."""
+    out: list[StoreHealth] = []
+    if daemon.uplink is not None:
+        out += daemon.uplink.store_health
+    return out
+
+
 def status_line(daemon: Daemon) -> str:
     """One short line for `systemctl status`: what runs and whether data flows."""
     parts: list[str] = []
@@ -53,6 +62,9 @@ def status_line(daemon: Daemon) -> str:
         link = "uplink up" if up.connected else "uplink DOWN"
         parts.append(f"{link}, outbox {_count(up.depth())}"
                      + (f", {_count(up.stats.dropped)} dropped" if up.stats.dropped else ""))
+    bad_stores = [s for s in stores(daemon) if s.degraded]
+    if bad_stores:
+        parts.append("STORE DEGRADED: " + ", ".join(f"{s.name} ({s.reason})" for s in bad_stores))
     stuck = daemon.monitor.check()
     if stuck:
         parts.append("STUCK: " + stuck[0])
@@ -62,8 +74,13 @@ def status_line(daemon: Daemon) -> str:
 def health_report(daemon: Daemon) -> tuple[bool, dict[str, object]]:
     """/healthz: healthy while no critical stage is stuck (what the watchdog checks)."""
     problems = daemon.monitor.check()
+    all_stores = stores(daemon)
+    degraded = any(s.degraded for s in all_stores)
+    # a degraded store (disk full, read-only) is reported, but stays 200: the daemon is alive
+    # and retries by itself; a restart would not free a byte
     body: dict[str, object] = {
-        "status": "ok" if not problems else "stuck",
+        "status": "stuck" if problems else "degraded" if degraded else "ok",
+        "stores": {s.name: s.describe() for s in all_stores},
         "problems": problems,
         "stages": daemon.monitor.snapshot(),
         "loop_lag_s": round(daemon.monitor.loop_lag, 6),
@@ -213,9 +230,21 @@ def render_metrics(daemon: Daemon) -> str:
         w.gauge("flux_edge_rule_consecutive_errors",
                 "Failed evaluations of a rule in a row (0 once one succeeds).",
                 [({"rule": r}, st.consecutive_errors) for r, st in sorted(p.engine.stats.items())])
+    all_stores = stores(daemon)
+    w.gauge("flux_edge_store_degraded",
+            "1 while a durable store cannot be written (label reason: disk full, read-only, "
+            "I/O error, ...).",
+            [({"store": s.name, "path": s.path, "reason": s.reason}, 1 if s.degraded else 0)
+             for s in all_stores])
+    w.counter("flux_edge_store_write_failures_total", "Failed writes per durable store.",
+              [({"store": s.name, "path": s.path}, s.failures) for s in all_stores])
     up_link = daemon.uplink
     if up_link is not None:
         st = up_link.stats
+        w.counter("flux_edge_uplink_dropped_by_reason_total",
+                  "Records dropped unsent, by reason (outbox_full, store_unavailable, "
+                  "unpublishable, shutdown).",
+                  [({"reason": r}, n) for r, n in sorted(st.dropped_by_reason.items())])
         oldest = up_link.oldest_ts()
         w.gauge("flux_edge_uplink_connected", "1 while connected to the upstream broker.",
                 [({}, 1 if up_link.connected else 0)])

@@ -40,6 +40,7 @@ from flux_edge.errors import UplinkError
 from flux_edge.logs import RateLimitedLog
 from flux_edge.model import Measurement
 from flux_edge.mqtt import MqttClient, MqttError, TlsSettings, Will, check_topic
+from flux_edge.state.faults import StoreHealth
 from flux_edge.uplink.commands import (
     Commander,
     CommandResult,
@@ -311,6 +312,11 @@ class Uplink:
     @property
     def connected(self) -> bool:
         return self._client.connected
+
+    @property
+    def store_health(self) -> list[StoreHealth]:
+        """Whether each outbox (this one's, then every extra uplink's) can be written."""
+        return [self._out.health, *(h for ex in self.extras.values() for h in ex.store_health)]
 
     def depth(self) -> int:
         """Records waiting: committed, not yet acknowledged."""

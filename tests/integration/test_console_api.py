@@ -261,11 +261,6 @@ def test_console_api_end_to_end(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.1)
         assert "held on by olga" in acts["actuators"][0]["last_block_reason"]
-        st, out = await asyncio.to_thread(op.post, "actuators/burner/release",
-                                          {"reason": "done"})
-        assert st == 200
-        st, audit = await asyncio.to_thread(op.get, "audit?limit=50")
-        assert st == 200 and any(r["rule"] == "console:olga" for r in audit)
 
         # the config: secrets redacted; check shows errors at their lines; apply reloads
         st, cfg = await asyncio.to_thread(op.get, "config")
@@ -283,6 +278,17 @@ def test_console_api_end_to_end(tmp_path: Path) -> None:
         assert st == 200, out
         assert daemon.config.actuators["burner"].min_on == 7200.0
         assert daemon.reloads_ok == 1
+        # the hold survives the reload: the new pipeline's guard holds the burner too
+        from flux_edge.console.operate import HoldingGuard
+
+        assert daemon.pipeline is not None and isinstance(daemon.pipeline.guard, HoldingGuard)
+        st, acts = await asyncio.to_thread(op.get, "actuators")
+        assert acts["actuators"][0]["override"]["user"] == "olga"
+        st, out = await asyncio.to_thread(op.post, "actuators/burner/release",
+                                          {"reason": "done"})
+        assert st == 200
+        st, audit = await asyncio.to_thread(op.get, "audit?limit=50")
+        assert st == 200 and any(r["rule"] == "console:olga" for r in audit)
 
         # a token for scripts: no cookie, no CSRF token
         token = add_token(daemon.console.auth.path, "grafana", "viewer")  # type: ignore

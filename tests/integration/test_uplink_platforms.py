@@ -19,6 +19,7 @@ from flux_edge.uplink.sender import Uplink
 from tests.integration.test_uplink_commands import FakePipeline
 from tests.support import run
 from tests.support.mosquitto import Mosquitto
+from tests.unit.test_guarded import audit_lines
 
 pytestmark = pytest.mark.integration
 
@@ -148,14 +149,16 @@ def test_thingsboard_telemetry_and_rpc_through_the_safety_layer(tmp_path: Path) 
 
 
 REQUIRED = {"sensor": {"state_topic"}, "binary_sensor": {"state_topic"},
-            "switch": {"command_topic"}}
+            "switch": {"command_topic"}, "number": {"command_topic", "state_topic"}}
 
 
 def test_homeassistant_discovery_state_availability_and_a_switch(tmp_path: Path) -> None:
     broker = Mosquitto(tmp_path)
     broker.start()
     enc = {"type": "homeassistant", "switches": {"burner": {"on": "burner_on",
-                                                             "off": "burner_off"}}}
+                                                             "off": "burner_off"}},
+           "numbers": {"d1.setpoint": {"action": "burner_on", "min": 20, "max": 90,
+                                       "step": 0.5}}}
 
     async def scenario() -> None:
         w = Watcher(broker, "#")
@@ -166,7 +169,9 @@ def test_homeassistant_discovery_state_availability_and_a_switch(tmp_path: Path)
         up.bind(p)
         await up.start()
         for i in range(10):
-            up.add(poll(i, "d1"))
+            setpoint = Measurement(device="d1", name="setpoint", value=65.0,
+                                   ts=1732780000.0 + i, unit="degC")
+            up.add([*poll(i, "d1"), setpoint])
         up.add(poll(10, "d1", "bad"))
         up.commit()
         assert await up.flush(20)
@@ -196,6 +201,9 @@ def test_homeassistant_discovery_state_availability_and_a_switch(tmp_path: Path)
         assert configs["hum"]["device_class"] == "humidity"
         assert configs["burner"]["component"] == "switch"
         assert configs["seq"]["component"] == "sensor" and "device_class" not in configs["seq"]
+        sp = configs["setpoint"]
+        assert sp["component"] == "number" and (sp["min"], sp["max"], sp["step"]) == (20, 90, 0.5)
+        assert sp["command_topic"] == "flux-edge/gw1/d1/setpoint/set"
         for s in states():  # every state carries the keys the templates read
             for name in configs:
                 assert name in s
@@ -216,9 +224,17 @@ def test_homeassistant_discovery_state_availability_and_a_switch(tmp_path: Path)
         await ha.connect(10)
         await ha.publish(configs["burner"]["command_topic"], b"ON", 1)
         await ha.publish("flux-edge/gw1/d1/valve/set", b"ON", 1)
-        while up.command_stats.received < 2:  # noqa: ASYNC110 - HA commands have no reply
+        await ha.publish("flux-edge/gw1/d1/setpoint/set", b"95", 1)  # out of range
+        while up.command_stats.received < 3:  # noqa: ASYNC110 - HA commands have no reply
             await asyncio.sleep(0.01)
-        assert p.device.calls == ["burner_on"] and up.command_stats.unknown == 1
+        assert p.device.calls == ["burner_on"] and up.command_stats.unknown == 2
+        p.clock.advance(3600)  # past any rate limit
+        await ha.publish("flux-edge/gw1/d1/setpoint/set", b"70.5", 1)
+        while up.command_stats.received < 4:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        assert up.command_stats.received == 4
+        rec = audit_lines(p.audit)[-1]
+        assert rec["rule"] == "uplink:homeassistant" and rec["params"]["value"] == 70.5
         # HA restarts: its birth message brings every config again
         n_cfg = sum(1 for t, _, _ in w.messages if t.startswith("homeassistant/sensor/"))
         await ha.publish("homeassistant/status", b"online", 1)

@@ -8,6 +8,7 @@ import itertools
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -366,3 +367,34 @@ def test_check_config_extra_uplinks() -> None:
                                    'encoder = { type = "sparkplug_b", group_id = "p1" }\n')
     assert probs == [] and cfg is not None and cfg.uplink is not None
     assert cfg.uplink.extra["plant"]["encoder"]["group_id"] == "p1"
+
+
+def test_a_pipeline_binding_its_uplink_declares_the_register_maps_precision(tmp_path: Path) -> None:
+    import asyncio
+
+    from flux_edge.config import UplinkConfig
+    from flux_edge.kinds import load_config_text
+    from flux_edge.uplink.sender import Uplink
+
+    config = load_config_text('''
+[sources.bus]
+type = "modbus_tcp"
+host = "127.0.0.1"
+[[sources.bus.devices]]
+name = "boiler"
+registers = [{ name = "temp", address = 0, scale = 0.1 }]
+''')
+
+    class P:
+        guard = executors = latest = safety = None
+
+    p = P()
+    p.config = config  # type: ignore[attr-defined]
+    up = Uplink(UplinkConfig(host="127.0.0.1", port=1), gateway="gw", state_dir=tmp_path)
+    try:
+        m = Measurement(device="boiler", name="temp", value=696 * 0.1, ts=1.0)
+        assert up.encoder.prepare([m])[0].value == 69.60000000000001  # type: ignore[attr-defined]
+        up.bind(p)
+        assert up.encoder.prepare([m])[0].value == 69.6  # type: ignore[attr-defined]
+    finally:
+        asyncio.run(up.close())

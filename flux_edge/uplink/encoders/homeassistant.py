@@ -24,9 +24,11 @@ States: one retained JSON object per reading on ``<base_topic>/<device>/state``
 (``{"temp": 81.2, "run": true}``); ``<base_topic>/<device>/availability`` is ``online``, or
 ``offline`` when the device's measurements all turn bad. A switch's command topic
 ``<base_topic>/<device>/<name>/set`` takes ``ON``/``OFF`` and runs the ``on``/``off`` action
-through the safety layer; its state is the measurement of the same name. When Home Assistant
-publishes ``online`` on ``<discovery_prefix>/status`` (its birth, after a restart), every config
-and availability is sent again.
+through the safety layer; its state is the measurement of the same name. A ``numbers`` entry
+(``{ action = "write_setpoint", min = 20, max = 90, step = 0.5 }``) is a ``number`` entity: a
+number on its command topic (within min..max) runs the action with ``{"value": <number>}``.
+When Home Assistant publishes ``online`` on ``<discovery_prefix>/status`` (its birth, after a
+restart), every config and availability is sent again.
 """
 
 from __future__ import annotations
@@ -73,6 +75,13 @@ class Switch(Table, frozen=True):
     off: str  # action run on "OFF"
 
 
+class Number(Table, frozen=True):
+    action: str  # run with params {"value": <the number>}
+    min: float = 0.0
+    max: float = 100.0
+    step: float = 1.0
+
+
 class HomeAssistantEncoderSpec(EncoderSpec, frozen=True, tag="homeassistant"):
     """``[uplink.encoder] type = "homeassistant"``."""
 
@@ -81,6 +90,7 @@ class HomeAssistantEncoderSpec(EncoderSpec, frozen=True, tag="homeassistant"):
     device_classes: dict[str, str] = msgspec.field(default_factory=dict)  # "dev.name"/"name"
     state_classes: dict[str, str] = msgspec.field(default_factory=dict)
     switches: dict[str, Switch] = msgspec.field(default_factory=dict)  # "dev.name" or "name"
+    numbers: dict[str, Number] = msgspec.field(default_factory=dict)  # setpoints, same keys
     manufacturer: str = "flux-edge"
     model: str = "flux-edge gateway"
 
@@ -111,6 +121,8 @@ class HomeAssistantEncoder(Encoder):
         for key, sw in self.spec.switches.items():
             out[f"{key}:ON"] = sw.on
             out[f"{key}:OFF"] = sw.off
+        for key, num in self.spec.numbers.items():
+            out[f"{key}:SET"] = num.action
         return out
 
     def stage(self, measurements: Sequence[Measurement]) -> list[StagedRow]:
@@ -131,6 +143,8 @@ class HomeAssistantEncoder(Encoder):
     def _component(self, device: str, name: str, value: Value) -> str:
         if _lookup(self.spec.switches, device, name) is not None:
             return "switch"
+        if _lookup(self.spec.numbers, device, name) is not None:
+            return "number"
         return "binary_sensor" if isinstance(value, bool) else "sensor"
 
     def discovery(self, device: str, name: str, unit: str, component: str) -> Message:
@@ -151,7 +165,15 @@ class HomeAssistantEncoder(Encoder):
         if self.status_topic:
             cfg["availability"].insert(0, {"topic": self.status_topic})
         tpl = "{{ value_json['" + name.replace("'", "\\'") + "'] }}"
-        if component == "sensor":
+        if component == "number":
+            num = _lookup(self.spec.numbers, device, name)
+            cfg["value_template"] = tpl
+            cfg["command_topic"] = f"{self.base}/{device}/{name}/set"
+            cfg["min"], cfg["max"], cfg["step"] = num.min, num.max, num.step
+            known = UNITS.get(unit)
+            if known is not None or unit:
+                cfg["unit_of_measurement"] = known[0] if known is not None else unit
+        elif component == "sensor":
             cfg["value_template"] = tpl
             known = UNITS.get(unit)
             dc = _lookup(self.spec.device_classes, device, name)
@@ -227,7 +249,8 @@ class HomeAssistantEncoder(Encoder):
 
     def subscriptions(self) -> list[str]:
         birth = [f"{self.spec.discovery_prefix}/status"]
-        return birth + ([f"{self.base}/+/+/set"] if self.spec.switches else [])
+        entities = self.spec.switches or self.spec.numbers
+        return birth + ([f"{self.base}/+/+/set"] if entities else [])
 
     def on_message(self, topic: str, payload: bytes) -> str | UpstreamCommand | None:
         if topic == f"{self.spec.discovery_prefix}/status":
@@ -237,7 +260,18 @@ class HomeAssistantEncoder(Encoder):
         if len(parts) < 3:
             return None
         device, name = parts[-3], parts[-2]
-        word = payload.decode("utf-8", "replace").strip().upper()
+        text = payload.decode("utf-8", "replace").strip()
+        if _lookup(self.spec.numbers, device, name) is not None:
+            key = f"{device}.{name}" if f"{device}.{name}" in self.spec.numbers else name
+            try:
+                value = float(text)
+            except ValueError:
+                return UpstreamCommand("homeassistant", f"{key}:{text!r}", device)
+            num = _lookup(self.spec.numbers, device, name)
+            if not num.min <= value <= num.max:  # HA's own slider keeps to it; others may not
+                return UpstreamCommand("homeassistant", f"{key}:out of range", device)
+            return UpstreamCommand("homeassistant", f"{key}:SET", device, {"value": value})
+        word = text.upper()
         key = f"{device}.{name}" if f"{device}.{name}" in self.spec.switches else name
         return UpstreamCommand("homeassistant", f"{key}:{word}", device, {"payload": word})
 
@@ -250,14 +284,20 @@ def check(ctx: Context, table: dict[str, Any], path: Key) -> None:
         except TemplateError as exc:
             ctx.report((*path, "base_topic"), f"{exc} (placeholder: {{gateway}})")
     declared = list(ctx.entries("actions"))
-    switches = table.get("switches", {})
-    if isinstance(switches, dict):
-        for key, sw in switches.items():
-            for which in ("on", "off"):
-                action = sw.get(which) if isinstance(sw, dict) else None
+    for section, keys in (("switches", ("on", "off")), ("numbers", ("action",))):
+        entries = table.get(section, {})
+        if not isinstance(entries, dict):
+            continue
+        for key, entry in entries.items():
+            for which in keys:
+                action = entry.get(which) if isinstance(entry, dict) else None
                 if isinstance(action, str) and action not in declared:
-                    ctx.report((*path, "switches", key, which),
+                    ctx.report((*path, section, key, which),
                                ctx.missing_ref("action", action, declared))
+            if section == "numbers" and isinstance(entry, dict):
+                lo, hi = entry.get("min", 0.0), entry.get("max", 100.0)
+                if isinstance(lo, int | float) and isinstance(hi, int | float) and lo >= hi:
+                    ctx.report((*path, section, key, "max"), f"must be > min ({lo})")
 
 
 def _make(spec: HomeAssistantEncoderSpec, env: EncoderEnv) -> Encoder:

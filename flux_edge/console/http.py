@@ -93,6 +93,8 @@ class HttpServer:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
+        self._streams: set[asyncio.Task[None]] = set()
+        self._idle: set[asyncio.Task[None]] = set()  # waiting for a keep-alive request
 
     async def start(self) -> None:
         try:
@@ -114,12 +116,19 @@ class HttpServer:
         port: int = self._server.sockets[0].getsockname()[1]
         return port
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 2.0) -> None:
         server, self._server = self._server, None
         if server is None:
             return
         server.close()
         self._closing = True
+        # live streams end now; a request being answered (the config apply that asked for
+        # this restart) gets ``grace`` seconds to finish its answer
+        for task in self._streams:
+            task.cancel()
+        busy = [t for t in self._tasks if t not in self._streams and t not in self._idle]
+        if busy and grace > 0:
+            await asyncio.wait(busy, timeout=grace)
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -140,8 +149,12 @@ class HttpServer:
                 return
             for n in range(MAX_REQUESTS):
                 try:
-                    async with asyncio.timeout(IDLE_TIMEOUT if n else REQUEST_TIMEOUT):
-                        first = await reader.readuntil(b"\n")
+                    self._idle.add(task)
+                    try:
+                        async with asyncio.timeout(IDLE_TIMEOUT if n else REQUEST_TIMEOUT):
+                            first = await reader.readuntil(b"\n")
+                    finally:
+                        self._idle.discard(task)
                     async with asyncio.timeout(REQUEST_TIMEOUT):
                         req, keep = await self._read(first, reader, client)
                 except _Bad as bad:
@@ -155,9 +168,11 @@ class HttpServer:
                 except Exception:
                     log.exception("console: %s %s failed", req.method, req.path)
                     resp = Response(500, b'{"error":"internal error: see the daemon\'s log"}')
-                keep = keep and resp.stream is None and n + 1 < MAX_REQUESTS
+                keep = (keep and resp.stream is None and n + 1 < MAX_REQUESTS
+                        and not self._closing)
                 await self._write(writer, resp, close=not keep, head=req.method == "HEAD")
                 if resp.stream is not None:
+                    self._streams.add(task)
                     await resp.stream(writer)
                     return
                 if not keep:
@@ -171,6 +186,8 @@ class HttpServer:
                 raise
         finally:
             self._tasks.discard(task)
+            self._streams.discard(task)
+            self._idle.discard(task)
             writer.close()
             with suppress(OSError, ssl.SSLError, asyncio.CancelledError):
                 await writer.wait_closed()

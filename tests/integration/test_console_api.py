@@ -335,3 +335,29 @@ def test_console_api_end_to_end(tmp_path: Path) -> None:
     assert all(r["params"]["operator"] == "olga" for r in mine)
     held = [r for r in records if r["rule"] == "hot" and r["decision"] == "blocked"]
     assert held and "manual override" in held[0]["reason"]
+
+
+def test_applying_a_console_change_restarts_the_console(tmp_path: Path) -> None:
+    """A config apply that changes [console] gets its answer, then the console restarts with
+    the new settings (sessions end: log in again)."""
+
+    async def body(daemon: Daemon, sim: BoilerSimulator, port: int) -> None:
+        op = ApiClient(port, tls=True)
+        assert (await asyncio.to_thread(op.login, *OPERATOR))[0] == 200
+        st, f = await asyncio.to_thread(op.get, "config/file")
+        text = f["text"].replace("login_attempts = 3", "login_attempts = 4")
+        first = daemon.console
+        st, out = await asyncio.to_thread(op.post, "config/apply",
+                                          {"text": text, "reason": "one more attempt"})
+        assert st == 200, out
+        for _ in range(100):
+            if daemon.console is not None and daemon.console is not first:
+                break
+            await asyncio.sleep(0.05)
+        console = daemon.console
+        assert console is not None and console is not first
+        assert console.cfg.login_attempts == 4  # type: ignore[attr-defined]
+        again = ApiClient(console.server.port, tls=True)  # type: ignore[attr-defined]
+        assert (await asyncio.to_thread(again.login, *OPERATOR))[0] == 200
+
+    run_console(tmp_path, body)

@@ -254,9 +254,13 @@ def add_audit_parser(sub: Any) -> None:
     audit = sub.add_parser("audit", help="read the audit log of actuation attempts")
     asub = audit.add_subparsers(dest="audit_command", required=True, metavar="SUBCOMMAND")
     tail = asub.add_parser("tail", help="show the last records; -f follows new ones")
-    where = tail.add_mutually_exclusive_group(required=True)
-    where.add_argument("--config", "-c", help="the daemon's config (finds its audit file)")
+    where = tail.add_mutually_exclusive_group()
+    where.add_argument("--config", "-c", metavar="FILE",
+                       help="the daemon's config (finds its audit file; default "
+                       "$FLUX_EDGE_CONFIG, else /etc/flux-edge/flux-edge.toml)")
     where.add_argument("--file", help="an audit file (audit.jsonl)")
+    tail.add_argument("config_file", nargs="?", metavar="FILE", help="the same as --config")
+    tail.set_defaults(takes_config=True)  # the CLI resolves FILE / --config / the default
     tail.add_argument("-n", "--lines", type=int, default=20, help="records to show (20)")
     tail.add_argument("-f", "--follow", action="store_true", help="keep showing new records")
     tail.add_argument("--json", action="store_true", help="print the raw JSON lines")

@@ -5,6 +5,7 @@ its command line, apart so that the replayer does not import the config loader t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -67,11 +68,18 @@ def cmd_rules_test(
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    return cmd_rules_test(args.config, args.replay, sys.stdout, sys.stderr, json=args.json)
+    config = args.config or args.config_file or os.environ.get("FLUX_EDGE_CONFIG")
+    if not config:  # a dry run names the file it tries (the daemon's is not assumed)
+        sys.stderr.write("flux-edge rules test: error: give the config: FILE, -c FILE or "
+                         "--config FILE (or set $FLUX_EDGE_CONFIG)\n")
+        return 2
+    return cmd_rules_test(config, args.replay, sys.stdout, sys.stderr, json=args.json)
 
 
 def _add_test_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", "-c", required=True, help="the daemon's config (TOML)")
+    parser.add_argument("--config", "-c", metavar="FILE",
+                        help="the config to test (TOML; default $FLUX_EDGE_CONFIG)")
+    parser.add_argument("config_file", nargs="?", metavar="FILE", help="the same as --config")
     parser.add_argument(
         "--replay", metavar="FILE.jsonl", help="recorded measurements to replay (JSON Lines)"
     )

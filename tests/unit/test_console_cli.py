@@ -104,3 +104,19 @@ def test_sessions_expire_and_follow_the_users_file(tmp_path: Path) -> None:
     remove_user(users, "alice")
     os.utime(users, ns=(1, 1))
     assert auth.session(s.id) is None  # removed: the session ends at once
+
+
+@pytest.mark.parametrize("form", [[DEMO], ["-c", DEMO], ["--config", DEMO]])
+def test_rules_test_takes_the_config_every_way(form: list[str]) -> None:
+    assert main(["rules", "test", *form]) == 0
+
+
+def test_audit_tail_takes_the_config_every_way(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    audit = tmp_path / "audit.jsonl"
+    audit.write_text('{"ts": "2026-12-07T00:00:00Z", "rule": "r", "action": "a"}\n')
+    cfg = tmp_path / "site.toml"
+    cfg.write_text(f'[daemon]\nstate_dir = "{tmp_path}"\n')
+    for form in ([str(cfg)], ["-c", str(cfg)], ["--file", str(audit)]):
+        assert main(["audit", "tail", "--json", *form]) == 0
+        assert '"rule": "r"' in capsys.readouterr().out.replace('":"', '": "')

@@ -69,10 +69,14 @@ def devices(d: Daemon, trends: Trends | None) -> list[dict[str, Any]]:
     out = []
     for sname, src in p.sources.items():
         scfg = p.config.sources.get(sname)
+        # a Modbus poller backs off a device that stopped answering (``failures``: the backoff
+        # exponent); other sources only count errors
+        polled = getattr(src, "_devices", {})
         for dev, h in src.health.items():
+            backoff = getattr(polled.get(dev), "failures", None)
             if h.quality == "good":
                 state = "online"
-            elif h.consecutive_errors >= 3:
+            elif backoff or (backoff is None and h.consecutive_errors >= 3):
                 state = "back-off"
             elif h.consecutive_errors:
                 state = "failing"

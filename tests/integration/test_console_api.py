@@ -361,3 +361,24 @@ def test_applying_a_console_change_restarts_the_console(tmp_path: Path) -> None:
         assert (await asyncio.to_thread(again.login, *OPERATOR))[0] == 200
 
     run_console(tmp_path, body)
+
+
+def test_a_silent_device_shows_back_off_and_its_error(tmp_path: Path) -> None:
+    async def body(daemon: Daemon, sim: BoilerSimulator, port: int) -> None:
+        op = ApiClient(port, tls=True)
+        assert (await asyncio.to_thread(op.login, *OPERATOR))[0] == 200
+        await sim.stop()
+        dev: dict[str, Any] = {}
+        for _ in range(100):
+            _, devs = await asyncio.to_thread(op.get, "devices")
+            dev = devs[0]
+            if dev["state"] == "back-off":
+                break
+            await asyncio.sleep(0.1)
+        assert dev["state"] == "back-off" and dev["quality"] == "bad", dev
+        assert dev["last_error"] and dev["consecutive_errors"] >= 1
+        assert all(v["quality"] == "bad" for v in dev["values"])  # rules see them unknown
+        _, summary = await asyncio.to_thread(op.get, "summary")
+        assert summary["devices"] == {"total": 1, "online": 0}
+
+    run_console(tmp_path, body)

@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flux_edge.actions.audit_cli import add_audit_parser
 
     add_audit_parser(sub)
+    from flux_edge.state.cli import add_state_parser
+
+    add_state_parser(sub)
     from flux_edge.rules.replay_cli import add_rules_parser
 
     add_rules_parser(sub)

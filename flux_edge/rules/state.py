@@ -24,17 +24,20 @@ in ``write_errors``; the engine keeps running on its in-memory state.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import sqlite3
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from flux_edge.errors import FluxError, StateError
 from flux_edge.files import ensure_dir, prepare_sqlite
+from flux_edge.state.faults import Backoff, StoreHealth
+from flux_edge.state.versions import Schema, open_versioned
 
 __all__ = ["STATE_FILE", "RuleStore", "StateRecord"]
 
@@ -44,6 +47,40 @@ STATE_FILE: Final = "rules.sqlite"
 _APPLICATION_ID: Final = 0x464C5852  # "FLXR"
 _SCHEMA_VERSION: Final = 1
 _COLUMNS: Final = ("rule", "digest", "device", "since", "on_", "last_fire", "due")
+_RETRY_FIRST: Final = 0.5  # seconds before a failed write is tried again (doubling)
+_RETRY_MAX: Final = 30.0
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # a short busy timeout: the engine runs on the event loop, and only a second daemon on
+    # the same state directory (a misconfiguration) would hold the write lock
+    prepare_sqlite(path)  # no symlink at it or its -wal/-shm; created 0640
+    return sqlite3.connect(path, timeout=0.2, isolation_level=None, check_same_thread=False)
+
+
+def _validate(db: sqlite3.Connection) -> str:
+    cols = tuple(r[1] for r in db.execute("PRAGMA table_info(rule_state)"))
+    return "" if cols == _COLUMNS else f"unexpected rule_state columns {cols}"
+
+
+def _count(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT count(*) FROM rule_state").fetchone()[0])
+
+
+RULE_STATE_SCHEMA: Final = Schema(
+    kind="rule state",
+    application_id=_APPLICATION_ID,
+    version=_SCHEMA_VERSION,
+    create=(
+        "CREATE TABLE rule_state (rule TEXT NOT NULL, digest TEXT NOT NULL, "
+        "device TEXT NOT NULL, since REAL, on_ INTEGER NOT NULL, last_fire REAL, "
+        "due REAL, PRIMARY KEY (rule, device))"
+    ),
+    migrations={},  # version 1 is the first: nothing to migrate yet
+    tables=frozenset({"rule_state"}),
+    count=_count,
+    validate=_validate,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +109,13 @@ class RuleStore:
         self.write_errors = 0
         self.writes = 0  # transactions committed (the runtime checkpoints when this moved)
         self._failing = False
+        self.health = StoreHealth("rule_state", str(self.path))
+        self.lost_at_open = 0  # states in a corrupt file moved aside at open
+        # records whose write failed, by (rule, device): written with the next write or by the
+        # retry timer, so a full disk delays the rule state instead of losing it
+        self._pending: dict[tuple[str, str], StateRecord] = {}
+        self._retry = Backoff(_RETRY_FIRST, _RETRY_MAX)
+        self._retry_handle: asyncio.TimerHandle | None = None
         self._db = self._open()
 
     @classmethod
@@ -83,85 +127,41 @@ class RuleStore:
     # --- opening ---------------------------------------------------------------------------------
 
     def _open(self) -> sqlite3.Connection | None:
-        if not self.path.exists():
-            try:
-                return self._connect()
-            except (OSError, sqlite3.Error, _Foreign) as exc:
-                log.error(
-                    "rule state %s cannot be created (%s): rule state will not survive a "
-                    "restart; check that the state directory exists and is writable",
-                    self.path,
-                    exc,
-                )
-                return None
         try:
-            return self._connect()
-        except (sqlite3.DatabaseError, _Foreign) as exc:
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
-            log.warning(
-                "rule state %s is unusable (%s): moved aside to %s; starting with no rule "
-                "state (pending `for` timers, latches and cooldowns are reset)",
-                self.path,
-                exc,
-                aside,
-            )
-            try:
-                os.replace(self.path, aside)
-                for suffix in ("-wal", "-shm"):
-                    side = self.path.with_name(self.path.name + suffix)
-                    if side.exists():
-                        os.replace(side, aside.with_name(aside.name + suffix))
-                return self._connect()
-            except (OSError, sqlite3.Error, _Foreign) as again:
-                log.error(
-                    "rule state %s cannot be recreated (%s): rule state will not survive a "
-                    "restart; check the state directory's permissions and free space",
-                    self.path,
-                    again,
-                )
-                return None
-        except OSError as exc:
+            opened = open_versioned(self.path, RULE_STATE_SCHEMA, _connect)
+        except StateError:
+            raise  # a newer schema: refuse rather than damage it (the message says what to do)
+        except (OSError, sqlite3.Error, FluxError) as exc:
+            self.health.failed(exc)
             log.error(
-                "rule state %s cannot be opened (%s): rule state will not survive a restart",
-                self.path,
-                exc,
+                "rule state %s cannot be created or opened (%s): rule state will not survive a "
+                "restart; check that the state directory exists and is writable and has space",
+                self.path, exc,
             )
             return None
-
-    def _connect(self) -> sqlite3.Connection:
-        # a short busy timeout: the engine runs on the event loop, and only a second daemon on
-        # the same state directory (a misconfiguration) would hold the write lock
-        prepare_sqlite(self.path)  # no symlink at it or its -wal/-shm; created 0640
-        db = sqlite3.connect(self.path, timeout=0.2, isolation_level=None, check_same_thread=False)
+        db = opened.db
+        if opened.moved_aside is not None:
+            self.lost_at_open = opened.lost or 0
+            log.warning(
+                "rule state %s is unusable (%s): moved aside to %s; starting with no rule "
+                "state (%s rule/device state(s) lost: pending `for` timers, latches and "
+                "cooldowns are reset)", self.path, opened.corrupt_reason, opened.moved_aside,
+                "an unknown number of" if opened.lost is None else opened.lost,
+            )
+        if opened.migrated_from is not None:
+            log.warning("rule state %s: migrated from schema version %d to %d (backup: %s)",
+                        self.path, opened.migrated_from, RULE_STATE_SCHEMA.version,
+                        opened.backup)
         try:
-            app = db.execute("PRAGMA application_id").fetchone()[0]
-            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            if app == 0 and not tables:  # a new, empty file
-                db.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
-                db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-                db.execute(
-                    "CREATE TABLE rule_state (rule TEXT NOT NULL, digest TEXT NOT NULL, "
-                    "device TEXT NOT NULL, since REAL, on_ INTEGER NOT NULL, last_fire REAL, "
-                    "due REAL, PRIMARY KEY (rule, device))"
-                )
-            elif app != _APPLICATION_ID:
-                raise _Foreign(f"not a flux-edge rule state file (application id {app:#x})")
-            else:
-                version = db.execute("PRAGMA user_version").fetchone()[0]
-                if version != _SCHEMA_VERSION:
-                    raise _Foreign(f"rule state schema version {version}, expected 1")
-                cols = tuple(r[1] for r in db.execute("PRAGMA table_info(rule_state)"))
-                if cols != _COLUMNS:
-                    raise _Foreign(f"unexpected rule_state columns {cols}")
-                check = db.execute("PRAGMA quick_check").fetchone()[0]
-                if check != "ok":
-                    raise sqlite3.DatabaseError(f"integrity check: {check}")
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")
             db.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoint() does it, off the loop
-        except BaseException:
+        except sqlite3.Error as exc:
             db.close()
-            raise
+            self.health.failed(exc)
+            log.error("rule state %s cannot be used (%s): rule state will not survive a restart",
+                      self.path, exc)
+            return None
         return db
 
     # --- reading and writing ---------------------------------------------------------------------
@@ -207,28 +207,29 @@ class RuleStore:
         return len(stale)
 
     def save(self, records: Iterable[StateRecord]) -> None:
-        """Write these records in one transaction (an idle record deletes its row)."""
+        """Write these records (and any whose write failed before) in one transaction; an idle
+        record deletes its row. A failed write keeps them for the next call or the retry timer
+        (with back-off, while an event loop runs)."""
         if self._db is None:
             return
+        pending = self._pending
+        for rec in records:
+            pending[(rec.rule, rec.device)] = rec
+        if pending:
+            self._write_pending()
+
+    def _write_pending(self) -> None:
+        pending = self._pending
         put = []
         drop = []
-        for rec in records:
+        for rec in pending.values():
             if rec.idle:
                 drop.append((rec.rule, rec.device))
             else:
                 put.append(
-                    (
-                        rec.rule,
-                        rec.digest,
-                        rec.device,
-                        rec.since,
-                        int(rec.on),
-                        rec.last_fire,
-                        rec.due,
-                    )
+                    (rec.rule, rec.digest, rec.device, rec.since, int(rec.on), rec.last_fire,
+                     rec.due)
                 )
-        if not put and not drop:
-            return
 
         def run(db: sqlite3.Connection) -> None:
             if put:
@@ -236,12 +237,34 @@ class RuleStore:
             if drop:
                 db.executemany("DELETE FROM rule_state WHERE rule = ? AND device = ?", drop)
 
-        self._write(run)
+        if self._write(run):
+            pending.clear()
+        else:
+            self._schedule_retry()
 
-    def _write(self, run: Callable[[sqlite3.Connection], object]) -> None:
+    def _schedule_retry(self) -> None:
+        if self._retry_handle is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (tools, tests): the next save() tries again
+            return
+        self._retry_handle = loop.call_later(self._retry.next(), self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry_handle = None
+        if self._db is not None and self._pending:
+            self._write_pending()
+
+    @property
+    def pending(self) -> int:
+        """Records waiting for a write that failed to be tried again."""
+        return len(self._pending)
+
+    def _write(self, run: Callable[[sqlite3.Connection], object]) -> bool:
         db = self._db
         if db is None:
-            return
+            return False
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -253,16 +276,20 @@ class RuleStore:
             self.writes += 1
         except sqlite3.Error as exc:
             self.write_errors += 1
-            if not self._failing:
+            if self.health.failed(exc):
                 self._failing = True
                 log.warning(
-                    "rule state %s: write failed (%s); rule state may not survive a restart "
-                    "until writes succeed again",
-                    self.path,
-                    exc,
+                    "rule state %s: write failed (%s: %s); the state is kept in memory and "
+                    "written when writes work again (retried with back-off); it does not "
+                    "survive a restart until then",
+                    self.path, self.health.reason, exc,
                 )
-            return
+            return False
+        self._retry.reset()
+        if self.health.ok():
+            log.warning("rule state %s: writing works again", self.path)
         self._failing = False
+        return True
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database and fsync it. Thread-safe (its own connection): the
@@ -278,14 +305,15 @@ class RuleStore:
             log.debug("rule state %s: checkpoint failed: %s", self.path, exc)
 
     def close(self) -> None:
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
+        if self._db is not None and self._pending:
+            self._write_pending()  # a last try
         if self._db is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
             self._db = None
-
-
-class _Foreign(Exception):
-    """The file is a database, but not ours (or of another schema version)."""
 
 
 def _time(value: object) -> float | None:

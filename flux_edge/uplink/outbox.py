@@ -54,11 +54,12 @@ from typing import NamedTuple
 
 import msgspec
 
-from flux_edge.errors import FluxError, UplinkError
+from flux_edge.errors import FluxError, StateError, UplinkError
 from flux_edge.files import ensure_dir, open_state_file, prepare_sqlite
 from flux_edge.model import Measurement
 from flux_edge.mqtt import check_topic
-from flux_edge.state.faults import StoreHealth
+from flux_edge.state.faults import StoreHealth, fault_reason
+from flux_edge.state.versions import Schema, open_versioned, tables_of
 from flux_edge.uplink.topics import TemplateError, compile_topic
 
 __all__ = [
@@ -75,7 +76,7 @@ log = logging.getLogger("flux_edge.uplink")
 
 ROW_OVERHEAD = 64  # bytes counted per row besides payload and topic (seq, size, ts, b-tree cell)
 PAGE_ROWS = 500  # rows read from the file at a time
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # also PRAGMA user_version (flux_edge.state.versions)
 _DROP_LOG_EVERY = 10.0  # seconds between two "outbox full" warnings
 # while the file cannot be written, staged records wait in memory up to this many bytes (or
 # max_size, if smaller); past it the oldest are dropped, counted as "store_unavailable"
@@ -138,10 +139,6 @@ def record(outbox_id: bytes, row: Row) -> bytes:
     return b'{"id":"' + outbox_id + b"-" + s + b'","seq":' + s + b"," + row.payload
 
 
-class _Corrupt(Exception):
-    """The file is not a readable outbox (moved aside and replaced)."""
-
-
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE counters (id INTEGER PRIMARY KEY CHECK (id = 1), rows INTEGER NOT NULL,
@@ -154,7 +151,60 @@ _INSERTS = [
     (n, "INSERT INTO outbox (size, ts, topic, payload) VALUES " + ",".join(["(?,?,?,?)"] * n))
     for n in (64, 32, 16, 8, 4, 2, 1)
 ]
-_CORRUPT_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    prepare_sqlite(path)  # no symlink at it or its -wal/-shm; created 0640
+    return sqlite3.connect(str(path), timeout=1.0, isolation_level=None, check_same_thread=False)
+
+
+def _init(db: sqlite3.Connection) -> None:
+    db.execute("INSERT INTO meta (key, value) VALUES ('outbox_id', ?)", (secrets.token_hex(4),))
+    db.execute("INSERT INTO meta (key, value) VALUES ('version', ?)", (SCHEMA_VERSION,))
+    db.execute("INSERT INTO counters (id, rows, bytes) VALUES (1, 0, 0)")
+
+
+def _legacy(db: sqlite3.Connection) -> int | None:
+    """Files from before PRAGMA user_version: schema 1 said so in meta.version."""
+    if not tables_of(db) >= _TABLES:
+        return None
+    row = db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
+    return 1 if row is not None and row[0] == "1" else None
+
+
+def _validate(db: sqlite3.Connection) -> str:
+    meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+    oid = meta.get("outbox_id", "")
+    if len(oid) != 8 or any(c not in "0123456789abcdef" for c in oid):
+        return f"bad outbox_id {oid!r}"
+    if meta.get("version") != SCHEMA_VERSION:
+        return f"meta.version {meta.get('version')!r} disagrees with the schema version"
+    return ""
+
+
+def _count(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT rows FROM counters WHERE id = 1").fetchone()
+    return int(row[0]) if row is not None else int(
+        db.execute("SELECT count(*) FROM outbox").fetchone()[0])
+
+
+def _v1_to_v2(db: sqlite3.Connection) -> None:
+    # version 2 only moved the version into PRAGMA user_version (with an application id)
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'version'")
+
+
+OUTBOX_SCHEMA = Schema(
+    kind="uplink outbox",
+    application_id=0x464C584F,  # "FLXO"
+    version=int(SCHEMA_VERSION),
+    create=_SCHEMA,
+    migrations={1: _v1_to_v2},
+    tables=frozenset(_TABLES),
+    legacy=_legacy,
+    count=_count,
+    init=_init,
+    validate=_validate,
+)
 
 
 class Outbox:
@@ -213,6 +263,7 @@ class Outbox:
         self.dirty = False  # committed since the last complete checkpoint
         self._drop_log_ts = -float("inf")
         self._drops_unlogged = 0
+        self.lost_at_open = 0  # records in a corrupt file moved aside at open
 
         self._lock()
         try:
@@ -278,93 +329,54 @@ class Outbox:
 
     def _open(self) -> sqlite3.Connection:
         try:
-            return self._connect()
-        except _Corrupt as exc:
-            aside = self._move_aside()
+            opened = open_versioned(self.path, OUTBOX_SCHEMA, _connect, clock=self._clock)
+        except StateError as exc:
+            raise UplinkError(f"{exc} ({self.where})") from exc
+        except (sqlite3.Error, OSError, FluxError) as exc:  # FluxError: a symlink refused
+            raise self._unwritable(str(exc)) from exc
+        db = opened.db
+        if opened.moved_aside is not None:
+            lost = "an unknown number of" if opened.lost is None else str(opened.lost)
+            self.lost_at_open = opened.lost or 0
             log.error(
                 "uplink outbox %s is unreadable (%s): moved it aside to %s and started a new "
-                "one; the records in it were not sent", self.path, exc, aside,
+                "one; %s record(s) in it were not sent", self.path, opened.corrupt_reason,
+                opened.moved_aside, lost,
             )
-        try:
-            return self._connect()
-        except _Corrupt as exc:  # a brand-new file cannot be corrupt: the location is the problem
-            raise self._unwritable(str(exc)) from exc
-
-    def _move_aside(self) -> Path:
-        aside = self.path.with_name(f"{self.path.name}.corrupt-{int(self._clock())}")
-        try:
-            os.replace(self.path, aside)
-            wal = Path(f"{self.path}-wal")
-            if wal.exists():  # never let a new file pick up the old file's log
-                os.replace(wal, f"{aside}-wal")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(f"{self.path}-shm")
-        except OSError as exc:
-            raise self._unwritable(
-                f"unreadable, and it cannot be moved aside to {aside}: {exc.strerror or exc}"
-            ) from exc
-        return aside
-
-    def _connect(self) -> sqlite3.Connection:
-        try:
-            prepare_sqlite(self.path)  # no symlink at it or its -wal/-shm; created 0640
-        except (OSError, FluxError) as exc:
-            raise self._unwritable(str(exc)) from exc
-        try:
-            db = sqlite3.connect(
-                str(self.path), timeout=1.0, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as exc:
-            raise self._unwritable(str(exc)) from exc
+        if opened.migrated_from is not None:
+            log.warning("uplink outbox %s: migrated from schema version %d to %d (backup: %s)",
+                        self.path, opened.migrated_from, OUTBOX_SCHEMA.version, opened.backup)
         try:
             self._setup(db)
             self._load_counters(db)
-        except _Corrupt:
-            db.close()
-            raise
         except sqlite3.Error as exc:
             db.close()
-            if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _CORRUPT_CODES:
-                raise _Corrupt(str(exc)) from exc
             raise self._unwritable(str(exc)) from exc
         return db
 
     def _setup(self, db: sqlite3.Connection) -> None:
-        tables = {
-            r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-        }
         mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise sqlite3.OperationalError(f"cannot use WAL mode here (journal mode {mode})")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoints (fsync) run in a worker thread
         db.execute("PRAGMA journal_size_limit=16777216")
-        tables.discard("sqlite_sequence")
-        if not tables:
-            # one script, one transaction: a crash leaves no half-made file
-            db.executescript(
-                "BEGIN IMMEDIATE;" + _SCHEMA
-                + f"INSERT INTO meta (key, value) VALUES ('outbox_id', '{secrets.token_hex(4)}');"
-                + f"INSERT INTO meta (key, value) VALUES ('version', '{SCHEMA_VERSION}');"
-                + "INSERT INTO counters (id, rows, bytes) VALUES (1, 0, 0); COMMIT;"
-            )
-            return
-        if not tables >= _TABLES:
-            raise _Corrupt(f"not an outbox file (tables: {', '.join(sorted(tables))})")
-        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-        oid = meta.get("outbox_id", "")
-        if len(oid) != 8 or any(c not in "0123456789abcdef" for c in oid):
-            raise _Corrupt(f"bad outbox_id {oid!r}")
-        if meta.get("version") != SCHEMA_VERSION:
-            raise _Corrupt(f"unknown outbox version {meta.get('version')!r}")
         # touch the first and last pages of the table: a truncated or garbled file fails here
-        db.execute("SELECT min(seq), max(seq) FROM outbox").fetchone()
         db.execute("SELECT * FROM outbox ORDER BY seq LIMIT 1").fetchone()
         db.execute("SELECT * FROM outbox ORDER BY seq DESC LIMIT 1").fetchone()
-        # and prove the file is writable now rather than at the first commit
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("UPDATE meta SET value = value WHERE key = 'version'")
-        db.execute("COMMIT")
+        # and find out now rather than at the first commit whether the file is writable: a
+        # full disk or a read-only file system is a degraded store (retried), not a refusal
+        # to start that systemd would restart in a loop
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("UPDATE meta SET value = value WHERE key = 'version'")
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            if fault_reason(exc) not in ("disk full", "read-only", "I/O error"):
+                raise
+            self._write_failed(exc)
 
     def _load_counters(self, db: sqlite3.Connection) -> None:
         row = db.execute("SELECT rows, bytes FROM counters WHERE id = 1").fetchone()

@@ -261,7 +261,7 @@ def test_unwritable_state_dir_is_logged_not_raised(
     e, clock, store = engine(cfg(hot=hot()), path, 0.0)
     assert acts(e.on_measurement(at(clock, 0.0, 90.0))) == ["fan_on"]
     assert store.load() == []
-    assert any("cannot be created" in r.getMessage() for r in caplog.records)
+    assert any("cannot be created" in r.getMessage() for r in caplog.records)  # or opened
     assert not any("moved aside" in r.getMessage() for r in caplog.records)
 
 

@@ -57,6 +57,10 @@ def test_a_wheel_from_a_fresh_clone_carries_the_plugins(tmp_path: Path) -> None:
         assert member in names, f"{member} not in {wheel.name}"
         assert zipfile.ZipFile(wheel).read(member)[:4] == b"\0asm"
     assert "flux_edge/plugins/templates/sdk/c/flux_plugin.h" in names
+    # the web console's page and the alert rules are package data too (no CDN, nothing fetched)
+    for rel in ("console/static/index.html", "console/static/app.js", "console/static/app.css",
+                "console/alerts/flux-edge.rules.yml"):
+        assert f"flux_edge/{rel}" in names, f"flux_edge/{rel} not in {wheel.name}"
     print(f"\nwheel from a fresh clone with its plugins built: {time.monotonic() - t0:.0f}s")
 
 

@@ -42,6 +42,9 @@ def stores(daemon: Daemon) -> list[StoreHealth]:
     out: list[StoreHealth] = []
     if daemon.uplink is not None:
         out += daemon.uplink.store_health
+    p = daemon.pipeline
+    if p is not None:
+        out += [p.store.health, p.audit.health]
     return out
 
 
@@ -264,4 +267,24 @@ def render_metrics(daemon: Daemon) -> str:
                   [({}, st.dropped)])
         w.counter("flux_edge_uplink_publish_errors_total", "Failed publishes (retried).",
                   [({}, st.publish_errors)])
+        cs = up_link.command_stats
+        w.counter("flux_edge_uplink_commands_total",
+                  "Commands from upstream by outcome (ok, unknown, denied, failed; "
+                  "[uplink] and every [uplink.extra.*] together).",
+                  [({"status": k}, n) for k, n in (
+                      ("ok", cs.ok + sum(e.command_stats.ok for e in up_link.extras.values())),
+                      ("unknown", cs.unknown + sum(
+                          e.command_stats.unknown for e in up_link.extras.values())),
+                      ("denied", cs.denied + sum(
+                          e.command_stats.denied for e in up_link.extras.values())),
+                      ("failed", cs.failed + sum(
+                          e.command_stats.failed for e in up_link.extras.values())))])
+        if up_link.extras:
+            w.gauge("flux_edge_uplink_extra_connected",
+                    "1 while an [uplink.extra.NAME] is connected to its broker.",
+                    [({"uplink": n}, 1 if e.connected else 0)
+                     for n, e in up_link.extras.items()])
+            w.gauge("flux_edge_uplink_extra_outbox_records",
+                    "Records waiting in an [uplink.extra.NAME]'s outbox.",
+                    [({"uplink": n}, e.depth()) for n, e in up_link.extras.items()])
     return w.text()

@@ -64,6 +64,7 @@ def _check_extra(ctx: Context, up: dict[str, Any]) -> None:
         if not isinstance(checked, dict) or not ctx.clean(path):
             continue
         resolve_tls_files(ctx.v, checked.get("tls"), (*path, "tls"), ctx.base_dir)
+        extra[name] = checked  # durations and sizes as numbers, as the struct takes them
         outbox = str(checked.get("outbox_file", "") or f"outbox-{name}.sqlite")
         if outbox in outboxes:
             ctx.report((*path, "outbox_file"), f"{outbox} is also the outbox of "

@@ -133,7 +133,7 @@ def homeassistant_seqs(c: Consumer) -> list[int]:
 
 SEQS = {"json": json_seqs, "influx": influx_seqs, "thingsboard": thingsboard_seqs,
         "homeassistant": homeassistant_seqs}
-ENCODERS = {"json": JSON, "influx": INFLUX, "thingsboard": {"type": "thingsboard"},
+ENCODERS: dict[str, dict[str, Any]] = {"json": JSON, "influx": INFLUX, "thingsboard": {"type": "thingsboard"},
             "homeassistant": {"type": "homeassistant"}}
 
 

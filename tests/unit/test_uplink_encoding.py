@@ -367,6 +367,11 @@ def test_check_config_extra_uplinks() -> None:
                                    'encoder = { type = "sparkplug_b", group_id = "p1" }\n')
     assert probs == [] and cfg is not None and cfg.uplink is not None
     assert cfg.uplink.extra["plant"]["encoder"]["group_id"] == "p1"
+    cfg, probs = check_config_text('[uplink]\nhost = "h"\n[uplink.extra.p]\nhost = "x"\n'
+                                   'reconnect_min = "50ms"\noutbox_max_size = "1MiB"\n')
+    assert probs == [] and cfg is not None and cfg.uplink is not None
+    assert cfg.uplink.extra["p"]["reconnect_min"] == 0.05  # as the struct takes it
+    assert cfg.uplink.extra["p"]["outbox_max_size"] == 1 << 20
 
 
 def test_a_pipeline_binding_its_uplink_declares_the_register_maps_precision(tmp_path: Path) -> None:

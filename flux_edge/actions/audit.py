@@ -34,18 +34,24 @@ Rotation: before a record would take the file past ``max_size`` bytes, ``audit.j
 ``audit.jsonl.1``, ``.1`` becomes ``.2`` ... up to ``keep`` files (the oldest is deleted);
 ``keep = 0`` keeps no rotated file.
 
-Disk errors (full, read-only, removed directory) never reach the caller: the record is counted in
-``stats.errors``, a warning is logged when writing starts failing (then nothing until it works
-again, which is logged too), and the next record tries again (re-opening the file).
+Disk errors (full, read-only, removed directory) never reach the caller: the record waits in
+memory (up to ``PENDING_MAX`` records; past that the oldest are lost, counted in
+``stats.errors``), ``health`` says the store is degraded and why, a warning is logged when
+writing starts failing (then nothing until it works again, which is logged too), and the write
+is retried on a timer with back-off (0.5 s doubling to 30 s) and with every new record
+(re-opening the file).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,12 +62,14 @@ import msgspec
 from flux_edge.actions.templates import iso_utc
 from flux_edge.files import ensure_dir, open_state_file
 from flux_edge.model import Command, Outcome
+from flux_edge.state.faults import Backoff, StoreHealth
 
 __all__ = ["AuditLog", "AuditStats", "rotated_path"]
 
 log = logging.getLogger("flux_edge.audit")
 
 _encoder = msgspec.json.Encoder()
+PENDING_MAX = 10_000  # audit records kept in memory while the disk fails
 
 
 def rotated_path(path: Path, index: int) -> Path:
@@ -73,7 +81,7 @@ def rotated_path(path: Path, index: int) -> Path:
 class AuditStats:
     written: int = 0  # records written
     suppressed: int = 0  # identical blocked attempts counted, not written
-    errors: int = 0  # records lost to disk errors
+    errors: int = 0  # records lost (disk errors past PENDING_MAX waiting, unencodable)
     rotations: int = 0
     fsyncs: int = 0
     last_error: str = ""
@@ -111,6 +119,10 @@ class AuditLog:
         self._blocks: dict[tuple[str, str], tuple[str, float, int]] = {}
         self._closed = False
         self._syncing: threading.Thread | None = None  # a background fsync in progress
+        self.health = StoreHealth("audit", str(self.path))
+        self._pending: deque[bytes] = deque()  # lines not yet written (the disk failed)
+        self._retry = Backoff(0.5, 30.0)
+        self._retry_handle: asyncio.TimerHandle | None = None
 
     # --- writing ---------------------------------------------------------------------------------
 
@@ -190,41 +202,87 @@ class AuditLog:
         if self._closed:
             self._fail("record after close()")
             return
-        try:
-            if self._fd < 0:
-                self._open()
-            data = b"\n" + line if self._broken_line else line
-            if self._size > 0 and self._size + len(data) > self.max_size:
-                self._rotate()
-                data = line
-            n = os.write(self._fd, data)
-            self._size += max(n, 0)
-            if n != len(data):
-                self._broken_line = True
-                raise OSError(f"short write: {n} of {len(data)} bytes (disk full?)")
-            self._broken_line = False
-            self._dirty = True
-            if self._mono() - self._last_sync >= self.fsync_interval:
-                if self.fsync_interval > 0:
-                    self._sync_in_background()
-                else:
-                    self._sync()
-        except OSError as exc:
-            self._fail(f"cannot write {self.path}: {exc.strerror or exc}")
-            self._close_fd()
-            return
-        self.stats.written += 1
+        self._pending.append(line)
+        self._write_pending()
+
+    def _write_pending(self) -> None:
+        """Write the records waiting, oldest first; on a disk error keep them (up to
+        ``PENDING_MAX``, beyond that the oldest are lost and counted) and try again on a timer
+        with back-off, or with the next record."""
+        pending = self._pending
+        while pending:
+            try:
+                self._write_one(pending[0])
+            except OSError as exc:
+                self._close_fd()
+                self._write_failed(exc)
+                while len(pending) > PENDING_MAX:
+                    pending.popleft()
+                    self.stats.errors += 1
+                self._schedule_retry()
+                return
+            pending.popleft()
+            self.stats.written += 1
+        self._retry.reset()
         if self._failing:
             self._failing = False
+            self.health.ok()
             log.warning("audit log %s: writing works again (%d record(s) lost)",
                         self.path, self.stats.errors)
+
+    def _write_one(self, line: bytes) -> None:
+        if self._fd < 0:
+            self._open()
+        data = b"\n" + line if self._broken_line else line
+        if self._size > 0 and self._size + len(data) > self.max_size:
+            self._rotate()
+            data = line
+        n = os.write(self._fd, data)
+        self._size += max(n, 0)
+        if n != len(data):
+            self._broken_line = True
+            raise OSError(errno.ENOSPC, f"short write: {n} of {len(data)} bytes (disk full?)")
+        self._broken_line = False
+        self._dirty = True
+        if self._mono() - self._last_sync >= self.fsync_interval:
+            if self.fsync_interval > 0:
+                self._sync_in_background()
+            else:
+                self._sync()
+
+    def _write_failed(self, exc: OSError) -> None:
+        self.health.failed(exc)
+        message = f"cannot write {self.path}: {exc.strerror or exc}"
+        self.stats.last_error = message
+        if not self._failing:
+            self._failing = True
+            log.warning("audit log: %s (%s); records wait in memory (up to %d) and are written "
+                        "when this works again, retried with back-off", message,
+                        self.health.reason, PENDING_MAX)
+
+    def _schedule_retry(self) -> None:
+        if self._retry_handle is not None and not self._retry_handle.cancelled():
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop: the next record tries again
+            return
+        self._retry_handle = loop.call_later(self._retry.next(), self._retry_now)
+
+    def _retry_now(self) -> None:
+        self._retry_handle = None
+        if not self._closed and self._pending:
+            self._write_pending()
+
+    @property
+    def pending(self) -> int:
+        """Records waiting for the disk."""
+        return len(self._pending)
 
     def _fail(self, message: str) -> None:
         self.stats.errors += 1
         self.stats.last_error = message
-        if not self._failing:
-            self._failing = True
-            log.warning("audit log: %s; records are counted but lost until this works", message)
+        log.warning("audit log: %s; the record is counted and lost", message)
 
     def _open(self) -> None:
         ensure_dir(self.path.parent)  # 0750; the log 0640, never through a link
@@ -296,6 +354,13 @@ class AuditLog:
         """fsync and close; later records are counted as errors. Idempotent."""
         if self._closed:
             return
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
+        if self._pending:
+            self._write_pending()  # a last try; what is left is lost (counted)
+            self.stats.errors += len(self._pending)
+            self._pending.clear()
         syncing = self._syncing
         if syncing is not None:
             syncing.join(10.0)

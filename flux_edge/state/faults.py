@@ -30,6 +30,7 @@ _ERRNO_REASONS = {
     errno.EACCES: "permission denied",
     errno.EPERM: "permission denied",
     errno.ENOENT: "missing",
+    errno.ENOTDIR: "missing",
 }
 _SQLITE_REASONS = {
     sqlite3.SQLITE_FULL: "disk full",

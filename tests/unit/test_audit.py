@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -200,20 +201,47 @@ def test_repeated_blocks_are_counted_not_written(tmp_path: Path) -> None:
 def test_disk_errors_never_raise(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")
-    audit = AuditLog(blocker / "audit.jsonl", max_size=1000, keep=1)
+    audit = AuditLog(blocker / "audit.jsonl", max_size=100_000, keep=1)
     caplog.set_level(logging.WARNING, logger="flux_edge.audit")
     for _ in range(5):
         audit.record(command(), allowed=False, reason="x")
         audit.record(command(), allowed=True, outcome=outcome(command()))
-    assert audit.stats.errors == 10 and audit.stats.written == 0
+    # issue #13: nothing is lost while the disk fails: the records wait in memory
+    assert audit.stats.errors == 0 and audit.stats.written == 0
+    waiting = audit.pending
+    assert waiting == 10
+    assert audit.health.degraded and audit.health.reason == "missing"
     assert len(caplog.records) == 1 and "cannot write" in caplog.records[0].getMessage()
-    blocker.unlink()  # the problem goes away: the next record works and says so
+    blocker.unlink()  # the problem goes away: the next record writes them all and says so
     audit.record(command(), allowed=False, reason="y")
-    assert audit.stats.written == 1
+    assert audit.stats.written == waiting + 1 and audit.pending == 0
+    assert len(records(blocker / "audit.jsonl")) == waiting + 1
+    assert not audit.health.degraded
     assert "works again" in caplog.records[-1].getMessage()
     audit.close()
     audit.record(command(), allowed=False, reason="after close")  # counted, no raise
-    assert audit.stats.errors == 11
+    assert audit.stats.errors == 1
+
+
+def test_a_failed_audit_write_is_retried_on_its_own_timer(tmp_path: Path) -> None:
+    blocker = tmp_path / "gone"
+    blocker.write_text("")
+
+    async def go() -> AuditLog:
+        audit = AuditLog(blocker / "audit.jsonl", max_size=100_000, keep=1)
+        audit._retry.first = 0.01
+        audit.record(command(), allowed=False, reason="x")
+        assert audit.pending == 1
+        blocker.unlink()  # no further record comes: the timer writes it
+        for _ in range(500):
+            if audit.pending == 0:
+                break
+            await asyncio.sleep(0.01)
+        return audit
+
+    audit = asyncio.run(go())
+    assert audit.pending == 0 and audit.stats.written == 1
+    audit.close()
 
 
 def test_unencodable_params_are_counted(tmp_path: Path) -> None:

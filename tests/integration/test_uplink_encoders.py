@@ -133,8 +133,10 @@ def homeassistant_seqs(c: Consumer) -> list[int]:
 
 SEQS = {"json": json_seqs, "influx": influx_seqs, "thingsboard": thingsboard_seqs,
         "homeassistant": homeassistant_seqs}
-ENCODERS: dict[str, dict[str, Any]] = {"json": JSON, "influx": INFLUX, "thingsboard": {"type": "thingsboard"},
-            "homeassistant": {"type": "homeassistant"}}
+ENCODERS: dict[str, dict[str, Any]] = {
+    "json": JSON, "influx": INFLUX, "thingsboard": {"type": "thingsboard"},
+    "homeassistant": {"type": "homeassistant"},
+}
 
 
 @pytest.mark.parametrize("qos", [0, 1, 2])

@@ -46,10 +46,25 @@ def cli_env() -> dict[str, str]:
 PYTHON = sys.executable
 
 
+_LAST = ("tests/system/test_image_boot.py", "tests/system/test_ab_update.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The image tests run last, the arm64 boot before the A/B update: the arm64 build, started
+    in the background at collection (below), then has every other test's time to finish, and
+    the A/B update's own amd64 build and QEMU boots run with nothing else competing for the two
+    cores."""
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::", 1)[0]
+        return _LAST.index(path) + 1 if path in _LAST else 0
+
+    items.sort(key=rank)  # stable: the order within each group is kept
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """When the arm64 image test is selected, start its build now, in the background: under
-    qemu-user it is the longest step of the suite (~12 minutes) and it runs on the second core
-    while the tests before it run on the first (tests/system/image_support.py)."""
+    qemu-user it is the longest step of the suite and it runs on the second core while the
+    tests before it run on the first (tests/system/image_support.py)."""
     if session.config.option.collectonly:
         return
     wanted = "test_image_boot.py::test_image_boots_to_ready_flux_edge[arm64]"
@@ -58,5 +73,5 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     from tests.system import image_support
 
     if not image_support.missing("arm64"):
-        image_support.start_build("arm64")
+        image_support.start_build("arm64", background=True)
 

@@ -296,8 +296,9 @@ def collect(args: argparse.Namespace) -> None:
         elif "name" in rec:
             if rec["name"] == "seq":
                 note(up, "up", rec["device"], round(rec["value"]), t)
-        elif "temp" in rec and "seq" in rec:
-            note(up, "up", topic.rsplit(b"/", 1)[1].decode(), rec["seq"], t)
+        elif "temp" in rec and "seq" in rec:  # the naive script's, or the json encoder's
+            device = rec.get("device") or topic.rsplit(b"/", 1)[1].decode()
+            note(up, "up", device, round(rec["seq"]), t)  # json_normalize makes it a float
         else:
             counts["other"] += 1
 

@@ -24,9 +24,13 @@ actuator A into state S:
 A's state starts *unknown* (no minimum time applies to the first switch) unless ``restore``
 gives it one. ``record`` changes it only for a successful outcome: a failed write leaves the
 state as it was (a write that failed verification may or may not have taken effect; the next
-reading of the device tells, not this layer). Times are wall-clock unix seconds (so that a
-snapshot survives a restart); if the clock goes backwards past a last switch, that switch is
-taken as happening "now" (so a minimum time never stretches beyond its length).
+reading of the device tells, not this layer). Switch times are on the duration clock
+(``time.monotonic``), so a wall clock that jumps (NTP on a Pi without RTC) neither releases nor
+extends a minimum time; a snapshot carries them across a restart with the boot they belong to
+(``flux_edge.state.clock``: within a boot the downtime counts, after a reboot the time elapsed
+at shutdown is kept). Input ages compare measurement timestamps with the wall clock. If the
+duration clock goes backwards past a last switch (an injected clock), that switch is taken as
+happening "now" (so a minimum time never stretches beyond its length).
 
 Blocked commands are counted per actuator and reason kind (``stats``) and logged on
 ``flux_edge.safety`` (a warning the first time per actuator and reason kind within a minute,
@@ -48,6 +52,7 @@ from flux_edge.errors import RuleError
 from flux_edge.model import Command, Measurement, Outcome
 from flux_edge.rules.cel import Condition
 from flux_edge.rules.engine import BUILTIN_VARIABLES, MAP_VARIABLES, compile_interlock
+from flux_edge.state.clock import boot_id, carry_offset
 
 __all__ = [
     "SAFETY_RULE",
@@ -160,8 +165,17 @@ class SafetyLayer:
     ``ValueError`` for an input not written ``device.measurement``.
     """
 
-    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
-        self._clock = clock
+    def __init__(
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], float] | None = None,
+        wall: Callable[[], float] | None = None,
+    ) -> None:
+        if clock is None:
+            clock, wall = time.monotonic, wall or time.time
+        self._clock = clock  # durations: min on/off, rate-limit windows, retries
+        self._wall = wall or clock  # measurement ages, command and block timestamps
         self._actuators: dict[str, _Actuator] = {}
         # action name -> [(actuator, the state that action puts it in)]
         self._by_action: dict[str, list[tuple[_Actuator, State]]] = {}
@@ -207,7 +221,7 @@ class SafetyLayer:
                 act.stats.blocked += 1
                 act.stats.blocked_by[decision.kind] += 1
                 act.stats.last_block_reason = decision.reason
-                act.stats.last_block_ts = now
+                act.stats.last_block_ts = self._wall()
                 self._log_block(act, cmd, decision, now)
                 return decision
         for act, _target in targets:
@@ -222,11 +236,11 @@ class SafetyLayer:
         if cmd.rule == SAFETY_RULE and "safety" in cmd.params and target == cfg.safe:
             return Decision(True, f"safe state ({cmd.params['safety']})", name, switch=True)
         if target == "on" and act.interlock is not None:
-            holds, why = self._interlock(act, values, now)
+            holds, why = self._interlock(act, values, self._wall())
             if holds:
                 return Decision(False, f"interlock: {why}", name, "interlock")
         if cfg.safe not in ("none", target):
-            stale = self._stale(act, values, now)
+            stale = self._stale(act, values, self._wall())
             if stale:
                 spec, why = stale[0]
                 return Decision(False, f"stale input: {spec} {why}", name, "stale")
@@ -373,7 +387,7 @@ class SafetyLayer:
         for shutdown, a watchdog stop, stale inputs. Sent whatever the known state (it may have
         drifted, or be unknown). ``check`` always allows them; run them through the same
         check/execute/record path as rule commands so they are recorded and audited."""
-        now = self._clock()
+        now = self._wall()
         out: list[Command] = []
         for name, act in self._actuators.items():
             if actuators is not None and name not in actuators:
@@ -393,7 +407,7 @@ class SafetyLayer:
     ) -> list[tuple[str, str, str]]:
         """(actuator, input, why) for every input of every actuator that is missing, not good,
         or older than its ``stale_after``."""
-        t = self._clock() if now is None else now
+        t = self._wall() if now is None else now
         out: list[tuple[str, str, str]] = []
         for name, act in self._actuators.items():
             out.extend((name, spec, why) for spec, why in self._stale(act, values, t))
@@ -403,7 +417,7 @@ class SafetyLayer:
         self, values: Values, now: float | None = None
     ) -> list[tuple[str, str]]:
         """(actuator, why) for every actuator whose interlock holds or is unknown."""
-        t = self._clock() if now is None else now
+        t = self._wall() if now is None else now
         out: list[tuple[str, str]] = []
         for name, act in self._actuators.items():
             if act.interlock is not None:
@@ -425,11 +439,11 @@ class SafetyLayer:
             if act.cfg.safe == "none":
                 continue
             why = ""
-            stale = self._stale(act, values, now)
+            stale = self._stale(act, values, self._wall())
             if stale:
                 why = "stale input: " + ", ".join(f"{s} {w}" for s, w in stale)
             elif act.interlock is not None and act.state != "off":
-                holds, text = self._interlock(act, values, now)
+                holds, text = self._interlock(act, values, self._wall())
                 if holds:
                     why = f"interlock: {text}"
             if not why:
@@ -449,8 +463,10 @@ class SafetyLayer:
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         """The state worth keeping across a restart, JSON-serialisable:
-        ``{actuator: {"state": "on"|"off"|None, "last_switch": ts|None, "history": [ts, ...]}}``."""
-        return {
+        ``{actuator: {"state": "on"|"off"|None, "last_switch": t|None, "history": [t, ...]}}``
+        with duration-clock times, and under the key ``""`` (never an actuator's name) the
+        clock they are on: ``{"boot_id": ..., "at": duration-clock time of the snapshot}``."""
+        out: dict[str, dict[str, Any]] = {
             name: {
                 "state": act.state,
                 "last_switch": act.last_switch,
@@ -458,12 +474,23 @@ class SafetyLayer:
             }
             for name, act in self._actuators.items()
         }
+        out[""] = {"boot_id": boot_id(), "at": self._clock()}
+        return out
 
     def restore(self, snapshot: Mapping[str, Mapping[str, Any]]) -> None:
         """Load a ``snapshot()``. Unknown actuators and malformed entries are ignored (a
-        warning); switches older than the window are dropped."""
+        warning); switches older than the window are dropped. Times of another boot are
+        shifted so the time elapsed at the snapshot is kept; a snapshot without the clock key
+        (written before times were monotonic) holds wall-clock times, converted here."""
         now = self._clock()
+        meta = snapshot.get("")
+        if isinstance(meta, Mapping) and isinstance(meta.get("at"), int | float):
+            offset = carry_offset(str(meta.get("boot_id", "")), float(meta["at"]), now)
+        else:
+            offset = now - self._wall()
         for name, entry in snapshot.items():
+            if name == "":
+                continue
             act = self._actuators.get(name)
             if act is None:
                 log.info("safety snapshot: actuator %r is no longer configured", name)
@@ -475,7 +502,8 @@ class SafetyLayer:
                 if state not in ("on", "off", None):
                     raise ValueError(f"state {state!r}")
                 act.state = state
-                act.last_switch = None if last is None else float(last)
+                act.last_switch = None if last is None else min(float(last) + offset, now)
+                history = [min(t + offset, now) for t in history]
                 act.history = deque(sorted(t for t in history if t > now - act.cfg.window))
             except (TypeError, ValueError, AttributeError) as exc:
                 log.warning("safety snapshot: entry of actuator %r ignored: %s", name, exc)

@@ -105,8 +105,8 @@ def rules(d: Daemon) -> list[dict[str, Any]]:
     p = d.pipeline
     if p is None:
         return []
-    now = time.time()
     engine = p.engine
+    now = engine.now()  # rule timers are on the engine's duration clock (monotonic)
     out = []
     for r in getattr(engine, "_rules", []):
         spec = p.config.rules[r.name]

@@ -236,7 +236,12 @@ def _short(value: object) -> str:
 class RuleEngine:
     """Evaluates the rules of a ``Config`` against a stream of measurements.
 
-    ``clock`` returns wall-clock seconds (deadlines are wall-clock, so they survive restarts).
+    ``clock`` is the duration clock (default ``time.monotonic``: ``for`` periods, cooldowns and
+    deadlines do not move when the wall clock jumps, e.g. when NTP syncs on a Pi without RTC);
+    ``wall`` the wall clock (default ``time.time``, or ``clock`` when only that is given: replays
+    and tests run on one simulated clock) for measurement ages at arrival, command timestamps and
+    statistics. Durable state holds duration-clock times; :class:`RuleStore` carries them across
+    restarts (``flux_edge.rules.state``).
     ``store`` (optional) makes rule state durable. ``log_firings=False`` silences the "rule X
     fired" lines (rule test cases run by check-config). Not thread-safe: call ``on_measurement`` and
     ``tick`` from one task.
@@ -246,11 +251,17 @@ class RuleEngine:
         self,
         config: Config,
         *,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
+        wall: Callable[[], float] | None = None,
         store: RuleStore | None = None,
         log_firings: bool = True,
     ) -> None:
+        if clock is None:
+            clock, wall = time.monotonic, wall or time.time
         self._clock = clock
+        self._wall = wall or clock
+        self._same_clock = self._wall is clock
+        self._wall_now = 0.0  # the wall clock at the current engine call (commands' ts)
         self._log_firings = log_firings
         self._store = store
         registers = _registers_by_device(config)
@@ -310,6 +321,10 @@ class RuleEngine:
 
     # --- time ------------------------------------------------------------------------------------
 
+    def now(self) -> float:
+        """The duration clock's time (what ``next_deadline`` and the rule states are on)."""
+        return self._clock()
+
     def next_deadline(self) -> float | None:
         """The wall-clock time of the earliest pending firing (a ``for`` period or a cooldown
         ending), or None. The runtime calls ``tick`` then (``on_measurement`` also fires what is
@@ -328,6 +343,7 @@ class RuleEngine:
         """Fire every pending firing due at ``now`` (default: the clock)."""
         if now is None:
             now = self._clock()
+        self._wall_now = now if self._same_clock else self._wall()
         out: list[Command] = []
         self._fire_due(now, out)
         if self._dirty:
@@ -402,11 +418,14 @@ class RuleEngine:
             last[name] = dev.values[name] = m.value
         else:
             dev.values.pop(name, None)
-        dev.ts[name] = m.ts
+        now = self._clock()
+        wall = self._wall_now = now if self._same_clock else self._wall()
+        # the measurement's time on the duration clock: its age when it arrived (wall clock,
+        # never negative) before now; later wall-clock jumps do not age or rejuvenate it
+        dev.ts[name] = now - max(0.0, wall - m.ts)
         if self._keep_any:
             dev.any[name] = m.value
 
-        now = self._clock()
         commands: list[Command] = []
         if self._timers and self._timers[0][0] <= now:
             self._fire_due(now, commands)
@@ -494,7 +513,7 @@ class RuleEngine:
             text = " ".join(str(exc).split())[:200]
             stats.last_error = f"rule {r.name!r}: evaluation failed: {type(exc).__name__}: {text}"
         stats.last_error_reason = reason
-        stats.last_error_ts = now
+        stats.last_error_ts = self._wall_now
         if not r.failing:
             r.failing = True
             log.warning(
@@ -567,7 +586,7 @@ class RuleEngine:
         st.last_fire = now
         stats = r.stats
         stats.firings += 1
-        stats.last_fired_ts = now
+        stats.last_fired_ts = self._wall_now
         if self._log_firings and log.isEnabledFor(r.level):
             why = f" after {cause.name}={cause.value!r}" if cause is not None else ""
             log.log(
@@ -598,7 +617,7 @@ class RuleEngine:
                 Command(
                     rule=r.name,
                     action=a,
-                    ts=now,
+                    ts=self._wall_now,
                     cause=cause,
                     params={"device": device, "rule_state": state},
                 )

@@ -2,9 +2,13 @@
 
 What is kept, per (rule, device): when the rule's condition became true (``since``, the start of
 a ``for`` period), whether the rule is on (edge state / hysteresis latch), when it last fired
-(cooldown) and when a deferred firing is due (``due``). All times are wall-clock seconds
-(``time.time()``), so the time the daemon was down counts: a ``for`` period that started before a
-restart ends at its original deadline.
+(cooldown) and when a deferred firing is due (``due``). All times are on the engine's duration
+clock (``time.monotonic``: a wall clock that jumps moves no timer), with the boot they belong to
+and the time of the last write in ``meta`` (schema 2). Within one boot a daemon restart counts
+the time it was down (a ``for`` period that started before a restart ends at its original
+deadline); after a reboot the times are shifted so what had elapsed at the last write is kept
+(the time the gateway was off is unknowable without a trusted clock; timers then end late, never
+early). Schema 1 (wall-clock times, no meta) is migrated (``flux_edge.state.versions``).
 
 Rows are keyed by rule name *and* a digest of the rule's definition (its conditions, mode,
 device, ``for`` and inputs): the state of a rule that was removed or whose condition changed is
@@ -27,8 +31,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +42,7 @@ from typing import Final
 
 from flux_edge.errors import FluxError, StateError
 from flux_edge.files import ensure_dir, prepare_sqlite
+from flux_edge.state.clock import boot_id, carry_offset
 from flux_edge.state.faults import Backoff, StoreHealth
 from flux_edge.state.versions import Schema, open_versioned
 
@@ -45,7 +52,7 @@ log = logging.getLogger("flux_edge.rules")
 
 STATE_FILE: Final = "rules.sqlite"
 _APPLICATION_ID: Final = 0x464C5852  # "FLXR"
-_SCHEMA_VERSION: Final = 1
+_SCHEMA_VERSION: Final = 2  # 1 (010f980): wall-clock times; 2: duration-clock times + meta
 _COLUMNS: Final = ("rule", "digest", "device", "since", "on_", "last_fire", "due")
 _RETRY_FIRST: Final = 0.5  # seconds before a failed write is tried again (doubling)
 _RETRY_MAX: Final = 30.0
@@ -67,6 +74,28 @@ def _count(db: sqlite3.Connection) -> int:
     return int(db.execute("SELECT count(*) FROM rule_state").fetchone()[0])
 
 
+_META: Final = "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+_SHIFT: Final = (
+    "UPDATE rule_state SET since = since + ?1, last_fire = last_fire + ?1, due = due + ?1"
+)
+
+
+def _stamp(db: sqlite3.Connection, at: float | None = None) -> None:
+    """Say which boot's duration clock the times are on, and when they were last written."""
+    db.executemany(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+        [("boot_id", boot_id()), ("at", repr(time.monotonic() if at is None else at))],
+    )
+
+
+def _v1_to_v2(db: sqlite3.Connection) -> None:
+    """Version 1 kept wall-clock times; version 2 keeps duration-clock (monotonic) times and
+    the boot they belong to."""
+    db.execute(_META)
+    db.execute(_SHIFT, (time.monotonic() - time.time(),))
+    _stamp(db)
+
+
 RULE_STATE_SCHEMA: Final = Schema(
     kind="rule state",
     application_id=_APPLICATION_ID,
@@ -74,10 +103,11 @@ RULE_STATE_SCHEMA: Final = Schema(
     create=(
         "CREATE TABLE rule_state (rule TEXT NOT NULL, digest TEXT NOT NULL, "
         "device TEXT NOT NULL, since REAL, on_ INTEGER NOT NULL, last_fire REAL, "
-        "due REAL, PRIMARY KEY (rule, device))"
+        "due REAL, PRIMARY KEY (rule, device));" + _META
     ),
-    migrations={},  # version 1 is the first: nothing to migrate yet
-    tables=frozenset({"rule_state"}),
+    migrations={1: _v1_to_v2},
+    tables=frozenset({"rule_state", "meta"}),
+    init=_stamp,
     count=_count,
     validate=_validate,
 )
@@ -156,6 +186,7 @@ class RuleStore:
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")
             db.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoint() does it, off the loop
+            self._carry(db)
         except sqlite3.Error as exc:
             db.close()
             self.health.failed(exc)
@@ -163,6 +194,33 @@ class RuleStore:
                       self.path, exc)
             return None
         return db
+
+    def _carry(self, db: sqlite3.Connection) -> None:
+        """Times written in another boot are shifted onto this boot's clock (keeping the time
+        that had elapsed when they were last written), in one transaction with the new stamp."""
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        try:
+            at = float(meta.get("at", "nan"))
+        except ValueError:
+            at = float("nan")
+        now = time.monotonic()
+        saved_boot = str(meta.get("boot_id", ""))
+        if saved_boot and saved_boot == boot_id():
+            return
+        offset = 0.0 if math.isnan(at) else carry_offset(saved_boot, at, now)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if offset:
+                db.execute(_SHIFT, (offset,))
+            _stamp(db, now)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        if offset:
+            log.info("rule state %s: written in another boot; timers carried over with the "
+                     "time elapsed before the restart (the time the gateway was off does not "
+                     "count: no trusted clock)", self.path)
 
     # --- reading and writing ---------------------------------------------------------------------
 
@@ -236,6 +294,7 @@ class RuleStore:
                 db.executemany("INSERT OR REPLACE INTO rule_state VALUES (?,?,?,?,?,?,?)", put)
             if drop:
                 db.executemany("DELETE FROM rule_state WHERE rule = ? AND device = ?", drop)
+            db.execute("UPDATE meta SET value = ? WHERE key = 'at'", (repr(time.monotonic()),))
 
         if self._write(run):
             pending.clear()

@@ -187,8 +187,9 @@ class Pipeline:
         self.latest: dict[str, dict[str, Measurement]] = {}
         state_dir = Path(config.daemon.state_dir)
         self.store = RuleStore.in_state_dir(state_dir)
-        self.engine = RuleEngine(config, clock=clock, store=self.store)
-        self.safety = SafetyLayer(config, clock=clock)
+        # durations on the monotonic clock, timestamps on ``clock`` (issue #13: time that jumps)
+        self.engine = RuleEngine(config, wall=clock, store=self.store)
+        self.safety = SafetyLayer(config, wall=clock)
         self._safety_file = state_dir / "safety.json"
         self._restore_safety()
         self.audit = AuditLog(
@@ -565,7 +566,7 @@ class Pipeline:
                 batch = await self.measurements.get_batch(1024)
             else:
                 try:
-                    async with asyncio.timeout(max(0.0, deadline - self._clock())):
+                    async with asyncio.timeout(max(0.0, deadline - engine.now())):
                         batch = await self.measurements.get_batch(1024)
                 except TimeoutError:
                     beat.begin()

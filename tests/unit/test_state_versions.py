@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -210,13 +211,42 @@ def test_a_migration_that_cannot_write_its_backup_is_refused(tmp_path: Path) -> 
 # --- the rule state ------------------------------------------------------------------------------
 
 
-def test_rule_state_v1_opens_as_is(tmp_path: Path) -> None:
+def test_rule_state_v1_wall_clock_times_are_migrated_to_the_duration_clock(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / STATE_FILE
-    rule_state_v1(path, [("hot", "abc", "boiler", 12.5)])
+    wall_since = time.time() - 20.0  # the condition has been true for 20 s
+    rule_state_v1(path, [("hot", "abc", "boiler", wall_since)])
     store = RuleStore(path)
-    assert store.load() == [StateRecord(rule="hot", digest="abc", device="boiler", since=12.5)]
+    [rec] = store.load()
+    assert (rec.rule, rec.digest, rec.device) == ("hot", "abc", "boiler")
+    assert rec.since is not None and abs((time.monotonic() - rec.since) - 20.0) < 1.0
     store.close()
-    assert pragma(path, "user_version") == RULE_STATE_SCHEMA.version
+    assert pragma(path, "user_version") == RULE_STATE_SCHEMA.version == 2
+    assert len(list(tmp_path.glob(f"{STATE_FILE}.v1-*.bak"))) == 1
+
+
+def test_rule_state_of_another_boot_keeps_the_time_elapsed_before_it(tmp_path: Path) -> None:
+    path = tmp_path / STATE_FILE
+    store = RuleStore(path)
+    store.save([StateRecord(rule="hot", digest="d", device="b", since=1000.0, due=1030.0)])
+    store.close()
+    db = sqlite3.connect(path)  # as if written in another boot, last at t = 1010 there
+    db.execute("UPDATE meta SET value = 'another-boot' WHERE key = 'boot_id'")
+    db.execute("UPDATE meta SET value = '1010.0' WHERE key = 'at'")
+    db.commit()
+    db.close()
+    store = RuleStore(path)
+    [rec] = store.load()
+    now = time.monotonic()
+    assert rec.since is not None and rec.due is not None
+    assert abs((now - rec.since) - 10.0) < 1.0  # 10 s had elapsed; the reboot adds none
+    assert abs((rec.due - now) - 20.0) < 1.0  # 20 s remain
+    store.close()
+    store = RuleStore(path)  # carried once: the same boot now
+    [again] = store.load()
+    assert again == rec
+    store.close()
 
 
 def test_a_newer_rule_state_is_refused(tmp_path: Path) -> None:

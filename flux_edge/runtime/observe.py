@@ -17,6 +17,7 @@ from flux_edge import __version__
 from flux_edge.plugins.host import CALL_BUCKETS, Plugin
 from flux_edge.runtime.metrics import MetricsWriter
 from flux_edge.runtime.queues import BoundedQueue
+from flux_edge.state.clock import SYSTEM_CLOCK
 from flux_edge.state.faults import StoreHealth
 
 if TYPE_CHECKING:
@@ -84,6 +85,7 @@ def health_report(daemon: Daemon) -> tuple[bool, dict[str, object]]:
     body: dict[str, object] = {
         "status": "stuck" if problems else "degraded" if degraded else "ok",
         "stores": {s.name: s.describe() for s in all_stores},
+        "clock": {"synchronized": SYSTEM_CLOCK.synced(), "problem": SYSTEM_CLOCK.reason()},
         "problems": problems,
         "stages": daemon.monitor.snapshot(),
         "loop_lag_s": round(daemon.monitor.loop_lag, 6),
@@ -233,6 +235,14 @@ def render_metrics(daemon: Daemon) -> str:
         w.gauge("flux_edge_rule_consecutive_errors",
                 "Failed evaluations of a rule in a row (0 once one succeeds).",
                 [({"rule": r}, st.consecutive_errors) for r, st in sorted(p.engine.stats.items())])
+    w.gauge("flux_edge_clock_synchronized",
+            "1 while the wall clock is known to be right (systemd-timesyncd's flag, or a "
+            "plausible year where there is no timesyncd).",
+            [({}, 1 if SYSTEM_CLOCK.synced() else 0)])
+    w.counter("flux_edge_measurements_unsynced_total",
+              "Measurements recorded upstream while the wall clock was not synchronised "
+              "(their records carry \"clock\": \"unsynced\").",
+              [({}, SYSTEM_CLOCK.unsynced_stamps)])
     all_stores = stores(daemon)
     w.gauge("flux_edge_store_degraded",
             "1 while a durable store cannot be written (label reason: disk full, read-only, "

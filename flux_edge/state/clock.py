@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["SYNC_FLAG", "ClockSync", "boot_id", "carry_offset"]
+__all__ = ["SYNC_FLAG", "SYSTEM_CLOCK", "ClockSync", "boot_id", "carry_offset"]
 
 SYNC_FLAG = Path("/run/systemd/timesync/synchronized")  # systemd-timesyncd touches it
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
@@ -82,3 +82,8 @@ class ClockSync:
         if not self.synced():
             return f"not synchronised yet ({self.flag} missing)"
         return ""
+
+
+#: the daemon's view of the system's wall clock (the outbox flags records with it, /metrics
+#: and /healthz report it)
+SYSTEM_CLOCK = ClockSync()

@@ -58,6 +58,7 @@ from flux_edge.errors import FluxError, StateError, UplinkError
 from flux_edge.files import ensure_dir, open_state_file, prepare_sqlite
 from flux_edge.model import Measurement
 from flux_edge.mqtt import check_topic
+from flux_edge.state.clock import SYSTEM_CLOCK, ClockSync
 from flux_edge.state.faults import StoreHealth, fault_reason
 from flux_edge.state.versions import Schema, open_versioned, tables_of
 from flux_edge.uplink.topics import TemplateError, compile_topic
@@ -248,6 +249,9 @@ class Outbox:
         self._staged_bytes = 0
         self._enc = msgspec.json.Encoder()
         self._gw_prefix = b'"gateway":' + self._enc.encode(gateway) + b","
+        # while the wall clock is not known to be right, records say so ("clock":"unsynced")
+        self._gw_prefix_unsynced = self._gw_prefix + b'"clock":"unsynced",'
+        self.clock_sync: ClockSync | None = SYSTEM_CLOCK
         self._topics: dict[tuple[str, str, str], tuple[str, int] | None] = {}
         # reading and acknowledgements
         self._cursor = 0  # last seq handed to the sender
@@ -414,6 +418,10 @@ class Outbox:
         topics = self._topics
         enc = self._enc.encode
         prefix = self._gw_prefix
+        sync = self.clock_sync
+        if sync is not None and not sync.synced():
+            prefix = self._gw_prefix_unsynced
+            sync.unsynced_stamps += len(measurements)
         total = 0
         rejected = 0
         for m in measurements:

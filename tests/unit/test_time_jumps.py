@@ -149,3 +149,24 @@ def test_clock_sync(tmp_path: Path) -> None:
     wall[0] = 0.0  # 1970: implausible whatever the flag says
     mono[0] += 20
     assert not sync.synced() and "1970" in sync.reason()
+
+
+def test_records_say_when_the_clock_is_not_synchronised(tmp_path: Path) -> None:
+    from flux_edge.uplink.outbox import Outbox
+
+    flag = tmp_path / "timesync" / "synchronized"
+    flag.parent.mkdir()
+    box = Outbox(tmp_path / "o.sqlite", max_size=1 << 20, gateway="gw", topic="t/{name}")
+    sync = box.clock_sync = ClockSync(flag=flag)
+    m = Measurement(device="d", name="v", value=1, ts=1.0, source="s")
+    box.add([m])
+    flag.touch()
+    sync._checked = -float("inf")
+    box.add([m])
+    box.commit()
+    unit = box.take(10)
+    assert unit is not None
+    assert b'"clock":"unsynced"' in unit.rows[0].payload
+    assert b'"clock"' not in unit.rows[1].payload
+    assert sync.unsynced_stamps == 1
+    box.close()

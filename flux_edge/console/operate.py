@@ -15,7 +15,6 @@ audit record naming the user.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import time
@@ -104,24 +103,14 @@ async def override(d: Daemon, overrides: dict[str, dict[str, Any]], actuator: st
     cmd = Command(rule=MANUAL + user, action=action, ts=time.time(),
                   params={"operator": user, "reason": reason.strip(), "override": state})
     hold(p, overrides)
-    locks: dict[str, asyncio.Lock | None] = getattr(p, "_action_locks", {})
-    lock = locks.get(action)
-    if lock is None:
-        outcome = await p.guard.run(cmd, executor, p.latest)
-    else:
-        async with lock:
-            outcome = await p.guard.run(cmd, executor, p.latest)
+    # the pipeline's one path for every command (its lock, the safety layer, the audit log,
+    # the counts, the safety state saved after a switch)
+    outcome = await p.execute(cmd)
     if outcome is None:
-        p.action_counts[action][2] += 1
         why = p.safety.stats[actuator].last_block_reason
         raise OperateError(409, f"denied by the safety layer: {why}", blocked=why)
     if not outcome.ok:
-        p.action_counts[action][1] += 1
         raise OperateError(502, f"the write failed: {outcome.error}", error=outcome.error)
-    p.action_counts[action][0] += 1
-    save = getattr(p, "_save_safety", None)
-    if callable(save):
-        save()
     overrides[actuator] = {"state": state, "user": user, "reason": reason.strip(),
                            "since": time.time()}
     return {"ok": True, "actuator": actuator, "state": state, "verified": outcome.verified,

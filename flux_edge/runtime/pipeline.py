@@ -686,15 +686,24 @@ class Pipeline:
             self.commands.task_done_if_empty()
 
     async def _run_action(self, cmd: Command) -> None:
+        await self.execute(cmd)
+
+    async def execute(self, cmd: Command) -> Outcome | None:
+        """Run one command the way every command runs, whoever sent it (a rule, the safety
+        layer, an operator at the console, an upstream platform): one at a time per action where
+        the action drives an actuator, through the safety layer and the audit log (Guarded),
+        counted, the safety state saved after an actuator switched, observers told. None: the
+        safety layer blocked it (and logged and audited why), or the action does not exist (a
+        dead letter)."""
         executor = self.executors.get(cmd.action)
         if executor is None:  # config validation makes this unreachable; never silent anyway
             self._dead_letter(
                 ErrorRecord(
                     stage="actions", source="", device="", ts=cmd.ts,
-                    error=f"rule {cmd.rule!r} asked for unknown action {cmd.action!r}",
+                    error=f"{cmd.rule!r} asked for unknown action {cmd.action!r}",
                 )
             )
-            return
+            return None
         lock = self._action_locks.get(cmd.action)
         if lock is None:
             outcome = await self.guard.run(cmd, executor, self.latest)
@@ -705,7 +714,7 @@ class Pipeline:
             self.action_counts[cmd.action][2] += 1
             for blocked_cb in self.observers.blocked:
                 blocked_cb(cmd)
-            return
+            return None
         actuates = bool(self.safety.actuators_of(cmd.action))
         if outcome.ok and actuates:
             self._save_safety()
@@ -727,3 +736,4 @@ class Pipeline:
             log.warning("action %s (rule %s) failed: %s", cmd.action, cmd.rule, outcome.error)
         for cb in self.observers.outcomes:
             cb(outcome)
+        return outcome

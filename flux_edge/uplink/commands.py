@@ -1,6 +1,7 @@
 """Commands from upstream: a message on the uplink's own connection asks for a configured action,
-which runs through the same path as a rule's command (``actions/guarded.py``: safety check,
-execution, state record, audit), so interlocks, minimum on/off times and rate limits apply and
+which runs through the same path as a rule's command (``Pipeline.execute``: the action's lock,
+``actions/guarded.py``'s safety check, execution, state record and audit, the counts, the safety
+state saved after a switch), so interlocks, minimum on/off times and rate limits apply and
 the audit log names the upstream (``rule = "uplink:<protocol>"``).
 
 Only the uplink's connection can command: the subscriptions are made on its client, to the
@@ -9,8 +10,8 @@ a name that is not in it is refused ("unknown command") without running anything
 is counted (``CommandStats``), and answered where the protocol has replies (ThingsBoard RPC, the
 plain command topic's ``/reply``).
 
-The runtime binds ``Commander`` to the pipeline (its guard, executors, latest values and safety
-layer), read by attribute so this module imports nothing of the runtime.
+The runtime binds ``Commander`` to the pipeline (its ``execute``, executors and safety layer),
+used through a Protocol so this module imports nothing of the runtime.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from flux_edge.model import Command
+from flux_edge.model import Command, Outcome
 
 __all__ = ["CommandResult", "CommandStats", "Commander", "UpstreamCommand"]
 
@@ -72,11 +73,11 @@ class CommandStats:
             self.by_reason[result.status] = self.by_reason.get(result.status, 0) + 1
 
 
-class _Pipeline(Protocol):  # what the commander reads of the pipeline
-    guard: Any
+class _Pipeline(Protocol):  # what the commander uses of the pipeline
     executors: Mapping[str, Any]
-    latest: Any
     safety: Any
+
+    async def execute(self, cmd: Command) -> Outcome | None: ...
 
 
 class Commander:
@@ -102,7 +103,9 @@ class Commander:
             params.setdefault("device", req.device)
         cmd = Command(rule=f"uplink:{req.protocol}", action=action, ts=self._clock(),
                       params=msgspec.convert(params, dict[str, Any]))
-        outcome = await self._p.guard.run(cmd, executor, self._p.latest)
+        # the pipeline's one path for every command: its lock, the safety layer, the audit
+        # log, the counts, the safety state saved after a switch
+        outcome = await self._p.execute(cmd)
         if outcome is None:
             return CommandResult(False, self._blocked_reason(action), status="denied")
         if not outcome.ok:

@@ -170,3 +170,51 @@ def test_audit_tail_shows_what_the_pipeline_did(tmp_path: Path) -> None:
     lines = out.stdout.splitlines()
     assert any("warm" in line and "burner_off" in line for line in lines), out.stdout
     assert any("safety" in line for line in lines), out.stdout
+
+
+def test_upstream_commands_take_the_pipelines_one_path(tmp_path: Path) -> None:
+    # regression: upstream commands called the guard directly, so an actuator they switched was
+    # not saved to safety.json (a restart forgot the switch and min_on with it), the action's
+    # lock was skipped and nothing was counted; they now run through Pipeline.execute
+    from flux_edge.uplink.commands import Commander, UpstreamCommand
+
+    bundled_wasm("modbus_decode")
+
+    async def go() -> tuple[bool, str, bool, list[int], dict[str, object]]:
+        sim = BoilerSimulator(port=0, start_temperature=20.0, burner=False, tick=3600.0)
+        await sim.start()
+        text = CONFIG.format(state=tmp_path / "state", port=sim.port, interval="100ms",
+                             hold="1h", min_on="1h")
+        config = load_config_text(text, str(tmp_path / "site.toml"))
+        up = asyncio.Event()
+        pipelines: list[Pipeline] = []
+
+        def started(p: Pipeline) -> None:
+            pipelines.append(p)
+            up.set()
+
+        stop = asyncio.Event()
+        runner = asyncio.create_task(run_pipeline(config, stop=stop, started=started))
+        try:
+            await asyncio.wait_for(up.wait(), 10)
+            p = pipelines[0]
+            commander = Commander(p, {"on": "burner_on", "off": "burner_off"})
+            on = await commander.run(UpstreamCommand("mqtt", "on"))
+            off = await commander.run(UpstreamCommand("mqtt", "off"))  # min_on = 1 h
+            saved = json.loads((tmp_path / "state" / "safety.json").read_text())
+            counts = p.action_counts["burner_on"][:1] + p.action_counts["burner_off"][2:]
+            burner = sim.burner
+        finally:
+            stop.set()
+            await runner
+            await sim.stop()
+        return on.ok, off.reason, burner, counts, saved
+
+    on_ok, off_reason, burner, counts, saved = asyncio.run(go())
+    assert on_ok and burner is True
+    assert "min_on" in off_reason
+    assert counts == [1, 1]  # one ok, one blocked, counted like a rule's
+    burner_state = saved["burner"]
+    assert isinstance(burner_state, dict) and burner_state["state"] == "on"
+    rules = [rec["rule"] for rec in audit(tmp_path)]
+    assert rules.count("uplink:mqtt") == 2

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from flux_edge.config import UplinkConfig
+from flux_edge.model import Command, Outcome
 from flux_edge.mqtt import MqttClient
 from flux_edge.uplink.encoders import spb_proto as pb
 from flux_edge.uplink.sender import Uplink
@@ -23,13 +24,17 @@ pytestmark = pytest.mark.integration
 
 
 class FakePipeline:
-    """What Uplink.bind reads of a pipeline: its guard, executors, latest values, safety."""
+    """What Uplink.bind uses of a pipeline: execute (here straight through its guard),
+    executors, safety."""
 
     def __init__(self, tmp_path: Path, **actuator: Any) -> None:
         self.guard, self.safety, self.audit, self.clock = setup(tmp_path, **actuator)
         self.device = Device()
         self.executors = {"burner_on": self.device, "burner_off": self.device}
         self.latest: dict[str, Any] = {}
+
+    async def execute(self, cmd: Command) -> Outcome | None:  # Pipeline.execute, minus the rest
+        return await self.guard.run(cmd, self.executors[cmd.action], self.latest)
 
 
 def test_plain_command_topic_runs_guarded_and_replies(tmp_path: Path) -> None:

@@ -186,9 +186,7 @@ def retry_plugin(d: Daemon, name: str, reason: str, user: str) -> dict[str, Any]
         raise OperateError(404, f"no plugin {name!r}")
     retried = 0
     for plugin in instances:
-        q = getattr(plugin, "_q", None)
-        if q is not None and q.active:
-            q.until = q.clock()  # the next call is its trial call
+        if plugin.retry_now():  # the next call is its trial call
             retried += 1
     if not retried:
         raise OperateError(409, f"plugin {name!r} is not quarantined")

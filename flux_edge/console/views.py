@@ -108,7 +108,7 @@ def rules(d: Daemon) -> list[dict[str, Any]]:
     engine = p.engine
     now = engine.now()  # rule timers are on the engine's duration clock (monotonic)
     out = []
-    for r in getattr(engine, "_rules", []):
+    for r in engine.rules:
         spec = p.config.rules[r.name]
         st = r.stats
         per_device = []
@@ -122,7 +122,8 @@ def rules(d: Daemon) -> list[dict[str, Any]]:
             per_device.append({
                 "device": dev or spec.device, "state": state, "true_since": s.since,
                 "pending_left_s": pending, "last_fire": s.last_fire,
-                "cooldown_left_s": _r(s.last_fire + r.cooldown - now, 1) if cooling else None,
+                "cooldown_left_s": (_r(s.last_fire + r.cooldown - now, 1)
+                                    if cooling and s.last_fire is not None else None),
             })
         out.append({
             "name": r.name, "when": spec.when, "mode": spec.mode, "for_s": spec.for_,

@@ -362,6 +362,15 @@ class Plugin:
     def quarantined(self) -> bool:
         return self._q.active
 
+    def retry_now(self) -> bool:
+        """End a quarantine early (an operator acknowledged it): the next call is its trial
+        call, as when the quarantine runs out. False if the plugin is not quarantined."""
+        q = self._q
+        if not q.active:
+            return False
+        q.until = q.clock()
+        return True
+
     @property
     def _inst(self) -> ffi.GuestInstance | None:
         """The current guest instance (None after a fault until the next call)."""

@@ -381,6 +381,12 @@ class RuleEngine:
 
     # --- measurements ----------------------------------------------------------------------------
 
+    @property
+    def rules(self) -> Sequence[_Rule]:
+        """The compiled rules with their per-device states and stats, in config order (read
+        them, do not change them: the console and status show them)."""
+        return self._rules
+
     def on_measurement(self, m: Measurement) -> list[Command]:
         """Record ``m`` and evaluate the rules it triggers (and fire what is due); return the
         commands they emit."""

@@ -365,11 +365,7 @@ class Plugin:
     def retry_now(self) -> bool:
         """End a quarantine early (an operator acknowledged it): the next call is its trial
         call, as when the quarantine runs out. False if the plugin is not quarantined."""
-        q = self._q
-        if not q.active:
-            return False
-        q.until = q.clock()
-        return True
+        return self._q.end_now()
 
     @property
     def _inst(self) -> ffi.GuestInstance | None:

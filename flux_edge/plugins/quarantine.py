@@ -181,6 +181,14 @@ class Quarantine:
         else:
             self.logger.warning("plugin %r: call failed: %s", self.name, msg)
 
+    def end_now(self) -> bool:
+        """End the quarantine early (an operator acknowledged it): the next call is its trial
+        call, as when it runs out. False if there is no quarantine to end."""
+        if not self.active:
+            return False
+        self.until = self.clock()
+        return True
+
     def recovered(self) -> None:
         """The trial call after a quarantine succeeded."""
         self.until = None

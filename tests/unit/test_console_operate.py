@@ -26,7 +26,8 @@ def stub(now: list[float]) -> Any:
     stats = PluginStats()
     q = Quarantine("dec", max_failures=2, quarantine_s=60.0, clock=lambda: now[0],
                    stats=stats, logger=logging.getLogger("test"))
-    plugin = SimpleNamespace(name="dec", path=Path("/nonexistent/dec.wasm"), stats=stats, _q=q)
+    plugin = SimpleNamespace(name="dec", path=Path("/nonexistent/dec.wasm"), stats=stats, _q=q,
+                             retry_now=q.end_now)  # Plugin.retry_now is Quarantine.end_now
     pipeline = SimpleNamespace(chains={("src", ""): [plugin]}, executors={}, audit=FakeAudit())
     return SimpleNamespace(pipeline=pipeline), q
 

@@ -69,17 +69,35 @@ def status_line(daemon: Daemon) -> str:
     bad_stores = [s for s in stores(daemon) if s.degraded]
     if bad_stores:
         parts.append("STORE DEGRADED: " + ", ".join(f"{s.name} ({s.reason})" for s in bad_stores))
+    quarantined, failing = degraded_user_code(daemon)
+    if quarantined:
+        parts.append("PLUGIN QUARANTINED: " + ", ".join(quarantined))
+    if failing:
+        parts.append("RULE FAILING: " + ", ".join(failing))
     stuck = daemon.monitor.check()
     if stuck:
         parts.append("STUCK: " + stuck[0])
     return "; ".join(parts)
 
 
+def degraded_user_code(daemon: Daemon) -> tuple[list[str], list[str]]:
+    """Plugins in quarantine and rules whose last evaluations all failed (by name): user code
+    that is degraded, not hung. The daemon goes on serving everything else, so /healthz stays
+    200 and the watchdog is fed; both are named in /healthz, STATUS= and the metrics."""
+    quarantined = sorted(
+        name for name, insts in _plugins(daemon).items() if any(i.quarantined for i in insts)
+    )
+    p = daemon.pipeline
+    failing = sorted(p.engine.failing()) if p is not None else []
+    return quarantined, failing
+
+
 def health_report(daemon: Daemon) -> tuple[bool, dict[str, object]]:
     """/healthz: healthy while no critical stage is stuck (what the watchdog checks)."""
     problems = daemon.monitor.check()
     all_stores = stores(daemon)
-    degraded = any(s.degraded for s in all_stores)
+    quarantined, failing = degraded_user_code(daemon)
+    degraded = any(s.degraded for s in all_stores) or bool(quarantined or failing)
     # a degraded store (disk full, read-only) is reported, but stays 200: the daemon is alive
     # and retries by itself; a restart would not free a byte
     body: dict[str, object] = {
@@ -87,6 +105,8 @@ def health_report(daemon: Daemon) -> tuple[bool, dict[str, object]]:
         "stores": {s.name: s.describe() for s in all_stores},
         "clock": {"synchronized": SYSTEM_CLOCK.synced(), "problem": SYSTEM_CLOCK.reason()},
         "problems": problems,
+        "plugins_quarantined": quarantined,
+        "rules_failing": failing,
         "stages": daemon.monitor.snapshot(),
         "loop_lag_s": round(daemon.monitor.loop_lag, 6),
     }

@@ -285,6 +285,11 @@ class UplinkConfig(_S, frozen=True):
     commit_interval: Annotated[float, Meta(ge=0, le=10), DURATION] = 0.02
     # fsync (WAL checkpoint) at most this often: power-loss window
     sync_interval: Annotated[float, Meta(ge=0, le=3600), DURATION] = 1.0
+    # "memory": the outbox stays in memory while the broker acknowledges promptly and is
+    # written to the file only once records have waited spill_after (SD-card wear; what a crash
+    # or power cut can lose: docs/operations.md)
+    outbox_mode: Literal["disk", "memory"] = "disk"
+    spill_after: Annotated[float, Meta(gt=0, le=3600), DURATION] = 5.0
 
 
 class Config(_S, frozen=True):

@@ -227,8 +227,14 @@ class Outbox:
         where: str = "uplink.outbox_file",
         stats: UplinkStats | None = None,
         clock: Callable[[], float] = time.time,
+        mode: str = "disk",
+        spill_after: float = 5.0,
     ) -> None:
+        if mode not in ("disk", "memory"):
+            raise ValueError(f"outbox mode {mode!r}: 'disk' or 'memory'")
         self.path = Path(path)
+        self.mode = mode
+        self.spill_after = spill_after
         self.max_size = max_size
         self.gateway = gateway
         self.topic_template = topic
@@ -268,6 +274,11 @@ class Outbox:
         self._drop_log_ts = -float("inf")
         self._drops_unlogged = 0
         self.lost_at_open = 0  # records in a corrupt file moved aside at open
+        # memory mode: the rows live in an in-memory copy while the uplink keeps up
+        self._file_db: sqlite3.Connection | None = None  # the file, while in memory
+        # in memory: (last seq, monotonic time) of each commit, to tell the oldest record's age
+        self._commit_times: deque[tuple[int, float]] = deque()
+        self.spills = 0  # times the backlog was written to the file
 
         self._lock()
         try:
@@ -275,6 +286,8 @@ class Outbox:
         except BaseException:
             self._unlock()
             raise
+        if mode == "memory":
+            self._memory_epoch_check()
         self.outbox_id: str = self._db.execute(
             "SELECT value FROM meta WHERE key = 'outbox_id'"
         ).fetchone()[0]
@@ -466,6 +479,7 @@ class Outbox:
         staged = self._staged
         if not staged and not self._acked:
             return 0
+        waiting_before = self.depth()
         new_bytes = self._staged_bytes
         n = len(staged)
         try:
@@ -502,13 +516,108 @@ class Outbox:
             self._trim_buffer(dropped_last)
         staged.clear()
         self._staged_bytes = 0
-        self.dirty = True
+        if self._file_db is None:
+            self.dirty = True
         self.stats.committed += n
         if n > keep_from:
             self.stats.commits += 1
         if dropped_rows or keep_from:
             self._note_dropped(dropped_rows + keep_from, "outbox_full")
+        if self.mode == "memory":
+            self._memory_step(waiting_before)
         return n
+
+    # --- memory mode ----------------------------------------------------------------------------
+
+    @property
+    def in_memory(self) -> bool:
+        """The rows are in memory now (memory mode, uplink keeping up)."""
+        return self._file_db is not None
+
+    def _memory_epoch_check(self) -> None:
+        """A file last used in memory mode and not closed cleanly may be behind on seq numbers
+        that were sent from memory: a new outbox id keeps every record id unique."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'memory'").fetchone()
+        if row is not None and row[0] == "1":
+            new = secrets.token_hex(4)
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("UPDATE meta SET value = ? WHERE key = 'outbox_id'", (new,))
+                self._db.execute("UPDATE meta SET value = '0' WHERE key = 'memory'")
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise self._unwritable(f"cannot renew the outbox id: {exc}") from exc
+            log.warning(
+                "uplink outbox %s: the daemon stopped without closing it while the outbox was in "
+                "memory: what was in memory then is lost; new outbox id %s (record ids stay "
+                "unique)", self.path, new,
+            )
+
+    def _memory_step(self, waiting_before: int) -> None:
+        """After a commit in memory mode: go to memory once the file's backlog has drained;
+        spill to the file when the oldest waiting record was committed ``spill_after`` ago."""
+        now = time.monotonic()
+        if self._file_db is None:
+            if waiting_before == 0:  # everything committed before has been delivered
+                self._commit_times.clear()
+                self._to_memory()
+            return
+        oldest, newest = self._db.execute("SELECT min(seq), max(seq) FROM outbox").fetchone()
+        times = self._commit_times
+        if newest is not None and (not times or times[-1][0] < newest):
+            times.append((int(newest), now))
+        if oldest is None:
+            times.clear()
+            return
+        while times and times[0][0] < oldest:
+            times.popleft()
+        if times and now - times[0][1] >= self.spill_after:
+            self._spill()
+            times.clear()
+
+    def _to_memory(self) -> None:
+        file_db = self._db
+        mem = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        try:
+            file_db.backup(mem)
+            file_db.execute("BEGIN IMMEDIATE")
+            file_db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('memory', '1')")
+            file_db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                file_db.execute("ROLLBACK")
+            mem.close()
+            log.debug("uplink outbox %s: stays on disk: %s", self.path, exc)
+            return
+        self._file_db = file_db
+        self._db = mem
+        self.dirty = True  # the flag: checkpointed like any write
+        log.info("uplink outbox %s: in memory while the uplink keeps up (spills to the file "
+                 "after %g s behind)", self.path, self.spill_after)
+
+    def _spill(self) -> None:
+        """Write the in-memory outbox to the file and go on from there."""
+        file_db = self._file_db
+        assert file_db is not None
+        try:
+            self._db.backup(file_db)  # one copy of the pages, in the file's WAL
+            file_db.execute("BEGIN IMMEDIATE")
+            file_db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('memory', '0')")
+            file_db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                file_db.execute("ROLLBACK")
+            self._write_failed(exc)
+            return  # stays in memory; tried again with the next commit
+        self._db.close()
+        self._db = file_db
+        self._file_db = None
+        self.dirty = True
+        self.spills += 1
+        log.warning("uplink outbox %s: a record has waited %g s: %d record(s) "
+                    "written to the file, which holds the backlog until it drains", self.path,
+                    self.spill_after, self.depth())
 
     def delete_acked(self) -> None:
         """Delete acknowledged rows now (when no commit comes along to carry them)."""
@@ -528,7 +637,8 @@ class Outbox:
         self._db_rows -= rows
         self._db_bytes -= size
         self._acked_done()
-        self.dirty = True
+        if self._file_db is None:
+            self.dirty = True
 
     def _insert(self, rows: list[tuple[int, float, str, bytes]]) -> None:
         """Multi-row INSERTs of 64, 32, ... 1 rows: AUTOINCREMENT updates sqlite_sequence once
@@ -769,6 +879,19 @@ class Outbox:
         self._staged.clear()
         self._staged_bytes = 0
         try:
+            if self._file_db is not None:  # memory mode: what is left goes to the file now
+                try:
+                    self._db.backup(self._file_db)
+                    self._file_db.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('memory', '0')")
+                except sqlite3.Error as exc:
+                    log.error("uplink outbox %s: cannot write the in-memory outbox at close "
+                              "(%s): %d record(s) lost", self.path, exc, self.depth())
+                self._db.close()
+                self._db = self._file_db
+                self._file_db = None
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             if self._ckpt is not None:
                 self._ckpt.close()
                 self._ckpt = None

@@ -110,7 +110,7 @@ class Uplink:
         self.stats = UplinkStats()
         self._out = Outbox(
             path, max_size=cfg.outbox_max_size, gateway=gateway, topic=cfg.topic, where=where,
-            stats=self.stats, clock=clock,
+            stats=self.stats, clock=clock, mode=cfg.outbox_mode, spill_after=cfg.spill_after,
         )
         self.outbox_id: str = self._out.outbox_id
         self._oid = self.outbox_id.encode()

@@ -217,13 +217,19 @@ class Uplink:
         """Write what is staged (and delete what was acknowledged) in one transaction; returns
         the records committed. Raises UplinkError when the outbox cannot be written (every
         extra uplink's outbox is written first, so a failing one is reported, not hidden)."""
-        for ex in self.extras.values():
-            ex.commit()
+        failed: UplinkError | None = None
+        for ex in self.extras.values():  # one failing outbox must not hold back the others
+            try:
+                ex.commit()
+            except UplinkError as exc:
+                failed = failed or exc
         n = self._out.commit()
         if n:
             self._wake.set()
         if self._out.dirty:
             self._sync_wake.set()
+        if failed is not None:  # the primary's records are written; the failing one retried
+            raise failed
         return n
 
     async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109

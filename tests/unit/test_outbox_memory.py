@@ -128,3 +128,32 @@ def test_a_crash_in_memory_renews_the_outbox_id(tmp_path: Path) -> None:
     # to memory are sent again (already delivered: duplicates under the new id)
     assert again.depth() == 1
     again.close()
+
+
+def test_a_failing_extra_outbox_does_not_hold_back_the_primary(tmp_path: Path) -> None:
+    # issue #13: an extra uplink's outbox that cannot be written (its disk full) was committed
+    # first and its error skipped the primary's commit, so the primary stopped too
+    import asyncio
+
+    import pytest
+
+    from flux_edge.config import UplinkConfig
+    from flux_edge.errors import UplinkError
+    from flux_edge.uplink.sender import Uplink
+
+    up = Uplink(UplinkConfig(host="127.0.0.1", port=1), gateway="gw", state_dir=tmp_path)
+    extra = Uplink(UplinkConfig(host="127.0.0.1", port=1, outbox_file="outbox-x.sqlite"),
+                   gateway="gw", state_dir=tmp_path)
+
+    def full() -> int:
+        raise UplinkError("outbox-x: disk full")
+
+    extra.commit = full  # type: ignore[method-assign]
+    up.extras["x"] = extra
+    up._out.add(ms(0, 3))
+    with pytest.raises(UplinkError, match="disk full"):
+        up.commit()
+    assert up.depth() == 3  # the primary's records are in its file
+    up.extras.clear()
+    asyncio.run(up.close())
+    asyncio.run(extra.close())

@@ -157,3 +157,35 @@ def test_a_failing_extra_outbox_does_not_hold_back_the_primary(tmp_path: Path) -
     up.extras.clear()
     asyncio.run(up.close())
     asyncio.run(extra.close())
+
+
+def test_records_that_cannot_be_stored_are_bounded_in_memory_and_counted_by_reason(
+    tmp_path: Path,
+) -> None:
+    # issue #13: polled devices and QoS 0 input cannot be held back upstream: while the file
+    # cannot be written the outbox keeps what it can in memory and counts the rest by reason
+    import pytest
+
+    from flux_edge.errors import UplinkError
+
+    path = tmp_path / "outbox.sqlite"
+    b = Outbox(path, max_size=64 * 1024, gateway="gw", topic=TOPIC)
+    real = b._db
+    b._db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                            check_same_thread=False)
+    added = 0
+    for i in range(40):
+        b.add(ms(i * 50, 50))
+        added += 50
+        with pytest.raises(UplinkError):
+            b.commit()
+    assert b.health.degraded and b.health.reason == "read-only"
+    lost = b.stats.dropped_by_reason["store_unavailable"]
+    assert lost > 0 and b.staged + lost == added
+    assert b._staged_bytes <= b.memory_max
+    b._db.close()
+    b._db = real  # writable again
+    kept = b.staged
+    assert b.commit() == kept and not b.health.degraded
+    assert b.depth() + lost == added
+    b.close()

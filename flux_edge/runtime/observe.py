@@ -45,7 +45,7 @@ def stores(daemon: Daemon) -> list[StoreHealth]:
         out += daemon.uplink.store_health
     p = daemon.pipeline
     if p is not None:
-        out += [p.store.health, p.audit.health]
+        out += [p.store.health, p.audit.health, p.safety_health]
     return out
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import logging
 import operator
@@ -52,7 +53,7 @@ from flux_edge.runtime.plugin_lanes import Lanes
 from flux_edge.runtime.queues import BoundedQueue
 from flux_edge.runtime.supervisor import Supervisor
 from flux_edge.sources import Emit, Source, SourceEnv, SourceFactory, SourceHealth, StatusCallback
-from flux_edge.state.faults import Backoff
+from flux_edge.state.faults import Backoff, StoreHealth
 from flux_edge.uplink.sender import Uplink
 from flux_edge.uplink.topics import compile_topic
 
@@ -191,6 +192,9 @@ class Pipeline:
         self.engine = RuleEngine(config, wall=clock, store=self.store)
         self.safety = SafetyLayer(config, wall=clock)
         self._safety_file = state_dir / "safety.json"
+        self.safety_health = StoreHealth("actuator_state", str(self._safety_file))
+        self._safety_backoff = Backoff(first=0.5, limit=30.0)
+        self._safety_retry: asyncio.TimerHandle | None = None
         self._restore_safety()
         self.audit = AuditLog(
             audit_path(config),
@@ -269,12 +273,23 @@ class Pipeline:
             log.warning("%s unreadable (%s): actuator timers start fresh", self._safety_file, exc)
 
     def _save_safety(self) -> None:
+        self._safety_retry = None
         tmp = self._safety_file.with_suffix(".tmp")
         try:
             tmp.write_bytes(msgspec.json.encode(self.safety.snapshot()))
             os.replace(tmp, self._safety_file)
-        except OSError as exc:
-            log.warning("cannot save actuator state to %s: %s", self._safety_file, exc)
+        except OSError as exc:  # disk full, read-only: kept in memory, retried with back-off
+            if self.safety_health.failed(exc):
+                log.warning("cannot save actuator state to %s (%s): min on/off times and rate "
+                            "limits do not survive a restart until it works; retried",
+                            self._safety_file, exc)
+            with contextlib.suppress(RuntimeError):  # no loop: the next switch tries again
+                self._safety_retry = asyncio.get_running_loop().call_later(
+                    self._safety_backoff.next(), self._save_safety)
+            return
+        self._safety_backoff.reset()
+        if self.safety_health.ok():
+            log.warning("actuator state %s: saving works again", self._safety_file)
 
     def _on_status(self, source: str, device: str, quality: Quality, error: str) -> None:
         """A source says a device stopped answering (or is back). Its last measurements are
@@ -434,6 +449,9 @@ class Pipeline:
         self._durable_waiters.clear()
         self.audit.close()
         self.store.close()
+        if self._safety_retry is not None:
+            self._safety_retry.cancel()
+            self._safety_retry = None
         for source in self.sources.values():
             try:
                 await source.close()

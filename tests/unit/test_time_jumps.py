@@ -170,3 +170,36 @@ def test_records_say_when_the_clock_is_not_synchronised(tmp_path: Path) -> None:
     assert b'"clock"' not in unit.rows[1].payload
     assert sync.unsynced_stamps == 1
     box.close()
+
+
+def test_actuator_state_that_cannot_be_saved_is_degraded_and_retried(tmp_path: Path) -> None:
+    # issue #13: safety.json on a full or read-only disk: reported, retried on a timer
+    import asyncio
+    import os
+
+    from flux_edge.config import DaemonConfig
+    from flux_edge.plugins.host import PluginHost
+    from flux_edge.runtime.pipeline import Pipeline
+
+    config = make_config(min_on=30)
+    config = type(config)(sources=config.sources, actions=config.actions,
+                          actuators=config.actuators,
+                          daemon=DaemonConfig(state_dir=str(tmp_path / "state")))
+
+    async def go() -> None:
+        p = Pipeline(config, host=PluginHost(cache_dir=None))
+        target = tmp_path / "state" / "safety.json"
+        target.mkdir()  # os.replace onto a directory fails: as a read-only file would
+        p._safety_backoff.first = 0.01
+        p._save_safety()
+        assert p.safety_health.degraded and p._safety_retry is not None
+        os.rmdir(target)
+        for _ in range(200):
+            if not p.safety_health.degraded:
+                break
+            await asyncio.sleep(0.01)
+        assert not p.safety_health.degraded and target.is_file()
+        p.audit.close()
+        p.store.close()
+
+    asyncio.run(go())

@@ -40,6 +40,7 @@ def test_quarantined_plugins_and_failing_rules_are_degraded_not_hung() -> None:
         engine=SimpleNamespace(failing=lambda: failing),
         store=SimpleNamespace(health=StoreHealth("rule_state", "/tmp/x")),
         audit=SimpleNamespace(health=StoreHealth("audit", "/tmp/y")),
+        safety_health=StoreHealth("actuator_state", "/tmp/z"),
     )
     now = [0.0]
     monitor = HealthMonitor(30.0, clock=lambda: now[0])

@@ -47,23 +47,26 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import NamedTuple
 
 import msgspec
 
 from flux_edge.errors import FluxError, StateError, UplinkError
-from flux_edge.files import ensure_dir, open_state_file, prepare_sqlite
+from flux_edge.files import ensure_dir, open_state_file
 from flux_edge.model import Measurement
 from flux_edge.mqtt import check_topic
 from flux_edge.state.clock import SYSTEM_CLOCK, ClockSync
 from flux_edge.state.faults import StoreHealth, fault_reason
-from flux_edge.state.versions import Schema, open_versioned, tables_of
+from flux_edge.state.versions import open_versioned
+from flux_edge.uplink.outbox_file import INSERTS as _INSERTS
+from flux_edge.uplink.outbox_file import OUTBOX_SCHEMA
+from flux_edge.uplink.outbox_file import connect as _connect
+from flux_edge.uplink.rows import Row, Unit, UplinkStats, record
 from flux_edge.uplink.topics import TemplateError, compile_topic
 
 __all__ = [
+    "OUTBOX_SCHEMA",
     "PAGE_ROWS",
     "ROW_OVERHEAD",
     "Outbox",
@@ -77,135 +80,12 @@ log = logging.getLogger("flux_edge.uplink")
 
 ROW_OVERHEAD = 64  # bytes counted per row besides payload and topic (seq, size, ts, b-tree cell)
 PAGE_ROWS = 500  # rows read from the file at a time
-SCHEMA_VERSION = "2"  # also PRAGMA user_version (flux_edge.state.versions)
 _DROP_LOG_EVERY = 10.0  # seconds between two "outbox full" warnings
 # while the file cannot be written, staged records wait in memory up to this many bytes (or
 # max_size, if smaller); past it the oldest are dropped, counted as "store_unavailable"
 STAGED_MEMORY_MAX = 16 * 1024 * 1024
 _TOPIC_CACHE_MAX = 10_000
 _TOPIC_UNSAFE = str.maketrans({"+": "_", "#": "_", "\x00": "_"})
-
-
-@dataclass
-class UplinkStats:
-    """Counters of the uplink, read by metrics and tests. ``committed == acked + dropped + depth``
-    holds at all times unless records were dropped before reaching a commit (``staged`` rows that
-    could not be committed while the disk failed, or whose topic cannot be published to)."""
-
-    staged: int = 0  # records given to add()
-    committed: int = 0  # records taken by a successful commit (stored, or dropped at once)
-    commits: int = 0  # transactions that stored records
-    published: int = 0  # publishes acknowledged by the broker (one per batch in "batch" format)
-    acked: int = 0  # records acknowledged by the broker
-    dropped: int = 0  # records deleted unsent because the outbox was full (or unpublishable)
-    # the same, by reason: "outbox_full" (the size bound), "store_unavailable" (the file could
-    # not be written and memory was full), "unpublishable" (a topic the broker cannot take),
-    # "shutdown" (staged, never committed, at close)
-    dropped_by_reason: dict[str, int] = field(default_factory=dict)
-    publish_errors: int = 0
-    reconnects: int = 0  # connections accepted after the first one
-    last_error: str = ""
-
-
-class Row(NamedTuple):
-    seq: int
-    size: int  # bytes counted against max_size
-    topic: str
-    payload: bytes  # the record without id and seq: '"gateway":...}'
-
-
-@dataclass(slots=True)
-class Unit:
-    """Rows sent as one publish. No live row lies between ``prev`` and ``rows[0].seq``."""
-
-    prev: int
-    rows: list[Row]
-
-    @property
-    def first(self) -> int:
-        return self.rows[0].seq
-
-    @property
-    def last(self) -> int:
-        return self.rows[-1].seq
-
-    @property
-    def size(self) -> int:
-        return sum(r.size for r in self.rows)
-
-
-def record(outbox_id: bytes, row: Row) -> bytes:
-    """The published JSON object of one row: id and seq spliced in front of the stored bytes."""
-    s = str(row.seq).encode()
-    return b'{"id":"' + outbox_id + b"-" + s + b'","seq":' + s + b"," + row.payload
-
-
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE counters (id INTEGER PRIMARY KEY CHECK (id = 1), rows INTEGER NOT NULL,
-                       bytes INTEGER NOT NULL);
-CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, size INTEGER NOT NULL,
-                     ts REAL NOT NULL, topic TEXT NOT NULL, payload BLOB NOT NULL);
-"""
-_TABLES = {"meta", "counters", "outbox"}
-_INSERTS = [
-    (n, "INSERT INTO outbox (size, ts, topic, payload) VALUES " + ",".join(["(?,?,?,?)"] * n))
-    for n in (64, 32, 16, 8, 4, 2, 1)
-]
-
-
-def _connect(path: Path) -> sqlite3.Connection:
-    prepare_sqlite(path)  # no symlink at it or its -wal/-shm; created 0640
-    return sqlite3.connect(str(path), timeout=1.0, isolation_level=None, check_same_thread=False)
-
-
-def _init(db: sqlite3.Connection) -> None:
-    db.execute("INSERT INTO meta (key, value) VALUES ('outbox_id', ?)", (secrets.token_hex(4),))
-    db.execute("INSERT INTO meta (key, value) VALUES ('version', ?)", (SCHEMA_VERSION,))
-    db.execute("INSERT INTO counters (id, rows, bytes) VALUES (1, 0, 0)")
-
-
-def _legacy(db: sqlite3.Connection) -> int | None:
-    """Files from before PRAGMA user_version: schema 1 said so in meta.version."""
-    if not tables_of(db) >= _TABLES:
-        return None
-    row = db.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()
-    return 1 if row is not None and row[0] == "1" else None
-
-
-def _validate(db: sqlite3.Connection) -> str:
-    meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-    oid = meta.get("outbox_id", "")
-    if len(oid) != 8 or any(c not in "0123456789abcdef" for c in oid):
-        return f"bad outbox_id {oid!r}"
-    if meta.get("version") != SCHEMA_VERSION:
-        return f"meta.version {meta.get('version')!r} disagrees with the schema version"
-    return ""
-
-
-def _count(db: sqlite3.Connection) -> int:
-    row = db.execute("SELECT rows FROM counters WHERE id = 1").fetchone()
-    return int(row[0]) if row is not None else int(
-        db.execute("SELECT count(*) FROM outbox").fetchone()[0])
-
-
-def _v1_to_v2(db: sqlite3.Connection) -> None:
-    # version 2 only moved the version into PRAGMA user_version (with an application id)
-    db.execute("UPDATE meta SET value = '2' WHERE key = 'version'")
-
-
-OUTBOX_SCHEMA = Schema(
-    kind="uplink outbox",
-    application_id=0x464C584F,  # "FLXO"
-    version=int(SCHEMA_VERSION),
-    create=_SCHEMA,
-    migrations={1: _v1_to_v2},
-    tables=frozenset(_TABLES),
-    legacy=_legacy,
-    count=_count,
-    init=_init,
-    validate=_validate,
-)
 
 
 class Outbox:

@@ -337,6 +337,45 @@ def test_influx_lines_are_accepted_by_a_real_influxdb(tmp_path: Path) -> None:
         broker.close()
 
 
+class Gate:
+    """A TCP port in front of a broker that refuses connections until opened: the broker 'is
+    down' for whoever connects through it, while a consumer connected straight to the broker is
+    already subscribed (starting the broker late raced the consumer's subscription against the
+    uplink's first publish, which then reached nobody)."""
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.broker = broker
+        self.open = False
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._conn, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if not self.open:
+            writer.close()
+            return
+        up_r, up_w = await asyncio.open_connection(self.broker.host, self.broker.port)
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            try:
+                while data := await r.read(65536):
+                    w.write(data)
+                    await w.drain()
+            except OSError:
+                pass
+            finally:
+                w.close()
+
+        await asyncio.gather(pipe(reader, up_w), pipe(up_r, writer))
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
 def test_several_uplinks_a_slow_one_holds_no_other_back(tmp_path: Path) -> None:
     """[uplink] json to one broker, [uplink.extra.plant] influx to another, which is down:
     the first gets every reading at once; the second its backlog, in order, once it is up."""
@@ -345,11 +384,16 @@ def test_several_uplinks_a_slow_one_holds_no_other_back(tmp_path: Path) -> None:
     lan = Mosquitto(tmp_path / "a")
     plant = Mosquitto(tmp_path / "b")
     lan.start()
+    plant.start()
 
     async def scenario() -> None:
         sub = Consumer(lan)
         await sub.start()
-        extra = {"host": plant.host, "port": plant.port, "reconnect_min": 0.05,
+        sub2 = Consumer(plant)
+        await sub2.start()
+        gate = Gate(plant)
+        await gate.start()
+        extra = {"host": "127.0.0.1", "port": gate.port, "reconnect_min": 0.05,
                  "reconnect_max": 0.2, "encoder": INFLUX}
         up = Uplink(cfg(lan, JSON, extra={"plant": extra}), gateway=GW,
                     state_dir=tmp_path / "state", precision={("d1", "temp"): 1})
@@ -363,15 +407,14 @@ def test_several_uplinks_a_slow_one_holds_no_other_back(tmp_path: Path) -> None:
         assert json_seqs(sub) == list(range(100))
         assert up.extras["plant"].depth() == 100  # all waiting there, none held here
         assert (tmp_path / "state" / "outbox-plant.sqlite").exists()
-        await asyncio.to_thread(plant.start)
-        sub2 = Consumer(plant)
-        await sub2.start()
+        gate.open = True  # the plant broker is reachable from now on
         assert await up.flush(20)
         await sub2.until(lambda: len(influx_seqs(sub2)) >= 100)
         assert influx_seqs(sub2) == list(range(100))
         await up.close()
         await sub.close()
         await sub2.close()
+        await gate.close()
 
     try:
         run(scenario(), 60)

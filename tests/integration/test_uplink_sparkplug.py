@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from flux_edge.config import UplinkConfig
@@ -245,7 +246,11 @@ def test_reconnect_new_birth_then_the_backlog_and_rebirth_on_ncmd(tmp_path: Path
         host = Host(broker)
         await host.start()
         (tmp_path / "state").mkdir()
-        up = Uplink(cfg(broker), gateway="gw1", state_dir=tmp_path / "state")
+        # reconnects a second apart: host2 below subscribes right after the broker is back, and
+        # must do so before the uplink's next attempt sends the new birth (with 0.05-0.3 s the
+        # two raced on a loaded machine and the birth reached nobody)
+        link = msgspec.structs.replace(cfg(broker), reconnect_min=1.0, reconnect_max=1.0)
+        up = Uplink(link, gateway="gw1", state_dir=tmp_path / "state")
         await up.start()
         for i in range(20):
             up.add(poll(i))

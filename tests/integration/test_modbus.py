@@ -366,9 +366,11 @@ def test_poller_backs_off_on_a_dead_device_and_recovers(
         assert "connection refused" in warnings[0].getMessage()
         recovered = [r for r in records if "answers again" in r.getMessage()]
         assert len(recovered) == 1 and recovered[0].levelno == logging.INFO
-        # pymodbus' own "Failed to connect" warnings are not repeated on every retry
+        # pymodbus' own "Failed to connect" warnings are not repeated on every retry (other
+        # pymodbus lines, e.g. a late reply "without a corresponding request" as the device
+        # comes back, are routed and rate-limited: tests/integration/test_modbus_faults.py)
         assert not [r for r in caplog.records if r.name.startswith("pymodbus") and
-                    r.levelno >= logging.WARNING]
+                    r.levelno >= logging.WARNING and "Failed to connect" in r.getMessage()]
 
     run(scenario())
 

@@ -12,7 +12,6 @@ import math
 import os
 import re
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -211,18 +210,8 @@ def _version(path: Path) -> str:
 
 
 def _plugin_instances(d: Daemon) -> dict[str, list[Plugin]]:
-    by_name: dict[str, list[Plugin]] = defaultdict(list)
     p = d.pipeline
-    if p is None:
-        return by_name
-    for chain in p.chains.values():
-        for plugin in chain:
-            by_name[plugin.name].append(plugin)
-    for executor in p.executors.values():
-        owned = getattr(executor, "plugin", None)
-        if isinstance(owned, Plugin):
-            by_name[owned.name].append(owned)
-    return by_name
+    return p.plugins_by_name() if p is not None else {}
 
 
 def plugins(d: Daemon) -> list[dict[str, Any]]:

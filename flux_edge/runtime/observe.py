@@ -10,7 +10,6 @@ from __future__ import annotations
 import collections
 import os
 import time
-from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from flux_edge import __version__
@@ -132,18 +131,8 @@ def stage_busy(snapshot: dict[str, dict[str, float | bool | None]]) -> list[
 
 
 def _plugins(daemon: Daemon) -> dict[str, list[Plugin]]:
-    by_name: dict[str, list[Plugin]] = defaultdict(list)
     p = daemon.pipeline
-    if p is None:
-        return by_name
-    for chain in p.chains.values():
-        for plugin in chain:
-            by_name[plugin.name].append(plugin)
-    for executor in p.executors.values():
-        owned = getattr(executor, "plugin", None)
-        if isinstance(owned, Plugin):
-            by_name[owned.name].append(owned)
-    return by_name
+    return p.plugins_by_name() if p is not None else {}
 
 
 def render_metrics(daemon: Daemon) -> str:

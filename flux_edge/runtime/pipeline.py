@@ -314,6 +314,19 @@ class Pipeline:
         for cb in self.observers.measurements:
             cb(source, marked)
 
+    def plugins_by_name(self) -> dict[str, list[Plugin]]:
+        """Every loaded plugin instance, by plugin name: those in source chains and those an
+        action owns (metrics, health, the console)."""
+        by_name: dict[str, list[Plugin]] = collections.defaultdict(list)
+        for chain in self.chains.values():
+            for plugin in chain:
+                by_name[plugin.name].append(plugin)
+        for executor in self.executors.values():
+            owned = getattr(executor, "plugin", None)
+            if isinstance(owned, Plugin):
+                by_name[owned.name].append(owned)
+        return by_name
+
     def health(self) -> dict[str, dict[str, SourceHealth]]:
         return {name: dict(src.health) for name, src in self.sources.items()}
 

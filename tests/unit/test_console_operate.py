@@ -28,7 +28,8 @@ def stub(now: list[float]) -> Any:
                    stats=stats, logger=logging.getLogger("test"))
     plugin = SimpleNamespace(name="dec", path=Path("/nonexistent/dec.wasm"), stats=stats, _q=q,
                              retry_now=q.end_now)  # Plugin.retry_now is Quarantine.end_now
-    pipeline = SimpleNamespace(chains={("src", ""): [plugin]}, executors={}, audit=FakeAudit())
+    pipeline = SimpleNamespace(chains={("src", ""): [plugin]}, executors={}, audit=FakeAudit(),
+                               plugins_by_name=lambda: {"dec": [plugin]})
     return SimpleNamespace(pipeline=pipeline), q
 
 

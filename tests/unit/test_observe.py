@@ -36,6 +36,7 @@ def test_quarantined_plugins_and_failing_rules_are_degraded_not_hung() -> None:
     failing = {"overheat": object()}
     pipeline = SimpleNamespace(
         chains={("src", ""): [bad, good]}, executors={}, sources={},
+        plugins_by_name=lambda: {"decoder": [bad], "scaler": [good]},
         stats={"plugins": SimpleNamespace(processed=5)},
         engine=SimpleNamespace(failing=lambda: failing),
         store=SimpleNamespace(health=StoreHealth("rule_state", "/tmp/x")),

@@ -332,21 +332,20 @@ class Pipeline:
 
     async def _emit(self, reading: Reading) -> None:
         await self.readings.put(reading)
-        # no await since the put: the count matches the queue's order
-        self.emitted[reading.source] += 1
-        self.emitted_seq += 1
-        self.stats["sources"].processed += 1
-        self.stats["sources"].last_progress = time.monotonic()
+        self._emitted(reading)  # no await since the put: the count matches the queue's order
 
     def _emit_nowait(self, reading: Reading) -> bool:
         if not self.readings.try_put(reading):
             return False
+        self._emitted(reading)
+        return True
+
+    def _emitted(self, reading: Reading) -> None:
         self.emitted[reading.source] += 1
         self.emitted_seq += 1
         stats = self.stats["sources"]
         stats.processed += 1
         stats.last_progress = time.monotonic()
-        return True
 
     def durable_after(self, source: str) -> asyncio.Future[None] | None:
         """A future that completes once every reading ``source`` emitted so far is durable in

@@ -290,6 +290,12 @@ def test_ab_update_rollback_and_refusal_under_qemu(workdir: Path) -> None:
         assert "# flux-edge-ab-test" in gw.sh("cat /etc/flux-edge/flux-edge.toml")
         assert "ActiveState=active" in gw.wait_active()
         gw.sh("systemctl poweroff", check=False)
+    except BaseException:
+        # what the gateway's console printed is the only record of a boot that went wrong (a
+        # slot that reset before the health gate ran leaves nothing in its journal): pytest shows
+        # this with the failure
+        print(f"\n--- the gateway's console, last 12000 characters ---\n{vm.text()[-12000:]}")
+        raise
     finally:
         vm.stop()
     print(f"\nA/B under QEMU: build {build.seconds:.0f}s, three bundles {bundles_s:.0f}s, "

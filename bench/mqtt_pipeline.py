@@ -90,6 +90,18 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (utime + stime) of ``pid``'s main thread and of all its other threads
+    (Python does not name OS threads, so they are told apart by thread id only)."""
+    out: dict[str, float] = {"main": 0.0, "others": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            fields = task.joinpath("stat").read_text().rsplit(")", 1)[1].split()
+            key = "main" if task.name == str(pid) else "others"
+            out[key] += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
 def schedstat(pid: int) -> tuple[float, float, int]:
     """The main thread's (seconds on a CPU, seconds runnable but waiting for one, timeslices)."""
     run, wait, slices = Path(f"/proc/{pid}/schedstat").read_text().split()
@@ -386,6 +398,7 @@ def run_one(sut: str, qos: int, phase: str, *, args: argparse.Namespace, work: P
         gen_out = Lines(gen.stdout)
         wait_for(gen_out.ready.is_set, 20, "the device simulator to connect")
         cpu0 = cpu_seconds(sut_proc.pid)
+        threads0 = thread_cpu(sut_proc.pid)
         sched0, wall0 = schedstat(sut_proc.pid), time.monotonic()
         gen.stdin.write("go\n")
         gen.stdin.flush()
@@ -420,6 +433,10 @@ def run_one(sut: str, qos: int, phase: str, *, args: argparse.Namespace, work: P
         cpu1 = cpu_seconds(sut_proc.pid)
         sched1, wall1 = schedstat(sut_proc.pid), time.monotonic()
         if args.verbose:
+            threads1 = thread_cpu(sut_proc.pid)
+            print(f"  [{name}] CPU s by thread: " + ", ".join(
+                f"{t} {threads1[t] - threads0.get(t, 0.0):.2f}" for t in sorted(threads1)
+                if threads1[t] - threads0.get(t, 0.0) > 0), file=sys.stderr)
             run, wait, slices = (b - a for a, b in zip(sched0, sched1, strict=True))
             print(f"  [{name}] main thread: on CPU {run / (wall1 - wall0):.0%} of the time, "
                   f"waiting for a CPU {wait / (wall1 - wall0):.1%} ({wait * 1000:.0f} ms, "

@@ -18,7 +18,7 @@ mkdir -p "$bundled"
 CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$here/target}
 export CARGO_TARGET_DIR
 cd "$repo"
-for dir in modbus_decode json_normalize nmea0183 vedirect sml iec62056_21 mbus sparkplug_b examples/c_scale examples/vendor_frame; do
+for dir in modbus_decode json_normalize nmea0183 vedirect sml iec62056_21 mbus sparkplug_b sunspec examples/c_scale examples/vendor_frame; do
     echo "building plugins/$dir" >&2
     wasm=$(PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" "$py" -m flux_edge.plugins.tooling build "$here/$dir" --out "$bundled")
     echo "  $(wc -c < "$wasm") bytes -> ${wasm#"$repo"/}" >&2

@@ -48,6 +48,7 @@ GOLDEN_PLUGINS = {
     "iec62056_21": PLUGINS / "iec62056_21",
     "mbus": PLUGINS / "mbus",
     "sparkplug_b": PLUGINS / "sparkplug_b",
+    "sunspec": PLUGINS / "sunspec",
     "c_scale": PLUGINS / "examples" / "c_scale",
 }
 
@@ -658,7 +659,9 @@ def test_rust_native_unit_tests() -> None:
     assert "scanner_agrees_on_random_documents ... ok" in proc.stdout
 
 
-@pytest.mark.parametrize("plugin", ["vedirect", "sml", "iec62056_21", "mbus", "sparkplug_b"])
+@pytest.mark.parametrize(
+    "plugin", ["vedirect", "sml", "iec62056_21", "mbus", "sparkplug_b", "sunspec"]
+)
 def test_converter_native_unit_tests(plugin: str) -> None:
     """Each converter's own unit tests, natively: among them 20,000 damaged or random inputs
     that must not panic (a panic in the module would trap)."""

@@ -108,17 +108,36 @@ def _unique_unit_ids(v: _Validator, devices: list[Any], path: Key) -> None:
             seen[unit] = index
 
 
+def _discovery_checks(v: _Validator, out: dict[str, Any], path: Key) -> None:
+    """``models`` and ``bases`` belong to ``discover = "sunspec"``; each model id once."""
+    for key in ("models", "bases"):
+        if key in out and not out.get("discover"):
+            v.report(
+                (*path, key),
+                f'"{key}" is for SunSpec discovery: add discover = "sunspec" or remove it',
+                at="key",
+            )
+    for key, what in (("models", "model id"), ("bases", "base address")):
+        seen: set[Any] = set()
+        for index, item in enumerate(out.get(key, [])):
+            if item in seen:
+                v.report((*path, key, index), f"{what} {item} is listed twice")
+            seen.add(item)
+
+
 def _device_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> None:
     unique_register_names(v, out.get("registers", []), path, "a device")
+    _discovery_checks(v, out, path)
 
 
-_SHORTHAND_KEYS = ("device", "unit_id", "registers")
+_SHORTHAND_KEYS = ("device", "unit_id", "registers", "discover", "models", "bases")
 
 
 def _tcp_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> None:
     unique_register_names(v, out.get("registers", []), path, "a source")
     if "devices" not in out:
-        if clean and not out.get("registers"):
+        _discovery_checks(v, out, path)
+        if clean and not out.get("registers") and not out.get("discover"):
             v.report(
                 path, "this source has no registers: it will poll nothing", at="key", warning=True
             )
@@ -127,7 +146,8 @@ def _tcp_checks(v: _Validator, out: dict[str, Any], path: Key, clean: bool) -> N
         if key in out:
             v.report(
                 (*path, key),
-                'give either the single-device keys (device, unit_id, registers) or "devices", '
+                "give either the single-device keys (device, unit_id, registers, discover, "
+                'models, bases) or "devices", '
                 f'not both: move "{key}" into a device',
                 at="key",
             )

@@ -178,7 +178,14 @@ def bus_devices(
     if cfg.devices or isinstance(cfg, ModbusRtuSource):
         return cfg.devices
     return (
-        ModbusDeviceConfig(name=cfg.device or name, unit_id=cfg.unit_id, registers=cfg.registers),
+        ModbusDeviceConfig(
+            name=cfg.device or name,
+            unit_id=cfg.unit_id,
+            registers=cfg.registers,
+            discover=cfg.discover,
+            models=cfg.models,
+            bases=cfg.bases,
+        ),
     )
 
 

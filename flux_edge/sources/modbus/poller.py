@@ -37,6 +37,7 @@ from flux_edge.sources.modbus.link import (
 )
 from flux_edge.sources.modbus.plan import PollGroup, ReadBlock, bus_devices, plan_device
 from flux_edge.sources.modbus.spec import ModbusDeviceConfig, ModbusRtuSource, ModbusTcpSource
+from flux_edge.sources.modbus.sunspec import TOPIC_PREFIX, DiscoveryError, SunSpecMap, discover
 
 __all__ = ["ModbusBusPoller", "ModbusTcpPoller"]
 
@@ -89,6 +90,11 @@ class _Device:
     failures: int = 0  # unreachable polls/probes in a row: the backoff exponent
     refused: set[ReadBlock] = field(default_factory=set)  # blocks answered with an exception
     unexpected_logged: bool = False
+    key: str = ""  # its config key path: sources.NAME or sources.NAME.devices[i]
+    sunspec_group: PollGroup | None = None  # the group that reads the discovered models
+    sunspec: SunSpecMap | None = None  # None: (re)discover at its next poll
+    discovery_failures: int = 0  # failed discoveries in a row
+    discovery_retry: float = 0.0  # no discovery before (clock), when it has other groups
 
     @property
     def name(self) -> str:
@@ -166,11 +172,17 @@ class ModbusBusPoller:
             dup = sorted({n for n in names if names.count(n) > 1})
             raise ValueError(f"source {name!r}: device names must be unique, repeated: {dup}")
         self.plans: dict[str, list[PollGroup]] = {}
+        sunspec_groups: dict[str, PollGroup] = {}
         for d in devices:
             try:
-                self.plans[d.name] = plan_device(d, cfg.interval, cfg.max_gap)
+                groups = plan_device(d, cfg.interval, cfg.max_gap)
             except ValueError as exc:
                 raise ValueError(f"source {name!r}: {exc}") from None
+            if d.discover == "sunspec":  # its blocks are known once discovered
+                group = PollGroup(d.interval or cfg.interval, (), ("SunSpec models",))
+                sunspec_groups[d.name] = group
+                groups = sorted([*groups, group], key=lambda g: g.interval)
+            self.plans[d.name] = groups
         self._links: list[_Link] = []
         self._devices: dict[str, _Device] = {}
         open_link = link_factory or _real_links()
@@ -185,6 +197,9 @@ class ModbusBusPoller:
                 link = _Link(open_link(name, cfg, timeout))
                 self._links.append(link)
             dev = _Device(d, timeout, self.plans[d.name], link)
+            dev.sunspec_group = sunspec_groups.get(d.name)
+            index = next((i for i, x in enumerate(cfg.devices) if x.name == d.name), -1)
+            dev.key = f"sources.{name}" + (f".devices[{index}]" if index >= 0 else "")
             link.devices.append(dev)
             self._devices[d.name] = dev
         self.health: dict[str, SourceHealth] = {n: d.health for n, d in self._devices.items()}
@@ -331,6 +346,9 @@ class ModbusBusPoller:
         of the poll is skipped). A block answered with an exception response does not stop the
         others; the first such error is raised at the end.
         """
+        if group is dev.sunspec_group:
+            await self._poll_sunspec(dev, attempts)
+            return
         refused: ModbusExceptionResponse | None = None
         for block in group.blocks:
             try:
@@ -363,6 +381,77 @@ class ModbusBusPoller:
         if refused is not None:
             raise refused
 
+    async def _poll_sunspec(self, dev: _Device, attempts: int) -> None:
+        """Read every discovered SunSpec model of ``dev`` (discovering them first when not
+        known: at its first poll, after it was unreachable, after a model was refused) and emit
+        one Reading per model: the whole block after its header, ``topic`` "sunspec/<id>".
+
+        Raises ``DiscoveryError`` when discovery fails, ``_Unreachable`` as any poll, and a
+        model block refused with an exception response (the map may have changed: it is
+        discovered again at the next poll)."""
+        if dev.sunspec is None:
+            if len(dev.groups) > 1 and self._clock() < dev.discovery_retry:
+                return  # its registers are polled; discovery waits for its back-off
+            dev.sunspec = await self._discover(dev, attempts)
+        for model in dev.sunspec.polled:
+            words: list[int] = []
+            try:
+                for block in model.blocks:
+                    words.extend(await self._read(dev, block, attempts))
+            except ModbusExceptionResponse as exc:
+                self._answered(dev)
+                dev.sunspec = None
+                self._log.warning(
+                    "%s refuses SunSpec model %s: %s (discovering its models again)",
+                    dev.label, model.describe(), exc,
+                )
+                raise
+            self._answered(dev)
+            await self._emit(
+                Reading(
+                    source=self.name,
+                    device=dev.cfg.name,
+                    ts=self._wall(),
+                    kind=KIND_REGISTERS,
+                    registers=tuple(words),
+                    function=FN_HOLDING,
+                    address=model.start,
+                    topic=f"{TOPIC_PREFIX}{model.id}",
+                )
+            )
+
+    async def _discover(self, dev: _Device, attempts: int) -> SunSpecMap:
+        async def read(block: ReadBlock) -> tuple[int, ...]:
+            return await self._read(dev, block, attempts)
+
+        cfg = dev.cfg
+        found = await discover(read, self.name, dev.key, cfg.bases, cfg.models)
+        dev.discovery_failures = 0
+        self._log.info("%s: %s", dev.label, found.describe())
+        if found.missing:
+            self._log.warning(
+                "%s: %s.models: model(s) %s not on the device; polling the others",
+                dev.label, dev.key, ", ".join(map(str, found.missing)),
+            )
+        return found
+
+    def _discovery_failed(self, dev: _Device, exc: DiscoveryError) -> None:
+        """Count a failed discovery; retry it on its own back-off when the device has register
+        groups that still poll (a SunSpec-only device is backed off as a whole)."""
+        dev.discovery_failures += 1
+        failures = dev.health.failures
+        failures[exc.reason] = failures.get(exc.reason, 0) + 1
+        n = dev.discovery_failures
+        dev.discovery_retry = self._clock() + min(
+            self._backoff_max, self._backoff_min * 2.0 ** min(n - 1, 32)
+        )
+        if len(dev.groups) == 1:
+            self._unreachable(dev, exc)
+            return
+        self._count_error(dev, str(exc))
+        if n == 1:
+            self._log.warning("%s: %s (retrying with back-off)", dev.label, exc)
+
     async def _poll_guarded(self, dev: _Device, gi: int, attempts: int | None) -> _Outcome:
         """One poll of one group that never raises (but CancelledError)."""
         outcome = await self._poll_outcome(dev, gi, attempts)
@@ -376,6 +465,9 @@ class ModbusBusPoller:
         except _Unreachable as exc:
             self._unreachable(dev, exc.error)
             return "unreachable"
+        except DiscoveryError as exc:
+            self._discovery_failed(dev, exc)
+            return "unreachable" if len(dev.groups) == 1 else "refused"
         except ModbusExceptionResponse as exc:
             self._count_error(dev, str(exc))
             return "refused"
@@ -414,8 +506,11 @@ class ModbusBusPoller:
                 "%s answers again after %d failed poll(s)", dev.label, h.consecutive_errors
             )
         else:
-            groups = ", ".join(f"{len(g.blocks)} request(s) every {g.interval:g} s"
-                               for g in dev.groups)
+            groups = ", ".join(
+                f"{'SunSpec models' if g is dev.sunspec_group else f'{len(g.blocks)} request(s)'}"
+                f" every {g.interval:g} s"
+                for g in dev.groups
+            )
             self._log.info("polling %s on %s: %s", dev.label, self._where(dev), groups)
         previous = dev.state
         dev.state = "good"
@@ -427,9 +522,15 @@ class ModbusBusPoller:
     def _unreachable(self, dev: _Device, error: SourceError) -> None:
         self._count_error(dev, str(error))
         dev.health.quality = "bad"
+        dev.sunspec = None  # discovered again when it answers
         if dev.state != "bad":
             dev.state = "bad"
-            what = "gives no valid reply" if isinstance(error, BadReply) else "does not answer"
+            if isinstance(error, DiscoveryError):
+                what = "fails SunSpec discovery"
+            elif isinstance(error, BadReply):
+                what = "gives no valid reply"
+            else:
+                what = "does not answer"
             self._log.warning(
                 "%s %s: %s (backing off; logged again when it answers)", dev.label, what, error
             )

@@ -155,6 +155,9 @@ def normalize(ctx: Context, sname: str, src: dict[str, Any]) -> None:
                 "registers": list(src.get("registers", [])),
             }
         ]
+        for key in ("discover", "models", "bases"):  # SunSpec discovery, when given
+            if key in src:
+                src["devices"][0][key] = src[key]
     interval = src.get("interval", _default(cls, "interval"))
     timeout = src.get("timeout", _default(cls, "timeout"))
     for index, device in enumerate(src.get("devices", [])):
@@ -180,7 +183,13 @@ def normalize(ctx: Context, sname: str, src: dict[str, Any]) -> None:
             )
         device["interval"] = device.get("interval") or interval
         device["timeout"] = device.get("timeout") or timeout
-        if not shorthand and not ref and not device.get("registers") and v.clean(path):
+        if (
+            not shorthand
+            and not ref
+            and not device.get("registers")
+            and not device.get("discover")
+            and v.clean(path)
+        ):
             v.report(
                 path,
                 f'device "{device.get("name", "?")}" has no registers and no profile: '

@@ -33,6 +33,11 @@ REGISTER_WORDS: dict[str, int] = {
 }
 BIT_FUNCTIONS = frozenset({"coil", "discrete"})
 
+# Model discovery: "sunspec" finds the SunSpec models behind the 'SunS' marker (sunspec.py).
+Discover = Literal["", "sunspec"]
+ModelId = Annotated[int, Meta(ge=1, le=65534)]  # 0xFFFF ends a SunSpec chain
+BaseAddress = Annotated[int, Meta(ge=0, le=65532)]  # the marker and one header must fit
+
 
 class RegisterConfig(Table, frozen=True):
     # a CEL identifier: [A-Za-z_][A-Za-z0-9_]*
@@ -62,6 +67,12 @@ class ModbusDeviceConfig(Table, frozen=True):
     registers: tuple[RegisterConfig, ...] = ()  # after loading: the profile's map, then these
     interval: Annotated[float, Meta(ge=0), DURATION] = 0.0  # 0 = the bus's interval
     timeout: Annotated[float, Meta(ge=0), DURATION] = 0.0  # 0 = the bus's timeout
+    # "sunspec": find its SunSpec models at connect and poll their blocks
+    discover: Discover = ""
+    # with discover: the model ids to poll; default: every model found
+    models: tuple[ModelId, ...] = ()
+    # with discover: where to look for the 'SunS' marker; default: 40000, 50000, 0
+    bases: tuple[BaseAddress, ...] = ()
 
 
 class _ModbusSource(SourceSpec, frozen=True):
@@ -115,6 +126,10 @@ class ModbusTcpSource(_ModbusSource, frozen=True, kw_only=True, tag="modbus_tcp"
     max_gap: Annotated[int, Meta(ge=0, le=123)] = 8  # registers a coalesced read may skip over
     registers: tuple[RegisterConfig, ...] = ()
     devices: tuple[ModbusDeviceConfig, ...] = ()  # several unit ids behind one endpoint
+    # single-device shorthand: "sunspec" finds and polls the device's SunSpec models
+    discover: Discover = ""
+    models: tuple[ModelId, ...] = ()  # single-device shorthand, with discover
+    bases: tuple[BaseAddress, ...] = ()  # single-device shorthand, with discover
     # extra attempts of a failed request before the device counts as failing
     retries: Annotated[int, Meta(ge=0, le=100)] = 1
     # longest pause between attempts to reach a failing device
@@ -182,6 +197,9 @@ def source_devices(
                 registers=source.registers,
                 interval=source.interval,
                 timeout=source.timeout,
+                discover=source.discover,
+                models=source.models,
+                bases=source.bases,
             ),
         )
     return ()

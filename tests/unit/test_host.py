@@ -253,14 +253,19 @@ def test_log_flood_is_rate_limited(host: PluginHost, caplog: pytest.LogCaptureFi
     refilled = int((time.monotonic() - t0) * LOG_RATE) + 1  # tokens that came back meanwhile
     ticks = [r for r in caplog.records if r.getMessage() == "tick"]
     assert LOG_BURST - 10 <= len(ticks) <= LOG_BURST - 1 + refilled
+    # a token that came back during a slow flood (a loaded machine) let a tick through, and
+    # that tick reported the drops before it: every drop is reported once, in one note or more
+    suffix = " log message(s) of this plugin suppressed (limit: 20/s, bursts of 200)"
+    reported = [int(r.getMessage().removesuffix(suffix)) for r in caplog.records
+                if r.getMessage().endswith(suffix)]
     time.sleep(0.1)  # the bucket refills (20/s): the next message reports what was dropped
     caplog.clear()
     plugin.process([reading(address=LOG_UTF8)])
-    (note, _) = [r.getMessage() for r in caplog.records]
-    dropped = 500 - len(ticks)
-    assert note == (
-        f"{dropped} log message(s) of this plugin suppressed (limit: 20/s, bursts of 200)"
-    )
+    messages = [r.getMessage() for r in caplog.records]
+    # the note (unless the flood's own last message passed and reported), then the message
+    assert len(messages) in (1, 2) and not messages[-1].endswith(suffix), messages
+    reported += [int(m.removesuffix(suffix)) for m in messages[:-1] if m.endswith(suffix)]
+    assert reported and sum(reported) == 500 - len(ticks), (reported, len(ticks))
 
 
 # --- load-time checks ----------------------------------------------------------------------------

@@ -17,9 +17,10 @@ from flux_edge.plugins import manifest as mf
 from flux_edge.plugins.tooling import build_plugin
 
 REPO = Path(__file__).resolve().parents[2]
-FOLDERS = ("modbus_decode", "json_normalize", "nmea0183", "examples/c_scale",
-           "examples/vendor_frame", "vedirect", "iec62056_21", "sml", "mbus",
-           "sparkplug_b")  # fmt: skip
+# every plugin folder (one with a manifest), not a list of our own that a new plugin can miss
+FOLDERS = tuple(sorted(str(m.parent.relative_to(REPO / "plugins"))
+                       for m in (REPO / "plugins").glob("**/manifest.toml")
+                       if "target" not in m.parts and "templates" not in m.parts))
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ Marked slow (root, runs in CI): about 10 minutes here (build about 2, bundles 1,
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import shutil
 import subprocess
@@ -55,6 +56,10 @@ ARCH = "amd64"
 ANSIBLE_PLAYBOOK = REPO / ".venv" / "bin" / "ansible-playbook"
 GROW = 1536 * 1024 * 1024
 METRICS_PORT = 9191
+# console lines that tell how each boot went, printed when the test fails
+KEY_LINES = re.compile(r"flux-edge:|health-gate|growroot|Linux version|watchdog|Watchdog|panic|"
+                       r"Oops|BUG|reboot|Reboot|Power-Off|Reached target|Failed|FAILED|"
+                       r"emergency|Emergency|rauc|RAUC")
 HEALTH_TIMEOUT = 120  # s after the kernel starts: READY came at 48 s here on a trial boot (TCG)
 BOOT_TIMEOUT = 420.0
 
@@ -294,7 +299,10 @@ def test_ab_update_rollback_and_refusal_under_qemu(workdir: Path) -> None:
         # what the gateway's console printed is the only record of a boot that went wrong (a
         # slot that reset before the health gate ran leaves nothing in its journal): pytest shows
         # this with the failure
-        print(f"\n--- the gateway's console, last 12000 characters ---\n{vm.text()[-12000:]}")
+        text = vm.text()
+        print("\n--- the gateway's console: every boot, the gate, resets, panics ---")
+        print("\n".join(line for line in text.splitlines() if KEY_LINES.search(line)))
+        print(f"\n--- the gateway's console, last 12000 characters ---\n{text[-12000:]}")
         raise
     finally:
         vm.stop()

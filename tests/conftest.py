@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,26 @@ def cli_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+_NOTES = pytest.StashKey[list[str]]()
+
+
+@pytest.fixture
+def summary_note(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """``summary_note(text)``: a line for the end of the run's output (where a passing test's
+    own output is not shown), e.g. how long each phase of an image test took: CI's record of
+    where its time goes."""
+    notes = request.config.stash.setdefault(_NOTES, [])
+    return lambda text: notes.append(f"{request.node.nodeid}: {text}")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
+                            config: pytest.Config) -> None:
+    notes = config.stash.get(_NOTES, [])
+    if notes:
+        terminalreporter.section("phase timings")
+        for line in notes:
+            terminalreporter.write_line(line)
 
 
 _LAST = ("tests/system/test_image_boot.py", "tests/system/test_ab_update.py")

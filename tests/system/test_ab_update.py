@@ -30,7 +30,7 @@ import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -179,7 +179,8 @@ def workdir() -> Iterator[Path]:
 
 
 @pytest.mark.timeout(3600)
-def test_ab_update_rollback_and_refusal_under_qemu(workdir: Path) -> None:
+def test_ab_update_rollback_and_refusal_under_qemu(workdir: Path,
+                                                   summary_note: Callable[[str], None]) -> None:
     require_tools(ARCH, ("ssh", "ssh-keygen"))
     if not ANSIBLE_PLAYBOOK.exists():
         pytest.fail(f"{ANSIBLE_PLAYBOOK} missing: tools/setup.sh installs Ansible into .venv")
@@ -306,6 +307,6 @@ def test_ab_update_rollback_and_refusal_under_qemu(workdir: Path) -> None:
         raise
     finally:
         vm.stop()
-    print(f"\nA/B under QEMU: build {build.seconds:.0f}s, three bundles {bundles_s:.0f}s, "
+    summary_note(f"A/B under QEMU: build {build.seconds:.0f}s, three bundles {bundles_s:.0f}s, "
           + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
           + f"; total {time.monotonic() - t_start:.0f}s")

@@ -34,7 +34,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -233,9 +233,12 @@ def _debugfs(image: Path, offset: int, commands: str, workdir: Path) -> str:
 
 @pytest.mark.timeout(BUILD_TIMEOUT + BOOT_TIMEOUT + 180)
 @pytest.mark.parametrize("arch", ARCHS)
-def test_image_boots_to_ready_flux_edge(workdir: Path, arch: str) -> None:
+def test_image_boots_to_ready_flux_edge(workdir: Path, arch: str,
+                                        summary_note: Callable[[str], None]) -> None:
     require_tools(arch)
+    t0 = time.monotonic()
     build = built_image(arch)
+    waited_s = time.monotonic() - t0
     out, build_s, name = build.out, build.seconds, build.name
     image = build.image
     assert image.is_file() and (out / f"{name}.img.zst").is_file(), sorted(out.iterdir())
@@ -354,7 +357,7 @@ sif /etc/systemd/system/{TEST_UNIT} mode 0100644
     assert not left, f"imported files left on the FAT: {left}"
 
     ready = re.search(r"ready_us=(\d+)", verdict)
-    print(f"\n{arch} image: build {build_s:.0f}s, "
+    summary_note(f"{arch} image: build {build_s:.0f}s (this test waited {waited_s:.0f}s of it), "
           f"raw {raw_size} bytes ({raw_size / 2**20:.0f} MiB), "
           f"zstd {zst_size} bytes ({zst_size / 2**20:.0f} MiB); boot: READY at "
           f"{int(ready.group(1)) / 1e6 if ready else float('nan'):.1f}s after kernel start, "

@@ -233,3 +233,60 @@ def test_bus_budget_of_a_loaded_config_uses_profiles(site: Path) -> None:
     assert [(r.device, r.read) for r in budget.requests] == [
         ("sensor", "read input registers 1..2"),
     ]
+
+
+# --- SunSpec devices: their blocks counted by the models' standard lengths ----------------------
+
+
+def sunspec_device(**kw: Any) -> ModbusDeviceConfig:
+    kw.setdefault("name", "inverter")
+    return ModbusDeviceConfig(unit_id=1, discover="sunspec", interval=1.0, **kw)
+
+
+def test_sunspec_models_are_counted_by_their_standard_lengths() -> None:
+    budget = bus_budget(bus(sunspec_device(models=(1, 103, 203)), baudrate=9600, parity="N"),
+                        "line")
+    byte = 10 / 9600
+    gap = 3.5 * byte
+    # model 1 = 66 registers, 103 = 50, 203 = 105: one request each (at most 125 per request)
+    assert [(r.request_bytes, r.response_bytes) for r in budget.requests] == [
+        (8, 5 + 2 * 66), (8, 5 + 2 * 50), (8, 5 + 2 * 105)]
+    per_poll = sum((8 + 5 + 2 * n) * byte + 2 * gap + 0.005 for n in (66, 50, 105))
+    assert budget.utilisation == pytest.approx(per_poll / 1.0)
+    assert budget.lines[1].startswith(
+        "  inverter unit 1: SunSpec model 1 (configured), 66 holding registers every 1 s: "
+        "8 B + 137 B = 145 B -> 151.0 ms")
+
+
+def test_sunspec_without_models_counts_the_common_model_and_one_inverter_and_says_so() -> None:
+    budget = bus_budget(bus(sunspec_device(), baudrate=19200), "line")
+    assert [r.response_bytes for r in budget.requests] == [5 + 2 * 66, 5 + 2 * 50]
+    assert all("assumed: set models" in r.read for r in budget.requests)
+
+
+def test_sunspec_model_of_unknown_length_is_named_not_counted() -> None:
+    budget = bus_budget(bus(sunspec_device(models=(103, 64110)), baudrate=19200), "line")
+    assert len(budget.requests) == 1
+    assert any("SunSpec models 64110 not counted" in line for line in budget.lines)
+
+
+def test_sunspec_block_longer_than_one_request_is_split() -> None:
+    # 211 (float meter) is 124 registers: one request; two 203s on two devices: two more
+    cfg = bus(sunspec_device(models=(211,)), sunspec_device(name="m2", models=(203,)),
+              baudrate=19200)
+    assert [r.response_bytes for r in bus_budget(cfg, "line").requests] == [253, 215]
+
+
+def test_sunspec_devices_can_overcommit_the_bus(tmp_path: Path) -> None:
+    path = tmp_path / "flux.toml"
+    path.write_text(textwrap.dedent("""
+        [sources.pv]
+        type = "modbus_rtu"
+        port = "/dev/ttyUSB0"
+        baudrate = 9600
+        interval = "200ms"
+        devices = [{ name = "inverter", discover = "sunspec", models = [1, 103, 203] }]
+        """), encoding="utf-8")
+    _, problems = check_config(path)
+    (problem,) = [p for p in problems if "overcommitted" in str(p)]
+    assert "SunSpec model 203 (configured)" in str(problem)

@@ -3,13 +3,14 @@ overcommitted bus through the modbus_rtu kind's ``built_check``)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from flux_edge.config import Config
 from flux_edge.config.kinds import Context
 from flux_edge.config.values import Key
-from flux_edge.sources.modbus import plan
-from flux_edge.sources.modbus.spec import ModbusRtuSource, source_devices
+from flux_edge.sources.modbus import plan, sunspec
+from flux_edge.sources.modbus.spec import ModbusDeviceConfig, ModbusRtuSource, source_devices
 
 # --- RTU bus budget -----------------------------------------------------------------------------
 
@@ -85,22 +86,29 @@ def bus_budget(config: Config, source_name: str) -> BusBudget:
     else:
         gap_how = "3.5 characters"
     requests: list[BusRequest] = []
-    for device in source_devices(source_name, source):
+    notes: list[str] = []
+
+    def add(device: ModbusDeviceConfig, block: plan.ReadBlock, interval: float, read: str) -> None:
+        requests.append(
+            BusRequest(
+                device=device.name,
+                unit_id=device.unit_id,
+                read=read,
+                interval=interval,
+                request_bytes=plan.request_bytes(block),
+                response_bytes=plan.response_bytes(block),
+                wire=plan.transaction_time(block, char, 0.0),
+                seconds=plan.transaction_time(block, char, gap) + source.turnaround,
+            )
+        )
+
+    for index, device in enumerate(source_devices(source_name, source)):
         for group in plan.plan_device(device, source.interval, source.max_gap):
             for block in group.blocks:
-                wire = plan.transaction_time(block, char, 0.0)
-                requests.append(
-                    BusRequest(
-                        device=device.name,
-                        unit_id=device.unit_id,
-                        read=block.describe(),
-                        interval=group.interval,
-                        request_bytes=plan.request_bytes(block),
-                        response_bytes=plan.response_bytes(block),
-                        wire=wire,
-                        seconds=plan.transaction_time(block, char, gap) + source.turnaround,
-                    )
-                )
+                add(device, block, group.interval, block.describe())
+        if device.discover == "sunspec":
+            key = f"sources.{source_name}.devices[{index}]"
+            notes.extend(_sunspec_requests(device, source.interval, key, add))
     utilisation = sum(r.seconds / r.interval for r in requests)
     lines = [
         f"bus {source_name} ({source.port}): {source.baudrate} baud {framing} = {bits} bits "
@@ -115,6 +123,7 @@ def bus_budget(config: Config, source_name: str) -> BusBudget:
             f"+ {_ms(r.seconds - r.wire)} gaps and turnaround = {_ms(r.seconds)} "
             f"({_pct(r.seconds / r.interval)})"
         )
+    lines.extend(notes)
     verdict = " > 100%" if utilisation > 1 else " > 80%" if utilisation > WARN_UTILISATION else ""
     lines.append(
         f"bus {source_name}: {source.baudrate} baud {framing}: {utilisation:.3g} s of traffic "
@@ -131,6 +140,44 @@ def bus_budget(config: Config, source_name: str) -> BusBudget:
         utilisation=utilisation,
         lines=tuple(lines),
     )
+
+
+def _sunspec_requests(
+    device: ModbusDeviceConfig,
+    default_interval: float,
+    key: str,
+    add: Callable[[ModbusDeviceConfig, plan.ReadBlock, float, str], None],
+) -> list[str]:
+    """Count a SunSpec device's per-poll block reads by the models' standard lengths (its real
+    chain is known only once it answers): its ``models``, or ``ASSUMED_MODELS`` without them.
+    Discovery (a few short reads at connect) is not counted. Returns notes for the plan: what
+    was assumed, and models whose length the standard does not fix."""
+    interval = device.interval if device.interval > 0 else default_interval
+    if interval <= 0:
+        raise ValueError(f"{key}: interval must be > 0")
+    models = device.models or sunspec.ASSUMED_MODELS
+    how = "configured" if device.models else "assumed: set models to count the device's own"
+    notes: list[str] = []
+    unknown: list[str] = []
+    for model in models:
+        length = sunspec.STANDARD_LENGTHS.get(model)
+        if length is None:
+            unknown.append(str(model))
+            continue
+        # the block's address is known only after discovery; its size is what costs line time
+        for block in sunspec.model_blocks(0, length):
+            add(
+                device,
+                block,
+                interval,
+                f"SunSpec model {model} ({how}), {block.count} holding registers",
+            )
+    if unknown:
+        notes.append(
+            f"  {device.name} unit {device.unit_id}: SunSpec models {', '.join(unknown)} not "
+            "counted: the standard does not fix their length"
+        )
+    return notes
 
 
 def check_budget(ctx: Context, config: Config, name: str) -> None:

@@ -27,10 +27,12 @@ from flux_edge.sources.modbus.link import ModbusExceptionResponse
 from flux_edge.sources.modbus.plan import MAX_REGISTERS, ReadBlock
 
 __all__ = [
+    "ASSUMED_MODELS",
     "DEFAULT_BASES",
     "END_OF_CHAIN",
     "MARKER",
     "MAX_MODELS",
+    "STANDARD_LENGTHS",
     "TOPIC_PREFIX",
     "DiscoveryError",
     "Model",
@@ -44,6 +46,19 @@ DEFAULT_BASES = (40000, 50000, 0)
 END_OF_CHAIN = 0xFFFF
 MAX_MODELS = 256  # a longer chain is taken as broken (a device answering garbage forever)
 TOPIC_PREFIX = "sunspec/"  # Reading.topic of a model block: "sunspec/103"
+# The fixed block length L of the common models, from the SunSpec model definitions: the bus
+# budget counts a configured model's requests by it before any device has answered.
+STANDARD_LENGTHS: dict[int, int] = {
+    1: 66,  # common
+    101: 50, 102: 50, 103: 50,  # inverters, single / split / three phase, integer + SF
+    111: 60, 112: 60, 113: 60,  # the same, float
+    120: 26, 121: 30, 122: 44, 123: 24,  # nameplate, settings, status, controls
+    201: 105, 202: 105, 203: 105, 204: 105,  # meters, integer + SF
+    211: 124, 212: 124, 213: 124, 214: 124,  # meters, float
+}
+# What a device with discover but without models is counted as: the common model and one
+# three-phase inverter (its real chain is known only once it answers).
+ASSUMED_MODELS = (1, 103)
 
 Read = Callable[[ReadBlock], Awaitable[tuple[int, ...]]]
 

@@ -5,7 +5,10 @@ The layouts are the SunSpec model definitions (github.com/sunspec/models, json/m
 model_101..103.json, model_201..204.json): point order, sizes, types, scale factor points and
 'not implemented' values. ``published`` holds the common model of pysunspec2's test device
 (sunspec2/tests/test_data/inverter_123.json: Mn "Device Manufacturer", Md "Inverter 123",
-Vr "v0.0.1", SN "9999abcd", Opt and DA not implemented, Pad 0x8000). The other blocks are
+Vr "v0.0.1", SN "9999abcd", Opt and DA not implemented, Pad 0x8000); ``fronius`` the register
+map of a Fronius IG+ inverter from pysunspec's test devices (mbmap_fronius.xml: model 1 with
+L = 65, model 101), byte for byte; ``test_inverter`` pysunspec's test three-phase inverter
+(mbmap_test_inverter_1.xml: models 1 and 103). The other blocks are
 written here from the definitions with hand-picked values; the ``*.out.jsonl`` files are the
 plugin's output, checked by hand against the values below.
 
@@ -118,6 +121,59 @@ def device_map(models: Sequence[tuple[int, list[int]]], *, marker: bool = True) 
     return words + list(END)
 
 
+# --- published device maps --------------------------------------------------------------------
+# Register dumps from pysunspec's test devices (sunspec/core/test/devices/), as hex bytes, two
+# per register, from the 'SunS' marker on. mbmap_fronius.xml is a Fronius IG+ inverter's map:
+# model 1 with L = 65 (no Pad), model 101 (single phase). The values below are its registers.
+FRONIUS_HEX = """
+53 75 6E 53 00 01 00 41
+46 72 6F 6E 69 75 73 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00
+49 47 2B 56 37 2E 35 55 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00
+32 2E 31 2E 31 38 00 00 00 00 00 00 00 00 00 00 36 2E 32 2E 30 00 00 00 00 00 00 00 00 00 00 00
+35 30 2E 32 35 39 37 39 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00
+00 01
+00 65 00 32
+02 25 02 25 FF FF FF FF FF FE FF FF FF FF FF FF 00 F3 FF FF FF FF 00 00 05 1B 00 00 17 71 FF FE
+05 36 00 00 01 0B 00 00 03 D3 FF FF 00 1A 42 87 00 00 01 7C FF FE 01 5E 00 00 33 F4 FF FF 80 00
+80 00 80 00 80 00 80 00 00 04 00 04 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00
+00 00 00 00
+"""
+
+
+def _words(hex_text: str) -> list[int]:
+    raw = bytes.fromhex(hex_text)
+    return [raw[i] << 8 | raw[i + 1] for i in range(0, len(raw), 2)]
+
+
+def fronius_models() -> dict[int, list[int]]:
+    """Model id -> block of the Fronius map (its chain walked: 'SunS', then ID, L, block)."""
+    words = _words(FRONIUS_HEX)
+    assert tuple(words[:2]) == MARKER
+    models: dict[int, list[int]] = {}
+    at = 2
+    while at < len(words):
+        model, length = words[at], words[at + 1]
+        models[model] = words[at + 2 : at + 2 + length]
+        at += 2 + length
+    return models
+
+
+# mbmap_test_inverter_1.xml: pysunspec's test three-phase inverter (model 1, L = 66; model 103),
+# written there as typed values, here by point name.
+TEST_INVERTER_COMMON = {"Mn": "SunSpecTest", "Md": "TestInverter-1", "Opt": "opt_a_b_c",
+                        "Vr": "1.2.3", "SN": "sn-123456789", "DA": 1, "Pad": 0}  # fmt: skip
+TEST_INVERTER_103 = {
+    "A": 124, "AphA": 41, "AphB": 42, "AphC": 43, "A_SF": -1,
+    "PhVphA": 2401, "PhVphB": 2402, "PhVphC": 2403, "V_SF": -1,  # PPVph.. 0xffff
+    "W": 2970, "W_SF": 0, "Hz": 5999, "Hz_SF": -2, "VA": 2978, "VA_SF": 0,
+    "VAr": 1, "VAr_SF": -1, "PF": 995, "PF_SF": -3, "WH": 1234567, "WH_SF": 0,
+    "DCA": 100, "DCA_SF": -1, "DCV": 3001, "DCV_SF": -1, "DCW": 3001, "DCW_SF": 0,
+    "TmpCab": 401, "TmpSnk": 402, "TmpTrns": 403, "TmpOt": 404, "Tmp_SF": -1,
+    "St": 1, "StVnd": 2, "Evt1": 3, "Evt2": 4, "EvtVnd1": 5, "EvtVnd2": 6, "EvtVnd3": 7,
+    "EvtVnd4": 8,
+}  # fmt: skip
+
+
 # --- the blocks of the cases ------------------------------------------------------------------
 
 PUBLISHED_COMMON = {"Mn": "Device Manufacturer", "Md": "Inverter 123", "Vr": "v0.0.1",
@@ -168,6 +224,7 @@ def _line(model: int, words: list[int], ts: float, address: int, device: str = "
 
 def cases() -> dict[str, tuple[dict[str, object], list[dict[str, object]]]]:
     common = block(1, PUBLISHED_COMMON)
+    fronius = fronius_models()
     short_common = common[:65]  # an older device: model 1 with L = 65 (no Pad)
     inv = block(103, INVERTER_103)
     meter = block(203, METER_203)
@@ -175,6 +232,12 @@ def cases() -> dict[str, tuple[dict[str, object], list[dict[str, object]]]]:
     wild_sf = block(203, {**METER_203, "TotWh_SF": 11})
     return {
         "published": ({}, [_line(1, common, 1700000000.0, 40004), _line(1, short_common, 1700000001.0, 40004)]),
+        "fronius": ({}, [_line(m, body, 1700000000.0 + k, a) for k, (m, body, a) in enumerate(
+            [(1, fronius[1], 40004), (101, fronius[101], 40071)])]),
+        "test_inverter": ({}, [
+            _line(1, block(1, TEST_INVERTER_COMMON), 1700000000.0, 40004),
+            _line(103, block(103, TEST_INVERTER_103), 1700000000.0, 40072),
+        ]),
         "inverters": ({}, [
             _line(103, inv, 1700000000.0, 40070),
             _line(101, block(101, INVERTER_101), 1700000001.0, 40070),

@@ -8,7 +8,8 @@ model_101..103.json, model_201..204.json): point order, sizes, types, scale fact
 Vr "v0.0.1", SN "9999abcd", Opt and DA not implemented, Pad 0x8000); ``fronius`` the register
 map of a Fronius IG+ inverter from pysunspec's test devices (mbmap_fronius.xml: model 1 with
 L = 65, model 101), byte for byte; ``test_inverter`` pysunspec's test three-phase inverter
-(mbmap_test_inverter_1.xml: models 1 and 103). The other blocks are
+(mbmap_test_inverter_1.xml: models 1 and 103); ``symbols`` reports St by its symbol
+(``enums = "symbol"``). The other blocks are
 written here from the definitions with hand-picked values; the ``*.out.jsonl`` files are the
 plugin's output, checked by hand against the values below.
 
@@ -234,6 +235,11 @@ def cases() -> dict[str, tuple[dict[str, object], list[dict[str, object]]]]:
         "published": ({}, [_line(1, common, 1700000000.0, 40004), _line(1, short_common, 1700000001.0, 40004)]),
         "fronius": ({}, [_line(m, body, 1700000000.0 + k, a) for k, (m, body, a) in enumerate(
             [(1, fronius[1], 40004), (101, fronius[101], 40071)])]),
+        "symbols": ({"enums": "symbol", "points": ["St", "StVnd", "W"]}, [
+            _line(101, fronius[101], 1700000000.0, 40071),  # St 4: MPPT
+            _line(103, block(103, {"St": 7, "StVnd": 12}), 1700000001.0, 40072),  # FAULT
+            _line(103, block(103, {"St": 9}), 1700000002.0, 40072),  # not defined: "9"
+        ]),
         "test_inverter": ({}, [
             _line(1, block(1, TEST_INVERTER_COMMON), 1700000000.0, 40004),
             _line(103, block(103, TEST_INVERTER_103), 1700000000.0, 40072),

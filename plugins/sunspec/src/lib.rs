@@ -207,7 +207,12 @@ struct Point {
     off: usize,
     t: T,
     sf: Option<(usize, &'static str)>,
+    sym: bool, // an inverter's St reported by its symbol (enums = "symbol")
 }
+
+/// The symbols of St (operating state) in the inverter models 101-103, values 1..8.
+const ST_SYMBOLS: [&str; 8] =
+    ["OFF", "SLEEPING", "STARTING", "MPPT", "THROTTLED", "SHUTTING_DOWN", "FAULT", "STANDBY"];
 
 struct Model {
     id: u16,
@@ -245,8 +250,8 @@ fn ids_of(v: &Json, key: &str) -> Result<Option<Vec<u16>>, String> {
 fn init(cfg: &Json) -> Result<Config, String> {
     let obj = cfg.as_object().ok_or("the config must be a JSON object")?;
     for key in obj.keys() {
-        if !matches!(key.as_str(), "models" | "points" | "names" | "prefix" | "source") {
-            return Err(format!("unknown key {:?} (keys: models, points, names, prefix)", key));
+        if !matches!(key.as_str(), "models" | "points" | "names" | "prefix" | "enums" | "source") {
+            return Err(format!("unknown key {:?} (keys: models, points, names, prefix, enums)", key));
         }
     }
     let keep = ids_of(obj.get("models").unwrap_or(&Json::Null), "models")?;
@@ -271,6 +276,12 @@ fn init(cfg: &Json) -> Result<Config, String> {
         Some("point") => false,
         Some("model") => true,
         _ => return Err(format!("names must be \"point\" or \"model\", got {}", obj["names"])),
+    };
+    let symbols = match obj.get("enums").and_then(Json::as_str) {
+        None if obj.get("enums").map_or(true, Json::is_null) => false,
+        Some("number") => false,
+        Some("symbol") => true,
+        _ => return Err(format!("enums must be \"number\" or \"symbol\", got {}", obj["enums"])),
     };
     let prefix = match obj.get("prefix") {
         None | Some(Json::Null) => "",
@@ -303,7 +314,8 @@ fn init(cfg: &Json) -> Result<Config, String> {
                 Some((offsets[j], d.2))
             };
             let name = if by_model { format!("{}m{}_{}", prefix, id, d.0) } else { format!("{}{}", prefix, d.0) };
-            pts.push(Point { key: Key::new(&name, d.3), name: d.0, off: offsets[i], t: d.1, sf });
+            let sym = symbols && d.0 == "St" && (101..=103).contains(&id);
+            pts.push(Point { key: Key::new(&name, d.3), name: d.0, off: offsets[i], t: d.1, sf, sym });
         }
         models.push(Model { id, min: min_len(id, def), points: pts });
     }
@@ -401,6 +413,10 @@ fn process(cfg: &mut Config, m: &Message, out: &mut Output) -> Result<(), String
             Raw::None => {}
             Raw::Text(s) => out.put(&p.key, &s),
             Raw::Int(v) => match p.sf {
+                None if p.sym => match ST_SYMBOLS.get((v - 1) as usize) {
+                    Some(symbol) if v >= 1 => out.put(&p.key, *symbol),
+                    _ => out.put(&p.key, v.to_string().as_str()), // outside 1..8: the number, as text
+                },
                 None => out.put(&p.key, v),
                 Some((at, sf_name)) => {
                     let sf = i64::from(word(m, at) as i16);
@@ -466,6 +482,23 @@ mod tests {
         assert!(!text.contains("\"WH\""), "{}", text);
         assert!(!text.contains("\"Hz\""), "{}", text);
         assert_eq!(scaled(2305, -1), 230.5);
+    }
+
+    #[test]
+    fn st_by_symbol() {
+        let cfg: Json = flux_plugin_sdk::serde_json::from_str(r#"{"enums": "symbol"}"#).unwrap();
+        let mut c = init(&cfg).unwrap();
+        let mut w = vec![0xFFFFu16; 50];
+        w[36] = 4; // St: MPPT
+        w[37] = 4; // StVnd: vendor-defined, stays a number
+        let text = run(&mut c, "sunspec/103", &w);
+        assert!(text.contains("\"name\":\"St\",\"value\":\"MPPT\""), "{}", text);
+        assert!(text.contains("\"name\":\"StVnd\",\"value\":4"), "{}", text);
+        w[36] = 9; // not in the definition
+        let text = run(&mut c, "sunspec/103", &w);
+        assert!(text.contains("\"name\":\"St\",\"value\":\"9\""), "{}", text);
+        let bad: Json = flux_plugin_sdk::serde_json::from_str(r#"{"enums": "text"}"#).unwrap();
+        assert!(init(&bad).is_err());
     }
 
     #[test]

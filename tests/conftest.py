@@ -67,14 +67,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter,
             terminalreporter.write_line(line)
 
 
-_LAST = ("tests/system/test_image_boot.py", "tests/system/test_ab_update.py")
+_LAST = ("tests/system/test_ab_update.py", "tests/system/test_image_boot.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The image tests run last, the arm64 boot before the A/B update: the arm64 build, started
-    in the background at collection (below), then has every other test's time to finish, and
-    the A/B update's own amd64 build and QEMU boots run with nothing else competing for the two
-    cores."""
+    """The image tests run last, the A/B update before the arm64 boot. The arm64 build, started
+    in the background at collection (below), takes longer than every other test together: the
+    A/B update's own amd64 build and bundles run beside its end, and the A/B test then waits for
+    it (image_support.settle_background_builds) so that its QEMU boots, and the arm64 boot
+    after them, have both cores to themselves."""
     def rank(item: pytest.Item) -> int:
         path = item.nodeid.split("::", 1)[0]
         return _LAST.index(path) + 1 if path in _LAST else 0

@@ -9,6 +9,7 @@ this module once). Everything is removed when the process exits.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import re
 import shutil
@@ -128,6 +129,16 @@ class Build:
         return f"flux-edge-{SUITE}-{self.arch}"
 
     @property
+    def phases(self) -> str:
+        """build.sh's own split of its time ("rootfs 300s, ansible 700s, ..."), for the run's
+        phase timings; empty when the build left no record of it."""
+        info = self.out / f"{self.name}.build-info"
+        found = re.search(r"^time: +\S+ total: (.*)$", info.read_text(), re.MULTILINE) \
+            if info.is_file() else None
+        return found.group(1).replace("rootfs (and wheelhouse)", "rootfs+wheelhouse") \
+            if found else ""
+
+    @property
     def image(self) -> Path:
         return self.out / f"{self.name}.img"
 
@@ -205,6 +216,20 @@ def start_build(arch: str, *, background: bool = False) -> None:
     atexit.register(_stop, proc)  # a session that ends early does not leave a build running
     _running[arch] = _Running(proc, work, out, version, keys, time.monotonic(), log_path,
                               BACKGROUND_BUILD_TIMEOUT if background else BUILD_TIMEOUT)
+
+
+def settle_background_builds() -> float:
+    """Wait until no build started in the background (the arm64 one, at collection) is still
+    running, and return how long that took. The A/B test calls this between its own build and
+    its QEMU boots: the builds then overlap, and the boots, whose timeouts assume a machine
+    doing nothing else, get both cores. A build that fails or runs out of time is reported by
+    ``built_image`` in the test that needs it."""
+    t0 = time.monotonic()
+    for job in list(_running.values()):
+        left = job.timeout - (time.monotonic() - job.started)
+        with contextlib.suppress(subprocess.TimeoutExpired):  # built_image fails its test
+            job.proc.wait(timeout=max(left, 1.0))
+    return time.monotonic() - t0
 
 
 def built_image(arch: str) -> Build:

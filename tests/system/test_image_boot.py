@@ -357,7 +357,8 @@ sif /etc/systemd/system/{TEST_UNIT} mode 0100644
     assert not left, f"imported files left on the FAT: {left}"
 
     ready = re.search(r"ready_us=(\d+)", verdict)
-    summary_note(f"{arch} image: build {build_s:.0f}s (this test waited {waited_s:.0f}s of it), "
+    summary_note(f"{arch} image: build {build_s:.0f}s (this test waited {waited_s:.0f}s of it; "
+          f"{build.phases}), "
           f"raw {raw_size} bytes ({raw_size / 2**20:.0f} MiB), "
           f"zstd {zst_size} bytes ({zst_size / 2**20:.0f} MiB); boot: READY at "
           f"{int(ready.group(1)) / 1e6 if ready else float('nan'):.1f}s after kernel start, "

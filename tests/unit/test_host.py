@@ -146,7 +146,9 @@ def test_infinite_loop_times_out_within_the_limit(host: PluginHost) -> None:
     out = plugin.process(batch)
     elapsed = time.perf_counter() - t0
     assert only_errors(out, 3) == ["timed out after 100 ms"] * 3
-    assert timeout * 0.95 <= elapsed < timeout + 0.05
+    # the epoch ticker thread ends the call; on a loaded machine (a full CI run beside an image
+    # build) it may wait for a CPU beyond the limit: 50 ms of slack failed there once
+    assert timeout * 0.95 <= elapsed < timeout + 0.25, elapsed
     assert plugin.stats.timeouts == 1
     # recycled: the next call works, on a fresh instance
     assert calls_counter(plugin.process([reading()])) == 1

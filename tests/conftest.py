@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,22 @@ def cli_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+@pytest.fixture(autouse=True)
+def _no_leftover_log_handlers() -> Iterator[None]:
+    """A test that runs flux_edge.logs.setup_logging in this process (a CLI entry point called
+    in-process) leaves a StreamHandler on the root logger, writing to the stream pytest
+    captured for that test and closes afterwards: every later log record then prints a
+    "Logging error" traceback. The handlers a test adds that way, and the root level, are
+    undone after it."""
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in before and type(h) is logging.StreamHandler:
+            root.removeHandler(h)
+    root.setLevel(level)
+
 
 _NOTES = pytest.StashKey[list[str]]()
 

@@ -270,8 +270,8 @@ def test_sunspec_model_of_unknown_length_is_named_not_counted() -> None:
     assert any("SunSpec models 64110 not counted" in line for line in budget.lines)
 
 
-def test_sunspec_block_longer_than_one_request_is_split() -> None:
-    # 211 (float meter) is 124 registers: one request; two 203s on two devices: two more
+def test_sunspec_devices_are_counted_each_with_their_models() -> None:
+    # 211 (float meter) is 124 registers, within one request's 125; 203 on a second device
     cfg = bus(sunspec_device(models=(211,)), sunspec_device(name="m2", models=(203,)),
               baudrate=19200)
     assert [r.response_bytes for r in bus_budget(cfg, "line").requests] == [253, 215]

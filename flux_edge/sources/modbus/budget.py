@@ -102,13 +102,12 @@ def bus_budget(config: Config, source_name: str) -> BusBudget:
             )
         )
 
-    for index, device in enumerate(source_devices(source_name, source)):
+    for device in source_devices(source_name, source):
         for group in plan.plan_device(device, source.interval, source.max_gap):
             for block in group.blocks:
                 add(device, block, group.interval, block.describe())
         if device.discover == "sunspec":
-            key = f"sources.{source_name}.devices[{index}]"
-            notes.extend(_sunspec_requests(device, source.interval, key, add))
+            notes.extend(_sunspec_requests(device, add))
     utilisation = sum(r.seconds / r.interval for r in requests)
     lines = [
         f"bus {source_name} ({source.port}): {source.baudrate} baud {framing} = {bits} bits "
@@ -144,17 +143,14 @@ def bus_budget(config: Config, source_name: str) -> BusBudget:
 
 def _sunspec_requests(
     device: ModbusDeviceConfig,
-    default_interval: float,
-    key: str,
     add: Callable[[ModbusDeviceConfig, plan.ReadBlock, float, str], None],
 ) -> list[str]:
     """Count a SunSpec device's per-poll block reads by the models' standard lengths (its real
     chain is known only once it answers): its ``models``, or ``ASSUMED_MODELS`` without them.
-    Discovery (a few short reads at connect) is not counted. Returns notes for the plan: what
-    was assumed, and models whose length the standard does not fix."""
-    interval = device.interval if device.interval > 0 else default_interval
-    if interval <= 0:
-        raise ValueError(f"{key}: interval must be > 0")
+    Discovery (a few short reads at connect) is not counted. ``device`` comes from
+    ``source_devices`` (its interval is the bus's when it has none, checked by ``plan_device``).
+    Returns notes for the plan: models whose length the standard does not fix."""
+    interval = device.interval
     models = device.models or sunspec.ASSUMED_MODELS
     how = "configured" if device.models else "assumed: set models to count the device's own"
     notes: list[str] = []

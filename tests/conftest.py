@@ -47,6 +47,7 @@ def cli_env() -> dict[str, str]:
 
 PYTHON = sys.executable
 
+
 @pytest.fixture(autouse=True)
 def _no_leftover_log_handlers() -> Iterator[None]:
     """A test that runs flux_edge.logs.setup_logging in this process (a CLI entry point called

@@ -420,25 +420,28 @@ chain = ["sunspec"]
 """
 
 
-def test_pipeline_source_to_sunspec_plugin_to_measurements(tmp_path: Path, wasm: Path) -> None:
+def _pipeline_measurements(tmp_path: Path, wasm: Path, words: list[int], config_text: str,
+                           wanted: set[str]) -> dict[str, Measurement]:
+    """Serve ``words`` from holding register 40000 of a real Modbus server, run the pipeline of
+    ``config_text`` (PIPELINE, formatted here) against it until the names in ``wanted`` came
+    out of the sunspec plugin, and return the last measurement of every name seen."""
     seen: dict[str, Measurement] = {}
     enough = asyncio.Event()
 
     def on_measurements(source: str, ms: list[Measurement]) -> None:
         seen.update((m.name, m) for m in ms)
-        if {"m1_SN", "m103_W", "m203_TotWhImp"} <= set(seen):
+        if wanted <= set(seen):
             enough.set()
 
     async def go() -> None:
         async with SimulatedModbusServer(HOST, 0, device_id=1, size=SIZE) as srv:
-            serve(srv, 40000, CASES.device_map([(1, COMMON), (120, [0] * 26), *STANDARD[1:]]), 1)
-            text = PIPELINE.format(state=tmp_path / "state", plugins=wasm.parent, port=srv.port)
-            config = load_config_text(text)
+            serve(srv, 40000, words, 1)
+            text = config_text.format(state=tmp_path / "state", plugins=wasm.parent,
+                                      port=srv.port)
             stop = asyncio.Event()
             runner = asyncio.create_task(
-                run_pipeline(
-                    config, observers=Observers(measurements=[on_measurements]), stop=stop
-                )
+                run_pipeline(load_config_text(text),
+                             observers=Observers(measurements=[on_measurements]), stop=stop)
             )
             try:
                 await asyncio.wait_for(enough.wait(), 30)
@@ -447,6 +450,13 @@ def test_pipeline_source_to_sunspec_plugin_to_measurements(tmp_path: Path, wasm:
                 await runner
 
     asyncio.run(go())
+    return seen
+
+
+def test_pipeline_source_to_sunspec_plugin_to_measurements(tmp_path: Path, wasm: Path) -> None:
+    words = CASES.device_map([(1, COMMON), (120, [0] * 26), *STANDARD[1:]])
+    seen = _pipeline_measurements(tmp_path, wasm, words, PIPELINE,
+                                  {"m1_SN", "m103_W", "m203_TotWhImp"})
     assert seen["m1_SN"].value == "9999abcd" and seen["m1_Md"].value == "Inverter 123"
     assert seen["m103_W"].value == 8520.0 and seen["m103_W"].unit == "W"
     assert seen["m103_PhVphA"].value == 230.5
@@ -478,32 +488,10 @@ def test_published_fronius_map_through_discovery_and_the_plugin(tmp_path: Path,
                                                                 wasm: Path) -> None:
     """Model 1 with L = 65 (no Pad), then 101: discovered at 40000 on a real server and decoded
     to exactly the published values; the points the map marks not implemented give nothing."""
-    seen: dict[str, Measurement] = {}
-    enough = asyncio.Event()
-
-    def on_measurements(source: str, ms: list[Measurement]) -> None:
-        seen.update((m.name, m) for m in ms)
-        if set(FRONIUS_EXPECTED) <= set(seen):
-            enough.set()
-
-    async def go() -> None:
-        async with SimulatedModbusServer(HOST, 0, device_id=1, size=SIZE) as srv:
-            serve(srv, 40000, [*CASES._words(CASES.FRONIUS_HEX), *CASES.END], 1)
-            text = PIPELINE.format(state=tmp_path / "state", plugins=wasm.parent, port=srv.port)
-            config = load_config_text(text.replace("models = [1, 103, 203]", ""))
-            stop = asyncio.Event()
-            runner = asyncio.create_task(
-                run_pipeline(
-                    config, observers=Observers(measurements=[on_measurements]), stop=stop
-                )
-            )
-            try:
-                await asyncio.wait_for(enough.wait(), 30)
-            finally:
-                stop.set()
-                await runner
-
-    asyncio.run(go())
+    words = [*CASES.hex_words(CASES.FRONIUS_HEX), *CASES.END]
+    seen = _pipeline_measurements(tmp_path, wasm, words,
+                                  PIPELINE.replace("models = [1, 103, 203]", ""),
+                                  set(FRONIUS_EXPECTED))
     got = {name: (seen[name].value, seen[name].unit) for name in FRONIUS_EXPECTED}
     assert got == FRONIUS_EXPECTED
     # not implemented in the map: phases B and C, the phase-to-phase voltages, temperatures

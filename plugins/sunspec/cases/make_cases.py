@@ -141,14 +141,14 @@ FRONIUS_HEX = """
 """
 
 
-def _words(hex_text: str) -> list[int]:
+def hex_words(hex_text: str) -> list[int]:
     raw = bytes.fromhex(hex_text)
     return [raw[i] << 8 | raw[i + 1] for i in range(0, len(raw), 2)]
 
 
 def fronius_models() -> dict[int, list[int]]:
     """Model id -> block of the Fronius map (its chain walked: 'SunS', then ID, L, block)."""
-    words = _words(FRONIUS_HEX)
+    words = hex_words(FRONIUS_HEX)
     assert tuple(words[:2]) == MARKER
     models: dict[int, list[int]] = {}
     at = 2

@@ -4,7 +4,9 @@ Environment switches (all optional; nothing in flux_edge/ is changed, only wrapp
 
 - ``FLUX_BENCH_PROFILE=FILE``: cProfile of the main thread (the event loop: everything but
   wasmtime's epoch ticker), written to FILE when the daemon exits (SIGTERM ends it cleanly).
-  Read it with ``python -m pstats FILE`` (sort tottime / cumulative).
+  Read it with ``python -m pstats FILE`` (sort tottime / cumulative). With
+  ``FLUX_BENCH_PROFILE_READY=1`` it starts at READY: the steady state, without the start-up's
+  imports and config parsing (whose calls otherwise outnumber those of a short run).
 - ``FLUX_BENCH_GC=1``: time every garbage collection (gc.callbacks); at exit print, per
   generation, the count, total and longest pause, and the objects tracked.
 - ``FLUX_BENCH_STALLS=MS``: a sampling thread looks at the main thread's stack about every
@@ -213,6 +215,9 @@ if os.environ.get("FLUX_BENCH_LINGER"):
     BoundedQueue.get_batch = _lingering_get_batch  # type: ignore[method-assign]
 
 _ready = systemd.Notifier.ready
+profile_to = os.environ.get("FLUX_BENCH_PROFILE")
+prof = cProfile.Profile() if profile_to else None
+from_ready = bool(os.environ.get("FLUX_BENCH_PROFILE_READY"))
 
 
 def _on_ready(self: systemd.Notifier, status: str = "") -> None:
@@ -221,6 +226,8 @@ def _on_ready(self: systemd.Notifier, status: str = "") -> None:
         gc.freeze()
     if sampler is not None:
         sampler.armed = True
+    if prof is not None and from_ready:
+        prof.enable()
     _ready(self, status)
 
 
@@ -244,9 +251,7 @@ if os.environ.get("FLUX_BENCH_SLOW"):
 
     asyncio.run = _debug_run
 
-profile_to = os.environ.get("FLUX_BENCH_PROFILE")
-prof = cProfile.Profile() if profile_to else None
-if prof is not None:
+if prof is not None and not from_ready:
     prof.enable()
 try:
     rc = main(sys.argv[1:])

@@ -1,4 +1,5 @@
-"""The inbound fast path's PUBLISH decoder: bytes in, one packet out. Pure: no paho, no I/O.
+"""The inbound fast path's decoders (PUBLISH, and the PUBACK of a message we published): bytes in,
+one packet out. Pure: no paho, no I/O.
 
 paho decodes every incoming packet itself, MQTT 5 ``Properties`` objects included, at ~100 us
 of CPU per message; :func:`decode_publish` takes a QoS 0/1 PUBLISH apart in ~5 us. The client
@@ -6,6 +7,10 @@ adapter (:mod:`flux_edge.mqtt.client`) calls it on the bytes it has buffered fro
 while paho is between packets, and leaves everything else to paho: QoS 2 (paho keeps its
 PUBREC/PUBREL state), every other packet type, a packet not yet complete, and a malformed one
 (paho reports it).
+
+:func:`decode_puback` takes only a PUBACK that reports success: 2 bytes (the packet identifier),
+or in MQTT 5 a reason code below 0x80 with no properties. A PUBACK that carries a failure
+reason or properties (a Reason String) is left to paho, which hands both to on_publish.
 
 Topic aliases (MQTT 5) are not resolved: the client announces no Topic Alias Maximum, so the
 broker sends none. The MQTT 5 properties of a PUBLISH are skipped, not read.
@@ -67,3 +72,28 @@ def decode_publish(buf: bytes, pos: int, v5: bool) -> PublishPacket | None:
     except UnicodeDecodeError:
         topic = ""
     return topic, buf[body:stop], qos, bool(b0 & 1), mid, stop
+
+
+def decode_puback(buf: bytes, pos: int, v5: bool) -> tuple[int, int, int] | None:
+    """The PUBACK that starts at ``buf[pos]``, if it reports success: ``(mid, reason, end)``,
+    ``reason`` 0 or (MQTT 5) another code below 0x80 such as 0x10 "no matching subscribers",
+    ``end`` just past the packet. None for anything else: another packet, an incomplete one,
+    a failure reason (0x80 and up), properties, a length MQTT 3.1.1 does not allow. ``v5``:
+    MQTT 5 framing."""
+    if buf[pos] != 0x40:
+        return None
+    i = pos + 2
+    if i > len(buf):
+        return None
+    n = buf[pos + 1]
+    stop = i + n
+    if stop > len(buf):
+        return None
+    reason = 0
+    if n != 2:  # MQTT 5 only: a reason code (3 bytes), and a properties length (4)
+        if not v5 or n > 4 or n < 2 or (n == 4 and buf[i + 3] != 0):
+            return None
+        reason = buf[i + 2]
+        if reason >= 0x80:
+            return None
+    return (buf[i] << 8) | buf[i + 1], reason, stop

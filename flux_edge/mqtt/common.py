@@ -78,6 +78,7 @@ class MqttStats:
     disconnects: int = 0  # established connections that were lost
     received: int = 0  # messages delivered to handlers
     fast_decoded: int = 0  # of them, PUBLISH packets decoded by our codec, not by paho
+    fast_acked: int = 0  # PUBACKs of our publishes decoded by our codec, not by paho
     reads: int = 0  # read wake-ups: received / reads = messages handed on per wake-up
     unhandled: int = 0  # messages that matched no subscription
     handler_errors: int = 0

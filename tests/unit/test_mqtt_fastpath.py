@@ -1,5 +1,5 @@
 """The MQTT client's own PUBLISH decoder (flux_edge.mqtt.codec, run by
-flux_edge.mqtt.client.MqttClient._fast_publishes): byte-exact against packets encoded here from
+flux_edge.mqtt.client.MqttClient._fast_packets): byte-exact against packets encoded here from
 the MQTT 3.1.1 / 5.0 specs, with partial packets left for later and QoS 2 or other packet types
 left to paho."""
 
@@ -65,7 +65,7 @@ def client(v5: bool) -> tuple[MqttClient, list[Msg], list[int]]:
 
 def feed(c: MqttClient, data: bytes) -> None:
     c._rbuf, c._rpos = data, 0
-    c._fast_publishes()
+    c._fast_packets()
 
 
 @settings(max_examples=150, deadline=None)
@@ -104,3 +104,93 @@ def test_a_bad_utf8_topic_is_not_delivered_to_handlers() -> None:
     raw: Any = b"\x30\x05\x00\x02\xff\xfeX"
     feed(c, raw)
     assert got == [] and c.stats.unhandled == 1 and c._rpos == len(raw)
+
+
+# --- PUBACKs of our own QoS 1 publishes --------------------------------------------------------
+
+
+def puback(mid: int, reason: int | None = None, props: bytes | None = None) -> bytes:
+    body = mid.to_bytes(2, "big")
+    if reason is not None:
+        body += bytes([reason])
+        if props is not None:
+            body += varint(len(props)) + props
+    return bytes([0x40]) + varint(len(body)) + body
+
+
+def holding(c: MqttClient, mids: list[int]) -> list[tuple[int, int, str]]:
+    """Make paho's store hold ``mids`` as unacknowledged; return what on_publish is told."""
+    done: list[tuple[int, int, str]] = []
+    p: Any = c._paho
+    for mid in mids:
+        p._out_messages[mid] = object()
+
+    def do_on_publish(mid: int, reason: Any, properties: Any) -> None:
+        done.append((mid, reason.value, type(properties).__name__))
+        del p._out_messages[mid]
+
+    p._do_on_publish = do_on_publish
+    return done
+
+
+acks_and_publishes = st.lists(
+    st.one_of(
+        st.tuples(st.just("ack"), st.integers(1, 65535), st.sampled_from([None, 0, 0x10])),
+        st.tuples(st.just("pub"), st.integers(1, 65535), st.sampled_from([0, 1])),
+    ),
+    max_size=15,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(items=acks_and_publishes, v5=st.booleans(), with_props_len=st.booleans())
+def test_successful_pubacks_between_publishes_go_to_pahos_store(
+    items: list[tuple[str, int, Any]], v5: bool, with_props_len: bool
+) -> None:
+    c, got, acks = client(v5)
+    ack_items = [(mid, r) for kind, mid, r in items if kind == "ack" and (v5 or r is None)]
+    done = holding(c, sorted({mid for mid, _ in ack_items}))
+    data = b""
+    for kind, mid, extra in items:
+        if kind == "ack":
+            if not v5 and extra is not None:
+                continue  # MQTT 3.1.1 has no reason codes
+            data += puback(mid, extra, b"" if with_props_len and extra is not None else None)
+        else:
+            data += publish(f"t/{mid}", b"p", extra, False, mid, v5=v5)
+    feed(c, data)
+    assert c._rpos == len(data)
+    expected, seen = [], set()
+    for mid, r in ack_items:
+        if mid not in seen:  # a second PUBACK for a mid paho no longer holds is ignored
+            expected.append((mid, r or 0, "Properties"))
+            seen.add(mid)
+    assert done == expected
+    assert c.stats.fast_acked == len(ack_items)
+    assert [g[0] for g in got] == [f"t/{mid}" for kind, mid, _ in items if kind == "pub"]
+    assert acks == [mid for kind, mid, q in items if kind == "pub" and q == 1]
+
+
+def test_a_failed_or_unusual_puback_is_left_to_paho() -> None:
+    cases = [
+        (True, puback(5, 0x87)),  # not authorized: paho reports the failure to on_publish
+        (True, puback(5, 0, b"\x1f\x00\x02ok")),  # a Reason String property
+        (False, puback(5, 0)),  # MQTT 3.1.1 has no reason code: malformed, paho says so
+        (True, b"\x40\x01\x00"),  # too short
+        (True, b"\x40\x02\x00"),  # incomplete: the rest comes with the next read
+        (False, b"\x42\x02\x00\x05"),  # reserved flags set
+    ]
+    for v5, data in cases:
+        c, _, _ = client(v5)
+        done = holding(c, [5])
+        first = publish("a", b"1", 0, False, 0, v5=v5)
+        feed(c, first + data)
+        assert c._rpos == len(first), data
+        assert done == [] and c.stats.fast_acked == 0
+
+
+def test_a_puback_for_a_message_paho_does_not_hold_is_ignored() -> None:
+    c, _, _ = client(False)
+    done = holding(c, [])
+    feed(c, puback(9))
+    assert done == [] and c._rpos == 4 and c.stats.fast_acked == 1

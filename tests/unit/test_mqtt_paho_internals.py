@@ -60,9 +60,26 @@ def ack_sends_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(paho.Client, "ack", lambda self, mid, qos: 0)
 
 
+def publish_not_released(monkeypatch: pytest.MonkeyPatch) -> None:
+    """paho's PUBACK step calls on_publish but keeps the message (a changed _do_on_publish)."""
+
+    def keeps(self: paho.Client, mid: int, reason_code: Any, properties: Any) -> int:
+        self.on_publish(self, None, mid, reason_code, properties)  # type: ignore[misc]
+        return 0
+
+    monkeypatch.setattr(paho.Client, "_do_on_publish", keeps)
+
+
+def do_on_publish_renamed_args(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(paho.Client, "_do_on_publish", lambda self, mid, rc, props: 0)
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [
+        (publish_not_released, "Client._do_on_publish"),
+        (do_on_publish_renamed_args, "Client._do_on_publish"),
+        (drop_after_init("_out_messages"), "Client._out_messages"),
         (no_sock_recv, "Client._sock_recv"),
         (drop_after_init("_in_packet"), "Client._in_packet"),
         (drop_after_init("_last_bytes_received"), "Client._last_bytes_received"),

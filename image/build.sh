@@ -425,10 +425,15 @@ all:
       hosts:
         flux-edge-image:
 EOF
+# the wheels go straight into the root filesystem: the role's copy would run one emulated
+# module per wheel (about 4 minutes for an arm64 image)
+install -d -m 0755 "$ROOT/opt/flux-edge/wheelhouse"
+install -m 0644 "$WHEELHOUSE"/*.whl "$ROOT/opt/flux-edge/wheelhouse/"
 cat >"$WORK/image-vars.yml" <<EOF
 # set by image/build.sh for an image build
 flux_edge_manage_service: false
 flux_edge_wheelhouse: $WHEELHOUSE
+flux_edge_wheelhouse_on_device: true
 flux_edge_config_file: $CONFIG
 EOF
 # pipelining: one emulated process per task instead of several; profile_tasks: per-task times in

@@ -88,6 +88,7 @@ class InboundMixin:
     _handling: set[asyncio.Future[object]]
     _handler_log_ts: float
     _recv_error: OSError | None = None  # met by _fill, raised to paho's next read
+    _drained = False  # the last _fill took less than RECV_CHUNK from a plain socket
     _loop: asyncio.AbstractEventLoop | None
     _fd: int
     _attached: bool
@@ -142,6 +143,8 @@ class InboundMixin:
                 if self._paused:
                     break
                 if not self._buffered and stats.received + stats.fast_acked != before:
+                    if self._drained:
+                        break  # that recv emptied the socket: the selector says when more comes
                     continue  # all of it was PUBLISH or PUBACK: read the socket again
             if c.loop_read() != 0 or self._paused:
                 break
@@ -222,6 +225,10 @@ class InboundMixin:
         if not data:
             return None
         self._rbuf, self._rpos = data, 0
+        # fewer bytes than asked for: the kernel had no more (a TLS read stops at a record, so
+        # there it proves nothing); another recv now would only meet EAGAIN
+        self._drained = len(data) < RECV_CHUNK and not isinstance(
+            self._paho.socket(), ssl.SSLSocket)
         return True
 
     @property

@@ -255,16 +255,17 @@ class MqttSourceClient:
         reading = Reading(
             source=self.name, device=device, ts=now, kind=KIND_BYTES, payload=payload, topic=topic
         )
+        if n == 0 and self._emit_nowait is not None and self._emit_nowait(reading):
+            # taken at once (nothing of ours waits before it, so the order holds): no hop
+            # through run()'s task for each wake-up of the socket; acknowledged when the
+            # pipeline's future for it completes (None: already durable, or no durability)
+            self.stats.emitted += 1
+            if qos > 0 and self._durable is not None:
+                return self._durable()
+            return None
         acked: asyncio.Future[None] | None = None
         if qos > 0:
             acked = asyncio.get_running_loop().create_future()
-        if n == 0 and self._emit_nowait is not None and self._emit_nowait(reading):
-            # taken at once (nothing of ours waits before it, so the order holds): no hop
-            # through run()'s task for each wake-up of the socket
-            self.stats.emitted += 1
-            if acked is not None:
-                self._ack_when_durable(acked)
-            return acked
         buf.append((reading, acked))
         self.stats.buffered_max = max(self.stats.buffered_max, n + 1)
         if n + 1 >= self._hard_limit and not self.client.reading_paused:

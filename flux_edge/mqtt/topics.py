@@ -137,7 +137,7 @@ class DevicePattern:
     Raises ValueError for a malformed pattern, saying what is wrong.
     """
 
-    __slots__ = ("_index", "_levels", "pattern", "subscription")
+    __slots__ = ("_found", "_index", "_levels", "pattern", "subscription")
 
     def __init__(self, pattern: str) -> None:
         levels = pattern.split("/")
@@ -164,15 +164,28 @@ class DevicePattern:
         self.subscription = subscription
         self._levels = subscription.split("/")
         self._index = index
+        self._found: dict[str, str | None] = {}  # topic -> device, for the topics seen last
 
     def device(self, topic: str) -> str | None:
+        found = self._found
+        try:
+            return found[topic]
+        except KeyError:
+            pass
         if not match_levels(self._levels, topic):
-            return None
-        name = topic.split("/", self._index + 1)[self._index]
-        return name or None
+            name: str | None = None
+        else:
+            name = topic.split("/", self._index + 1)[self._index] or None
+        if len(found) >= _DEVICE_CACHE_MAX:
+            found.clear()
+        found[topic] = name
+        return name
 
     def __repr__(self) -> str:
         return f"DevicePattern({self.pattern!r})"
+
+
+_DEVICE_CACHE_MAX = 4096  # topics remembered per pattern (a site has one or a few per device)
 
 
 @functools.lru_cache(maxsize=64)

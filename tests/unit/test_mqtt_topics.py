@@ -166,6 +166,26 @@ def test_device_from_topic() -> None:
     assert DevicePattern("site/{device}/+/v").subscription == "site/+/+/v"
 
 
+@given(st.lists(topic, max_size=30), st.sampled_from(["a/{device}/+", "{device}/#", "+/{device}"]))
+def test_device_pattern_answers_the_same_from_its_cache(topics: list[str], pattern: str) -> None:
+    # issue #12: the device of each topic is remembered (one lookup per message, not a match)
+    p = DevicePattern(pattern)
+    fresh = [DevicePattern(pattern).device(t) for t in topics]
+    assert [p.device(t) for t in topics] == fresh
+    assert [p.device(t) for t in topics] == fresh  # now from the cache
+
+
+def test_device_pattern_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flux_edge.mqtt import topics as topics_module
+
+    monkeypatch.setattr(topics_module, "_DEVICE_CACHE_MAX", 8)
+    p = DevicePattern("site/{device}/t")
+    for i in range(50):
+        assert p.device(f"site/d{i}/t") == f"d{i}"
+        assert len(p._found) <= 8
+    assert p.device("site/d3/t") == "d3" and p.device("other/d3/t") is None
+
+
 @pytest.mark.parametrize(
     ("pattern", "why"),
     [

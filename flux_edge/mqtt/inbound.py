@@ -5,9 +5,9 @@ PUBLISH fast path, dispatch to the subscriptions' handlers and acknowledgements 
   body): a syscall each. :meth:`InboundMixin._buffered_recv` stands in for paho's socket read
   (see :mod:`flux_edge.mqtt.paho_internals`) and serves them from one ``recv`` of up to 64 KiB.
   While paho is between packets, complete QoS 0/1 PUBLISH packets at the head of that buffer,
-  and successful PUBACKs of our own QoS 1 publishes, are decoded here (:mod:`flux_edge.mqtt.codec`)
-  instead of by paho. When the start-up check of
-  paho's internals fails, neither is used and paho reads alone.
+  and successful PUBACKs of our own QoS 1 publishes, are decoded here
+  (:mod:`flux_edge.mqtt.codec`) instead of by paho. When the start-up check of paho's internals
+  fails, neither is used and paho reads alone.
 - **Linger** (``linger`` seconds, 0 = none). A socket that was read less than a linger ago is
   not read again at once: the reader is taken off the selector until a linger has passed since
   that read, and then everything that arrived meanwhile is read and handed on together. At 1,000

@@ -183,31 +183,29 @@ class InboundMixin:
         buf, pos, end = self._rbuf, self._rpos, len(self._rbuf)
         v5 = self._v5
         n = acked = 0
-        try:
-            while pos < end and not self._paused:
-                if buf[pos] == 0x40:  # PUBACK
-                    ack = decode_puback(buf, pos, v5)
-                    if ack is None:
-                        break
-                    mid, reason, pos = ack
-                    self._rpos = pos
-                    acked += 1
-                    puback_received(self._paho, mid, reason)
-                    continue
-                packet = decode_publish(buf, pos, v5)
-                if packet is None:
+        while pos < end and not self._paused:
+            if buf[pos] == 0x40:  # PUBACK
+                ack = decode_puback(buf, pos, v5)
+                if ack is None:
                     break
-                topic, payload, qos, retain, mid, pos = packet
+                mid, reason, pos = ack
                 self._rpos = pos
-                n += 1
-                self._deliver(topic, payload, qos, retain, mid)
-                if self._rbuf is not buf:  # the handler ended the connection
-                    return
-        finally:
-            if n or acked:
-                self.stats.fast_decoded += n
-                self.stats.fast_acked += acked
-                mark_received(self._paho, time.monotonic())  # paho's keepalive clock
+                acked += 1
+                puback_received(self._paho, mid, reason)
+                continue
+            packet = decode_publish(buf, pos, v5)
+            if packet is None:
+                break
+            topic, payload, qos, retain, mid, pos = packet
+            self._rpos = pos
+            n += 1
+            self._deliver(topic, payload, qos, retain, mid)
+            if self._rbuf is not buf:  # the handler ended the connection
+                break
+        if n or acked:
+            self.stats.fast_decoded += n
+            self.stats.fast_acked += acked
+            mark_received(self._paho, time.monotonic())  # paho's keepalive clock
 
     def _fill(self) -> bool | None:
         """Read the socket into the empty buffer, so that the PUBLISH packets of this readiness

@@ -31,6 +31,9 @@ Environment switches (all optional; nothing in flux_edge/ is changed, only wrapp
 - ``FLUX_BENCH_LINGER=MS``: the plugin stage waits MS milliseconds after the first reading
   arrives before taking its batch (BoundedQueue.get_batch of the "readings" queue), so one
   plugin call carries more messages at low rates: the candidate "linger" change, measured.
+- ``FLUX_BENCH_WAKEUPS=1``: count the event loop's wake-ups (a select that waited and returned
+  something) from READY on and, per wake-up, name what woke it: the first callback run after it
+  (a reader's or a timer's or a future's). At exit, the wake-ups per second and the top causes.
 - ``FLUX_BENCH_GC_FREEZE=1``: an experiment for a candidate fix: ``gc.freeze()`` when the
   daemon signals READY (Notifier.ready is wrapped), so the objects of the start-up (modules,
   plugins, config) leave the collector's generations and a full collection only walks what the
@@ -214,6 +217,47 @@ if os.environ.get("FLUX_BENCH_LINGER"):
 
     BoundedQueue.get_batch = _lingering_get_batch  # type: ignore[method-assign]
 
+_wakeups: collections.Counter[str] = collections.Counter()
+_wake_state = {"armed": False, "woke": False, "t0": 0.0, "n": 0}
+if os.environ.get("FLUX_BENCH_WAKEUPS"):
+    import asyncio.events
+    import selectors
+
+    _select = selectors.EpollSelector.select
+    _handle_run = asyncio.events.Handle._run
+
+    def _counting_select(self: Any, timeout: float | None = None) -> Any:
+        ready = _select(self, timeout)
+        if _wake_state["armed"] and (timeout is None or timeout > 0):
+            _wake_state["n"] += 1
+            _wake_state["woke"] = True
+        return ready
+
+    def _naming_run(self: Any) -> None:
+        if _wake_state["woke"]:
+            _wake_state["woke"] = False
+            cb = self._callback
+            name = getattr(cb, "__qualname__", None) or getattr(
+                getattr(cb, "func", None), "__qualname__", repr(cb))
+            if name.endswith("__step") or name.endswith("__wakeup"):
+                task = getattr(cb, "__self__", None)
+                coro = task.get_coro() if task is not None else None
+                name += " " + getattr(coro, "__qualname__", "?")
+            _wakeups[name] += 1
+        _handle_run(self)
+
+    selectors.EpollSelector.select = _counting_select  # type: ignore[method-assign]
+    asyncio.events.Handle._run = _naming_run  # type: ignore[method-assign]
+
+
+def _wakeups_report() -> None:
+    secs = time.monotonic() - _wake_state["t0"]
+    n = _wake_state["n"]
+    print(f"wake-ups: {n} in {secs:.1f} s ({n / secs:.0f}/s)", file=sys.stderr)
+    for name, count in _wakeups.most_common(15):
+        print(f"  {count / secs:8.1f}/s  {name}", file=sys.stderr)
+
+
 _ready = systemd.Notifier.ready
 profile_to = os.environ.get("FLUX_BENCH_PROFILE")
 prof = cProfile.Profile() if profile_to else None
@@ -226,6 +270,8 @@ def _on_ready(self: systemd.Notifier, status: str = "") -> None:
         gc.freeze()
     if sampler is not None:
         sampler.armed = True
+    _wake_state["armed"] = True
+    _wake_state["t0"] = time.monotonic()
     if prof is not None and from_ready:
         prof.enable()
     _ready(self, status)
@@ -269,4 +315,6 @@ finally:
                 f.write(f"{stage} {key} {ts!r} {now!r}\n")
     if os.environ.get("FLUX_BENCH_MEM"):
         sys._debugmallocstats()
+    if os.environ.get("FLUX_BENCH_WAKEUPS"):
+        _wakeups_report()
 raise SystemExit(rc)

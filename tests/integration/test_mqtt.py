@@ -774,6 +774,56 @@ def test_linger_batches_a_busy_connection_but_not_the_first_message(broker: Mosq
     assert reads <= 3, reads  # ... and came in one or two wake-ups, not 50
 
 
+def test_linger_keeps_a_steadily_busy_socket_off_the_selector(broker: Mosquitto) -> None:
+    # issue #12: while the linger's reads keep finding messages, the next read is the linger's
+    # timer again; the socket's readiness events (a selector change and a timer each) are not
+    # used until a read finds nothing
+    linger = 0.1
+
+    async def scenario() -> tuple[list[float], int, int]:
+        loop = asyncio.get_running_loop()
+        late: list[float] = []
+        done = asyncio.Event()
+        sub = MqttClient("sub", broker.host, broker.port, reconnect_min=0.05, linger=linger)
+
+        def handler(topic: str, payload: bytes, q: int, retain: bool) -> None:
+            late.append(loop.time() - float(payload))
+            if len(late) == 40:
+                done.set()
+
+        sub.subscribe("t/#", 0, handler)
+        await sub.connect(timeout=5)
+        await sub.wait_subscribed("t/#")
+        pub = await publisher(broker)
+        added = 0
+        add_reader = loop.add_reader
+
+        def counting_add_reader(fd: Any, cb: Any, *args: Any) -> None:
+            nonlocal added
+            added += 1
+            add_reader(fd, cb, *args)
+
+        loop.add_reader = counting_add_reader  # type: ignore[method-assign]
+        reads_before = sub.stats.reads
+        try:
+            for _ in range(40):  # one message per 20 ms for 0.8 s: busy for eight lingers
+                await pub.publish("t/x", repr(loop.time()).encode(), qos=0)
+                await asyncio.sleep(0.02)
+            await asyncio.wait_for(done.wait(), 5)
+        finally:
+            loop.add_reader = add_reader  # type: ignore[method-assign]
+        reads = sub.stats.reads - reads_before
+        await pub.close()
+        await sub.close()
+        return late, added, reads
+
+    late, added, reads = run(scenario())
+    assert len(late) == 40
+    assert max(late) < linger + 0.2, max(late)  # nothing waited much more than a linger
+    assert reads <= 12, reads  # about one read per linger, not one per message
+    assert added <= 2, added  # the reader went back on the selector at most at the stream's end
+
+
 def test_emit_nowait_takes_messages_at_once_and_emit_keeps_the_order_when_full(
     broker: Mosquitto,
 ) -> None:

@@ -124,8 +124,8 @@ class InboundMixin:
         before = stats.received + stats.fast_acked
         self._last_read = loop.time()
         self._guarded("read", self._read)
-        if not self._attached or self._paused or self._loop is not loop:
-            return
+        if not self._attached or self._paused:
+            return  # detached by the read (a new connection registers its own reader); paused
         if stats.received + stats.fast_acked != before:  # still busy: again a linger from now
             self._linger_timer = loop.call_at(self._last_read + self.linger, self._lingered)
         else:

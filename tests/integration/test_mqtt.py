@@ -116,6 +116,17 @@ def mqtt_source(broker: Mosquitto, *topics: tuple[str, int], **kw: Any) -> MqttS
     )
 
 
+async def subscriber(
+    broker: Mosquitto, topic_filter: str, qos: int, handler: Any, name: str = "sub", **kw: Any
+) -> MqttClient:
+    """A client connected to ``broker`` with ``handler`` subscribed to ``topic_filter``."""
+    client = MqttClient(name, broker.host, broker.port, **kw)
+    client.subscribe(topic_filter, qos, handler)
+    await client.connect(timeout=5)
+    await client.wait_subscribed(topic_filter)
+    return client
+
+
 async def publisher(broker: Mosquitto, name: str = "pub") -> MqttClient:
     client = MqttClient(name, broker.host, broker.port, reconnect_min=0.05, reconnect_max=0.5)
     await client.connect(timeout=5)
@@ -534,10 +545,7 @@ def test_an_awaitable_handler_delays_the_ack(broker: Mosquitto) -> None:
             held.append(fut)
             return fut
 
-        sub = MqttClient("held", broker.host, broker.port, max_inflight=window)
-        sub.subscribe("held", 1, handler)
-        await sub.connect(timeout=5)
-        await sub.wait_subscribed("held")
+        sub = await subscriber(broker, "held", 1, handler, name="held", max_inflight=window)
         pub = await publisher(broker)
         await asyncio.gather(*(pub.publish("held", b"%d" % i, qos=1) for i in range(n)))
         await until(lambda: len(seen) == window)
@@ -588,10 +596,7 @@ def test_pubacks_of_qos1_publishes_take_the_fast_path(
     # subscribers", a success.
     async def scenario() -> tuple[int, int, int, int]:
         got: list[bytes] = []
-        sub = MqttClient("sub", broker.host, broker.port)
-        sub.subscribe("heard/#", 1, lambda t, p, q, r: got.append(p))
-        await sub.connect(timeout=5)
-        await sub.wait_subscribed("heard/#")
+        sub = await subscriber(broker, "heard/#", 1, lambda t, p, q, r: got.append(p))
         pub = MqttClient("pub-acks", broker.host, broker.port, protocol=protocol)
         await pub.connect(timeout=5)
         sends = [pub.publish(f"heard/{i}", b"%d" % i, qos=1) for i in range(200)]
@@ -707,15 +712,12 @@ def test_one_message_per_read_still_takes_the_fast_path(broker: Mosquitto, qos: 
     async def scenario() -> tuple[int, int]:
         got: list[bytes] = []
         one = asyncio.Event()
-        sub = MqttClient("sub", broker.host, broker.port, reconnect_min=0.05)
 
         def handler(topic: str, payload: bytes, q: int, retain: bool) -> None:
             got.append(payload)
             one.set()
 
-        sub.subscribe("t/#", qos, handler)
-        await sub.connect(timeout=5)
-        await sub.wait_subscribed("t/#")
+        sub = await subscriber(broker, "t/#", qos, handler, reconnect_min=0.05)
         pub = await publisher(broker)
         for i in range(20):  # each waits for the previous to arrive: one packet per read
             one.clear()
@@ -740,7 +742,6 @@ def test_linger_batches_a_busy_connection_but_not_the_first_message(broker: Mosq
         got: list[tuple[float, bytes]] = []
         first = asyncio.Event()
         done = asyncio.Event()
-        sub = MqttClient("sub", broker.host, broker.port, reconnect_min=0.05, linger=linger)
 
         def handler(topic: str, payload: bytes, q: int, retain: bool) -> None:
             got.append((loop.time(), payload))
@@ -748,9 +749,7 @@ def test_linger_batches_a_busy_connection_but_not_the_first_message(broker: Mosq
             if len(got) == 51:
                 done.set()
 
-        sub.subscribe("t/#", 0, handler)
-        await sub.connect(timeout=5)
-        await sub.wait_subscribed("t/#")
+        sub = await subscriber(broker, "t/#", 0, handler, reconnect_min=0.05, linger=linger)
         pub = await publisher(broker)
         await asyncio.sleep(linger * 1.2)  # a quiet spell: nothing read for longer than a linger
         reads_before = sub.stats.reads
@@ -784,16 +783,13 @@ def test_linger_keeps_a_steadily_busy_socket_off_the_selector(broker: Mosquitto)
         loop = asyncio.get_running_loop()
         late: list[float] = []
         done = asyncio.Event()
-        sub = MqttClient("sub", broker.host, broker.port, reconnect_min=0.05, linger=linger)
 
         def handler(topic: str, payload: bytes, q: int, retain: bool) -> None:
             late.append(loop.time() - float(payload))
             if len(late) == 40:
                 done.set()
 
-        sub.subscribe("t/#", 0, handler)
-        await sub.connect(timeout=5)
-        await sub.wait_subscribed("t/#")
+        sub = await subscriber(broker, "t/#", 0, handler, reconnect_min=0.05, linger=linger)
         pub = await publisher(broker)
         added = 0
         add_reader = loop.add_reader
@@ -803,7 +799,7 @@ def test_linger_keeps_a_steadily_busy_socket_off_the_selector(broker: Mosquitto)
             added += 1
             add_reader(fd, cb, *args)
 
-        loop.add_reader = counting_add_reader  # type: ignore[method-assign]
+        loop.add_reader = counting_add_reader  # type: ignore[method-assign,assignment]
         reads_before = sub.stats.reads
         try:
             for _ in range(40):  # one message per 20 ms for 0.8 s: busy for eight lingers
